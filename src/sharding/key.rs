@@ -192,6 +192,17 @@ impl KeyValue {
         }
     }
 
+    /// The value for an error message: [`fmt::Display`] form, cut to 64
+    /// characters so a huge text key cannot flood logs.
+    pub fn shown(&self) -> String {
+        let full = self.to_string();
+        if full.chars().count() <= 64 {
+            return full;
+        }
+        let cut: String = full.chars().take(64).collect();
+        format!("{cut}…")
+    }
+
     /// Returns this value as `kind`, parsing a `Text` value if needed (a quoted SQL
     /// literal such as `'2026-01-01'` arrives as text). Other mismatches are errors.
     pub fn coerce(
@@ -206,7 +217,7 @@ impl KeyValue {
             KeyValue::Text(s) => KeyValue::parse_as(kind, s).map(CoercedKey::Owned),
             other => Err(ShardingError::KeyTypeMismatch {
                 function,
-                value: other.to_string(),
+                value: other.shown(),
                 found: other.key_type().name(),
                 expected: kind.name(),
             }),
@@ -777,6 +788,16 @@ mod tests {
         assert!(KeyValue::from_binary(oid::BPCHAR, b"x").is_err());
         assert!(KeyValue::from_binary(oid::TEXT, &[0xff]).is_err());
         assert!(KeyValue::from_binary(700, &[0; 4]).is_err());
+    }
+
+    #[test]
+    fn long_values_are_shortened_in_errors() {
+        let long = KeyValue::Text("x".repeat(10_000));
+        assert_eq!(long.shown().chars().count(), 65);
+        let err = KeyValue::parse_as(KeyType::Int, &"9".repeat(10_000))
+            .unwrap_err()
+            .to_string();
+        assert!(err.len() < 200, "{err}");
     }
 
     #[test]

@@ -82,7 +82,7 @@ impl ListFunction {
         };
         match self.map.get(&*key).copied().or(self.default) {
             Some(s) => Ok(s),
-            None => Err(ShardingError::NoListEntry(key.to_string())),
+            None => Err(ShardingError::NoListEntry(key.shown())),
         }
     }
 }

@@ -34,7 +34,7 @@ impl ModuloFunction {
             KeyValue::Int(v) => Ok(v.rem_euclid(self.shard_count as i64) as usize),
             other => Err(ShardingError::KeyTypeMismatch {
                 function: "modulo",
-                value: other.to_string(),
+                value: other.shown(),
                 found: other.key_type().name(),
                 expected: KeyType::Int.name(),
             }),

@@ -147,7 +147,7 @@ impl RangeFunction {
         match hit {
             Some(r) => Ok(r.shard),
             None => Err(ShardingError::NoRange {
-                value: key.to_string(),
+                value: key.shown(),
                 covered: self.covered(),
             }),
         }
