@@ -1,0 +1,58 @@
+//! Shared harness for the integration tests: one fleet of three throwaway
+//! PostgreSQL clusters per test binary, and one fresh database per test so
+//! tests can run in parallel without seeing each other's data.
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+
+use shardgate::devcluster::{DevCluster, DevFleet};
+
+/// Number of clusters (shards) in the shared fleet.
+pub const FLEET_SIZE: usize = 3;
+
+/// The binary's shared fleet, started on first use. It lives in a static and
+/// is never dropped; devcluster's atexit hook and watchdogs remove it.
+pub fn fleet() -> &'static DevFleet {
+    static FLEET: OnceLock<DevFleet> = OnceLock::new();
+    FLEET.get_or_init(|| {
+        DevFleet::start(FLEET_SIZE, "shard")
+            .unwrap_or_else(|e| panic!("starting the shared test fleet failed: {e}"))
+    })
+}
+
+/// Create a uniquely named database on every cluster of [`fleet`] and return
+/// its name (`t_<sanitised test name>_<n>`).
+pub fn fresh_db(test_name: &str) -> String {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let sanitised: String = test_name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .take(40)
+        .collect();
+    let name = format!("t_{sanitised}_{n}");
+    fleet()
+        .create_database(&name)
+        .unwrap_or_else(|e| panic!("creating database {name}: {e}"));
+    name
+}
+
+/// Connect with tokio-postgres (no TLS) and drive the connection on a task.
+pub async fn connect(cluster: &DevCluster, db: &str) -> tokio_postgres::Client {
+    let url = cluster.url(db);
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
+    tokio::spawn(async move {
+        // Errors here surface as failed queries on the client side.
+        let _ = connection.await;
+    });
+    client
+}
