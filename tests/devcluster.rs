@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use shardgate::devcluster::{DevCluster, DevFleet, DIR_PREFIX};
+use shardgate::devcluster::{base_dir, DevCluster, DevFleet, DIR_PREFIX};
 
 const CRASH_MODE_ENV: &str = "SHARDGATE_DEVCLUSTER_CRASH_MODE";
 
@@ -54,7 +54,7 @@ fn processes_mentioning(root: &Path) -> Vec<(i32, String)> {
 /// Temp dirs created by the process `pid` (clusters and its template).
 fn dirs_of_process(pid: u32) -> Vec<PathBuf> {
     let prefix = format!("{DIR_PREFIX}{pid}-");
-    std::fs::read_dir(std::env::temp_dir())
+    std::fs::read_dir(base_dir())
         .unwrap()
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
@@ -103,7 +103,7 @@ async fn fleet_settings_kill_restart_and_cleanup() {
             .unwrap()
             .to_string_lossy()
             .starts_with(DIR_PREFIX));
-        assert!(root.starts_with(std::env::temp_dir()));
+        assert!(root.starts_with(base_dir()));
 
         // Through psql ...
         assert_eq!(
@@ -299,6 +299,7 @@ fn run_crash_helper(mode: &str) -> (ChildCluster, std::process::ExitStatus) {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "crash_helper", "--ignored", "--nocapture"])
         .env(CRASH_MODE_ENV, mode)
+        .env("RUST_BACKTRACE", "0")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
