@@ -5,6 +5,7 @@
 //! (throwaway Postgres clusters for the demo and the tests), `demo`, and
 //! `sharding` (the sharding functions).
 
+pub mod backend;
 pub mod check;
 pub mod config;
 pub mod demo;

@@ -1,0 +1,24 @@
+//! Backend side of the proxy: raw PostgreSQL protocol connections to the
+//! shards, pooled per shard with bb8, plus cancel requests.
+//!
+//! The proxy forwards client bytes to a backend and backend bytes back
+//! without re-encoding (ARCHITECTURE §2.2), so [`BackendConnection`] is
+//! byte-level: it only decodes messages itself during startup/authentication
+//! and while resetting a connection that was returned mid-transaction.
+//!
+//! Every error names its shard and maps to a SQLSTATE the front end can send
+//! to the client ([`BackendError::sqlstate`]).
+
+mod cancel;
+mod connection;
+mod error;
+mod pool;
+mod prepared;
+
+pub use cancel::send_cancel;
+pub use connection::{BackendConnection, DEFAULT_APPLICATION_NAME};
+pub use error::{BackendError, ServerError};
+pub use pool::{
+    release, release_within, BackendManager, PooledBackend, Pools, ShardPool, RESET_TIMEOUT,
+};
+pub use prepared::PreparedCache;
