@@ -432,7 +432,15 @@ struct Guard {
 }
 
 impl Guard {
+    /// Takes ownership of `root`: on error the directory is removed again.
     fn new(runner: &Runner, root: PathBuf, data_dir: PathBuf) -> Result<Guard> {
+        Self::spawn_watchdog(runner, &root, &data_dir).inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&root);
+        })
+    }
+
+    fn spawn_watchdog(runner: &Runner, root: &Path, data_dir: &Path) -> Result<Guard> {
+        let (root, data_dir) = (root.to_path_buf(), data_dir.to_path_buf());
         let mut guard = Guard {
             runner: runner.clone(),
             root,

@@ -278,6 +278,22 @@ async fn shared_fleet_gives_isolated_databases() {
     assert!(std::ptr::eq(fleet, support::fleet()));
 }
 
+#[test]
+fn start_failure_reports_command_and_server_log() {
+    let mut c = DevCluster::start("broken").unwrap();
+    c.stop().unwrap();
+    let conf = c.data_dir().join("postgresql.conf");
+    let original = std::fs::read_to_string(&conf).unwrap();
+    std::fs::write(&conf, format!("{original}\nshared_buffers = 'lots'\n")).unwrap();
+    let err = c.restart().unwrap_err().to_string();
+    assert!(err.contains("pg_ctl"), "{err}");
+    assert!(err.contains("shared_buffers"), "log tail missing: {err}");
+    assert!(!c.is_running());
+    std::fs::write(&conf, original).unwrap();
+    c.restart().unwrap();
+    assert_eq!(c.psql("postgres", "SELECT 1").unwrap(), "1");
+}
+
 /// What the crash helper child reported about its cluster.
 struct ChildCluster {
     child_pid: u32,
