@@ -565,6 +565,21 @@ impl BackendConnection {
         }
     }
 
+    /// Give back bytes read from this connection but not consumed, so the
+    /// next `read_buf` (or a [`reset`](Self::reset)) starts at a frame
+    /// boundary. The proxy calls this before returning a connection whose
+    /// client vanished while it held part of a backend frame; without it a
+    /// reset cannot find the frame boundaries and discards the connection.
+    pub fn unread(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        let mut joined = BytesMut::with_capacity(bytes.len() + self.pending.len());
+        joined.extend_from_slice(bytes);
+        joined.extend_from_slice(&self.pending);
+        self.pending = joined;
+    }
+
     /// Non-blocking health check of an idle connection, no round trip.
     ///
     /// An idle backend sends nothing, so: would-block = healthy; EOF, an
