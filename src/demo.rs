@@ -46,7 +46,7 @@ pub fn demo_map(ports: &[u16]) -> String {
     map
 }
 
-/// Starts the clusters, prepares them, writes the map and waits for Ctrl-C.
+/// Starts the clusters, prepares them, writes the map, runs the proxy until Ctrl-C.
 pub fn run(shards: usize) -> anyhow::Result<()> {
     if shards == 0 {
         anyhow::bail!("--shards must be at least 1");
@@ -63,27 +63,40 @@ pub fn run(shards: usize) -> anyhow::Result<()> {
     }
     let ports: Vec<u16> = fleet.clusters.iter().map(|c| c.port()).collect();
     let map_path = write_map(&demo_map(&ports))?;
-    let config = Config::load(&map_path).context("the demo map does not validate")?;
-    println!("shard map written to {}:\n", map_path.display());
-    print!("{}", crate::check::summary(&config));
-    println!("\nshards (connect directly):");
-    for cluster in &fleet.clusters {
-        println!(
-            "  psql -h 127.0.0.1 -p {} -U postgres {DEMO_DATABASE}",
-            cluster.port()
-        );
-    }
-    println!(
-        "\nThe proxy itself (`shardgate serve --config {}`) is not built yet;",
-        map_path.display()
-    );
-    println!("the clusters stay up until you press Ctrl-C.");
-    std::io::stdout().flush().ok();
-    wait_for_shutdown()?;
+    let mut config = Config::load(&map_path).context("the demo map does not validate")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let result = runtime.block_on(async {
+        let server = match crate::server::start(config.clone()).await {
+            Ok(server) => server,
+            Err(crate::server::ServerError::Listen { .. }) => {
+                // 6432 is taken (a PgBouncer?): any free port will do for a demo.
+                config.listen = "127.0.0.1:0".to_string();
+                crate::server::start(config.clone()).await?
+            }
+            Err(error) => return Err(error.into()),
+        };
+        println!("shard map written to {}:\n", map_path.display());
+        print!("{}", crate::check::summary(&config));
+        println!("\nshards (connect directly):");
+        for cluster in &fleet.clusters {
+            println!("  psql -h 127.0.0.1 -p {} -U postgres {DEMO_DATABASE}", cluster.port());
+        }
+        println!("\nshardgate is listening on {}. Connect with:\n", server.address);
+        println!("  psql -h 127.0.0.1 -p {} -U app {DEMO_DATABASE}\n", server.address.port());
+        println!("Statements go to shard s0 unless a hint says otherwise: /* shardgate: shard=s1 */ SELECT …");
+        println!("Press Ctrl-C to stop the proxy and delete the clusters.");
+        std::io::stdout().flush().ok();
+        wait_for_shutdown_async().await;
+        server.stop().await;
+        anyhow::Ok(())
+    });
     eprintln!("stopping the clusters…");
     drop(fleet);
     let _ = std::fs::remove_file(&map_path);
-    Ok(())
+    result
 }
 
 fn write_map(text: &str) -> anyhow::Result<PathBuf> {
@@ -96,20 +109,20 @@ fn write_file(path: &Path, text: &str) -> anyhow::Result<()> {
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
-/// Blocks until SIGINT or SIGTERM.
-fn wait_for_shutdown() -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the signal runtime")?;
-    runtime.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("installing the SIGTERM handler")?;
-        tokio::select! {
-            result = tokio::signal::ctrl_c() => result.context("waiting for Ctrl-C"),
-            _ = term.recv() => Ok(()),
+/// Resolves on SIGINT or SIGTERM.
+pub async fn wait_for_shutdown_async() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                term.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
         }
-    })
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
 }
 
 #[cfg(test)]

@@ -1,13 +1,19 @@
 //! shardgate: a PostgreSQL sharding proxy.
 //!
 //! The modules follow the path of a query (see README and ARCHITECTURE):
-//! `config` (the YAML shard map), `check` (its summary), `devcluster`
-//! (throwaway Postgres clusters for the demo and the tests), `demo`, and
-//! `sharding` (the sharding functions).
+//! `frontend` (client connections: TLS, startup, auth, the message loop)
+//! → `router` (where a statement goes) → `backend` (pooled raw connections
+//! to the shards). `protocol` holds the I/O-free wire codec, `server` the
+//! running proxy, `config` the YAML shard map, `sharding` the sharding
+//! functions, `devcluster` throwaway Postgres clusters for demo and tests.
 
 pub mod backend;
 pub mod check;
 pub mod config;
 pub mod demo;
 pub mod devcluster;
+pub mod frontend;
+pub mod protocol;
+pub mod router;
+pub mod server;
 pub mod sharding;

@@ -1,6 +1,6 @@
 //! The `shardgate` command line: `check`, `demo` (and, as they land, `serve`, `route`, `migrate`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -15,6 +15,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the proxy with a shard map.
+    Serve {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Validate a shard map: exit 0 with a summary, or 1 with every error (file:line:column).
     Check {
         #[arg(long, short)]
@@ -37,6 +42,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
+        Command::Serve { config } => serve(&config),
         Command::Check { config } => check(&config),
         Command::Demo { shards } => match shardgate::demo::run(shards) {
             Ok(()) => ExitCode::SUCCESS,
@@ -48,7 +54,41 @@ fn main() -> ExitCode {
     }
 }
 
-fn check(path: &PathBuf) -> ExitCode {
+fn serve(path: &Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("{error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        match shardgate::server::start(config).await {
+            Ok(server) => {
+                tracing::info!(address = %server.address, "shardgate listening");
+                shardgate::demo::wait_for_shutdown_async().await;
+                server.stop().await;
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("shardgate serve: {error}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+fn check(path: &Path) -> ExitCode {
     match Config::load(path) {
         Ok(config) => {
             print!("{}", shardgate::check::summary(&config));

@@ -139,6 +139,9 @@ pub struct BackendConnection {
     pending: BytesMut,
     prepared: PreparedCache,
     reset_counter: u64,
+    /// Signature of the session settings a front-end session replayed on
+    /// this connection (0: none, as connected).
+    settings_signature: u64,
 }
 
 /// What the startup/reset readers do with a message they cannot use.
@@ -427,6 +430,7 @@ impl Startup<'_> {
                         broken: false,
                         pending: buf,
                         prepared: PreparedCache::default(),
+                        settings_signature: 0,
                         reset_counter: 0,
                     });
                 }
@@ -625,6 +629,15 @@ impl BackendConnection {
     }
 
     /// Shardgate-owned prepared statements that exist on this backend.
+    /// Which session settings this connection has (see `frontend::settings`).
+    pub fn settings_signature(&self) -> u64 {
+        self.settings_signature
+    }
+
+    pub fn set_settings_signature(&mut self, signature: u64) {
+        self.settings_signature = signature;
+    }
+
     pub fn prepared(&mut self) -> &mut PreparedCache {
         &mut self.prepared
     }
@@ -737,6 +750,9 @@ impl BackendConnection {
     }
 }
 
+/// Every message type tag a protocol 3.0 backend sends.
+const BACKEND_TAGS: &[u8] = b"123AcCdDEGHIKnNRsStTvVWZ";
+
 /// What the reset reader needs from a message.
 enum Skipped {
     /// First column of a DataRow (empty for NULL / no columns).
@@ -764,6 +780,15 @@ fn take_control_or_skip(buf: &mut BytesMut, skip: &mut usize) -> Result<Option<S
         Ok(None) => return Ok(None),
         Err(e) => return Err(e.to_string()),
     };
+    // A tag no backend sends means we lost the frame boundaries (e.g. bytes
+    // were read and not handed back with `unread`): fail now instead of
+    // skipping a bogus length until the reset times out.
+    if !BACKEND_TAGS.contains(&header.tag()) {
+        return Err(format!(
+            "lost message framing during reset (tag 0x{:02x})",
+            header.tag()
+        ));
+    }
     let len = usize::try_from(header.len()).map_err(|_| "negative message length".to_owned())?;
     let total = len.checked_add(1).ok_or("message length overflow")?;
     if len > MAX_CONTROL_MESSAGE {

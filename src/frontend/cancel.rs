@@ -1,0 +1,77 @@
+//! CancelRequest routing: shardgate hands clients its own (pid, secret) and
+//! remembers which backend each client's query is running on right now.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// The backend a client is currently attached to: shard index, backend pid, secret.
+pub type CancelTarget = Option<(usize, i32, i32)>;
+
+/// Shared between a session (which updates it on attach/detach) and the registry.
+#[derive(Debug, Default, Clone)]
+pub struct CancelSlot(Arc<Mutex<CancelTarget>>);
+
+impl CancelSlot {
+    pub fn set(&self, target: CancelTarget) {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = target;
+        }
+    }
+
+    pub fn get(&self) -> CancelTarget {
+        self.0.lock().map(|slot| *slot).unwrap_or(None)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct CancelRegistry {
+    sessions: Mutex<HashMap<i32, (i32, CancelSlot)>>,
+}
+
+impl CancelRegistry {
+    pub fn register(&self, pid: i32, secret: i32, slot: CancelSlot) {
+        if let Ok(mut sessions) = self.sessions.lock() {
+            sessions.insert(pid, (secret, slot));
+        }
+    }
+
+    pub fn unregister(&self, pid: i32) {
+        if let Ok(mut sessions) = self.sessions.lock() {
+            sessions.remove(&pid);
+        }
+    }
+
+    /// The backend to cancel for a CancelRequest, if pid and secret match.
+    pub fn target(&self, pid: i32, secret: i32) -> CancelTarget {
+        let sessions = self.sessions.lock().ok()?;
+        match sessions.get(&pid) {
+            Some((known, slot)) if *known == secret => slot.get(),
+            _ => None,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.sessions.lock().map(|s| s.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrong_secret_cancels_nothing() {
+        let registry = CancelRegistry::default();
+        let slot = CancelSlot::default();
+        registry.register(7, 42, slot.clone());
+        slot.set(Some((1, 1234, 99)));
+        assert_eq!(registry.target(7, 42), Some((1, 1234, 99)));
+        assert_eq!(registry.target(7, 41), None);
+        registry.unregister(7);
+        assert_eq!(registry.target(7, 42), None);
+    }
+}

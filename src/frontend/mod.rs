@@ -1,0 +1,13 @@
+//! The client side of the proxy: TLS and startup (`startup`), authentication
+//! material (`auth`), the per-client message loop (`session`) with its
+//! response ordering (`responses`), prepared statements (`prepared`) and
+//! session settings (`settings`) for transaction pooling, and cancel routing.
+
+pub mod auth;
+pub mod cancel;
+pub mod prepared;
+pub mod responses;
+pub mod session;
+pub mod settings;
+pub mod startup;
+pub mod tls;

@@ -1,0 +1,161 @@
+//! A client's named prepared statements, independent of backends.
+//!
+//! In transaction pooling the backend changes between transactions, so the
+//! client's `Parse("s1", sql)` is remembered here and created on each backend
+//! on demand under a shardgate-owned name `sg_<hash>` (the same text and
+//! parameter types give the same name, so clients share them). Each backend
+//! remembers which of those it has (`backend::PreparedCache`).
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+
+use bytes::BytesMut;
+
+use crate::backend::PreparedCache;
+use crate::protocol::messages::{Bind, Parse, Target};
+use crate::protocol::synth::ProxyError;
+
+#[derive(Debug, Clone)]
+struct Statement {
+    hash: u64,
+    server_name: String,
+    query: String,
+    param_types: Vec<u8>,
+}
+
+impl Statement {
+    fn parse(&self) -> Parse<'_> {
+        Parse {
+            name: &self.server_name,
+            query: &self.query,
+            param_types: &self.param_types,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct ClientStatements {
+    named: HashMap<String, Statement>,
+}
+
+/// What a Parse needs on the backend.
+pub enum ParseAction {
+    /// The backend already has it: answer ParseComplete locally.
+    Known,
+    /// Sent under the server name (forgotten again if it fails); `evicted`:
+    /// a Close of the least recently used statement went first.
+    Sent { hash: u64, evicted: bool },
+}
+
+fn statement_hash(query: &str, param_types: &[u8]) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    query.hash(&mut hasher);
+    param_types.hash(&mut hasher);
+    hasher.finish()
+}
+
+impl ClientStatements {
+    /// A named Parse from the client.
+    pub fn define(
+        &mut self,
+        parse: Parse<'_>,
+        cache: &mut PreparedCache,
+        out: &mut BytesMut,
+    ) -> Result<ParseAction, ProxyError> {
+        if self.named.contains_key(parse.name) {
+            return Err(ProxyError::error(
+                "42P05",
+                format!("prepared statement \"{}\" already exists", parse.name),
+            ));
+        }
+        let hash = statement_hash(parse.query, parse.param_types);
+        let statement = Statement {
+            hash,
+            server_name: format!("sg_{hash:016x}"),
+            query: parse.query.to_string(),
+            param_types: parse.param_types.to_vec(),
+        };
+        let action = if cache.get(hash).is_some() {
+            ParseAction::Known
+        } else {
+            let evicted = Self::create_on_backend(&statement, cache, out);
+            ParseAction::Sent { hash, evicted }
+        };
+        self.named.insert(parse.name.to_string(), statement);
+        Ok(action)
+    }
+
+    /// Writes the Parse (after a Close if the cache evicted a statement);
+    /// true if a Close was written.
+    fn create_on_backend(
+        statement: &Statement,
+        cache: &mut PreparedCache,
+        out: &mut BytesMut,
+    ) -> bool {
+        let evicted = cache.insert(statement.hash, statement.server_name.clone());
+        if let Some(evicted) = &evicted {
+            // The cache was full: close the least recently used statement first.
+            Target {
+                kind: b'S',
+                name: &evicted,
+            }
+            .encode_as(b'C', evicted, out);
+        }
+        let parse = statement.parse();
+        parse.encode_as(parse.name, out);
+        evicted.is_some()
+    }
+
+    /// Makes sure the backend has the client's statement `name`: `None` if
+    /// the client never defined it, `Some(Some((hash, evicted)))` if a hidden
+    /// Parse (after a hidden Close when `evicted`) was written to `out`,
+    /// `Some(None)` if it was already there.
+    pub fn ensure(
+        &mut self,
+        name: &str,
+        cache: &mut PreparedCache,
+        out: &mut BytesMut,
+    ) -> Option<Option<(u64, bool)>> {
+        let statement = self.named.get(name)?;
+        if cache.get(statement.hash).is_some() {
+            return Some(None);
+        }
+        let evicted = Self::create_on_backend(statement, cache, out);
+        Some(Some((statement.hash, evicted)))
+    }
+
+    /// Writes the client's Bind with the server-side statement name.
+    pub fn bind_into(&self, bind: Bind<'_>, out: &mut BytesMut) -> bool {
+        match self.named.get(bind.statement) {
+            Some(statement) => {
+                bind.encode_as(&statement.server_name, out);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Writes a Describe of the client's statement with the server-side name.
+    pub fn describe_into(&self, target: Target<'_>, out: &mut BytesMut) -> bool {
+        match self.named.get(target.name) {
+            Some(statement) => {
+                target.encode_as(b'D', &statement.server_name, out);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The client closed (or deallocated) its name; the server statement stays cached.
+    pub fn close(&mut self, name: &str) {
+        self.named.remove(name);
+    }
+
+    pub fn len(&self) -> usize {
+        self.named.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.named.is_empty()
+    }
+}

@@ -1,0 +1,243 @@
+//! The order of responses the client is owed.
+//!
+//! Every message sent to a backend leaves a slot here saying what answer
+//! completes it; answers shardgate makes itself (a ParseComplete for a
+//! statement the backend already has, an error) are slots too. Backend
+//! messages fill slots front to back, local slots are released when they reach
+//! the front, so the client sees exactly the order Postgres would produce,
+//! even across pipelines, backend switches and errors.
+
+use std::collections::VecDeque;
+
+use bytes::BytesMut;
+
+use crate::protocol::tag;
+
+/// What completes a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// Simple `Query` or `FunctionCall`: everything up to ReadyForQuery.
+    UntilReady,
+    /// A Parse; the statement hash (0: unnamed) is forgotten if it fails.
+    Parse(u64),
+    Bind,
+    Close,
+    DescribeStatement,
+    DescribePortal,
+    Execute,
+    Sync,
+    /// A Parse shardgate inserted (statement missing on this backend): its
+    /// ParseComplete is swallowed, its error is the client's error.
+    HiddenParse(u64),
+    /// A Close shardgate inserted (evicting a cached statement): swallowed.
+    HiddenClose,
+    /// A statement shardgate sent on its own behalf (`SET …` replay): every
+    /// answer through ReadyForQuery is swallowed; an error is reported.
+    HiddenQuery,
+}
+
+#[derive(Debug)]
+pub enum Slot {
+    Backend(Expect),
+    /// Bytes shardgate answers itself, released in order.
+    Local(BytesMut),
+}
+
+/// What to do with one backend message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    Forward,
+    Swallow,
+}
+
+#[derive(Debug, Default)]
+pub struct ResponseQueue {
+    slots: VecDeque<Slot>,
+    /// The backend hit an error in an extended-protocol batch and ignores
+    /// everything until the next Sync.
+    backend_skipping: bool,
+    /// Statements whose Parse failed or was skipped: not on the backend.
+    pub failed_statements: Vec<u64>,
+}
+
+impl ResponseQueue {
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// Records a message forwarded to the backend.
+    pub fn sent(&mut self, expect: Expect) {
+        match expect {
+            Expect::Sync | Expect::UntilReady | Expect::HiddenQuery => {
+                self.backend_skipping = false;
+                self.slots.push_back(Slot::Backend(expect));
+            }
+            // The backend will not answer these until the Sync.
+            _ if self.backend_skipping => {}
+            _ => self.slots.push_back(Slot::Backend(expect)),
+        }
+    }
+
+    /// An answer made by shardgate, released when its turn comes.
+    pub fn local(&mut self, bytes: BytesMut, out: &mut BytesMut) {
+        if self.backend_skipping {
+            return;
+        }
+        self.slots.push_back(Slot::Local(bytes));
+        self.release_locals(out);
+    }
+
+    fn release_locals(&mut self, out: &mut BytesMut) {
+        while let Some(Slot::Local(_)) = self.slots.front() {
+            if let Some(Slot::Local(bytes)) = self.slots.pop_front() {
+                out.extend_from_slice(&bytes);
+            }
+        }
+    }
+
+    fn front_expect(&self) -> Option<Expect> {
+        match self.slots.front() {
+            Some(Slot::Backend(expect)) => Some(*expect),
+            _ => None,
+        }
+    }
+
+    /// Classifies one backend message (by tag) and advances the queue.
+    /// Locals that become due are appended to `out` *after* the caller has
+    /// forwarded this message; call [`ResponseQueue::after`] for that.
+    pub fn on_backend(&mut self, tag: u8) -> Disposition {
+        // Asynchronous messages belong to no slot.
+        if matches!(
+            tag,
+            tag::NOTICE_RESPONSE | tag::PARAMETER_STATUS | tag::NOTIFICATION
+        ) {
+            return match self.front_expect() {
+                Some(Expect::HiddenQuery) if tag == tag::NOTICE_RESPONSE => Disposition::Swallow,
+                _ => Disposition::Forward,
+            };
+        }
+        let Some(expect) = self.front_expect() else {
+            // Unsolicited (e.g. FATAL at shutdown): the client should see it.
+            return Disposition::Forward;
+        };
+        let (done, disposition) = match (expect, tag) {
+            (Expect::HiddenQuery, tag::READY_FOR_QUERY) => (true, Disposition::Swallow),
+            (Expect::HiddenQuery, _) => (false, Disposition::Swallow),
+            (Expect::UntilReady, tag::READY_FOR_QUERY) => (true, Disposition::Forward),
+            (Expect::UntilReady, _) => (false, Disposition::Forward),
+            (_, tag::ERROR_RESPONSE) => {
+                self.pop_failed();
+                self.skip_to_sync();
+                return Disposition::Forward;
+            }
+            (Expect::HiddenClose, tag::CLOSE_COMPLETE) => (true, Disposition::Swallow),
+            (Expect::Parse(_), tag::PARSE_COMPLETE)
+            | (Expect::Bind, tag::BIND_COMPLETE)
+            | (Expect::Close, tag::CLOSE_COMPLETE) => (true, Disposition::Forward),
+            (Expect::HiddenParse(_), tag::PARSE_COMPLETE) => (true, Disposition::Swallow),
+            (Expect::DescribeStatement, tag::PARAMETER_DESCRIPTION) => {
+                (false, Disposition::Forward)
+            }
+            (
+                Expect::DescribeStatement | Expect::DescribePortal,
+                tag::ROW_DESCRIPTION | tag::NO_DATA,
+            ) => (true, Disposition::Forward),
+            (Expect::Execute, tag::COMMAND_COMPLETE | tag::EMPTY_QUERY | tag::PORTAL_SUSPENDED) => {
+                (true, Disposition::Forward)
+            }
+            (Expect::Sync, tag::READY_FOR_QUERY) => (true, Disposition::Forward),
+            _ => (false, Disposition::Forward),
+        };
+        if done {
+            self.slots.pop_front();
+        }
+        disposition
+    }
+
+    /// Releases local answers that are now at the front.
+    pub fn after(&mut self, out: &mut BytesMut) {
+        self.release_locals(out);
+    }
+
+    /// After an error in an extended batch the backend skips to the Sync;
+    /// so do the slots (local ones too: Postgres would not have answered them).
+    fn skip_to_sync(&mut self) {
+        while let Some(slot) = self.slots.front() {
+            match slot {
+                Slot::Backend(Expect::Sync) => return,
+                _ => self.pop_failed(),
+            }
+        }
+        self.backend_skipping = true;
+    }
+
+    /// Drops the front slot of a message that failed or was skipped.
+    fn pop_failed(&mut self) {
+        if let Some(Slot::Backend(Expect::Parse(hash) | Expect::HiddenParse(hash))) =
+            self.slots.pop_front()
+        {
+            if hash != 0 {
+                self.failed_statements.push(hash);
+            }
+        }
+    }
+
+    /// Forget everything (the backend is gone).
+    pub fn clear(&mut self) {
+        self.slots.clear();
+        self.backend_skipping = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_answers_wait_for_earlier_backend_answers() {
+        let mut queue = ResponseQueue::default();
+        let mut out = BytesMut::new();
+        queue.sent(Expect::Parse(0));
+        queue.local(BytesMut::from(&b"LOCAL"[..]), &mut out);
+        assert!(out.is_empty(), "must wait for the ParseComplete");
+        queue.sent(Expect::Sync);
+        assert_eq!(queue.on_backend(tag::PARSE_COMPLETE), Disposition::Forward);
+        queue.after(&mut out);
+        assert_eq!(&out[..], b"LOCAL");
+        assert_eq!(queue.on_backend(tag::READY_FOR_QUERY), Disposition::Forward);
+        assert!(queue.is_empty());
+    }
+
+    #[test]
+    fn an_error_skips_to_sync_including_locals() {
+        let mut queue = ResponseQueue::default();
+        let mut out = BytesMut::new();
+        queue.sent(Expect::Parse(0));
+        queue.sent(Expect::Bind);
+        queue.local(BytesMut::from(&b"X"[..]), &mut out);
+        queue.sent(Expect::Execute);
+        queue.on_backend(tag::ERROR_RESPONSE);
+        queue.after(&mut out);
+        assert!(out.is_empty());
+        // Messages after the error and before Sync leave no slot.
+        queue.sent(Expect::Execute);
+        queue.sent(Expect::Sync);
+        assert_eq!(queue.on_backend(tag::READY_FOR_QUERY), Disposition::Forward);
+        assert!(queue.is_empty());
+    }
+
+    #[test]
+    fn hidden_parse_and_query_are_swallowed() {
+        let mut queue = ResponseQueue::default();
+        queue.sent(Expect::HiddenQuery);
+        assert_eq!(
+            queue.on_backend(tag::COMMAND_COMPLETE),
+            Disposition::Swallow
+        );
+        assert_eq!(queue.on_backend(tag::READY_FOR_QUERY), Disposition::Swallow);
+        queue.sent(Expect::HiddenParse(7));
+        queue.sent(Expect::Bind);
+        assert_eq!(queue.on_backend(tag::PARSE_COMPLETE), Disposition::Swallow);
+        assert_eq!(queue.on_backend(tag::BIND_COMPLETE), Disposition::Forward);
+    }
+}

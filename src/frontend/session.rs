@@ -1,0 +1,719 @@
+//! The per-client message loop: reads client messages, attaches a backend of
+//! the right shard when one is needed, forwards frames as bytes, and passes
+//! backend answers back in order (see `responses.rs`).
+//!
+//! Only the messages routing and pooling need are decoded; rows, COPY data
+//! and everything else cross as the bytes they arrived as.
+
+use std::sync::Arc;
+
+use bytes::{Buf, BytesMut};
+use pgwire::tokio::server::MaybeTls;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::cancel::CancelSlot;
+use super::prepared::{ClientStatements, ParseAction};
+use super::responses::{Disposition, Expect, ResponseQueue};
+use super::settings::SessionSettings;
+use super::startup::ClientStartup;
+use crate::backend::{release, BackendError, PooledBackend};
+use crate::config::PoolMode;
+use crate::protocol::messages::{self, Bind, Parse, Target};
+use crate::protocol::synth::{self, ProxyError};
+use crate::protocol::{
+    frame_length, next_frame, tag, ProtocolError, MAX_BACKEND_MESSAGE, MAX_CLIENT_MESSAGE,
+};
+use crate::router::hints::{self, Hint};
+use crate::server::Shared;
+
+/// The backend serving the client right now.
+struct Attached {
+    conn: PooledBackend,
+    shard: usize,
+}
+
+/// Why the loop ended.
+enum Exit {
+    /// Terminate or EOF from the client.
+    Client,
+    /// Broken protocol or I/O on the client side; the client was told if possible.
+    ClientError,
+}
+
+pub struct Session {
+    shared: Arc<Shared>,
+    client: MaybeTls,
+    client_in: BytesMut,
+    client_out: BytesMut,
+    backend: Option<Attached>,
+    backend_in: BytesMut,
+    backend_out: BytesMut,
+    /// Bytes of a large backend message still to pass through unparsed.
+    passthrough: usize,
+    queue: ResponseQueue,
+    /// Transaction status last reported to the client.
+    status: u8,
+    /// The client's extended-protocol batch failed in shardgate; drop until Sync.
+    skip_until_sync: bool,
+    /// Shard chosen with `SET shardgate.shard`.
+    session_shard: Option<usize>,
+    settings: SessionSettings,
+    statements: ClientStatements,
+    /// Outcome of the statements in flight since the last ReadyForQuery.
+    batch_failed: bool,
+    batch_ended: Option<bool>,
+    batch_status_before: u8,
+    cancel: CancelSlot,
+    mode: PoolMode,
+    key: (i32, i32),
+}
+
+impl Session {
+    pub fn new(shared: Arc<Shared>, startup: ClientStartup, cancel: CancelSlot) -> Session {
+        let mode = shared.config.pool.mode;
+        let settings = SessionSettings::from_startup(&startup.settings);
+        let mut client_in = startup.read_buf;
+        client_in.reserve(8192);
+        Session {
+            shared,
+            client: startup.io,
+            client_in,
+            client_out: BytesMut::with_capacity(8192),
+            backend: None,
+            backend_in: BytesMut::with_capacity(8192),
+            backend_out: BytesMut::with_capacity(8192),
+            passthrough: 0,
+            queue: ResponseQueue::default(),
+            status: b'I',
+            skip_until_sync: false,
+            session_shard: None,
+            settings,
+            statements: ClientStatements::default(),
+            batch_failed: false,
+            batch_ended: None,
+            batch_status_before: b'I',
+            cancel,
+            mode,
+            key: startup.key,
+        }
+    }
+
+    pub fn key(&self) -> (i32, i32) {
+        self.key
+    }
+
+    /// Runs until the client leaves; the backend is returned clean afterwards.
+    pub async fn run(mut self) {
+        let _exit = self.message_loop().await;
+        self.detach_on_exit().await;
+    }
+
+    async fn message_loop(&mut self) -> Exit {
+        loop {
+            match self.process_client_input().await {
+                Ok(true) => {}
+                Ok(false) => {
+                    let _ = self.flush_client().await;
+                    return Exit::Client;
+                }
+                Err(error) => {
+                    error.encode(&mut self.client_out);
+                    let _ = self.flush_client().await;
+                    return Exit::ClientError;
+                }
+            }
+            if self.flush_backend().await.is_err() {
+                self.backend_lost();
+            }
+            if self.flush_client().await.is_err() {
+                return Exit::ClientError;
+            }
+            // Wait for input from whichever side has something.
+            let client_read;
+            let mut backend_read = None;
+            match self.backend.as_mut() {
+                Some(attached) => {
+                    tokio::select! {
+                        biased;
+                        read = attached.conn.read_buf(&mut self.backend_in) => {
+                            backend_read = Some(read);
+                            client_read = None;
+                        }
+                        read = self.client.read_buf(&mut self.client_in) => client_read = Some(read),
+                    }
+                }
+                None => client_read = Some(self.client.read_buf(&mut self.client_in).await),
+            }
+            match client_read {
+                Some(Ok(0)) | Some(Err(_)) => return Exit::Client,
+                _ => {}
+            }
+            match backend_read {
+                Some(Ok(0)) | Some(Err(_)) => self.backend_lost(),
+                Some(Ok(_)) => {
+                    if let Err(error) = self.process_backend_input().await {
+                        tracing::warn!(%error, "malformed message from backend");
+                        self.backend_lost();
+                    }
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// Handles every complete client message. `Ok(false)`: the client terminated.
+    async fn process_client_input(&mut self) -> Result<bool, ProxyError> {
+        loop {
+            let total = match frame_length(&self.client_in, MAX_CLIENT_MESSAGE) {
+                Ok(Some(total)) if self.client_in.len() >= total => total,
+                Ok(_) => return Ok(true),
+                Err(error) => return Err(protocol_violation(error)),
+            };
+            let frame = self.client_in.split_to(total);
+            if !self.handle_client_message(frame).await? {
+                return Ok(false);
+            }
+        }
+    }
+
+    async fn handle_client_message(&mut self, frame: BytesMut) -> Result<bool, ProxyError> {
+        let tag = frame[0];
+        let body = &frame[5..];
+        if self.skip_until_sync && tag != tag::SYNC && tag != tag::TERMINATE {
+            return Ok(true);
+        }
+        match tag {
+            tag::TERMINATE => return Ok(false),
+            tag::QUERY => {
+                let sql = messages::query_text(body).map_err(protocol_violation)?;
+                if let Some((name, value)) = hints::shardgate_setting(sql) {
+                    self.shardgate_set(name, value)?;
+                    return Ok(true);
+                }
+                let hint = route_hint(sql);
+                let sql_owned_needed = self.settings_track(sql);
+                if !self.attach_for(hint, false).await {
+                    return Ok(true);
+                }
+                if sql_owned_needed {
+                    self.settings.statement_sent(sql);
+                }
+                self.forward(&frame, Expect::UntilReady);
+            }
+            tag::PARSE => {
+                let parse = Parse::decode(body).map_err(protocol_violation)?;
+                let hint = route_hint(parse.query);
+                if !self.attach_for(hint, true).await {
+                    return Ok(true);
+                }
+                if self.settings_track(parse.query) {
+                    self.settings.statement_sent(parse.query);
+                }
+                if parse.name.is_empty() {
+                    self.forward(&frame, Expect::Parse(0));
+                } else {
+                    self.parse_named(parse);
+                }
+            }
+            tag::BIND => {
+                let bind = Bind::decode(body).map_err(protocol_violation)?;
+                if !self.attach_for(None, true).await {
+                    return Ok(true);
+                }
+                if bind.statement.is_empty() {
+                    self.forward(&frame, Expect::Bind);
+                } else if !self.ensure_statement(bind.statement) {
+                    self.client_error_in_batch(unknown_statement(bind.statement));
+                } else {
+                    self.statements.bind_into(bind, &mut self.backend_out);
+                    self.queue.sent(Expect::Bind);
+                }
+            }
+            tag::DESCRIBE | tag::CLOSE => {
+                let target = Target::decode(tag, body).map_err(protocol_violation)?;
+                if target.kind == b'S' && !target.name.is_empty() {
+                    self.statement_target(tag, target).await;
+                } else {
+                    if !self.attach_for(None, true).await {
+                        return Ok(true);
+                    }
+                    let expect = match (tag, target.kind) {
+                        (tag::CLOSE, _) => Expect::Close,
+                        (_, b'S') => Expect::DescribeStatement,
+                        _ => Expect::DescribePortal,
+                    };
+                    self.forward(&frame, expect);
+                }
+            }
+            tag::EXECUTE => {
+                if !self.attach_for(None, true).await {
+                    return Ok(true);
+                }
+                self.forward(&frame, Expect::Execute);
+            }
+            tag::SYNC => {
+                self.skip_until_sync = false;
+                if self.backend.is_some() {
+                    self.forward(&frame, Expect::Sync);
+                } else {
+                    let mut out = BytesMut::new();
+                    synth::ready_for_query(&mut out, self.status);
+                    self.queue.local(out, &mut self.client_out);
+                }
+            }
+            tag::FLUSH => {
+                if self.backend.is_some() {
+                    self.backend_out.extend_from_slice(&frame);
+                }
+            }
+            tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL => {
+                // Outside COPY these are ignored, as by Postgres.
+                if self.backend.is_some() {
+                    self.backend_out.extend_from_slice(&frame);
+                }
+            }
+            tag::FUNCTION_CALL => {
+                if !self.attach_for(None, false).await {
+                    return Ok(true);
+                }
+                self.forward(&frame, Expect::UntilReady);
+            }
+            other => {
+                return Err(ProxyError::fatal(
+                    "08P01",
+                    format!("invalid frontend message type {}", other),
+                ))
+            }
+        }
+        Ok(true)
+    }
+
+    fn forward(&mut self, frame: &[u8], expect: Expect) {
+        self.backend_out.extend_from_slice(frame);
+        self.queue.sent(expect);
+    }
+
+    /// Whether a statement may change session settings (checked cheaply).
+    fn settings_track(&self, sql: &str) -> bool {
+        sql.as_bytes()
+            .windows(3)
+            .any(|w| w.eq_ignore_ascii_case(b"set"))
+            || sql
+                .as_bytes()
+                .windows(7)
+                .any(|w| w.eq_ignore_ascii_case(b"discard"))
+    }
+
+    /// `SET shardgate.shard = …` and friends, answered by shardgate itself.
+    fn shardgate_set(&mut self, name: &str, value: Option<String>) -> Result<(), ProxyError> {
+        let mut out = BytesMut::new();
+        match (name, value) {
+            ("shard", Some(shard)) => match self.shared.pools.by_name(&shard) {
+                Some(pool) => self.session_shard = Some(pool.index()),
+                None => {
+                    let names: Vec<&str> = self
+                        .shared
+                        .config
+                        .shards
+                        .iter()
+                        .map(|s| s.name.as_str())
+                        .collect();
+                    ProxyError::error("22023", format!("unknown shard \"{shard}\""))
+                        .with_hint(format!("shards in this map: {}", names.join(", ")))
+                        .encode(&mut out);
+                }
+            },
+            ("shard", None) => self.session_shard = None,
+            (other, _) => {
+                ProxyError::error(
+                    "42704",
+                    format!("unrecognized configuration parameter \"shardgate.{other}\""),
+                )
+                .with_hint("shardgate settings: shardgate.shard")
+                .encode(&mut out);
+            }
+        }
+        if out.is_empty() {
+            synth::command_complete(&mut out, "SET");
+        }
+        synth::ready_for_query(&mut out, self.status);
+        self.queue.local(out, &mut self.client_out);
+        Ok(())
+    }
+
+    /// Makes sure a backend of the right shard is attached. Returns false if
+    /// not possible; the client has then been sent the error.
+    async fn attach_for(&mut self, hint: Option<Hint<'_>>, extended: bool) -> bool {
+        let wanted = match self.target_shard(hint) {
+            Ok(wanted) => wanted,
+            Err(error) => {
+                self.report(error, extended);
+                return false;
+            }
+        };
+        if let Some(attached) = &self.backend {
+            match wanted {
+                Some(shard) if shard != attached.shard => {
+                    if self.queue.is_empty()
+                        && self.status == b'I'
+                        && self.mode == PoolMode::Transaction
+                    {
+                        self.detach().await;
+                    } else {
+                        let from = self.shard_name(attached.shard);
+                        let to = self.shard_name(shard);
+                        let error = ProxyError::error(
+                            "0A000",
+                            format!("this transaction runs on shard \"{from}\"; a statement for shard \"{to}\" cannot join it"),
+                        )
+                        .with_hint("multi-shard transactions need two-phase commit, which is not available yet; commit first");
+                        self.report(error, extended);
+                        return false;
+                    }
+                }
+                _ => return true,
+            }
+        }
+        let shard = wanted.or(self.session_shard).unwrap_or(0);
+        match self.checkout(shard).await {
+            Ok(()) => true,
+            Err(error) => {
+                let error = ProxyError::error(error.sqlstate(), error.to_string());
+                self.report(error, extended);
+                false
+            }
+        }
+    }
+
+    fn target_shard(&self, hint: Option<Hint<'_>>) -> Result<Option<usize>, ProxyError> {
+        match hint {
+            None => Ok(self.session_shard),
+            Some(Hint::Shard(name)) => match self.shared.pools.by_name(name) {
+                Some(pool) => Ok(Some(pool.index())),
+                None => Err(ProxyError::error(
+                    "22023",
+                    format!("routing hint names unknown shard \"{name}\""),
+                )),
+            },
+            Some(Hint::Key(_)) => Err(ProxyError::error(
+                "0A000",
+                "key= routing hints need the router, which is not built yet; use shard=NAME",
+            )),
+        }
+    }
+
+    async fn checkout(&mut self, shard: usize) -> Result<(), BackendError> {
+        let Some(pool) = self.shared.pools.get(shard) else {
+            return Ok(());
+        };
+        let mut conn = pool.checkout().await?;
+        let (pid, secret) = conn.cancel_key();
+        self.cancel.set(Some((shard, pid, secret)));
+        // Make the backend's session settings match the client's.
+        if conn.settings_signature() != self.settings.signature() {
+            let sql = self.settings.replay_sql();
+            synth::query(&mut self.backend_out, &sql);
+            self.queue.sent(Expect::HiddenQuery);
+            conn.set_settings_signature(self.settings.signature());
+        }
+        self.backend = Some(Attached { conn, shard });
+        Ok(())
+    }
+
+    /// Returns the backend to its pool.
+    async fn detach(&mut self) {
+        if let Some(attached) = self.backend.take() {
+            self.cancel.set(None);
+            release(attached.conn).await;
+        }
+    }
+
+    async fn detach_on_exit(&mut self) {
+        if let Some(attached) = self.backend.as_mut() {
+            if !self.queue.is_empty() {
+                // A query was still running: cancel it and do not reuse the connection.
+                let (pid, secret) = attached.conn.cancel_key();
+                if let Some(shard) = self.shared.config.shards.get(attached.shard) {
+                    let _ = crate::backend::send_cancel(shard, pid, secret).await;
+                }
+                attached.conn.mark_broken();
+            }
+        }
+        self.detach().await;
+    }
+
+    /// The backend connection failed: tell the client, forget the backend.
+    fn backend_lost(&mut self) {
+        let Some(mut attached) = self.backend.take() else {
+            return;
+        };
+        attached.conn.mark_broken();
+        self.cancel.set(None);
+        let shard = self.shard_name(attached.shard);
+        let was_busy = !self.queue.is_empty() || self.status != b'I';
+        self.queue.clear();
+        self.backend_in.clear();
+        self.backend_out.clear();
+        self.passthrough = 0;
+        if was_busy {
+            ProxyError::error("08006", format!("lost the connection to shard \"{shard}\""))
+                .with_detail("the statement or transaction in progress there was aborted")
+                .encode(&mut self.client_out);
+            self.status = b'I';
+            synth::ready_for_query(&mut self.client_out, self.status);
+        }
+        drop(attached);
+    }
+
+    /// Reports a shardgate error in protocol order: simple queries get
+    /// ErrorResponse + ReadyForQuery; extended batches skip to their Sync.
+    fn report(&mut self, error: ProxyError, extended: bool) {
+        let mut out = BytesMut::new();
+        error.encode(&mut out);
+        if extended {
+            self.skip_until_sync = true;
+        } else {
+            let status = if self.status == b'T' {
+                b'E'
+            } else {
+                self.status
+            };
+            synth::ready_for_query(&mut out, status);
+        }
+        self.queue.local(out, &mut self.client_out);
+    }
+
+    fn client_error_in_batch(&mut self, error: ProxyError) {
+        self.report(error, true);
+    }
+
+    fn shard_name(&self, index: usize) -> String {
+        self.shared
+            .config
+            .shards
+            .get(index)
+            .map(|s| s.name.clone())
+            .unwrap_or_else(|| format!("#{index}"))
+    }
+
+    async fn flush_backend(&mut self) -> std::io::Result<()> {
+        if self.backend_out.is_empty() {
+            return Ok(());
+        }
+        match self.backend.as_mut() {
+            Some(attached) => {
+                let result = attached.conn.write_all(&self.backend_out).await;
+                self.backend_out.clear();
+                result
+            }
+            None => {
+                self.backend_out.clear();
+                Ok(())
+            }
+        }
+    }
+
+    async fn flush_client(&mut self) -> std::io::Result<()> {
+        if self.client_out.is_empty() {
+            return Ok(());
+        }
+        self.client.write_all(&self.client_out).await?;
+        self.client_out.clear();
+        self.client.flush().await
+    }
+
+    /// Moves backend messages to the client in order, tracking status.
+    async fn process_backend_input(&mut self) -> Result<(), ProtocolError> {
+        loop {
+            if self.passthrough > 0 {
+                let n = self.passthrough.min(self.backend_in.len());
+                if n == 0 {
+                    return Ok(());
+                }
+                self.client_out.extend_from_slice(&self.backend_in[..n]);
+                self.backend_in.advance(n);
+                self.passthrough -= n;
+                if self.passthrough == 0 {
+                    self.queue.after(&mut self.client_out);
+                }
+                continue;
+            }
+            let Some(total) = frame_length(&self.backend_in, MAX_BACKEND_MESSAGE)? else {
+                return Ok(());
+            };
+            let tag = self.backend_in[0];
+            // Rows and COPY data stream through without waiting for the whole message.
+            if matches!(tag, tag::DATA_ROW | tag::COPY_DATA) && self.backend_in.len() < total {
+                if self.queue.on_backend(tag) == Disposition::Forward {
+                    self.passthrough = total;
+                    continue;
+                }
+                return Ok(());
+            }
+            let Some((frame, total)) = next_frame(&self.backend_in, MAX_BACKEND_MESSAGE)? else {
+                return Ok(());
+            };
+            let disposition = self.queue.on_backend(tag);
+            let mut ready = None;
+            match tag {
+                tag::READY_FOR_QUERY => ready = Some(messages::ready_status(frame.body)?),
+                tag::ERROR_RESPONSE => {
+                    self.batch_failed = true;
+                    if disposition == Disposition::Swallow {
+                        // A hidden statement failed: surface it rather than lose it.
+                        let fields = messages::error_fields(frame.body);
+                        tracing::warn!(
+                            code = fields.code,
+                            message = fields.message,
+                            "hidden statement failed"
+                        );
+                    }
+                }
+                tag::COMMAND_COMPLETE if disposition == Disposition::Forward => {
+                    let tag_text = messages::command_tag(frame.body);
+                    if tag_text == "COMMIT" {
+                        self.batch_ended = Some(true);
+                    } else if tag_text == "ROLLBACK" {
+                        self.batch_ended = Some(false);
+                    }
+                }
+                _ => {}
+            }
+            if disposition == Disposition::Forward {
+                self.client_out.extend_from_slice(&self.backend_in[..total]);
+            }
+            self.backend_in.advance(total);
+            self.queue.after(&mut self.client_out);
+            self.forget_failed_statements();
+            if let Some(status) = ready {
+                self.on_ready(status, disposition).await;
+            }
+        }
+    }
+
+    async fn on_ready(&mut self, status: u8, disposition: Disposition) {
+        if let Some(attached) = self.backend.as_mut() {
+            attached.conn.set_transaction_status(status);
+        }
+        if disposition == Disposition::Swallow {
+            return;
+        }
+        self.settings.batch_done(
+            self.batch_status_before,
+            status,
+            self.batch_failed,
+            self.batch_ended,
+        );
+        self.batch_failed = false;
+        self.batch_ended = None;
+        self.batch_status_before = status;
+        self.status = status;
+        if status == b'I' && self.queue.is_empty() && self.mode == PoolMode::Transaction {
+            self.detach().await;
+        }
+    }
+
+    /// Named `Parse`: recorded per client; sent to the backend under a
+    /// shardgate-owned name unless this backend already has it.
+    fn parse_named(&mut self, parse: Parse<'_>) {
+        let Some(attached) = self.backend.as_mut() else {
+            return;
+        };
+        match self
+            .statements
+            .define(parse, attached.conn.prepared(), &mut self.backend_out)
+        {
+            Ok(ParseAction::Known) => {
+                let mut out = BytesMut::new();
+                synth::parse_complete(&mut out);
+                self.queue.local(out, &mut self.client_out);
+            }
+            Ok(ParseAction::Sent { hash, evicted }) => {
+                if evicted {
+                    self.queue.sent(Expect::HiddenClose);
+                }
+                self.queue.sent(Expect::Parse(hash));
+            }
+            Err(error) => self.client_error_in_batch(error),
+        }
+    }
+
+    /// Makes sure the attached backend has the client's statement `name`,
+    /// sending a hidden Parse if needed. False if the client never defined it.
+    fn ensure_statement(&mut self, name: &str) -> bool {
+        let Some(attached) = self.backend.as_mut() else {
+            return false;
+        };
+        match self
+            .statements
+            .ensure(name, attached.conn.prepared(), &mut self.backend_out)
+        {
+            Some(Some((hash, evicted))) => {
+                if evicted {
+                    self.queue.sent(Expect::HiddenClose);
+                }
+                self.queue.sent(Expect::HiddenParse(hash));
+                true
+            }
+            Some(None) => true,
+            None => false,
+        }
+    }
+
+    /// Describe/Close of a named statement.
+    async fn statement_target(&mut self, tag: u8, target: Target<'_>) {
+        if tag == tag::CLOSE {
+            // The server-side statement stays cached for reuse; the client's name goes.
+            self.statements.close(target.name);
+            let mut out = BytesMut::new();
+            synth::close_complete(&mut out);
+            self.queue.local(out, &mut self.client_out);
+            return;
+        }
+        if !self.attach_for(None, true).await {
+            return;
+        }
+        if !self.ensure_statement(target.name) {
+            self.client_error_in_batch(unknown_statement(target.name));
+            return;
+        }
+        self.statements.describe_into(target, &mut self.backend_out);
+        self.queue.sent(Expect::DescribeStatement);
+    }
+
+    /// Statements whose Parse failed are not on the backend after all.
+    fn forget_failed_statements(&mut self) {
+        if self.queue.failed_statements.is_empty() {
+            return;
+        }
+        let failed = std::mem::take(&mut self.queue.failed_statements);
+        if let Some(attached) = self.backend.as_mut() {
+            for hash in failed {
+                attached.conn.prepared().remove(hash);
+            }
+        }
+    }
+}
+
+fn route_hint(sql: &str) -> Option<Hint<'_>> {
+    if sql
+        .as_bytes()
+        .first()
+        .is_some_and(|b| *b == b'/' || b.is_ascii_whitespace())
+    {
+        hints::leading_hint(sql)
+    } else {
+        None
+    }
+}
+
+fn protocol_violation(error: ProtocolError) -> ProxyError {
+    ProxyError::fatal("08P01", format!("protocol violation: {error}"))
+}
+
+fn unknown_statement(name: &str) -> ProxyError {
+    ProxyError::error(
+        "26000",
+        format!("prepared statement \"{name}\" does not exist"),
+    )
+}

@@ -1,0 +1,456 @@
+//! From a fresh TCP connection to an authenticated client: TLS negotiation,
+//! the startup packet, authentication (pgwire's mechanisms), ParameterStatus
+//! mirrored from a real backend, and shardgate's own BackendKeyData.
+//!
+//! No backend connection is used before the client has authenticated.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures::{SinkExt, StreamExt};
+use pgwire::api::auth::md5pass::Md5PasswordAuth;
+use pgwire::api::auth::mechanism::AuthMechanismFactory;
+use pgwire::api::auth::sasl::scram::ScramAuth;
+use pgwire::api::auth::sasl::SaslMechanisms;
+use pgwire::api::auth::{AuthDriver, AuthOutcome, ServerParameterProvider};
+use pgwire::api::{ClientInfo, PgWireConnectionState, PidSecretKeyGenerator};
+use pgwire::messages::startup::{NegotiateProtocolVersion, SecretKey, Startup};
+use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
+use pgwire::tokio::server::{negotiate_tls, MaybeTls, PgWireMessageServerCodec};
+use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
+
+use super::auth::{Md5Source, ScramSource};
+use crate::config::AuthMethod;
+use crate::protocol::synth::ProxyError;
+use crate::server::Shared;
+
+type StartupSocket = Framed<MaybeTls, PgWireMessageServerCodec<()>>;
+
+/// A client that completed startup and authentication.
+pub struct ClientStartup {
+    pub io: MaybeTls,
+    /// Bytes the client sent after authentication that were already read.
+    pub read_buf: BytesMut,
+    pub user: String,
+    pub database: String,
+    /// Settings the client asked for at startup (application_name,
+    /// client_encoding, `options=-c …`), applied like `SET`s.
+    pub settings: Vec<(String, String)>,
+    /// shardgate's BackendKeyData for this client.
+    pub key: (i32, i32),
+}
+
+pub enum Accepted {
+    Client(Box<ClientStartup>),
+    /// The connection carried a CancelRequest, which was handled.
+    Cancel {
+        pid: i32,
+        secret: i32,
+    },
+    /// The client went away or was refused; nothing more to do.
+    Closed,
+}
+
+/// How long a client may take from connect to authenticated.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Issues shardgate's own (pid, secret) pairs: pids count up, secrets are random.
+pub struct KeyGenerator {
+    next_pid: AtomicI32,
+}
+
+impl Default for KeyGenerator {
+    fn default() -> Self {
+        KeyGenerator {
+            next_pid: AtomicI32::new(1_000_000 + (rand::random::<u16>() as i32)),
+        }
+    }
+}
+
+impl PidSecretKeyGenerator for KeyGenerator {
+    fn generate(&self, _client: &dyn ClientInfo) -> (i32, SecretKey) {
+        let pid = self.next_pid.fetch_add(1, Ordering::Relaxed) & 0x7fff_ffff;
+        (pid, SecretKey::I32(rand::random::<i32>()))
+    }
+}
+
+/// ParameterStatus values sent to the client: a real backend's, with the
+/// client's own startup settings on top (as Postgres would report them).
+struct MirroredParameters(HashMap<String, String>);
+
+impl ServerParameterProvider for MirroredParameters {
+    fn server_parameters<C>(&self, _client: &C) -> Option<HashMap<String, String>>
+    where
+        C: ClientInfo + ?Sized,
+    {
+        Some(self.0.clone())
+    }
+}
+
+pub async fn accept(shared: &Arc<Shared>, tcp: TcpStream) -> Accepted {
+    match tokio::time::timeout(STARTUP_TIMEOUT, handshake(shared, tcp)).await {
+        Ok(accepted) => accepted,
+        Err(_) => Accepted::Closed,
+    }
+}
+
+async fn handshake(shared: &Arc<Shared>, tcp: TcpStream) -> Accepted {
+    let socket = match negotiate_tls::<()>(tcp, shared.tls.clone()).await {
+        Ok(Some(socket)) => socket,
+        // Direct TLS without a configured certificate, or an I/O error.
+        Ok(None) | Err(_) => return Accepted::Closed,
+    };
+    let mut socket = socket;
+    let mut login: Option<(String, String, Vec<(String, String)>)> = None;
+    loop {
+        let message = match socket.next().await {
+            Some(Ok(message)) => message,
+            Some(Err(error)) => {
+                let text = format!("invalid startup packet: {error}");
+                refuse(&mut socket, ProxyError::fatal("08P01", text)).await;
+                return Accepted::Closed;
+            }
+            None => return Accepted::Closed,
+        };
+        match message {
+            PgWireFrontendMessage::CancelRequest(cancel) => {
+                let secret = match cancel.secret_key {
+                    SecretKey::I32(secret) => secret,
+                    SecretKey::Bytes(_) => return Accepted::Closed,
+                };
+                return Accepted::Cancel {
+                    pid: cancel.pid,
+                    secret,
+                };
+            }
+            PgWireFrontendMessage::Startup(startup) => {
+                let (user, database, settings) = match check_startup(shared, &startup) {
+                    Ok(found) => found,
+                    Err(error) => {
+                        refuse(&mut socket, error).await;
+                        return Accepted::Closed;
+                    }
+                };
+                if let Err(error) = negotiate_version(&mut socket, &startup).await {
+                    refuse(&mut socket, error).await;
+                    return Accepted::Closed;
+                }
+                pgwire::api::auth::save_startup_parameters_to_metadata(&mut socket, &startup);
+                login = Some((user, database, settings));
+                let mechanism = match shared.users.method {
+                    AuthMethod::Trust => None,
+                    AuthMethod::Md5 => Some(
+                        Md5PasswordAuth::new(Arc::new(Md5Source(shared.users.clone()))).create(),
+                    ),
+                    AuthMethod::ScramSha256 => {
+                        let scram = ScramAuth::new(Arc::new(ScramSource(shared.users.clone())));
+                        Some(SaslMechanisms::new(vec![Arc::new(scram)]).create())
+                    }
+                };
+                let Some(mechanism) = mechanism else {
+                    return finish(shared, socket, login, None).await;
+                };
+                let driver = AuthDriver::<_, ()>::new(MirroredParameters(HashMap::new()));
+                match driver.begin_authentication(&mut socket, mechanism).await {
+                    Ok(AuthOutcome::InProgress) => {}
+                    Ok(AuthOutcome::Authenticated { final_message, .. }) => {
+                        return finish(shared, socket, login, final_message).await;
+                    }
+                    Err(_) => {
+                        auth_failed(&mut socket, login.as_ref()).await;
+                        return Accepted::Closed;
+                    }
+                }
+            }
+            PgWireFrontendMessage::PasswordMessageFamily(message) if login.is_some() => {
+                let driver = AuthDriver::<_, ()>::new(MirroredParameters(HashMap::new()));
+                match driver.advance_authentication(&mut socket, message).await {
+                    Ok(AuthOutcome::InProgress) => {}
+                    Ok(AuthOutcome::Authenticated { final_message, .. }) => {
+                        return finish(shared, socket, login, final_message).await;
+                    }
+                    Err(_) => {
+                        auth_failed(&mut socket, login.as_ref()).await;
+                        return Accepted::Closed;
+                    }
+                }
+            }
+            PgWireFrontendMessage::SslNegotiation(_) => {
+                // A second SSLRequest/GSSENCRequest after negotiation: refuse like Postgres.
+                let error =
+                    ProxyError::fatal("08P01", "unexpected encryption request after negotiation");
+                refuse(&mut socket, error).await;
+                return Accepted::Closed;
+            }
+            _ => {
+                let error = ProxyError::fatal("08P01", "expected a startup or password message");
+                refuse(&mut socket, error).await;
+                return Accepted::Closed;
+            }
+        }
+    }
+}
+
+/// Validates user, database and options of the startup packet.
+fn check_startup(
+    shared: &Shared,
+    startup: &Startup,
+) -> Result<(String, String, Vec<(String, String)>), ProxyError> {
+    if startup.protocol_number_major != 3 {
+        return Err(ProxyError::fatal(
+            "0A000",
+            format!(
+                "unsupported frontend protocol {}.{}: server supports 3.0",
+                startup.protocol_number_major, startup.protocol_number_minor
+            ),
+        ));
+    }
+    let params = &startup.parameters;
+    let user = params
+        .get("user")
+        .filter(|u| !u.is_empty())
+        .ok_or_else(|| {
+            ProxyError::fatal(
+                "28000",
+                "no PostgreSQL user name specified in startup packet",
+            )
+        })?
+        .clone();
+    let database = params
+        .get("database")
+        .filter(|d| !d.is_empty())
+        .unwrap_or(&user)
+        .clone();
+    if params.contains_key("replication")
+        && params
+            .get("replication")
+            .is_some_and(|v| v != "false" && v != "0" && v != "off")
+    {
+        return Err(ProxyError::fatal(
+            "0A000",
+            "shardgate does not support replication connections",
+        ));
+    }
+    if !shared.users.exists(&user) {
+        return Err(ProxyError::fatal(
+            "28000",
+            format!("role \"{user}\" does not exist"),
+        ));
+    }
+    if database != shared.config.database {
+        return Err(
+            ProxyError::fatal("3D000", format!("database \"{database}\" does not exist"))
+                .with_hint(format!(
+                    "this shardgate serves database \"{}\"",
+                    shared.config.database
+                )),
+        );
+    }
+    let mut settings = Vec::new();
+    for (name, value) in params {
+        match name.as_str() {
+            "user" | "database" | "replication" => {}
+            "options" => settings.extend(parse_options(value)?),
+            name if name.starts_with("_pq_.") => {}
+            _ => settings.push((name.clone(), value.clone())),
+        }
+    }
+    Ok((user, database, settings))
+}
+
+/// `options` from the startup packet: `-c name=value` and `--name=value`.
+fn parse_options(options: &str) -> Result<Vec<(String, String)>, ProxyError> {
+    let mut settings = Vec::new();
+    let mut words = split_options(options).into_iter();
+    while let Some(word) = words.next() {
+        let assignment = if word == "-c" {
+            words.next()
+        } else if let Some(rest) = word.strip_prefix("-c") {
+            Some(rest.to_string())
+        } else {
+            word.strip_prefix("--").map(str::to_string)
+        };
+        let Some(assignment) = assignment else {
+            return Err(ProxyError::fatal(
+                "08P01",
+                format!("unsupported startup option `{word}`; use -c name=value"),
+            ));
+        };
+        let Some((name, value)) = assignment.split_once('=') else {
+            return Err(ProxyError::fatal(
+                "08P01",
+                format!("startup option `{assignment}` is not name=value"),
+            ));
+        };
+        settings.push((name.replace('-', "_"), value.to_string()));
+    }
+    Ok(settings)
+}
+
+/// Splits on unescaped spaces; `\ ` is a literal space (libpq's rule).
+fn split_options(options: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut current = String::new();
+    let mut chars = options.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                if let Some(next) = chars.next() {
+                    current.push(next);
+                }
+            }
+            c if c.is_whitespace() => {
+                if !current.is_empty() {
+                    words.push(std::mem::take(&mut current));
+                }
+            }
+            c => current.push(c),
+        }
+    }
+    if !current.is_empty() {
+        words.push(current);
+    }
+    words
+}
+
+/// Clients asking for 3.x with x > 0, or with `_pq_.` options, get
+/// NegotiateProtocolVersion and continue with 3.0 (what the shards speak).
+async fn negotiate_version(
+    socket: &mut StartupSocket,
+    startup: &Startup,
+) -> Result<(), ProxyError> {
+    let unsupported: Vec<String> = startup
+        .parameters
+        .keys()
+        .filter(|k| k.starts_with("_pq_."))
+        .cloned()
+        .collect();
+    if startup.protocol_number_minor > 0 || !unsupported.is_empty() {
+        let message = NegotiateProtocolVersion::new(0, unsupported);
+        socket
+            .send(PgWireBackendMessage::NegotiateProtocolVersion(message))
+            .await
+            .map_err(|e| ProxyError::fatal("08006", e.to_string()))?;
+    }
+    Ok(())
+}
+
+async fn finish(
+    shared: &Arc<Shared>,
+    mut socket: StartupSocket,
+    login: Option<(String, String, Vec<(String, String)>)>,
+    final_message: Option<pgwire::messages::startup::Authentication>,
+) -> Accepted {
+    let Some((user, database, settings)) = login else {
+        return Accepted::Closed;
+    };
+    let mut parameters = match shared.pools.any_server_parameters().await {
+        Ok(parameters) => parameters.into_iter().collect::<HashMap<String, String>>(),
+        Err(error) => {
+            refuse(
+                &mut socket,
+                ProxyError::fatal(error.sqlstate(), error.to_string()),
+            )
+            .await;
+            return Accepted::Closed;
+        }
+    };
+    for (name, value) in &settings {
+        if REPORTED_SETTINGS.contains(&name.as_str()) {
+            parameters.insert(reported_name(name), value.clone());
+        }
+    }
+    parameters.insert("session_authorization".to_string(), user.clone());
+    let driver = AuthDriver::<_, ()>::new(MirroredParameters(parameters))
+        .with_pid_secret_key_generator(shared.keys.clone());
+    if driver
+        .complete_authentication(&mut socket, final_message)
+        .await
+        .is_err()
+    {
+        return Accepted::Closed;
+    }
+    let (pid, secret) = match socket.pid_and_secret_key() {
+        (pid, SecretKey::I32(secret)) => (pid, secret),
+        _ => return Accepted::Closed,
+    };
+    socket.set_state(PgWireConnectionState::ReadyForQuery);
+    let parts = socket.into_parts();
+    Accepted::Client(Box::new(ClientStartup {
+        io: parts.io,
+        read_buf: parts.read_buf,
+        user,
+        database,
+        settings,
+        key: (pid, secret),
+    }))
+}
+
+/// Settings Postgres reports back with ParameterStatus (GUC_REPORT), by the
+/// lower-case name a client may use in the startup packet.
+const REPORTED_SETTINGS: &[&str] = &[
+    "application_name",
+    "client_encoding",
+    "datestyle",
+    "DateStyle",
+    "intervalstyle",
+    "IntervalStyle",
+    "timezone",
+    "TimeZone",
+    "standard_conforming_strings",
+    "default_transaction_read_only",
+];
+
+fn reported_name(name: &str) -> String {
+    match name.to_ascii_lowercase().as_str() {
+        "datestyle" => "DateStyle".to_string(),
+        "intervalstyle" => "IntervalStyle".to_string(),
+        "timezone" => "TimeZone".to_string(),
+        other => other.to_string(),
+    }
+}
+
+async fn auth_failed(
+    socket: &mut StartupSocket,
+    login: Option<&(String, String, Vec<(String, String)>)>,
+) {
+    let user = login.map(|l| l.0.as_str()).unwrap_or_default();
+    let error = ProxyError::fatal(
+        "28P01",
+        format!("password authentication failed for user \"{user}\""),
+    );
+    refuse(socket, error).await;
+}
+
+/// Sends a FATAL error and flushes; the caller then drops the connection.
+async fn refuse(socket: &mut StartupSocket, error: ProxyError) {
+    let mut buf = BytesMut::new();
+    error.encode(&mut buf);
+    let io = socket.get_mut();
+    let _ = tokio::io::AsyncWriteExt::write_all(io, &buf).await;
+    let _ = tokio::io::AsyncWriteExt::flush(io).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_are_parsed_like_libpq() {
+        let parsed =
+            parse_options("-c statement_timeout=5s --search-path=a\\ b -cwork_mem=4MB").unwrap();
+        assert_eq!(
+            parsed,
+            vec![
+                ("statement_timeout".to_string(), "5s".to_string()),
+                ("search_path".to_string(), "a b".to_string()),
+                ("work_mem".to_string(), "4MB".to_string())
+            ]
+        );
+        assert!(parse_options("-x").is_err());
+    }
+}

@@ -1,0 +1,277 @@
+//! Typed views of the messages the proxy must read, borrowed from the frame
+//! body (no copies), and writers for the ones it rewrites.
+
+use bytes::{BufMut, BytesMut};
+
+use super::ProtocolError;
+
+/// A cursor over a message body.
+pub struct Cursor<'a> {
+    tag: u8,
+    data: &'a [u8],
+}
+
+impl<'a> Cursor<'a> {
+    pub fn new(tag: u8, data: &'a [u8]) -> Self {
+        Cursor { tag, data }
+    }
+
+    fn malformed(&self, what: &'static str) -> ProtocolError {
+        ProtocolError::Malformed {
+            tag: self.tag,
+            what,
+        }
+    }
+
+    /// A NUL-terminated UTF-8 string.
+    pub fn cstr(&mut self) -> Result<&'a str, ProtocolError> {
+        let end = self
+            .data
+            .iter()
+            .position(|&b| b == 0)
+            .ok_or_else(|| self.malformed("missing string terminator"))?;
+        let text = std::str::from_utf8(&self.data[..end])
+            .map_err(|_| ProtocolError::Utf8 { tag: self.tag })?;
+        self.data = &self.data[end + 1..];
+        Ok(text)
+    }
+
+    pub fn u8(&mut self) -> Result<u8, ProtocolError> {
+        let (&first, rest) = self
+            .data
+            .split_first()
+            .ok_or_else(|| self.malformed("message too short"))?;
+        self.data = rest;
+        Ok(first)
+    }
+
+    pub fn i16(&mut self) -> Result<i16, ProtocolError> {
+        let bytes = self.bytes(2)?;
+        Ok(i16::from_be_bytes([bytes[0], bytes[1]]))
+    }
+
+    pub fn i32(&mut self) -> Result<i32, ProtocolError> {
+        let bytes = self.bytes(4)?;
+        Ok(i32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Result<&'a [u8], ProtocolError> {
+        if self.data.len() < n {
+            return Err(self.malformed("message too short"));
+        }
+        let (head, rest) = self.data.split_at(n);
+        self.data = rest;
+        Ok(head)
+    }
+
+    pub fn rest(&self) -> &'a [u8] {
+        self.data
+    }
+}
+
+/// `Query`: the SQL text.
+pub fn query_text(body: &[u8]) -> Result<&str, ProtocolError> {
+    Cursor::new(b'Q', body).cstr()
+}
+
+/// `Parse`: statement name, SQL text, and the raw parameter-type section.
+#[derive(Debug, Clone, Copy)]
+pub struct Parse<'a> {
+    pub name: &'a str,
+    pub query: &'a str,
+    /// Parameter count (i16) followed by the OIDs, exactly as sent.
+    pub param_types: &'a [u8],
+}
+
+impl<'a> Parse<'a> {
+    pub fn decode(body: &'a [u8]) -> Result<Parse<'a>, ProtocolError> {
+        let mut cursor = Cursor::new(b'P', body);
+        let name = cursor.cstr()?;
+        let query = cursor.cstr()?;
+        let param_types = cursor.rest();
+        let mut check = Cursor::new(b'P', param_types);
+        let count = check.i16()?;
+        if count < 0 || check.rest().len() != count as usize * 4 {
+            return Err(ProtocolError::Malformed {
+                tag: b'P',
+                what: "parameter type count does not match",
+            });
+        }
+        Ok(Parse {
+            name,
+            query,
+            param_types,
+        })
+    }
+
+    /// Writes a Parse with another statement name.
+    pub fn encode_as(&self, name: &str, out: &mut BytesMut) {
+        let len = 4 + name.len() + 1 + self.query.len() + 1 + self.param_types.len();
+        out.reserve(len + 1);
+        out.put_u8(b'P');
+        out.put_i32(len as i32);
+        put_cstr(out, name);
+        put_cstr(out, self.query);
+        out.put_slice(self.param_types);
+    }
+}
+
+/// `Bind`: portal and statement names; the rest (formats, values) stays raw.
+#[derive(Debug, Clone, Copy)]
+pub struct Bind<'a> {
+    pub portal: &'a str,
+    pub statement: &'a str,
+    pub rest: &'a [u8],
+}
+
+impl<'a> Bind<'a> {
+    pub fn decode(body: &'a [u8]) -> Result<Bind<'a>, ProtocolError> {
+        let mut cursor = Cursor::new(b'B', body);
+        let portal = cursor.cstr()?;
+        let statement = cursor.cstr()?;
+        Ok(Bind {
+            portal,
+            statement,
+            rest: cursor.rest(),
+        })
+    }
+
+    /// Writes the Bind with another statement name.
+    pub fn encode_as(&self, statement: &str, out: &mut BytesMut) {
+        let len = 4 + self.portal.len() + 1 + statement.len() + 1 + self.rest.len();
+        out.reserve(len + 1);
+        out.put_u8(b'B');
+        out.put_i32(len as i32);
+        put_cstr(out, self.portal);
+        put_cstr(out, statement);
+        out.put_slice(self.rest);
+    }
+}
+
+/// `Describe` and `Close`: `S` (statement) or `P` (portal) and a name.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    pub kind: u8,
+    pub name: &'a str,
+}
+
+impl<'a> Target<'a> {
+    pub fn decode(tag: u8, body: &'a [u8]) -> Result<Target<'a>, ProtocolError> {
+        let mut cursor = Cursor::new(tag, body);
+        let kind = cursor.u8()?;
+        if kind != b'S' && kind != b'P' {
+            return Err(ProtocolError::Malformed {
+                tag,
+                what: "target must be 'S' or 'P'",
+            });
+        }
+        let name = cursor.cstr()?;
+        Ok(Target { kind, name })
+    }
+
+    pub fn encode_as(&self, tag: u8, name: &str, out: &mut BytesMut) {
+        let len = 4 + 1 + name.len() + 1;
+        out.reserve(len + 1);
+        out.put_u8(tag);
+        out.put_i32(len as i32);
+        out.put_u8(self.kind);
+        put_cstr(out, name);
+    }
+}
+
+/// `ReadyForQuery` status: `I` idle, `T` in a transaction, `E` failed transaction.
+pub fn ready_status(body: &[u8]) -> Result<u8, ProtocolError> {
+    match body {
+        [status @ (b'I' | b'T' | b'E')] => Ok(*status),
+        _ => Err(ProtocolError::Malformed {
+            tag: b'Z',
+            what: "bad transaction status",
+        }),
+    }
+}
+
+/// The fields of an `ErrorResponse`/`NoticeResponse` that the proxy looks at.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ErrorFields<'a> {
+    pub severity: &'a str,
+    pub code: &'a str,
+    pub message: &'a str,
+}
+
+pub fn error_fields(body: &[u8]) -> ErrorFields<'_> {
+    let mut fields = ErrorFields::default();
+    let mut cursor = Cursor::new(b'E', body);
+    while let Ok(kind) = cursor.u8() {
+        if kind == 0 {
+            break;
+        }
+        let Ok(value) = cursor.cstr() else { break };
+        match kind {
+            b'V' => fields.severity = value,
+            b'S' if fields.severity.is_empty() => fields.severity = value,
+            b'C' => fields.code = value,
+            b'M' => fields.message = value,
+            _ => {}
+        }
+    }
+    fields
+}
+
+/// `CommandComplete` tag, e.g. `INSERT 0 1`, `COMMIT`.
+pub fn command_tag(body: &[u8]) -> &str {
+    Cursor::new(b'C', body).cstr().unwrap_or("")
+}
+
+/// `ParameterStatus`: name and value.
+pub fn parameter_status(body: &[u8]) -> Result<(&str, &str), ProtocolError> {
+    let mut cursor = Cursor::new(b'S', body);
+    Ok((cursor.cstr()?, cursor.cstr()?))
+}
+
+pub fn put_cstr(out: &mut BytesMut, text: &str) {
+    out.put_slice(text.as_bytes());
+    out.put_u8(0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_roundtrip_with_new_name() {
+        let mut buf = BytesMut::new();
+        let original = Parse {
+            name: "s1",
+            query: "select $1",
+            param_types: &[0, 1, 0, 0, 0, 23],
+        };
+        original.encode_as("sg_abc", &mut buf);
+        let (frame, len) = super::super::next_frame(&buf, 1 << 20).unwrap().unwrap();
+        assert_eq!(len, buf.len());
+        let decoded = Parse::decode(frame.body).unwrap();
+        assert_eq!(
+            (decoded.name, decoded.query, decoded.param_types),
+            ("sg_abc", "select $1", &[0u8, 1, 0, 0, 0, 23][..])
+        );
+    }
+
+    #[test]
+    fn malformed_messages_are_errors_not_panics() {
+        assert!(Parse::decode(b"name").is_err());
+        assert!(Parse::decode(b"n\0q\0\x00\x02\0\0\0\x17").is_err());
+        assert!(Bind::decode(b"\0").is_err());
+        assert!(Target::decode(b'D', b"X\0").is_err());
+        assert!(ready_status(b"").is_err());
+        assert_eq!(error_fields(b"Sxx").code, "");
+    }
+
+    #[test]
+    fn error_fields_read_code_and_message() {
+        let body = b"SERROR\0VERROR\0C42P01\0Mrelation \"x\" does not exist\0\0";
+        let fields = error_fields(body);
+        assert_eq!(
+            (fields.severity, fields.code, fields.message),
+            ("ERROR", "42P01", "relation \"x\" does not exist")
+        );
+    }
+}

@@ -1,0 +1,134 @@
+//! Messages shardgate writes itself (errors, ReadyForQuery, completions).
+//!
+//! Errors and notices go through pgwire's typed messages so every field is
+//! encoded the way clients expect; the tiny fixed-shape messages are written
+//! directly because they sit on the hot path.
+
+use bytes::{BufMut, BytesMut};
+use pgwire::error::ErrorInfo;
+use pgwire::messages::response::{ErrorResponse, NoticeResponse};
+use pgwire::messages::Message;
+
+use super::messages::put_cstr;
+
+/// An error or notice shardgate reports itself, with a SQLSTATE.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyError {
+    pub severity: &'static str,
+    pub code: &'static str,
+    pub message: String,
+    pub detail: Option<String>,
+    pub hint: Option<String>,
+}
+
+impl ProxyError {
+    pub fn error(code: &'static str, message: impl Into<String>) -> Self {
+        ProxyError {
+            severity: "ERROR",
+            code,
+            message: message.into(),
+            detail: None,
+            hint: None,
+        }
+    }
+
+    pub fn fatal(code: &'static str, message: impl Into<String>) -> Self {
+        ProxyError {
+            severity: "FATAL",
+            ..Self::error(code, message)
+        }
+    }
+
+    pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+
+    pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+
+    fn info(&self) -> ErrorInfo {
+        let mut info = ErrorInfo::new(
+            self.severity.to_string(),
+            self.code.to_string(),
+            self.message.clone(),
+        );
+        info.detail = self.detail.clone();
+        info.hint = self.hint.clone();
+        info
+    }
+
+    /// Appends this as an `ErrorResponse`.
+    pub fn encode(&self, out: &mut BytesMut) {
+        // Encoding into a BytesMut cannot fail for these messages.
+        let _ = ErrorResponse::from(self.info()).encode(out);
+    }
+
+    /// Appends this as a `NoticeResponse` (severity should be WARNING/NOTICE).
+    pub fn encode_notice(&self, out: &mut BytesMut) {
+        let _ = NoticeResponse::from(self.info()).encode(out);
+    }
+}
+
+impl std::fmt::Display for ProxyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.severity, self.code, self.message)
+    }
+}
+
+pub fn ready_for_query(out: &mut BytesMut, status: u8) {
+    out.put_slice(&[b'Z', 0, 0, 0, 5, status]);
+}
+
+pub fn parse_complete(out: &mut BytesMut) {
+    out.put_slice(&[b'1', 0, 0, 0, 4]);
+}
+
+pub fn close_complete(out: &mut BytesMut) {
+    out.put_slice(&[b'3', 0, 0, 0, 4]);
+}
+
+pub fn command_complete(out: &mut BytesMut, tag: &str) {
+    out.put_u8(b'C');
+    out.put_i32((4 + tag.len() + 1) as i32);
+    put_cstr(out, tag);
+}
+
+pub fn parameter_status(out: &mut BytesMut, name: &str, value: &str) {
+    out.put_u8(b'S');
+    out.put_i32((4 + name.len() + 1 + value.len() + 1) as i32);
+    put_cstr(out, name);
+    put_cstr(out, value);
+}
+
+/// A frontend `Query` message (used for statements the proxy itself sends).
+pub fn query(out: &mut BytesMut, sql: &str) {
+    out.put_u8(b'Q');
+    out.put_i32((4 + sql.len() + 1) as i32);
+    put_cstr(out, sql);
+}
+
+pub fn sync(out: &mut BytesMut) {
+    out.put_slice(&[b'S', 0, 0, 0, 4]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{messages, next_frame};
+
+    #[test]
+    fn error_response_carries_code_and_message() {
+        let mut out = BytesMut::new();
+        ProxyError::error("53300", "too many clients")
+            .with_hint("raise pool.size")
+            .encode(&mut out);
+        let (frame, len) = next_frame(&out, 1 << 20).unwrap().unwrap();
+        assert_eq!(len, out.len());
+        assert_eq!(frame.tag, b'E');
+        let fields = messages::error_fields(frame.body);
+        assert_eq!((fields.code, fields.message), ("53300", "too many clients"));
+    }
+}

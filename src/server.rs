@@ -1,0 +1,161 @@
+//! The running proxy: shared state, the listener, and an in-process handle
+//! (used by `shardgate serve` and by the tests).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::backend::{release, BackendError, Pools};
+use crate::config::Config;
+use crate::frontend::auth::{CredentialError, UserDirectory};
+use crate::frontend::cancel::{CancelRegistry, CancelSlot};
+use crate::frontend::session::Session;
+use crate::frontend::startup::{self, Accepted, KeyGenerator};
+use crate::frontend::tls;
+
+/// State every client task shares.
+pub struct Shared {
+    pub config: Arc<Config>,
+    pub pools: Pools,
+    pub users: UserDirectory,
+    pub tls: Option<pgwire::tokio::TlsAcceptor>,
+    pub keys: Arc<KeyGenerator>,
+    pub cancels: CancelRegistry,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {address}: {source}")]
+    Listen {
+        address: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Credentials(#[from] CredentialError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+}
+
+impl Pools {
+    /// ParameterStatus values of a live shard (cached after the first
+    /// connection); the first shard that answers wins.
+    pub async fn any_server_parameters(&self) -> Result<Vec<(String, String)>, BackendError> {
+        let mut last_error = None;
+        for pool in &self.shards {
+            if let Some(parameters) = pool.server_parameters() {
+                return Ok(parameters);
+            }
+            match pool.checkout().await {
+                Ok(conn) => {
+                    let parameters = conn.server_parameters().to_vec();
+                    release(conn).await;
+                    return Ok(parameters);
+                }
+                Err(error) => last_error = Some(error),
+            }
+        }
+        match last_error {
+            Some(error) => Err(error),
+            None => Ok(Vec::new()),
+        }
+    }
+}
+
+/// A proxy running in this process.
+pub struct RunningServer {
+    pub address: SocketAddr,
+    pub shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl RunningServer {
+    /// Stops accepting clients; existing sessions end when their clients leave.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// Binds `config.listen` (port 0 picks a free port) and serves clients.
+pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
+    let listener =
+        TcpListener::bind(&config.listen)
+            .await
+            .map_err(|source| ServerError::Listen {
+                address: config.listen.clone(),
+                source,
+            })?;
+    let address = listener
+        .local_addr()
+        .map_err(|source| ServerError::Listen {
+            address: config.listen.clone(),
+            source,
+        })?;
+    let tls = match &config.tls {
+        Some(tls_config) => Some(tls::acceptor(tls_config)?),
+        None => None,
+    };
+    let shared = Arc::new(Shared {
+        users: UserDirectory::from_config(&config)?,
+        pools: Pools::new(&config),
+        tls,
+        keys: Arc::new(KeyGenerator::default()),
+        cancels: CancelRegistry::default(),
+        config: Arc::new(config),
+    });
+    let (shutdown, mut stopped) = watch::channel(false);
+    let accept_shared = shared.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stopped.changed() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((socket, _)) => {
+                        let shared = accept_shared.clone();
+                        tokio::spawn(async move { serve_client(shared, socket).await });
+                    }
+                    Err(error) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                },
+            }
+        }
+    });
+    Ok(RunningServer {
+        address,
+        shared,
+        shutdown,
+        task,
+    })
+}
+
+async fn serve_client(shared: Arc<Shared>, socket: tokio::net::TcpStream) {
+    match startup::accept(&shared, socket).await {
+        Accepted::Client(client) => {
+            let slot = CancelSlot::default();
+            let (pid, secret) = client.key;
+            shared.cancels.register(pid, secret, slot.clone());
+            let session = Session::new(shared.clone(), *client, slot);
+            session.run().await;
+            shared.cancels.unregister(pid);
+        }
+        Accepted::Cancel { pid, secret } => {
+            if let Some((shard, backend_pid, backend_secret)) = shared.cancels.target(pid, secret) {
+                if let Some(shard) = shared.config.shards.get(shard) {
+                    if let Err(error) =
+                        crate::backend::send_cancel(shard, backend_pid, backend_secret).await
+                    {
+                        tracing::warn!(%error, shard = %shard.name, "forwarding a cancel request failed");
+                    }
+                }
+            }
+        }
+        Accepted::Closed => {}
+    }
+}
