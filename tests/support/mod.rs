@@ -56,3 +56,57 @@ pub async fn connect(cluster: &DevCluster, db: &str) -> tokio_postgres::Client {
     });
     client
 }
+
+/// A shard map for `database` on the shared fleet (every cluster a shard,
+/// named s0, s1, …), listening on a free port. `extra` is appended verbatim
+/// (functions, tables, pool, users/auth…).
+pub fn shard_map(database: &str, extra: &str) -> String {
+    let mut map = String::from("listen: 127.0.0.1:0\n");
+    if !extra.contains("auth:") {
+        map.push_str("auth: trust\nusers: [ { name: app } ]\n");
+    }
+    map.push_str("shards:\n");
+    for (i, cluster) in fleet().clusters.iter().enumerate() {
+        map.push_str(&format!(
+            "  - {{ name: s{i}, url: \"{}\" }}\n",
+            cluster.url(database)
+        ));
+    }
+    map.push_str(extra);
+    map
+}
+
+/// Starts shardgate in this process with the given map text.
+pub async fn start_proxy(map: &str) -> shardgate::server::RunningServer {
+    let config =
+        shardgate::config::Config::parse(std::path::Path::new("test-map.yaml"), map, &|_| None)
+            .unwrap_or_else(|e| panic!("test shard map is invalid:\n{e}\n---\n{map}"));
+    shardgate::server::start(config)
+        .await
+        .unwrap_or_else(|e| panic!("shardgate did not start: {e}"))
+}
+
+/// A tokio-postgres client connected through the proxy as `user`.
+pub async fn connect_proxy(
+    server: &shardgate::server::RunningServer,
+    user: &str,
+    password: Option<&str>,
+) -> tokio_postgres::Client {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(server.address.port())
+        .user(user)
+        .dbname(&server.shared.config.database);
+    if let Some(password) = password {
+        config.password(password);
+    }
+    let (client, connection) = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connecting through shardgate: {e}"));
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+}
