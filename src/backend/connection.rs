@@ -628,7 +628,6 @@ impl BackendConnection {
         healthy
     }
 
-    /// Shardgate-owned prepared statements that exist on this backend.
     /// Which session settings this connection has (see `frontend::settings`).
     pub fn settings_signature(&self) -> u64 {
         self.settings_signature
@@ -638,6 +637,7 @@ impl BackendConnection {
         self.settings_signature = signature;
     }
 
+    /// Shardgate-owned prepared statements that exist on this backend.
     pub fn prepared(&mut self) -> &mut PreparedCache {
         &mut self.prepared
     }
