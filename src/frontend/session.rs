@@ -65,6 +65,11 @@ pub struct Session {
     batch_status_before: u8,
     cancel: CancelSlot,
     mode: PoolMode,
+    /// The client did something that lives on its backend beyond the
+    /// transaction (LISTEN, temp table, SQL PREPARE, WITH HOLD cursor,
+    /// session advisory lock, set_config, SESSION AUTHORIZATION): the backend
+    /// stays with this client, and is closed rather than reused afterwards.
+    tainted: bool,
     key: (i32, i32),
 }
 
@@ -94,6 +99,7 @@ impl Session {
             batch_status_before: b'I',
             cancel,
             mode,
+            tainted: false,
             key: startup.key,
         }
     }
@@ -192,6 +198,7 @@ impl Session {
                 }
                 let hint = route_hint(sql);
                 let sql_owned_needed = self.settings_track(sql);
+                self.tainted |= taints_session(sql);
                 if !self.attach_for(hint, false).await {
                     return Ok(true);
                 }
@@ -203,6 +210,7 @@ impl Session {
             tag::PARSE => {
                 let parse = Parse::decode(body).map_err(protocol_violation)?;
                 let hint = route_hint(parse.query);
+                self.tainted |= taints_session(parse.query);
                 if !self.attach_for(hint, true).await {
                     return Ok(true);
                 }
@@ -430,6 +438,9 @@ impl Session {
 
     async fn detach_on_exit(&mut self) {
         if let Some(attached) = self.backend.as_mut() {
+            if self.tainted {
+                attached.conn.mark_broken();
+            }
             if !self.queue.is_empty() {
                 // A query was still running: cancel it and do not reuse the connection.
                 let (pid, secret) = attached.conn.cancel_key();
@@ -608,7 +619,17 @@ impl Session {
         self.batch_ended = None;
         self.batch_status_before = status;
         self.status = status;
-        if status == b'I' && self.queue.is_empty() && self.mode == PoolMode::Transaction {
+        if let Some(attached) = self.backend.as_mut() {
+            // The backend now has exactly the session's committed settings.
+            attached
+                .conn
+                .set_settings_signature(self.settings.signature());
+        }
+        if status == b'I'
+            && self.queue.is_empty()
+            && self.mode == PoolMode::Transaction
+            && !self.tainted
+        {
             self.detach().await;
         }
     }
@@ -705,6 +726,25 @@ fn route_hint(sql: &str) -> Option<Hint<'_>> {
     } else {
         None
     }
+}
+
+/// Statements whose effect outlives the transaction on the backend they ran
+/// on. A false positive only costs a pinned, then closed, backend.
+fn taints_session(sql: &str) -> bool {
+    const PATTERNS: [&[u8]; 8] = [
+        b"listen",
+        b"temp",
+        b"prepare",
+        b"with hold",
+        b"advisory_lock",
+        b"set_config",
+        b"authorization",
+        b"dblink",
+    ];
+    let bytes = sql.as_bytes();
+    PATTERNS
+        .iter()
+        .any(|p| bytes.windows(p.len()).any(|w| w.eq_ignore_ascii_case(p)))
 }
 
 fn protocol_violation(error: ProtocolError) -> ProxyError {

@@ -118,8 +118,13 @@ async fn handshake(shared: &Arc<Shared>, tcp: TcpStream) -> Accepted {
         };
         match message {
             PgWireFrontendMessage::CancelRequest(cancel) => {
+                // Without a startup packet pgwire cannot know the protocol
+                // version and may hand the 4-byte key over as bytes.
                 let secret = match cancel.secret_key {
                     SecretKey::I32(secret) => secret,
+                    SecretKey::Bytes(bytes) if bytes.len() == 4 => {
+                        i32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
+                    }
                     SecretKey::Bytes(_) => return Accepted::Closed,
                 };
                 return Accepted::Cancel {

@@ -5,7 +5,6 @@
 //! directly because they sit on the hot path.
 
 use bytes::{BufMut, BytesMut};
-use pgwire::error::ErrorInfo;
 use pgwire::messages::response::{ErrorResponse, NoticeResponse};
 use pgwire::messages::Message;
 
@@ -49,26 +48,32 @@ impl ProxyError {
         self
     }
 
-    fn info(&self) -> ErrorInfo {
-        let mut info = ErrorInfo::new(
-            self.severity.to_string(),
-            self.code.to_string(),
-            self.message.clone(),
-        );
-        info.detail = self.detail.clone();
-        info.hint = self.hint.clone();
-        info
+    /// The fields in Postgres' order: S, V (non-localised severity), C, M, D, H.
+    fn fields(&self) -> Vec<(u8, String)> {
+        let mut fields = vec![
+            (b'S', self.severity.to_string()),
+            (b'V', self.severity.to_string()),
+            (b'C', self.code.to_string()),
+            (b'M', self.message.clone()),
+        ];
+        if let Some(detail) = &self.detail {
+            fields.push((b'D', detail.clone()));
+        }
+        if let Some(hint) = &self.hint {
+            fields.push((b'H', hint.clone()));
+        }
+        fields
     }
 
     /// Appends this as an `ErrorResponse`.
     pub fn encode(&self, out: &mut BytesMut) {
         // Encoding into a BytesMut cannot fail for these messages.
-        let _ = ErrorResponse::from(self.info()).encode(out);
+        let _ = ErrorResponse::new(self.fields()).encode(out);
     }
 
     /// Appends this as a `NoticeResponse` (severity should be WARNING/NOTICE).
     pub fn encode_notice(&self, out: &mut BytesMut) {
-        let _ = NoticeResponse::from(self.info()).encode(out);
+        let _ = NoticeResponse::new(self.fields()).encode(out);
     }
 }
 

@@ -8,6 +8,8 @@ use std::sync::OnceLock;
 
 use shardgate::devcluster::{DevCluster, DevFleet};
 
+pub mod wire;
+
 /// Number of clusters (shards) in the shared fleet.
 pub const FLEET_SIZE: usize = 3;
 
