@@ -1,0 +1,661 @@
+//! Prometheus metrics (ARCHITECTURE §3 "Metrics") and the HTTP endpoint that
+//! exposes them.
+//!
+//! Design choices, and why:
+//!
+//! * **Own registry.** Every [`Metrics`] owns a [`Registry`] instead of using
+//!   the process-global default one, so several proxies can run in one
+//!   process (the integration tests start many) without their series
+//!   colliding or being registered twice.
+//! * **Pre-resolved handles.** Recording a query happens for every statement
+//!   the proxy forwards. Looking a child up in a `*Vec` by label values hashes
+//!   the strings and takes a lock each time, so [`Metrics::new`] resolves every
+//!   `{shard,route}` child once and keeps them in plain `Vec`s indexed by shard
+//!   index and [`Route`]. The hot-path methods are then an index plus an
+//!   atomic add, with no allocation (checked by a unit test with a counting
+//!   allocator).
+//! * **Gauges are refreshed at scrape time.** Pool occupancy and backend
+//!   health change constantly and are cheap to read, so instead of updating
+//!   them on every checkout, [`http::serve`] calls a `refresh` callback before
+//!   rendering; [`Metrics::record_pools`] is a ready-made body for it.
+
+pub mod http;
+
+use std::time::Duration;
+
+use prometheus::core::Collector;
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::backend::{BackendError, ShardPool};
+
+pub use http::serve;
+
+/// Latency buckets from 50µs to 10s in 1-2.5-5 steps: a pooled round trip to
+/// a local shard takes tens of microseconds, while a fan-out report or a
+/// checkout waiting for an exhausted pool takes seconds.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+];
+
+/// Number of shards a fan-out touched: powers of two up to 256.
+const FANOUT_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+
+/// How a statement was routed; the `route` label of the query series.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Route {
+    /// Exactly one shard (sharding key or hint).
+    Single,
+    /// Several shards chosen by the router, results merged.
+    Fanout,
+    /// Every shard (DDL, writes to replicated tables).
+    Broadcast,
+}
+
+impl Route {
+    /// All routes, in label-index order.
+    pub const ALL: [Route; 3] = [Route::Single, Route::Fanout, Route::Broadcast];
+
+    /// The `route` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Route::Single => "single",
+            Route::Fanout => "fanout",
+            Route::Broadcast => "broadcast",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Outcome of a two-phase commit; the `outcome` label of
+/// `shardgate_twophase_total`. A closed set keeps the series bounded and
+/// lets every outcome be exported as 0 before it first happens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TwoPhaseOutcome {
+    /// Every shard committed its prepared transaction.
+    Committed,
+    /// A shard failed to prepare; all prepared parts were rolled back.
+    Aborted,
+    /// All shards prepared but a COMMIT PREPARED failed: left for recovery.
+    InDoubt,
+}
+
+impl TwoPhaseOutcome {
+    /// All outcomes, in label-index order.
+    pub const ALL: [TwoPhaseOutcome; 3] = [
+        TwoPhaseOutcome::Committed,
+        TwoPhaseOutcome::Aborted,
+        TwoPhaseOutcome::InDoubt,
+    ];
+
+    /// The `outcome` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TwoPhaseOutcome::Committed => "committed",
+            TwoPhaseOutcome::Aborted => "aborted",
+            TwoPhaseOutcome::InDoubt => "in_doubt",
+        }
+    }
+}
+
+/// Result of a shard-map reload; the `result` label of
+/// `shardgate_config_reloads_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ReloadResult {
+    /// The new map was validated and is in use.
+    Success,
+    /// The new map was rejected; the old one stays in use.
+    Failure,
+}
+
+impl ReloadResult {
+    /// All results, in label-index order.
+    pub const ALL: [ReloadResult; 2] = [ReloadResult::Success, ReloadResult::Failure];
+
+    /// The `result` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReloadResult::Success => "success",
+            ReloadResult::Failure => "failure",
+        }
+    }
+}
+
+/// Handles of one shard, labelled once at construction.
+#[derive(Debug)]
+struct ShardSeries {
+    name: String,
+    /// `queries_total{shard, route}`, indexed by [`Route::index`].
+    queries: [IntCounter; 3],
+    /// `pool_connections{shard, state="active"}`.
+    pool_active: IntGauge,
+    /// `pool_connections{shard, state="idle"}`.
+    pool_idle: IntGauge,
+    /// `backend_up{shard}`.
+    up: IntGauge,
+}
+
+/// All shardgate series plus the registry they live in.
+///
+/// `Send + Sync`; share it as `Arc<Metrics>` (what [`Metrics::new`] returns).
+/// Shard arguments are indexes into the shard map, as used by
+/// [`crate::backend::Pools`]; an index out of range is ignored rather than
+/// panicking, so a metrics bug can never take a session down.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    shards: Vec<ShardSeries>,
+    /// `query_duration_seconds{route}`, indexed by [`Route::index`].
+    durations: [Histogram; 3],
+    errors: IntCounterVec,
+    client_connections: IntGauge,
+    pool_wait: Histogram,
+    fanout_shards: Histogram,
+    /// `twophase_total{outcome}`, indexed like [`TwoPhaseOutcome::ALL`].
+    twophase: [IntCounter; 3],
+    /// `config_reloads_total{result}`, indexed like [`ReloadResult::ALL`].
+    config_reloads: [IntCounter; 2],
+}
+
+/// Registers a collector whose definition is fixed in this file. Failing
+/// here means a duplicate or malformed metric name in the source, a bug no
+/// input can trigger (covered by the unit tests), hence the panic.
+fn register<C: Collector + Clone + 'static>(registry: &Registry, collector: C) -> C {
+    if let Err(error) = registry.register(Box::new(collector.clone())) {
+        panic!("shardgate metrics are defined inconsistently: {error}");
+    }
+    collector
+}
+
+/// Same reasoning as [`register`]: constructor errors only come from the
+/// static definitions below.
+fn defined<T>(result: prometheus::Result<T>) -> T {
+    match result {
+        Ok(value) => value,
+        Err(error) => panic!("shardgate metrics are defined inconsistently: {error}"),
+    }
+}
+
+fn histogram(name: &str, help: &str, buckets: &[f64]) -> Histogram {
+    defined(Histogram::with_opts(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+    ))
+}
+
+fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    defined(IntCounterVec::new(Opts::new(name, help), labels))
+}
+
+fn gauge_vec(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    defined(IntGaugeVec::new(Opts::new(name, help), labels))
+}
+
+/// `sqlstate_class` label: the first two characters of a SQLSTATE. Anything
+/// that is not two ASCII letters/digits becomes `XX` (internal error), which
+/// keeps the label set bounded (36² classes) whatever a server sends.
+fn sqlstate_class(sqlstate: &str) -> [u8; 2] {
+    match sqlstate.as_bytes() {
+        [a, b, ..] if a.is_ascii_alphanumeric() && b.is_ascii_alphanumeric() => {
+            [a.to_ascii_uppercase(), b.to_ascii_uppercase()]
+        }
+        _ => *b"XX",
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every series, pre-labelling the per-shard ones
+    /// for `shard_names` (in shard-map order; index = shard index).
+    pub fn new<S: AsRef<str>>(shard_names: &[S]) -> std::sync::Arc<Metrics> {
+        let registry = Registry::new();
+
+        let queries = register(
+            &registry,
+            counter_vec(
+                "shardgate_queries_total",
+                "Statements forwarded, per shard and routing kind (single|fanout|broadcast).",
+                &["shard", "route"],
+            ),
+        );
+        let durations = register(
+            &registry,
+            defined(HistogramVec::new(
+                HistogramOpts::new(
+                    "shardgate_query_duration_seconds",
+                    "Time from receiving a statement to its last response, per routing kind.",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["route"],
+            )),
+        );
+        let errors = register(
+            &registry,
+            counter_vec(
+                "shardgate_errors_total",
+                "Errors sent to clients, per shard (empty for proxy-level errors) and SQLSTATE class.",
+                &["shard", "sqlstate_class"],
+            ),
+        );
+        let client_connections = register(
+            &registry,
+            defined(IntGauge::new(
+                "shardgate_client_connections",
+                "Client connections currently open.",
+            )),
+        );
+        let pool = register(
+            &registry,
+            gauge_vec(
+                "shardgate_pool_connections",
+                "Backend connections per shard and state (idle|active).",
+                &["shard", "state"],
+            ),
+        );
+        let pool_wait = register(
+            &registry,
+            histogram(
+                "shardgate_pool_wait_seconds",
+                "Time spent waiting to check a backend connection out of a pool.",
+                LATENCY_BUCKETS,
+            ),
+        );
+        let up = register(
+            &registry,
+            gauge_vec(
+                "shardgate_backend_up",
+                "1 if the shard accepted connections at the last check, else 0.",
+                &["shard"],
+            ),
+        );
+        let fanout_shards = register(
+            &registry,
+            histogram(
+                "shardgate_fanout_shards",
+                "Number of shards a multi-shard statement was sent to.",
+                FANOUT_BUCKETS,
+            ),
+        );
+        let twophase = register(
+            &registry,
+            counter_vec(
+                "shardgate_twophase_total",
+                "Two-phase commits, per outcome.",
+                &["outcome"],
+            ),
+        );
+        let config_reloads = register(
+            &registry,
+            counter_vec(
+                "shardgate_config_reloads_total",
+                "Shard map reloads, per result.",
+                &["result"],
+            ),
+        );
+
+        let shards = shard_names
+            .iter()
+            .map(|name| {
+                let name = name.as_ref();
+                ShardSeries {
+                    name: name.to_owned(),
+                    queries: Route::ALL
+                        .map(|route| queries.with_label_values(&[name, route.as_str()])),
+                    pool_active: pool.with_label_values(&[name, "active"]),
+                    pool_idle: pool.with_label_values(&[name, "idle"]),
+                    up: up.with_label_values(&[name]),
+                }
+            })
+            .collect();
+
+        std::sync::Arc::new(Metrics {
+            registry,
+            shards,
+            durations: Route::ALL.map(|route| durations.with_label_values(&[route.as_str()])),
+            errors,
+            client_connections,
+            pool_wait,
+            fanout_shards,
+            twophase: TwoPhaseOutcome::ALL.map(|o| twophase.with_label_values(&[o.as_str()])),
+            config_reloads: ReloadResult::ALL
+                .map(|r| config_reloads.with_label_values(&[r.as_str()])),
+        })
+    }
+
+    /// The registry behind [`Metrics::render`], for series added elsewhere
+    /// (e.g. `shardgate_migration_revision`).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Index of the shard called `name`, for callers that only have a name
+    /// (error values). Linear: shard maps are small and this is off the hot path.
+    pub fn shard_index(&self, name: &str) -> Option<usize> {
+        self.shards.iter().position(|s| s.name == name)
+    }
+
+    /// A statement sent to one shard finished. Hot path: no allocation, no
+    /// hashing, no lock.
+    pub fn query_done(&self, shard: usize, route: Route, elapsed: Duration) {
+        if let Some(series) = self.shards.get(shard) {
+            series.queries[route.index()].inc();
+        }
+        self.durations[route.index()].observe(elapsed.as_secs_f64());
+    }
+
+    /// A statement sent to several shards finished: counts it once per shard,
+    /// observes its duration once and records the fan-out width. No
+    /// allocation.
+    pub fn multi_query_done(&self, shards: &[usize], route: Route, elapsed: Duration) {
+        for &shard in shards {
+            if let Some(series) = self.shards.get(shard) {
+                series.queries[route.index()].inc();
+            }
+        }
+        self.durations[route.index()].observe(elapsed.as_secs_f64());
+        self.fanout_shards.observe(shards.len() as f64);
+    }
+
+    /// An error was sent to a client. `shard` is `None` for proxy-level
+    /// errors (routing, auth, syntax). Not on the hot path, so the child is
+    /// looked up by label values (bounded: classes are two `[0-9A-Z]` chars).
+    pub fn error(&self, shard: Option<usize>, sqlstate: &str) {
+        let shard = shard
+            .and_then(|index| self.shards.get(index))
+            .map_or("", |series| series.name.as_str());
+        let class = sqlstate_class(sqlstate);
+        // Both bytes are ASCII alphanumerics, so this cannot fail.
+        let class = std::str::from_utf8(&class).unwrap_or("XX");
+        match self.errors.get_metric_with_label_values(&[shard, class]) {
+            Ok(counter) => counter.inc(),
+            Err(error) => tracing::warn!(%error, "cannot record error metric"),
+        }
+    }
+
+    /// [`Metrics::error`] for a backend error, labelled with its shard.
+    pub fn backend_error(&self, error: &BackendError) {
+        self.error(self.shard_index(error.shard()), error.sqlstate());
+    }
+
+    /// A client connected; the gauge goes down again when the returned guard
+    /// is dropped, so every exit path of a session is covered.
+    #[must_use = "the connection counts as open only while the guard lives"]
+    pub fn client_connected(&self) -> ClientConnection {
+        self.client_connections.inc();
+        ClientConnection {
+            gauge: self.client_connections.clone(),
+        }
+    }
+
+    /// Time a checkout waited for a pooled connection.
+    pub fn pool_wait(&self, elapsed: Duration) {
+        self.pool_wait.observe(elapsed.as_secs_f64());
+    }
+
+    /// Whether `shard` accepts connections.
+    pub fn set_backend_up(&self, shard: usize, up: bool) {
+        if let Some(series) = self.shards.get(shard) {
+            series.up.set(i64::from(up));
+        }
+    }
+
+    /// Current pool occupancy of `shard`.
+    pub fn set_pool_state(&self, shard: usize, active: u32, idle: u32) {
+        if let Some(series) = self.shards.get(shard) {
+            series.pool_active.set(i64::from(active));
+            series.pool_idle.set(i64::from(idle));
+        }
+    }
+
+    /// Copies the occupancy of every pool into `pool_connections`; meant for
+    /// the scrape-time `refresh` callback of [`serve`].
+    pub fn record_pools(&self, pools: &[ShardPool]) {
+        for pool in pools {
+            let (connections, idle) = pool.state();
+            self.set_pool_state(pool.index(), connections.saturating_sub(idle), idle);
+        }
+    }
+
+    /// Records how many shards a multi-shard statement touched (already done
+    /// by [`Metrics::multi_query_done`]).
+    pub fn fanout(&self, shards: usize) {
+        self.fanout_shards.observe(shards as f64);
+    }
+
+    /// Counts a finished two-phase commit.
+    pub fn twophase(&self, outcome: TwoPhaseOutcome) {
+        self.twophase[outcome as usize].inc();
+    }
+
+    /// Counts a shard-map reload attempt.
+    pub fn config_reload(&self, result: ReloadResult) {
+        self.config_reloads[result as usize].inc();
+    }
+
+    /// Everything in the text exposition format (version 0.0.4).
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if let Err(error) = TextEncoder::new().encode_utf8(&self.registry.gather(), &mut out) {
+            // Only possible with malformed families, which gather() does not
+            // produce; serve what was encoded rather than nothing.
+            tracing::warn!(%error, "encoding metrics failed");
+        }
+        out
+    }
+}
+
+/// Keeps `shardgate_client_connections` incremented while alive.
+#[derive(Debug)]
+pub struct ClientConnection {
+    gauge: IntGauge,
+}
+
+impl Drop for ClientConnection {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    /// Counts allocations made by the current thread while enabled, so tests
+    /// running in parallel on other threads do not disturb the count.
+    struct CountingAllocator;
+
+    thread_local! {
+        static COUNTING: Cell<bool> = const { Cell::new(false) };
+        static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+    }
+
+    fn note_allocation() {
+        let counting = COUNTING.try_with(Cell::get).unwrap_or(false);
+        if counting {
+            let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
+        }
+    }
+
+    // SAFETY: delegates every operation to `System`; only adds bookkeeping
+    // in const-initialised thread locals, which never allocate.
+    unsafe impl GlobalAlloc for CountingAllocator {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            note_allocation();
+            System.alloc(layout)
+        }
+        unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+            note_allocation();
+            System.alloc_zeroed(layout)
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            note_allocation();
+            System.realloc(ptr, layout, new_size)
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            System.dealloc(ptr, layout)
+        }
+    }
+
+    #[global_allocator]
+    static ALLOCATOR: CountingAllocator = CountingAllocator;
+
+    fn allocations_during(f: impl FnOnce()) -> u64 {
+        ALLOCATIONS.with(|n| n.set(0));
+        COUNTING.with(|c| c.set(true));
+        f();
+        COUNTING.with(|c| c.set(false));
+        ALLOCATIONS.with(Cell::get)
+    }
+
+    fn metrics() -> std::sync::Arc<Metrics> {
+        Metrics::new(&["s0".to_owned(), "s1".to_owned()])
+    }
+
+    #[test]
+    fn counting_allocator_sees_allocations() {
+        let n = allocations_during(|| drop(std::hint::black_box(vec![1u8; 16])));
+        assert!(n >= 1, "the allocation check would be vacuous");
+    }
+
+    #[test]
+    fn hot_path_does_not_allocate() {
+        let m = metrics();
+        // Warm up anything lazily initialised.
+        m.query_done(0, Route::Single, Duration::from_micros(80));
+        let n = allocations_during(|| {
+            for i in 0..10_000u64 {
+                let route = Route::ALL[(i % 3) as usize];
+                m.query_done((i % 2) as usize, route, Duration::from_micros(i));
+                m.multi_query_done(&[0, 1], Route::Fanout, Duration::from_micros(i));
+                m.pool_wait(Duration::from_nanos(i));
+                m.set_pool_state(1, 3, 2);
+                m.set_backend_up(0, true);
+                drop(m.client_connected());
+                m.twophase(TwoPhaseOutcome::Aborted);
+                m.config_reload(ReloadResult::Failure);
+            }
+            m.query_done(99, Route::Single, Duration::ZERO);
+        });
+        assert_eq!(n, 0, "recording allocated {n} times");
+        assert_eq!(m.shards[0].queries[0].get(), 1 + 1667);
+    }
+
+    #[test]
+    fn render_has_help_type_and_labels() {
+        let m = metrics();
+        for _ in 0..3 {
+            m.query_done(0, Route::Single, Duration::from_millis(2));
+        }
+        m.query_done(1, Route::Broadcast, Duration::from_secs(20));
+        m.error(Some(1), "23505");
+        m.error(None, "42601");
+        let text = m.render();
+        for line in [
+            "# HELP shardgate_queries_total ",
+            "# TYPE shardgate_queries_total counter",
+            "shardgate_queries_total{route=\"single\",shard=\"s0\"} 3",
+            "shardgate_queries_total{route=\"broadcast\",shard=\"s1\"} 1",
+            "shardgate_queries_total{route=\"fanout\",shard=\"s1\"} 0",
+            "# TYPE shardgate_query_duration_seconds histogram",
+            "shardgate_query_duration_seconds_bucket{route=\"single\",le=\"0.00005\"} 0",
+            "shardgate_query_duration_seconds_bucket{route=\"single\",le=\"0.0025\"} 3",
+            "shardgate_query_duration_seconds_bucket{route=\"broadcast\",le=\"10\"} 0",
+            "shardgate_query_duration_seconds_bucket{route=\"broadcast\",le=\"+Inf\"} 1",
+            "shardgate_query_duration_seconds_count{route=\"single\"} 3",
+            "# TYPE shardgate_errors_total counter",
+            "shardgate_errors_total{shard=\"s1\",sqlstate_class=\"23\"} 1",
+            "shardgate_errors_total{shard=\"\",sqlstate_class=\"42\"} 1",
+            "# TYPE shardgate_client_connections gauge",
+            "shardgate_client_connections 0",
+            "# TYPE shardgate_pool_connections gauge",
+            "shardgate_pool_connections{shard=\"s0\",state=\"idle\"} 0",
+            "shardgate_pool_connections{shard=\"s1\",state=\"active\"} 0",
+            "# TYPE shardgate_pool_wait_seconds histogram",
+            "shardgate_pool_wait_seconds_count 0",
+            "# TYPE shardgate_backend_up gauge",
+            "shardgate_backend_up{shard=\"s0\"} 0",
+            "# TYPE shardgate_fanout_shards histogram",
+            "# HELP shardgate_twophase_total ",
+            "# TYPE shardgate_twophase_total counter",
+            "shardgate_twophase_total{outcome=\"in_doubt\"} 0",
+            "# HELP shardgate_config_reloads_total ",
+            "# TYPE shardgate_config_reloads_total counter",
+            "shardgate_config_reloads_total{result=\"failure\"} 0",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn gauges_follow_updates() {
+        let m = metrics();
+        let a = m.client_connected();
+        let b = m.client_connected();
+        drop(a);
+        m.set_pool_state(1, 4, 6);
+        m.set_backend_up(1, true);
+        m.set_backend_up(0, false);
+        m.twophase(TwoPhaseOutcome::Committed);
+        m.config_reload(ReloadResult::Success);
+        m.fanout(2);
+        let text = m.render();
+        for line in [
+            "shardgate_client_connections 1",
+            "shardgate_pool_connections{shard=\"s1\",state=\"active\"} 4",
+            "shardgate_pool_connections{shard=\"s1\",state=\"idle\"} 6",
+            "shardgate_backend_up{shard=\"s1\"} 1",
+            "shardgate_backend_up{shard=\"s0\"} 0",
+            "shardgate_twophase_total{outcome=\"committed\"} 1",
+            "shardgate_config_reloads_total{result=\"success\"} 1",
+            "shardgate_fanout_shards_bucket{le=\"2\"} 1",
+            "shardgate_fanout_shards_count 1",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        drop(b);
+        assert!(m.render().contains("shardgate_client_connections 0"));
+    }
+
+    #[test]
+    fn sqlstate_classes_are_bounded() {
+        assert_eq!(&sqlstate_class("08006"), b"08");
+        assert_eq!(&sqlstate_class("p0001"), b"P0");
+        assert_eq!(&sqlstate_class(""), b"XX");
+        assert_eq!(&sqlstate_class("4"), b"XX");
+        assert_eq!(&sqlstate_class("é1234"), b"XX");
+        assert_eq!(&sqlstate_class("{\"}"), b"XX");
+        let m = metrics();
+        m.error(Some(7), "\u{0}\u{0}");
+        assert!(m
+            .render()
+            .contains("shardgate_errors_total{shard=\"\",sqlstate_class=\"XX\"} 1"));
+    }
+
+    #[test]
+    fn instances_are_independent() {
+        let a = metrics();
+        let b = metrics();
+        a.query_done(0, Route::Single, Duration::ZERO);
+        assert!(a
+            .render()
+            .contains("shardgate_queries_total{route=\"single\",shard=\"s0\"} 1"));
+        assert!(b
+            .render()
+            .contains("shardgate_queries_total{route=\"single\",shard=\"s0\"} 0"));
+        assert_eq!(a.shard_index("s1"), Some(1));
+        assert_eq!(a.shard_index("nope"), None);
+    }
+
+    #[test]
+    fn metrics_are_send_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Metrics>();
+        check::<ClientConnection>();
+    }
+}
