@@ -551,4 +551,21 @@ mod tests {
         assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n"), None);
         assert_eq!(head_end(b""), None);
     }
+
+    proptest::proptest! {
+        /// Arbitrary bytes never panic the parser, whatever they look like.
+        #[test]
+        fn parsing_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let _ = head_end(&bytes);
+            let _ = check_method_prefix(&bytes);
+            let _ = parse_head(&bytes);
+        }
+
+        /// HTTP-shaped input with arbitrary header bytes never panics either.
+        #[test]
+        fn parsing_http_shaped_input_never_panics(line in "[ -~\t\r\n\u{80}-\u{ff}]{0,200}") {
+            let head = format!("GET /metrics HTTP/1.1\r\n{line}\r\n\r\n");
+            let _ = parse_head(head.as_bytes());
+        }
+    }
 }
