@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 
+sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 from harness import DB, PG_USER, log  # noqa: E402
@@ -81,20 +82,30 @@ def proc_threads(pid):
     return 0
 
 
-def measure(name, proc, port, n, settle):
+def measure(name, proc, port, n, settle, cycles):
     time.sleep(0.5)
     before = harness.proc_rss_kb(proc.pid)
     ok, errors, elapsed, during, threads = asyncio.run(hold_idle(port, n, proc.pid, settle))
     time.sleep(2)
     after = harness.proc_rss_kb(proc.pid)
+    fds_after = len(os.listdir(f"/proc/{proc.pid}/fd"))
+    # Further cycles: does RSS keep growing (a leak) or is the memory reused (allocator)?
+    again = []
+    for _ in range(cycles - 1):
+        _, _, _, peak, _ = asyncio.run(hold_idle(port, n, proc.pid, settle))
+        time.sleep(2)
+        again.append((peak, harness.proc_rss_kb(proc.pid)))
+    for i, (peak, rest) in enumerate(again, 2):
+        log(f"{name}: cycle {i}: RSS {peak / 1024:.1f} MB with clients, {rest / 1024:.1f} MB after close")
     if errors:
         log(f"{name}: {len(errors)} of {n} clients failed, first: {errors[0]}")
     per_conn = (during - before) / ok if ok else float("nan")
     log(f"{name}: {ok}/{n} idle clients in {elapsed:.1f}s; RSS {before / 1024:.1f} MB before, "
-        f"{during / 1024:.1f} MB with them ({per_conn:.1f} KB/conn), {after / 1024:.1f} MB after close")
+        f"{during / 1024:.1f} MB with them ({per_conn:.1f} KB/conn), {after / 1024:.1f} MB after close "
+        f"({fds_after} open fds)")
     return dict(name=name, ok=ok, failed=len(errors), first_error=errors[0] if errors else "",
                 elapsed=elapsed, before=before, during=during, after=after, per_conn=per_conn,
-                threads=threads)
+                threads=threads, again=again, fds_after=fds_after)
 
 
 def main():
@@ -102,6 +113,8 @@ def main():
     p.add_argument("--clients", type=int, default=10000)
     p.add_argument("--pool", type=int, default=20)
     p.add_argument("--settle", type=float, default=2.0, help="seconds to wait before reading RSS")
+    p.add_argument("--cycles", type=int, default=2,
+                   help="connect/close cycles; later ones show whether RSS keeps growing (default 2)")
     p.add_argument("--no-pgbouncer", action="store_true")
     p.add_argument("--out")
     a = p.parse_args()
@@ -116,25 +129,30 @@ def main():
     b.start_postgres()
     results = []
     sg = b.start_shardgate(binary, a.pool)
-    results.append(measure("shardgate", sg, b.sg_port, a.clients, a.settle))
+    results.append(measure("shardgate", sg, b.sg_port, a.clients, a.settle, a.cycles))
     b.stop(sg)
     if pb_path:
         pb = b.start_pgbouncer(pb_path, a.pool)
-        results.append(measure("pgbouncer", pb, b.pb_port, a.clients, a.settle))
+        results.append(measure("pgbouncer", pb, b.pb_port, a.clients, a.settle, a.cycles))
         b.stop(pb)
 
     rows = ["| proxy | clients connected | failed | RSS before (MB) | RSS with clients (MB) | "
-            "KB per connection | RSS after close (MB) | threads | connect time (s) |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "KB per connection | RSS after close (MB) | open fds after close | threads | connect time (s) |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         rows.append(f"| {r['name']} | {r['ok']:,} | {r['failed']:,} | {r['before'] / 1024:.1f} | "
-                    f"{r['during'] / 1024:.1f} | {r['per_conn']:.1f} | {r['after'] / 1024:.1f} | "
+                    f"{r['during'] / 1024:.1f} | {r['per_conn']:.1f} | {r['after'] / 1024:.1f} | {r['fds_after']} | "
                     f"{r['threads']} | {r['elapsed']:.1f} |")
+    for r in results:
+        for i, (peak, rest) in enumerate(r["again"], 2):
+            rows.append(f"| {r['name']} (cycle {i}) | | | | {peak / 1024:.1f} | | {rest / 1024:.1f} | | | |")
     print("\n".join(rows))
     sgr = results[0]
     verdict = ("meets" if sgr["failed"] == 0 and sgr["during"] / 1024 < TARGET_MB else "MISSES")
     commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=harness.ROOT,
                             capture_output=True, text=True).stdout.strip()
+    if os.environ.get("SHARDGATE_BIN"):
+        commit += f" (prebuilt binary {os.environ['SHARDGATE_BIN']})"
     errors = "".join(f"- {r['name']}: first error: `{r['first_error']}`\n" for r in results if r["failed"])
     out = a.out or os.path.join(harness.RESULTS, f"idle-{started:%Y-%m-%d}.md")
     os.makedirs(os.path.dirname(out), exist_ok=True)

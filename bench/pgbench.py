@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import sys
 
+sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 from harness import DB, PG_USER, log  # noqa: E402
@@ -25,8 +26,8 @@ TARGETS = ["direct", "shardgate", "pgbouncer"]
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="3 s x 1 round")
-    p.add_argument("--secs", type=int, default=10, help="seconds per pgbench run (default 10)")
-    p.add_argument("--rounds", type=int, default=2, help="A B C repetitions (default 2)")
+    p.add_argument("--secs", type=int, help="seconds per pgbench run (default 10)")
+    p.add_argument("--rounds", type=int, help="A B C repetitions (default 2)")
     p.add_argument("--pool", type=int, default=20, help="backend pool size of both proxies (default 20)")
     p.add_argument("--clients", default="1,16,64")
     p.add_argument("--modes", default="simple,extended,prepared")
@@ -34,8 +35,8 @@ def parse_args():
     p.add_argument("--no-pgbouncer", action="store_true")
     p.add_argument("--out", help="markdown file (default bench/results/pgbench-<date>.md)")
     a = p.parse_args()
-    if a.quick:
-        a.secs, a.rounds = 3, 1
+    a.secs = a.secs or (3 if a.quick else 10)
+    a.rounds = a.rounds or (1 if a.quick else 2)
     a.clients = [int(c) for c in a.clients.split(",")]
     a.modes = a.modes.split(",")
     return a
@@ -155,6 +156,8 @@ def main():
 
     commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=harness.ROOT,
                             capture_output=True, text=True).stdout.strip()
+    if os.environ.get("SHARDGATE_BIN"):
+        commit += f" (prebuilt binary {os.environ['SHARDGATE_BIN']})"
     cpu_model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     pgb_v = subprocess.run(["pgbench", "--version"], capture_output=True, text=True).stdout.strip()
     pb_v = f"PgBouncer {pb_ver[0]}.{pb_ver[1]}" if pb_ver else "PgBouncer: not run"
