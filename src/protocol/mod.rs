@@ -120,7 +120,7 @@ mod tests {
 
     #[test]
     fn frames() {
-        let msg = [b'Q', 0, 0, 0, 9, b's', b'e', b'l', 0];
+        let msg = [b'Q', 0, 0, 0, 8, b's', b'e', b'l', 0];
         let (frame, len) = next_frame(&msg, 100).unwrap().unwrap();
         assert_eq!((frame.tag, frame.body, len), (b'Q', &b"sel\0"[..], 9));
         assert_eq!(next_frame(&msg[..6], 100).unwrap().map(|f| f.1), None);
