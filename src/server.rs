@@ -15,6 +15,7 @@ use crate::frontend::cancel::{CancelRegistry, CancelSlot};
 use crate::frontend::session::Session;
 use crate::frontend::startup::{self, Accepted, KeyGenerator};
 use crate::frontend::tls;
+use crate::metrics::Metrics;
 
 /// State every client task shares.
 pub struct Shared {
@@ -24,6 +25,7 @@ pub struct Shared {
     pub tls: Option<pgwire::tokio::TlsAcceptor>,
     pub keys: Arc<KeyGenerator>,
     pub cancels: CancelRegistry,
+    pub metrics: Arc<Metrics>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +39,11 @@ pub enum ServerError {
     Credentials(#[from] CredentialError),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error("cannot serve metrics on {address}: {source}")]
+    Metrics {
+        address: String,
+        source: std::io::Error,
+    },
 }
 
 impl Pools {
@@ -67,6 +74,8 @@ impl Pools {
 /// A proxy running in this process.
 pub struct RunningServer {
     pub address: SocketAddr,
+    /// Where `/metrics` is served, when the map has `metrics:`.
+    pub metrics_address: Option<SocketAddr>,
     pub shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
@@ -99,7 +108,21 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         Some(tls_config) => Some(tls::acceptor(tls_config)?),
         None => None,
     };
+    let shard_names: Vec<String> = config.shards.iter().map(|s| s.name.clone()).collect();
+    let metrics = Metrics::new(&shard_names);
+    let metrics_listener = match &config.metrics {
+        Some(metrics_address) => {
+            Some(TcpListener::bind(metrics_address).await.map_err(|source| {
+                ServerError::Metrics {
+                    address: metrics_address.clone(),
+                    source,
+                }
+            })?)
+        }
+        None => None,
+    };
     let shared = Arc::new(Shared {
+        metrics,
         users: UserDirectory::from_config(&config)?,
         pools: Pools::new(&config),
         tls,
@@ -108,6 +131,23 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         config: Arc::new(config),
     });
     let (shutdown, mut stopped) = watch::channel(false);
+    let mut metrics_address = None;
+    if let Some(listener) = metrics_listener {
+        metrics_address = listener.local_addr().ok();
+        let scrape_shared = shared.clone();
+        let mut metrics_stopped = shutdown.subscribe();
+        let served = crate::metrics::serve(shared.metrics.clone(), listener, move || {
+            scrape_shared
+                .metrics
+                .record_pools(&scrape_shared.pools.shards);
+        });
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = served => {}
+                _ = metrics_stopped.changed() => {}
+            }
+        });
+    }
     let accept_shared = shared.clone();
     let task = tokio::spawn(async move {
         loop {
@@ -129,6 +169,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     });
     Ok(RunningServer {
         address,
+        metrics_address,
         shared,
         shutdown,
         task,
@@ -138,6 +179,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
 async fn serve_client(shared: Arc<Shared>, socket: tokio::net::TcpStream) {
     match startup::accept(&shared, socket).await {
         Accepted::Client(client) => {
+            let _connected = shared.metrics.client_connected();
             let slot = CancelSlot::default();
             let (pid, secret) = client.key;
             shared.cancels.register(pid, secret, slot.clone());

@@ -6,6 +6,7 @@
 //! and everything else cross as the bytes they arrived as.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::{Buf, BytesMut};
 use pgwire::tokio::server::MaybeTls;
@@ -18,6 +19,7 @@ use super::settings::SessionSettings;
 use super::startup::ClientStartup;
 use crate::backend::{release, BackendError, PooledBackend};
 use crate::config::PoolMode;
+use crate::metrics::Route;
 use crate::protocol::messages::{self, Bind, Parse, Target};
 use crate::protocol::synth::{self, ProxyError};
 use crate::protocol::{
@@ -71,6 +73,8 @@ pub struct Session {
     /// stays with this client, and is closed rather than reused afterwards.
     tainted: bool,
     key: (i32, i32),
+    /// When the first statement since the last ReadyForQuery was forwarded.
+    batch_started: Option<Instant>,
 }
 
 impl Session {
@@ -101,6 +105,7 @@ impl Session {
             mode,
             tainted: false,
             key: startup.key,
+            batch_started: None,
         }
     }
 
@@ -299,6 +304,9 @@ impl Session {
     fn forward(&mut self, frame: &[u8], expect: Expect) {
         self.backend_out.extend_from_slice(frame);
         self.queue.sent(expect);
+        if self.batch_started.is_none() {
+            self.batch_started = Some(Instant::now());
+        }
     }
 
     /// Whether a statement may change session settings (checked cheaply).
@@ -414,7 +422,13 @@ impl Session {
         let Some(pool) = self.shared.pools.get(shard) else {
             return Ok(());
         };
-        let mut conn = pool.checkout().await?;
+        let waiting = Instant::now();
+        let checkout = pool.checkout().await;
+        self.shared.metrics.pool_wait(waiting.elapsed());
+        self.shared
+            .metrics
+            .set_backend_up(shard, !matches!(&checkout, Err(e) if e.is_unavailable()));
+        let mut conn = checkout?;
         let (pid, secret) = conn.cancel_key();
         self.cancel.set(Some((shard, pid, secret)));
         // Make the backend's session settings match the client's.
@@ -479,6 +493,7 @@ impl Session {
     /// Reports a shardgate error in protocol order: simple queries get
     /// ErrorResponse + ReadyForQuery; extended batches skip to their Sync.
     fn report(&mut self, error: ProxyError, extended: bool) {
+        self.shared.metrics.error(None, error.code);
         let mut out = BytesMut::new();
         error.encode(&mut out);
         if extended {
@@ -570,6 +585,10 @@ impl Session {
                 tag::READY_FOR_QUERY => ready = Some(messages::ready_status(frame.body)?),
                 tag::ERROR_RESPONSE => {
                     self.batch_failed = true;
+                    let shard = self.backend.as_ref().map(|a| a.shard);
+                    self.shared
+                        .metrics
+                        .error(shard, messages::error_fields(frame.body).code);
                     if disposition == Disposition::Swallow {
                         // A hidden statement failed: surface it rather than lose it.
                         let fields = messages::error_fields(frame.body);
@@ -619,6 +638,18 @@ impl Session {
         self.batch_ended = None;
         self.batch_status_before = status;
         self.status = status;
+        // One query per ReadyForQuery; with pipelining the next one is
+        // already under way, so its clock starts now.
+        let now = Instant::now();
+        let started = self.batch_started.take().unwrap_or(now);
+        if !self.queue.is_empty() {
+            self.batch_started = Some(now);
+        }
+        if let Some(attached) = &self.backend {
+            self.shared
+                .metrics
+                .query_done(attached.shard, Route::Single, now - started);
+        }
         if let Some(attached) = self.backend.as_mut() {
             // The backend now has exactly the session's committed settings.
             attached
