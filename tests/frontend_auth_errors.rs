@@ -73,23 +73,19 @@ async fn scram_with_password_and_stored_verifier() {
 
     let wrong = try_connect(port, "app", Some("nope"), &db)
         .await
-        .err()
-        .expect("wrong password must fail");
+        .expect_err("wrong password must fail");
     assert_eq!(code(&wrong), Some("28P01"), "{wrong}");
     let wrong = try_connect(port, "stored", Some("pw-app"), &db)
         .await
-        .err()
-        .expect("wrong password must fail");
+        .expect_err("wrong password must fail");
     assert_eq!(code(&wrong), Some("28P01"), "{wrong}");
     let unknown = try_connect(port, "mallory", Some("x"), &db)
         .await
-        .err()
-        .expect("unknown user must fail");
+        .expect_err("unknown user must fail");
     assert_eq!(code(&unknown), Some("28000"), "{unknown}");
     let no_db = try_connect(port, "app", Some("pw-app"), "elsewhere")
         .await
-        .err()
-        .expect("unknown database must fail");
+        .expect_err("unknown database must fail");
     assert_eq!(code(&no_db), Some("3D000"), "{no_db}");
     // Failed logins took no backend connection.
     server.stop().await;
@@ -106,8 +102,7 @@ async fn md5_logins() {
         .expect("md5 login");
     let wrong = try_connect(port, "app", Some("pw-md6"), &db)
         .await
-        .err()
-        .expect("wrong password must fail");
+        .expect_err("wrong password must fail");
     assert_eq!(code(&wrong), Some("28P01"));
     server.stop().await;
 }
@@ -199,8 +194,7 @@ async fn a_down_shard_is_08006_naming_it_and_the_session_survives() {
     let error = client
         .simple_query("/* shardgate: shard=gone */ SELECT 1")
         .await
-        .err()
-        .expect("down shard");
+        .expect_err("down shard");
     assert!(
         started.elapsed() < Duration::from_secs(3),
         "took {:?}",
@@ -235,8 +229,7 @@ async fn a_full_pool_is_53300_after_checkout_timeout() {
     let error = waiter
         .simple_query("SELECT 1")
         .await
-        .err()
-        .expect("pool is full");
+        .expect_err("pool is full");
     let waited = started.elapsed();
     assert_eq!(code(&error), Some("53300"), "{error}");
     assert!(

@@ -10,7 +10,10 @@ const CLIENTS: usize = 50;
 const ROUNDS: i32 = 20;
 
 fn pooled_map(db: &str, size: u32, mode: &str) -> String {
-    support::shard_map(db, &format!("pool: {{ mode: {mode}, size: {size}, checkout_timeout: 30s }}\n"))
+    support::shard_map(
+        db,
+        &format!("pool: {{ mode: {mode}, size: {size}, checkout_timeout: 30s }}\n"),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -95,7 +98,10 @@ async fn fifty_clients_on_five_connections_keep_their_own_session_state() {
 async fn a_client_vanishing_inside_a_transaction_leaves_nothing() {
     let db = support::fresh_db("txpool_vanish");
     let shard = support::connect(&support::fleet().clusters[0], &db).await;
-    shard.batch_execute("CREATE TABLE t (v int)").await.expect("create");
+    shard
+        .batch_execute("CREATE TABLE t (v int)")
+        .await
+        .expect("create");
     let server = support::start_proxy(&pooled_map(&db, 1, "transaction")).await;
     {
         let client = support::connect_proxy(&server, "app", None).await;
@@ -109,12 +115,23 @@ async fn a_client_vanishing_inside_a_transaction_leaves_nothing() {
     // The single pooled backend is reused, clean, by the next client.
     let next = support::connect_proxy(&server, "app", None).await;
     let row = next
-        .query_one("SELECT count(*)::int, current_setting('application_name'), pg_backend_pid() FROM t", &[])
+        .query_one(
+            "SELECT count(*)::int, current_setting('application_name'), pg_backend_pid() FROM t",
+            &[],
+        )
         .await
         .expect("query");
-    assert_eq!(row.get::<_, i32>(0), 0, "the vanished client's insert must be rolled back");
+    assert_eq!(
+        row.get::<_, i32>(0),
+        0,
+        "the vanished client's insert must be rolled back"
+    );
     assert_ne!(row.get::<_, String>(1), "ghost");
-    let visible: i64 = shard.query_one("SELECT count(*) FROM t", &[]).await.expect("count").get(0);
+    let visible: i64 = shard
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .expect("count")
+        .get(0);
     assert_eq!(visible, 0);
     server.stop().await;
 }
@@ -126,14 +143,29 @@ async fn session_mode_pins_one_backend_per_client() {
     let a = support::connect_proxy(&server, "app", None).await;
     let b = support::connect_proxy(&server, "app", None).await;
     let pid = |row: tokio_postgres::Row| row.get::<_, i32>(0);
-    let a1 = pid(a.query_one("SELECT pg_backend_pid()", &[]).await.expect("a"));
-    let b1 = pid(b.query_one("SELECT pg_backend_pid()", &[]).await.expect("b"));
-    let a2 = pid(a.query_one("SELECT pg_backend_pid()", &[]).await.expect("a"));
+    let a1 = pid(a
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("a"));
+    let b1 = pid(b
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("b"));
+    let a2 = pid(a
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("a"));
     assert_eq!(a1, a2, "session mode keeps the backend");
     assert_ne!(a1, b1);
     // Temp tables and LISTEN work in session mode.
-    a.batch_execute("CREATE TEMP TABLE tmp (v int); INSERT INTO tmp VALUES (7)").await.expect("temp");
-    let v: i32 = a.query_one("SELECT v FROM tmp", &[]).await.expect("tmp").get(0);
+    a.batch_execute("CREATE TEMP TABLE tmp (v int); INSERT INTO tmp VALUES (7)")
+        .await
+        .expect("temp");
+    let v: i32 = a
+        .query_one("SELECT v FROM tmp", &[])
+        .await
+        .expect("tmp")
+        .get(0);
     assert_eq!(v, 7);
     server.stop().await;
 }
@@ -143,13 +175,19 @@ async fn temp_tables_pin_the_backend_in_transaction_mode() {
     let db = support::fresh_db("txpool_pin");
     let server = support::start_proxy(&pooled_map(&db, 2, "transaction")).await;
     let a = support::connect_proxy(&server, "app", None).await;
-    a.batch_execute("CREATE TEMP TABLE tmp (v int); INSERT INTO tmp VALUES (1)").await.expect("temp");
+    a.batch_execute("CREATE TEMP TABLE tmp (v int); INSERT INTO tmp VALUES (1)")
+        .await
+        .expect("temp");
     // Other clients come and go; the temp table stays reachable for its owner.
     for _ in 0..5 {
         let other = support::connect_proxy(&server, "app", None).await;
         other.batch_execute("SELECT 1").await.expect("other");
     }
-    let v: i32 = a.query_one("SELECT v FROM tmp", &[]).await.expect("tmp").get(0);
+    let v: i32 = a
+        .query_one("SELECT v FROM tmp", &[])
+        .await
+        .expect("tmp")
+        .get(0);
     assert_eq!(v, 1);
     server.stop().await;
 }

@@ -97,7 +97,7 @@ impl ClientStatements {
             // The cache was full: close the least recently used statement first.
             Target {
                 kind: b'S',
-                name: &evicted,
+                name: evicted,
             }
             .encode_as(b'C', evicted, out);
         }

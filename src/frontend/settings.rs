@@ -77,13 +77,12 @@ impl SessionSettings {
         }
         match (previous, status) {
             // Autocommit statement(s), no transaction around them.
-            (b'I', b'I') if ended.is_none() => {
-                if !failed {
-                    for change in &changes {
-                        self.apply(change);
-                    }
+            (b'I', b'I') if ended.is_none() && !failed => {
+                for change in &changes {
+                    self.apply(change);
                 }
             }
+            (b'I', b'I') if ended.is_none() => {}
             // Inside a transaction: remember until it ends.
             (_, b'T') => self.pending.extend(changes),
             (_, b'E') => self.pending.clear(),

@@ -30,6 +30,9 @@ use crate::server::Shared;
 
 type StartupSocket = Framed<MaybeTls, PgWireMessageServerCodec<()>>;
 
+/// User, database and startup settings of a client being authenticated.
+type Login = (String, String, Vec<(String, String)>);
+
 /// A client that completed startup and authentication.
 pub struct ClientStartup {
     pub io: MaybeTls,
@@ -105,7 +108,7 @@ async fn handshake(shared: &Arc<Shared>, tcp: TcpStream) -> Accepted {
         Ok(None) | Err(_) => return Accepted::Closed,
     };
     let mut socket = socket;
-    let mut login: Option<(String, String, Vec<(String, String)>)> = None;
+    let mut login: Option<Login> = None;
     loop {
         let message = match socket.next().await {
             Some(Ok(message)) => message,
@@ -201,10 +204,7 @@ async fn handshake(shared: &Arc<Shared>, tcp: TcpStream) -> Accepted {
 }
 
 /// Validates user, database and options of the startup packet.
-fn check_startup(
-    shared: &Shared,
-    startup: &Startup,
-) -> Result<(String, String, Vec<(String, String)>), ProxyError> {
+fn check_startup(shared: &Shared, startup: &Startup) -> Result<Login, ProxyError> {
     if startup.protocol_number_major != 3 {
         return Err(ProxyError::fatal(
             "0A000",
@@ -347,7 +347,7 @@ async fn negotiate_version(
 async fn finish(
     shared: &Arc<Shared>,
     mut socket: StartupSocket,
-    login: Option<(String, String, Vec<(String, String)>)>,
+    login: Option<Login>,
     final_message: Option<pgwire::messages::startup::Authentication>,
 ) -> Accepted {
     let Some((user, database, settings)) = login else {
@@ -419,10 +419,7 @@ fn reported_name(name: &str) -> String {
     }
 }
 
-async fn auth_failed(
-    socket: &mut StartupSocket,
-    login: Option<&(String, String, Vec<(String, String)>)>,
-) {
+async fn auth_failed(socket: &mut StartupSocket, login: Option<&Login>) {
     let user = login.map(|l| l.0.as_str()).unwrap_or_default();
     let error = ProxyError::fatal(
         "28P01",
