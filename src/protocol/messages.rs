@@ -274,4 +274,22 @@ mod tests {
             ("ERROR", "42P01", "relation \"x\" does not exist")
         );
     }
+
+    proptest::proptest! {
+        /// The frontend decoder never panics, whatever the bytes.
+        #[test]
+        fn decoders_never_panic(tag in proptest::prelude::any::<u8>(), body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+            let _ = query_text(&body);
+            let _ = Parse::decode(&body);
+            let _ = Bind::decode(&body);
+            let _ = Target::decode(tag, &body);
+            let _ = ready_status(&body);
+            let _ = error_fields(&body);
+            let _ = command_tag(&body);
+            let _ = parameter_status(&body);
+            let mut framed = vec![tag];
+            framed.extend_from_slice(&body);
+            let _ = super::super::next_frame(&framed, 1 << 20);
+        }
+    }
 }

@@ -1,0 +1,224 @@
+//! Bad input never panics or hangs shardgate, and leaves backends clean:
+//! garbage, invalid lengths, oversized and truncated messages, unknown
+//! message types, clients vanishing mid-COPY or mid-result, random bytes.
+
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use proptest::prelude::*;
+use support::wire::{self, Wire};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Counts panics anywhere in the process (including proxy tasks).
+fn panic_counter() -> Arc<AtomicUsize> {
+    static COUNTER: std::sync::OnceLock<Arc<AtomicUsize>> = std::sync::OnceLock::new();
+    COUNTER
+        .get_or_init(|| {
+            let counter = Arc::new(AtomicUsize::new(0));
+            let seen = counter.clone();
+            let previous = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                seen.fetch_add(1, Ordering::SeqCst);
+                previous(info);
+            }));
+            counter
+        })
+        .clone()
+}
+
+/// Reads until EOF (or 5 s); returns everything the server sent.
+async fn read_to_close(stream: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return out,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("server neither answered nor closed within 5 s"),
+        }
+    }
+}
+
+fn fatal_code(bytes: &[u8]) -> Option<String> {
+    let start = bytes.iter().position(|b| *b == b'E')?;
+    let msg = wire::Msg {
+        tag: b'E',
+        body: bytes.get(start + 5..)?.to_vec(),
+    };
+    msg.error_code()
+}
+
+async fn still_serves(port: u16, db: &str) {
+    let mut client = Wire::connect(port, "app", db).await;
+    let answer = client.exchange(&wire::query("SELECT 'alive'"), 1).await;
+    assert!(
+        answer.iter().any(|m| m.tag == b'D'),
+        "proxy must keep serving"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_messages_get_a_clean_error_or_close() {
+    let panics = panic_counter();
+    let before = panics.load(Ordering::SeqCst);
+    let db = support::fresh_db("bad_input");
+    let server = support::start_proxy(&support::shard_map(&db, "pool: { size: 2 }\n")).await;
+    let port = server.address.port();
+
+    // Garbage before startup.
+    let mut stream = TcpStream::connect(server.address).await.expect("connect");
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("send");
+    read_to_close(&mut stream).await;
+
+    // A startup packet without a user: 28000.
+    let mut stream = TcpStream::connect(server.address).await.expect("connect");
+    let mut packet = 9i32.to_be_bytes().to_vec();
+    packet.extend_from_slice(&196608i32.to_be_bytes());
+    packet.push(0);
+    stream.write_all(&packet).await.expect("send");
+    let answer = read_to_close(&mut stream).await;
+    assert_eq!(fatal_code(&answer).as_deref(), Some("28000"));
+
+    // Unsupported protocol version.
+    let mut stream = TcpStream::connect(server.address).await.expect("connect");
+    let mut packet = 9i32.to_be_bytes().to_vec();
+    packet.extend_from_slice(&(2i32 << 16).to_be_bytes());
+    packet.push(0);
+    stream.write_all(&packet).await.expect("send");
+    read_to_close(&mut stream).await;
+
+    // After authentication: invalid length, oversized length, unknown type.
+    for bad in [
+        vec![b'Q', 0, 0, 0, 2],
+        vec![b'Q', 0x7f, 0xff, 0xff, 0xff],
+        vec![b'Q', 0xff, 0xff, 0xff, 0xf0],
+        vec![b'z', 0, 0, 0, 4],
+        // Parse with a parameter count that does not match its length.
+        vec![b'P', 0, 0, 0, 10, 0, b'x', 0, 0, 9, 0],
+    ] {
+        let mut client = Wire::connect(port, "app", &db).await;
+        client.send(&bad).await;
+        let answer = read_to_close(&mut client.stream).await;
+        assert_eq!(fatal_code(&answer).as_deref(), Some("08P01"), "for {bad:?}");
+    }
+
+    // A truncated message, then the client goes away.
+    let mut client = Wire::connect(port, "app", &db).await;
+    client.send(&wire::query("SELECT 1")[..6]).await;
+    drop(client);
+
+    // A client that asks for TLS (not configured) and then sends garbage.
+    let mut stream = TcpStream::connect(server.address).await.expect("connect");
+    let mut ssl = 8i32.to_be_bytes().to_vec();
+    ssl.extend_from_slice(&80877103i32.to_be_bytes());
+    stream.write_all(&ssl).await.expect("send");
+    let mut answer = [0u8; 1];
+    stream.read_exact(&mut answer).await.expect("ssl answer");
+    assert_eq!(answer[0], b'N', "TLS is refused when not configured");
+    stream
+        .write_all(&[0xde, 0xad, 0xbe, 0xef, 1, 2, 3, 4, 5])
+        .await
+        .expect("send");
+    drop(stream);
+
+    still_serves(port, &db).await;
+    assert_eq!(panics.load(Ordering::SeqCst), before, "a panic happened");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_vanishing_mid_copy_or_mid_result_leave_the_backend_clean() {
+    let db = support::fresh_db("bad_vanish");
+    let shard = support::connect(&support::fleet().clusters[0], &db).await;
+    shard
+        .batch_execute("CREATE TABLE t (v int)")
+        .await
+        .expect("create");
+    // One backend: whoever comes next gets the same connection.
+    let server = support::start_proxy(&support::shard_map(&db, "pool: { size: 1 }\n")).await;
+    let port = server.address.port();
+
+    let mut client = Wire::connect(port, "app", &db).await;
+    client.send(&wire::query("COPY t FROM STDIN")).await;
+    let response = client.recv().await.expect("CopyInResponse");
+    assert_eq!(response.tag, b'G');
+    client.send(&wire::copy_data(b"1\n2\n3\n")).await;
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let mut client = Wire::connect(port, "app", &db).await;
+    client
+        .send(&wire::query("SELECT generate_series(1, 2000000)"))
+        .await;
+    let first = client.recv().await.expect("RowDescription");
+    assert_eq!(first.tag, b'T');
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let mut next = Wire::connect(port, "app", &db).await;
+    let answer = next
+        .exchange(&wire::query("SELECT count(*) FROM t; SELECT 'clean'"), 1)
+        .await;
+    let rows: Vec<String> = answer
+        .iter()
+        .filter(|m| m.tag == b'D')
+        .map(wire::Msg::normalized)
+        .collect();
+    assert_eq!(rows.len(), 2, "{answer:?}");
+    assert!(
+        rows[0].contains("\\u{1}0"),
+        "the abandoned COPY must not be committed: {rows:?}"
+    );
+    let status = answer.last().expect("ready");
+    assert_eq!(status.body, b"I");
+    server.stop().await;
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+
+    /// Random bytes after a successful startup: the proxy answers or closes,
+    /// never panics, and keeps serving other clients.
+    #[test]
+    fn random_bytes_after_startup_never_break_the_proxy(
+        chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 1..6),
+        valid_prefix in any::<bool>(),
+    ) {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+        runtime.block_on(async {
+            let panics = panic_counter();
+            let before = panics.load(Ordering::SeqCst);
+            let db = fuzz_db();
+            let server = support::start_proxy(&support::shard_map(db, "pool: { size: 2 }\n")).await;
+            let port = server.address.port();
+            let mut client = Wire::connect(port, "app", db).await;
+            if valid_prefix {
+                client.send(&wire::parse("", "SELECT 1", &[])).await;
+            }
+            for chunk in &chunks {
+                let _ = client.stream.write_all(chunk).await;
+            }
+            let _ = client.stream.write_all(&wire::sync()).await;
+            // Give the proxy a moment to react, then go away.
+            let mut buf = [0u8; 1024];
+            let _ = tokio::time::timeout(Duration::from_millis(50), client.stream.read(&mut buf)).await;
+            drop(client);
+            still_serves(port, db).await;
+            prop_assert_eq!(panics.load(Ordering::SeqCst), before);
+            server.stop().await;
+            Ok(())
+        })?;
+    }
+}
+
+fn fuzz_db() -> &'static str {
+    static DB: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DB.get_or_init(|| support::fresh_db("bad_fuzz"))
+}
