@@ -202,12 +202,12 @@ impl Session {
                     return Ok(true);
                 }
                 let hint = route_hint(sql);
-                let sql_owned_needed = self.settings_track(sql);
-                self.tainted |= taints_session(sql);
+                let (sets, taints) = scan_statement(sql);
+                self.tainted |= taints;
                 if !self.attach_for(hint, false).await {
                     return Ok(true);
                 }
-                if sql_owned_needed {
+                if sets {
                     self.settings.statement_sent(sql);
                 }
                 self.forward(&frame, Expect::UntilReady);
@@ -215,11 +215,12 @@ impl Session {
             tag::PARSE => {
                 let parse = Parse::decode(body).map_err(protocol_violation)?;
                 let hint = route_hint(parse.query);
-                self.tainted |= taints_session(parse.query);
+                let (sets, taints) = scan_statement(parse.query);
+                self.tainted |= taints;
                 if !self.attach_for(hint, true).await {
                     return Ok(true);
                 }
-                if self.settings_track(parse.query) {
+                if sets {
                     self.settings.statement_sent(parse.query);
                 }
                 if parse.name.is_empty() {
@@ -307,17 +308,6 @@ impl Session {
         if self.batch_started.is_none() {
             self.batch_started = Some(Instant::now());
         }
-    }
-
-    /// Whether a statement may change session settings (checked cheaply).
-    fn settings_track(&self, sql: &str) -> bool {
-        sql.as_bytes()
-            .windows(3)
-            .any(|w| w.eq_ignore_ascii_case(b"set"))
-            || sql
-                .as_bytes()
-                .windows(7)
-                .any(|w| w.eq_ignore_ascii_case(b"discard"))
     }
 
     /// `SET shardgate.shard = …` and friends, answered by shardgate itself.
@@ -759,23 +749,43 @@ fn route_hint(sql: &str) -> Option<Hint<'_>> {
     }
 }
 
-/// Statements whose effect outlives the transaction on the backend they ran
-/// on. A false positive only costs a pinned, then closed, backend.
-fn taints_session(sql: &str) -> bool {
-    const PATTERNS: [&[u8]; 8] = [
-        b"listen",
-        b"temp",
-        b"prepare",
-        b"with hold",
-        b"advisory_lock",
-        b"set_config",
-        b"authorization",
-        b"dblink",
-    ];
+/// What a statement may do to the session, found in one pass over its text:
+/// `(may change settings, outlives its transaction on the backend)`.
+/// Session-scoped effects are LISTEN, temp tables, SQL PREPARE, WITH HOLD
+/// cursors, session advisory locks, set_config, SESSION AUTHORIZATION and
+/// dblink; a false positive only costs a pinned, then closed, backend.
+fn scan_statement(sql: &str) -> (bool, bool) {
     let bytes = sql.as_bytes();
-    PATTERNS
-        .iter()
-        .any(|p| bytes.windows(p.len()).any(|w| w.eq_ignore_ascii_case(p)))
+    let at = |i: usize, word: &[u8]| {
+        bytes
+            .get(i..i + word.len())
+            .is_some_and(|w| w.eq_ignore_ascii_case(word))
+    };
+    let (mut sets, mut taints) = (false, false);
+    for (i, byte) in bytes.iter().enumerate() {
+        match byte | 0x20 {
+            b's' => {
+                if at(i, b"set_config") {
+                    taints = true;
+                }
+                sets |= at(i, b"set");
+            }
+            b'd' => {
+                sets |= at(i, b"discard");
+                taints |= at(i, b"dblink");
+            }
+            b'l' => taints |= at(i, b"listen"),
+            b't' => taints |= at(i, b"temp"),
+            b'p' => taints |= at(i, b"prepare"),
+            b'w' => taints |= at(i, b"with hold"),
+            b'a' => taints |= at(i, b"advisory_lock") || at(i, b"authorization"),
+            _ => {}
+        }
+        if sets && taints {
+            break;
+        }
+    }
+    (sets, taints)
 }
 
 fn protocol_violation(error: ProtocolError) -> ProxyError {
@@ -787,4 +797,30 @@ fn unknown_statement(name: &str) -> ProxyError {
         "26000",
         format!("prepared statement \"{name}\" does not exist"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::scan_statement;
+
+    #[test]
+    fn statement_scan() {
+        assert_eq!(
+            scan_statement("SELECT abalance FROM pgbench_accounts WHERE aid = $1"),
+            (false, false)
+        );
+        assert_eq!(scan_statement("SET search_path = x"), (true, false));
+        assert_eq!(scan_statement("discard all"), (true, false));
+        assert_eq!(scan_statement("LISTEN chan"), (false, true));
+        assert_eq!(scan_statement("CREATE TEMP TABLE t (v int)"), (false, true));
+        assert_eq!(
+            scan_statement("select set_config('a', 'b', false)"),
+            (true, true)
+        );
+        assert_eq!(scan_statement("SELECT pg_advisory_lock(1)"), (false, true));
+        assert_eq!(
+            scan_statement("SELECT pg_advisory_xact_lock(1)"),
+            (false, false)
+        );
+    }
 }
