@@ -89,18 +89,20 @@ def callgrind_profile(b, binary, pool, secs, workdir):
     time.sleep(1)
     tps, txns = pgbench(b.sg_port, secs)
     b.stop(sg, wait=120)
-    ann = subprocess.run(["callgrind_annotate", "--inclusive=no", "--threshold=99", out],
+    ann = subprocess.run(["callgrind_annotate", "--inclusive=no", "--auto=no", "--threshold=100", out],
                          capture_output=True, text=True).stdout
     total = re.search(r"^([\d,]+) \(100\.0%\)\s+PROGRAM TOTALS", ann, re.M)
-    rows = []
-    for line in ann.splitlines():
-        m = re.match(r"^\s*([\d,]+) \(\s*([\d.]+)%\)\s+(.*)$", line)
-        if m and "PROGRAM TOTALS" not in line:
-            # `file:function [object]` (file is `???` without debug info): keep function and object
-            loc = m.group(3)
-            mm = re.match(r"^(\S*?):(.*?)(?: \[(.*)\])?$", loc)
-            fn, obj = (mm.group(2), mm.group(3) or "") if mm else (loc, "")
-            rows.append((float(m.group(2)), int(m.group(1).replace(",", "")), fn, os.path.basename(obj)))
+    # Function summary only (after the `file:function` header); inlined code shows up as the
+    # calling function under another source file, so sum per function name.
+    summary = ann.split("file:function", 1)[1] if "file:function" in ann else ""
+    per_fn = {}
+    for line in summary.splitlines():
+        m = re.match(r"^\s*([\d,]+) \(\s*([\d.]+)%\)\s+(\S*?):(.*?)(?: \[(.*)\])?$", line)
+        if m:
+            ir, pct, fn, obj = int(m.group(1).replace(",", "")), float(m.group(2)), m.group(4), m.group(5)
+            prev = per_fn.get(fn, (0.0, 0, ""))
+            per_fn[fn] = (prev[0] + pct, prev[1] + ir, prev[2] or os.path.basename(obj or ""))
+    rows = sorted(((pct, ir, fn, obj) for fn, (pct, ir, obj) in per_fn.items()), reverse=True)
     cats = {}
     for pct, _, fn, obj in rows:
         c = category(obj if obj.startswith("libc") else "", fn)
