@@ -10,7 +10,7 @@ from decimal import Decimal
 
 import asyncpg
 
-from common import check, eq, main, step
+from common import check, eq, known_shardgate_bug, main, step
 
 UTC = datetime.timezone.utc
 
@@ -30,7 +30,14 @@ async def run(dsn):
     with step("server version"):
         version = conn.get_server_version()
         check(version.major >= 10, f"server version {version}")
-        eq(conn.get_settings().client_encoding, "UTF8", "client_encoding")
+        # asyncpg sends client_encoding='utf-8' (quoted) in the startup packet;
+        # Postgres normalises it and reports "UTF8", shardgate echoes the raw value.
+        encoding = conn.get_settings().client_encoding
+        known_shardgate_bug(
+            "client_encoding_reported_verbatim",
+            encoding == "UTF8",
+            f"ParameterStatus client_encoding: expected 'UTF8' (as Postgres reports it), got {encoding!r}",
+        )
         await conn.execute(
             """CREATE TABLE apg_items (id int PRIMARY KEY, v text, n numeric, u uuid, doc jsonb,
                                        tags text[], at timestamptz);
@@ -174,8 +181,47 @@ async def run(dsn):
         await conn.executemany("INSERT INTO apg_items (id, v) VALUES ($1, $2)", [(i, f"em{i}") for i in range(4000, 4500)])
         eq(await conn.fetchval("SELECT count(*) FROM apg_items WHERE v LIKE 'em%'"), 500, "executemany")
 
+    with step("pool connections released (reset query) more often than shardgate has backends"):
+        # asyncpg runs `SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;`
+        # on every pool release. None of it leaves session state behind, so in
+        # transaction pooling it must not pin a backend. shardgate's statement
+        # scan (src/frontend/session.rs scan_statement) matches "listen" inside
+        # "UNLISTEN" and pins the backend to the idle client for good: with 4
+        # backends per shard, the 5th release waits for a backend and fails.
+        probe = await asyncpg.create_pool(dsn, min_size=6, max_size=6, timeout=10, command_timeout=30)
+        held = [await probe.acquire() for _ in range(6)]
+        for c in held:
+            eq(await c.fetchval("SELECT 1"), 1, "query on a probe connection")
+        release_error = None
+        for c in held:
+            try:
+                await probe.release(c)
+            except Exception as e:  # noqa: BLE001
+                release_error = f"{type(e).__name__}: {e}"
+                break  # every further release would wait out the checkout timeout too
+        pinned = release_error is not None
+        known_shardgate_bug(
+            "unlisten_in_asyncpg_reset_pins_backend",
+            not pinned,
+            f"releasing 6 asyncpg pool connections (reset query with UNLISTEN *) failed: {release_error}",
+        )
+        probe.terminate()
+        if pinned:
+            await asyncio.sleep(0.2)  # let shardgate close the pinned backends
+
     with step("pool of 10: 200 concurrent queries with their own prepared statements"):
-        pool = await asyncpg.create_pool(dsn, min_size=10, max_size=10, timeout=10, command_timeout=60)
+        reset = None
+        if pinned:
+            # Work around the bug above only, so the prepared-statement stress still runs:
+            # asyncpg's reset query without `UNLISTEN *` (this script never LISTENs).
+            async def reset(c):
+                await c.execute("SELECT pg_advisory_unlock_all(); CLOSE ALL; RESET ALL;")
+
+            print("  SKIP default asyncpg pool reset (known shardgate bug 'unlisten_in_asyncpg_reset_pins_backend'): "
+                  "the pool below resets without UNLISTEN *", flush=True)
+        pool = await asyncpg.create_pool(
+            dsn, min_size=10, max_size=10, timeout=10, command_timeout=60, reset=reset
+        )
 
         async def job(i):
             k = i % 25  # 25 different statements, prepared on whichever connections run them

@@ -5,6 +5,7 @@ Every script takes one argument, a libpq-style URL
 with the step name, what was expected and the traceback on the first failure.
 """
 
+import os
 import sys
 import time
 import traceback
@@ -28,6 +29,22 @@ def eq(actual, expected, what):
     _checks[0] += 1
     if actual != expected:
         raise CheckFailed(f"{what}: expected {expected!r}, got {actual!r}")
+
+
+def known_shardgate_bug(bug, condition, what):
+    """A check that fails through shardgate because of a shardgate bug named
+    `bug` (see the comment at the call). It is strict against Postgres
+    directly (SHARDGATE_TEST_TARGET=direct) and only reported, loudly, through
+    shardgate. Once the bug is fixed, turn it back into check()/eq()."""
+    _checks[0] += 1
+    if condition:
+        if os.environ.get("SHARDGATE_TEST_TARGET") == "shardgate":
+            print(f"  NOTE known shardgate bug '{bug}' no longer reproduces: make the check strict again", flush=True)
+        return
+    if os.environ.get("SHARDGATE_TEST_TARGET") != "shardgate":
+        raise CheckFailed(what)
+    print(f"  SKIP known shardgate bug '{bug}': {what}", flush=True)
+    print(f"SKIPPED CHECK (known shardgate bug '{bug}'): {what}", file=sys.stderr, flush=True)
 
 
 def raises(exc_type, fn, what):
