@@ -433,6 +433,8 @@ async fn restarted_shard_connections_are_detected_and_pool_recovers() {
     release(conn).await;
     assert_eq!(pool.state(), (1, 1));
     cluster.restart().expect("restart");
+    // Only connections idle for a moment are checked (no syscall per checkout otherwise).
+    tokio::time::sleep(shardgate::backend::HEALTH_CHECK_AFTER_IDLE).await;
     let mut conn = pool.checkout().await.expect("checkout after restart");
     assert_ne!(conn.cancel_key().0, first_pid, "a new backend");
     let stats = pool.bb8().state().statistics;

@@ -139,6 +139,8 @@ pub struct BackendConnection {
     pending: BytesMut,
     prepared: PreparedCache,
     reset_counter: u64,
+    /// When the last ReadyForQuery 'I' was seen (health checks skip fresh connections).
+    idle_since: Instant,
     /// Signature of the session settings a front-end session replayed on
     /// this connection (0: none, as connected).
     settings_signature: u64,
@@ -431,6 +433,7 @@ impl Startup<'_> {
                         pending: buf,
                         prepared: PreparedCache::default(),
                         settings_signature: 0,
+                        idle_since: Instant::now(),
                         reset_counter: 0,
                     });
                 }
@@ -516,6 +519,14 @@ impl BackendConnection {
     pub fn set_transaction_status(&mut self, status: u8) {
         self.transaction_status = status;
         self.awaiting_ready = false;
+        if status == b'I' {
+            self.idle_since = Instant::now();
+        }
+    }
+
+    /// How long the connection has been idle (since its last ReadyForQuery 'I').
+    pub fn idle_for(&self) -> std::time::Duration {
+        self.idle_since.elapsed()
     }
 
     /// True when the connection cannot go back to the pool as-is: inside a

@@ -19,6 +19,7 @@ pub use cancel::send_cancel;
 pub use connection::{BackendConnection, DEFAULT_APPLICATION_NAME};
 pub use error::{BackendError, ServerError};
 pub use pool::{
-    release, release_within, BackendManager, PooledBackend, Pools, ShardPool, RESET_TIMEOUT,
+    release, release_within, BackendManager, PooledBackend, Pools, ShardPool,
+    HEALTH_CHECK_AFTER_IDLE, RESET_TIMEOUT,
 };
 pub use prepared::PreparedCache;

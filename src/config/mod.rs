@@ -37,6 +37,10 @@ pub struct Config {
     /// Memory a single fan-out merge may hold before it is ended with `53200`.
     pub max_merge_memory: u64,
     pub migrations: MigrationsConfig,
+    /// Runtime threads of `serve`: 1 (default) is a single-threaded event
+    /// loop like PgBouncer's, the fastest on small machines (measured); 0 is
+    /// one per CPU.
+    pub threads: usize,
 }
 
 #[derive(Debug, Clone)]

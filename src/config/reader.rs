@@ -25,6 +25,7 @@ const TOP_KEYS: &[&str] = &[
     "two_phase_commit",
     "max_merge_memory",
     "migrations",
+    "threads",
 ];
 const POOL_KEYS: &[&str] = &[
     "mode",
@@ -354,6 +355,20 @@ impl Reader<'_> {
                 dir: self.base_dir.join("migrations"),
             }),
         };
+        let threads = match top.get("threads") {
+            Some(node) => match self.string(node, "`threads`").map(|t| t.parse::<usize>()) {
+                Some(Ok(n)) if n <= 1024 => Some(n),
+                Some(_) => {
+                    self.error(
+                        node.mark,
+                        "`threads` must be a whole number from 0 (one per CPU) to 1024",
+                    );
+                    None
+                }
+                None => None,
+            },
+            None => Some(1),
+        };
         let database = match top.get("database") {
             Some(node) => self.string(node, "`database`"),
             None => shards
@@ -377,6 +392,7 @@ impl Reader<'_> {
             two_phase_commit: two_phase_commit?,
             max_merge_memory: max_merge_memory?,
             migrations: migrations?,
+            threads: threads?,
         })
     }
 

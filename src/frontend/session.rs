@@ -202,26 +202,32 @@ impl Session {
                     return Ok(true);
                 }
                 let hint = route_hint(sql);
-                let (sets, taints) = scan_statement(sql);
-                self.tainted |= taints;
+                let effects = scan_statement(sql);
+                self.note_effects(effects);
                 if !self.attach_for(hint, false).await {
                     return Ok(true);
                 }
-                if sets {
+                if effects.sets {
                     self.settings.statement_sent(sql);
+                }
+                if effects.drops_statements {
+                    self.forget_backend_statements();
                 }
                 self.forward(&frame, Expect::UntilReady);
             }
             tag::PARSE => {
                 let parse = Parse::decode(body).map_err(protocol_violation)?;
                 let hint = route_hint(parse.query);
-                let (sets, taints) = scan_statement(parse.query);
-                self.tainted |= taints;
+                let effects = scan_statement(parse.query);
+                self.note_effects(effects);
                 if !self.attach_for(hint, true).await {
                     return Ok(true);
                 }
-                if sets {
+                if effects.sets {
                     self.settings.statement_sent(parse.query);
+                }
+                if effects.drops_statements {
+                    self.forget_backend_statements();
                 }
                 if parse.name.is_empty() {
                     self.forward(&frame, Expect::Parse(0));
@@ -300,6 +306,22 @@ impl Session {
             }
         }
         Ok(true)
+    }
+
+    /// Session-scoped effects pin the backend; DISCARD ALL undoes them all.
+    fn note_effects(&mut self, effects: StatementEffects) {
+        if effects.discards_all {
+            self.tainted = false;
+        }
+        self.tainted |= effects.taints;
+    }
+
+    /// DISCARD ALL / DEALLOCATE ran on the backend: its shardgate-owned
+    /// statements may be gone, so they are re-created on next use.
+    fn forget_backend_statements(&mut self) {
+        if let Some(attached) = self.backend.as_mut() {
+            attached.conn.prepared().clear();
+        }
     }
 
     fn forward(&mut self, frame: &[u8], expect: Expect) {
@@ -749,43 +771,73 @@ fn route_hint(sql: &str) -> Option<Hint<'_>> {
     }
 }
 
-/// What a statement may do to the session, found in one pass over its text:
-/// `(may change settings, outlives its transaction on the backend)`.
-/// Session-scoped effects are LISTEN, temp tables, SQL PREPARE, WITH HOLD
-/// cursors, session advisory locks, set_config, SESSION AUTHORIZATION and
-/// dblink; a false positive only costs a pinned, then closed, backend.
-fn scan_statement(sql: &str) -> (bool, bool) {
+/// What a statement may do to the session, found in one pass over its
+/// words (identifiers and keywords, compared whole and case-insensitively).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct StatementEffects {
+    /// SET / RESET / DISCARD: session settings may change.
+    sets: bool,
+    /// Effects that outlive the transaction on this backend: LISTEN, temp
+    /// tables, SQL PREPARE, WITH HOLD cursors, session advisory locks,
+    /// set_config, SESSION AUTHORIZATION, dblink. The backend is pinned.
+    taints: bool,
+    /// DISCARD ALL / DEALLOCATE: server-side prepared statements are gone.
+    drops_statements: bool,
+    /// DISCARD ALL: every session-scoped effect is undone.
+    discards_all: bool,
+}
+
+fn scan_statement(sql: &str) -> StatementEffects {
+    let mut effects = StatementEffects::default();
+    let mut previous: &[u8] = b"";
+    let mut deallocate = false;
     let bytes = sql.as_bytes();
-    let at = |i: usize, word: &[u8]| {
-        bytes
-            .get(i..i + word.len())
-            .is_some_and(|w| w.eq_ignore_ascii_case(word))
-    };
-    let (mut sets, mut taints) = (false, false);
-    for (i, byte) in bytes.iter().enumerate() {
-        match byte | 0x20 {
-            b's' => {
-                if at(i, b"set_config") {
-                    taints = true;
-                }
-                sets |= at(i, b"set");
+    let mut i = 0;
+    while i < bytes.len() {
+        let is_word = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+        if !is_word(bytes[i]) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < bytes.len() && is_word(bytes[i]) {
+            i += 1;
+        }
+        let word = &bytes[start..i];
+        let is = |w: &[u8]| word.eq_ignore_ascii_case(w);
+        match word.first().map(|b| b | 0x20) {
+            Some(b's') if is(b"set") => effects.sets = true,
+            Some(b's') if is(b"set_config") => effects.taints = true,
+            Some(b'r') if is(b"reset") => effects.sets = true,
+            Some(b'd') if is(b"discard") => effects.sets = true,
+            Some(b'd') if is(b"deallocate") => deallocate = true,
+            Some(b'd') if is(b"dblink") || is(b"dblink_connect") => effects.taints = true,
+            Some(b'a') if is(b"all") && previous.eq_ignore_ascii_case(b"discard") => {
+                effects.discards_all = true;
+                effects.drops_statements = true;
             }
-            b'd' => {
-                sets |= at(i, b"discard");
-                taints |= at(i, b"dblink");
+            // DEALLOCATE [PREPARE] ALL; a single DEALLOCATE names an SQL-level statement.
+            Some(b'a') if is(b"all") && deallocate => effects.drops_statements = true,
+            Some(b'a') if is(b"authorization") => effects.taints = true,
+            Some(b'l') if is(b"listen") => effects.taints = true,
+            Some(b't') if is(b"temp") || is(b"temporary") => effects.taints = true,
+            Some(b'p') if is(b"prepare") => effects.taints = true,
+            Some(b'p')
+                if is(b"pg_advisory_lock")
+                    || is(b"pg_advisory_lock_shared")
+                    || is(b"pg_try_advisory_lock")
+                    || is(b"pg_try_advisory_lock_shared") =>
+            {
+                effects.taints = true
             }
-            b'l' => taints |= at(i, b"listen"),
-            b't' => taints |= at(i, b"temp"),
-            b'p' => taints |= at(i, b"prepare"),
-            b'w' => taints |= at(i, b"with hold"),
-            b'a' => taints |= at(i, b"advisory_lock") || at(i, b"authorization"),
+            Some(b'h') if is(b"hold") && previous.eq_ignore_ascii_case(b"with") => {
+                effects.taints = true
+            }
             _ => {}
         }
-        if sets && taints {
-            break;
-        }
+        previous = word;
     }
-    (sets, taints)
+    effects
 }
 
 fn protocol_violation(error: ProtocolError) -> ProxyError {
@@ -805,22 +857,35 @@ mod tests {
 
     #[test]
     fn statement_scan() {
+        let scan = |sql| {
+            let e = scan_statement(sql);
+            (e.sets, e.taints)
+        };
         assert_eq!(
-            scan_statement("SELECT abalance FROM pgbench_accounts WHERE aid = $1"),
+            scan("SELECT abalance FROM pgbench_accounts WHERE aid = $1"),
             (false, false)
         );
-        assert_eq!(scan_statement("SET search_path = x"), (true, false));
-        assert_eq!(scan_statement("discard all"), (true, false));
-        assert_eq!(scan_statement("LISTEN chan"), (false, true));
-        assert_eq!(scan_statement("CREATE TEMP TABLE t (v int)"), (false, true));
+        assert_eq!(scan("SET search_path = x"), (true, false));
+        assert_eq!(scan("LISTEN chan"), (false, true));
+        assert_eq!(scan("UNLISTEN *"), (false, false));
+        assert_eq!(scan("CREATE TEMP TABLE t (v int)"), (false, true));
+        assert_eq!(scan("create temporary table t (v int)"), (false, true));
+        assert_eq!(scan("SELECT 1 AS attempts, 'contemporary'"), (false, false));
+        assert_eq!(scan("select set_config('a', 'b', false)"), (false, true));
+        assert_eq!(scan("SELECT pg_advisory_lock(1)"), (false, true));
+        assert_eq!(scan("SELECT pg_advisory_xact_lock(1)"), (false, false));
         assert_eq!(
-            scan_statement("select set_config('a', 'b', false)"),
-            (true, true)
+            scan("DECLARE c CURSOR WITH HOLD FOR SELECT 1"),
+            (false, true)
         );
-        assert_eq!(scan_statement("SELECT pg_advisory_lock(1)"), (false, true));
         assert_eq!(
-            scan_statement("SELECT pg_advisory_xact_lock(1)"),
-            (false, false)
+            scan("SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;"),
+            (true, false)
         );
+        let discard = scan_statement("DISCARD ALL");
+        assert!(discard.discards_all && discard.drops_statements && discard.sets);
+        assert!(scan_statement("DEALLOCATE ALL").drops_statements);
+        assert!(scan_statement("deallocate prepare all").drops_statements);
+        assert!(!scan_statement("DEALLOCATE my_statement").drops_statements);
     }
 }

@@ -366,7 +366,13 @@ async fn finish(
     };
     for (name, value) in &settings {
         if REPORTED_SETTINGS.contains(&name.as_str()) {
-            parameters.insert(reported_name(name), value.clone());
+            let reported = reported_name(name);
+            let value = if reported == "client_encoding" {
+                canonical_encoding(value)
+            } else {
+                value.clone()
+            };
+            parameters.insert(reported, value);
         }
     }
     parameters.insert("session_authorization".to_string(), user.clone());
@@ -409,6 +415,21 @@ const REPORTED_SETTINGS: &[&str] = &[
     "standard_conforming_strings",
     "default_transaction_read_only",
 ];
+
+/// Postgres reports encodings by their canonical name: it ignores case and
+/// everything but letters and digits (`'utf-8'` is UTF8).
+fn canonical_encoding(value: &str) -> String {
+    let cleaned: String = value
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .map(|c| c.to_ascii_uppercase())
+        .collect();
+    match cleaned.as_str() {
+        "UNICODE" => "UTF8".to_string(),
+        "LATIN1" | "ISO88591" => "LATIN1".to_string(),
+        _ => cleaned,
+    }
+}
 
 fn reported_name(name: &str) -> String {
     match name.to_ascii_lowercase().as_str() {

@@ -10,7 +10,7 @@ from decimal import Decimal
 
 import asyncpg
 
-from common import check, eq, known_shardgate_bug, main, step
+from common import check, eq, main, step
 
 UTC = datetime.timezone.utc
 
@@ -31,13 +31,9 @@ async def run(dsn):
         version = conn.get_server_version()
         check(version.major >= 10, f"server version {version}")
         # asyncpg sends client_encoding='utf-8' (quoted) in the startup packet;
-        # Postgres normalises it and reports "UTF8", shardgate echoes the raw value.
+        # Postgres normalises it and reports "UTF8"; so must shardgate.
         encoding = conn.get_settings().client_encoding
-        known_shardgate_bug(
-            "client_encoding_reported_verbatim",
-            encoding == "UTF8",
-            f"ParameterStatus client_encoding: expected 'UTF8' (as Postgres reports it), got {encoding!r}",
-        )
+        eq(encoding, "UTF8", "ParameterStatus client_encoding as Postgres reports it")
         await conn.execute(
             """CREATE TABLE apg_items (id int PRIMARY KEY, v text, n numeric, u uuid, doc jsonb,
                                        tags text[], at timestamptz);
@@ -199,29 +195,13 @@ async def run(dsn):
             except Exception as e:  # noqa: BLE001
                 release_error = f"{type(e).__name__}: {e}"
                 break  # every further release would wait out the checkout timeout too
-        pinned = release_error is not None
-        known_shardgate_bug(
-            "unlisten_in_asyncpg_reset_pins_backend",
-            not pinned,
-            f"releasing 6 asyncpg pool connections (reset query with UNLISTEN *) failed: {release_error}",
-        )
+        # asyncpg's reset query (advisory_unlock_all; CLOSE ALL; UNLISTEN *; RESET ALL)
+        # must not pin backends: 6 releases on 4 backends all succeed.
+        check(release_error is None, f"releasing 6 asyncpg pool connections failed: {release_error}")
         probe.terminate()
-        if pinned:
-            await asyncio.sleep(0.2)  # let shardgate close the pinned backends
 
     with step("pool of 10: 200 concurrent queries with their own prepared statements"):
-        reset = None
-        if pinned:
-            # Work around the bug above only, so the prepared-statement stress still runs:
-            # asyncpg's reset query without `UNLISTEN *` (this script never LISTENs).
-            async def reset(c):
-                await c.execute("SELECT pg_advisory_unlock_all(); CLOSE ALL; RESET ALL;")
-
-            print("  SKIP default asyncpg pool reset (known shardgate bug 'unlisten_in_asyncpg_reset_pins_backend'): "
-                  "the pool below resets without UNLISTEN *", flush=True)
-        pool = await asyncpg.create_pool(
-            dsn, min_size=10, max_size=10, timeout=10, command_timeout=60, reset=reset
-        )
+        pool = await asyncpg.create_pool(dsn, min_size=10, max_size=10, timeout=10, command_timeout=60)
 
         async def job(i):
             k = i % 25  # 25 different statements, prepared on whichever connections run them
