@@ -177,7 +177,9 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
 }
 
 async fn serve_client(shared: Arc<Shared>, socket: tokio::net::TcpStream) {
-    match startup::accept(&shared, socket).await {
+    // Boxed: the handshake's state is large and only needed until the
+    // client is authenticated; an idle session keeps just its own.
+    match Box::pin(startup::accept(&shared, socket)).await {
         Accepted::Client(client) => {
             let _connected = shared.metrics.client_connected();
             let slot = CancelSlot::default();

@@ -63,10 +63,14 @@ impl BackendManager {
 }
 
 impl ManageConnection for BackendManager {
-    type Connection = BackendConnection;
+    /// Boxed: bb8 and the session move the connection several times per
+    /// transaction (checkout, put back, attach, detach); moving a pointer
+    /// instead of the struct removed ~2,000 instructions of memcpy per
+    /// transaction (callgrind).
+    type Connection = Box<BackendConnection>;
     type Error = BackendError;
 
-    async fn connect(&self) -> Result<BackendConnection, BackendError> {
+    async fn connect(&self) -> Result<Box<BackendConnection>, BackendError> {
         let conn =
             BackendConnection::connect(&self.shard, self.index, self.connect_timeout).await?;
         let mut params = match self.shared.server_parameters.lock() {
@@ -74,12 +78,12 @@ impl ManageConnection for BackendManager {
             Err(poisoned) => poisoned.into_inner(),
         };
         *params = Some(conn.server_parameters().to_vec());
-        Ok(conn)
+        Ok(Box::new(conn))
     }
 
     /// Cheap: no SQL. Not broken, idle (`'I'`, nothing in flight) and the
     /// socket neither closed nor holding unexpected bytes.
-    async fn is_valid(&self, conn: &mut BackendConnection) -> Result<(), BackendError> {
+    async fn is_valid(&self, conn: &mut Box<BackendConnection>) -> Result<(), BackendError> {
         // The socket peek is a syscall; a connection used moments ago is
         // alive for all practical purposes (measured: the peek was the only
         // syscall per transaction PgBouncer does not make).
@@ -93,7 +97,7 @@ impl ManageConnection for BackendManager {
 
     /// Also true for a connection dropped while not idle: without a reset
     /// (see [`release`]) it must not be handed to another client.
-    fn has_broken(&self, conn: &mut BackendConnection) -> bool {
+    fn has_broken(&self, conn: &mut Box<BackendConnection>) -> bool {
         conn.is_broken() || conn.needs_reset()
     }
 }

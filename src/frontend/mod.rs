@@ -4,6 +4,7 @@
 //! session settings (`settings`) for transaction pooling, and cancel routing.
 
 pub mod auth;
+pub mod buffers;
 pub mod cancel;
 pub mod prepared;
 pub mod responses;

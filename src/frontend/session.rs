@@ -12,6 +12,7 @@ use bytes::{Buf, BytesMut};
 use pgwire::tokio::server::MaybeTls;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::buffers;
 use super::cancel::CancelSlot;
 use super::prepared::{ClientStatements, ParseAction};
 use super::responses::{Disposition, Expect, ResponseQueue};
@@ -81,16 +82,21 @@ impl Session {
     pub fn new(shared: Arc<Shared>, startup: ClientStartup, cancel: CancelSlot) -> Session {
         let mode = shared.config.pool.mode;
         let settings = SessionSettings::from_startup(&startup.settings);
-        let mut client_in = startup.read_buf;
-        client_in.reserve(8192);
+        // Bytes the client pipelined behind its startup packet, if any;
+        // otherwise no buffer until data arrives (see `buffers`).
+        let client_in = if startup.read_buf.is_empty() {
+            BytesMut::new()
+        } else {
+            BytesMut::from(&startup.read_buf[..])
+        };
         Session {
             shared,
             client: startup.io,
             client_in,
-            client_out: BytesMut::with_capacity(8192),
+            client_out: BytesMut::new(),
             backend: None,
-            backend_in: BytesMut::with_capacity(8192),
-            backend_out: BytesMut::with_capacity(8192),
+            backend_in: BytesMut::new(),
+            backend_out: BytesMut::new(),
             passthrough: 0,
             queue: ResponseQueue::default(),
             status: b'I',
@@ -139,21 +145,29 @@ impl Session {
             if self.flush_client().await.is_err() {
                 return Exit::ClientError;
             }
+            if self.backend.is_none() {
+                // Idle between transactions: hold no buffers.
+                buffers::park(&mut self.client_in);
+                buffers::park(&mut self.client_out);
+            }
             // Wait for input from whichever side has something.
             let client_read;
             let mut backend_read = None;
             match self.backend.as_mut() {
                 Some(attached) => {
+                    buffers::ensure(&mut self.backend_in);
                     tokio::select! {
                         biased;
                         read = attached.conn.read_buf(&mut self.backend_in) => {
                             backend_read = Some(read);
                             client_read = None;
                         }
-                        read = self.client.read_buf(&mut self.client_in) => client_read = Some(read),
+                        read = read_client(&mut self.client, &mut self.client_in) => client_read = Some(read),
                     }
                 }
-                None => client_read = Some(self.client.read_buf(&mut self.client_in).await),
+                None => {
+                    client_read = Some(read_client(&mut self.client, &mut self.client_in).await)
+                }
             }
             match client_read {
                 Some(Ok(0)) | Some(Err(_)) => return Exit::Client,
@@ -441,6 +455,8 @@ impl Session {
             .metrics
             .set_backend_up(shard, !matches!(&checkout, Err(e) if e.is_unavailable()));
         let mut conn = checkout?;
+        buffers::ensure(&mut self.backend_out);
+        buffers::ensure(&mut self.client_out);
         let (pid, secret) = conn.cancel_key();
         self.cancel.set(Some((shard, pid, secret)));
         // Make the backend's session settings match the client's.
@@ -458,6 +474,8 @@ impl Session {
     async fn detach(&mut self) {
         if let Some(attached) = self.backend.take() {
             self.cancel.set(None);
+            buffers::park(&mut self.backend_in);
+            buffers::park(&mut self.backend_out);
             release(attached.conn).await;
         }
     }
@@ -759,6 +777,21 @@ impl Session {
     }
 }
 
+/// Reads what the client sent. A plain TCP client is awaited without a
+/// buffer (readiness first), so idle clients hold none.
+async fn read_client(client: &mut MaybeTls, buf: &mut BytesMut) -> std::io::Result<usize> {
+    if let MaybeTls::Plain(tcp) = client {
+        tcp.readable().await?;
+        buffers::ensure(buf);
+        // `read_buf` (not `try_read_buf`): tokio's poll_read treats a short
+        // read as "drained" and clears readiness, saving the extra recv()
+        // that would otherwise return EAGAIN on every message (strace).
+        return tcp.read_buf(buf).await;
+    }
+    buffers::ensure(buf);
+    client.read_buf(buf).await
+}
+
 fn route_hint(sql: &str) -> Option<Hint<'_>> {
     if sql
         .as_bytes()
@@ -787,6 +820,30 @@ struct StatementEffects {
     discards_all: bool,
 }
 
+/// Bytes that make up identifiers and keywords.
+const WORD: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric() || c == b'_';
+        b += 1;
+    }
+    table
+};
+
+/// First letters (lower case) of the keywords `scan_statement` looks for.
+const INTERESTING_START: [bool; 256] = {
+    let mut table = [false; 256];
+    let letters = b"srdalthp";
+    let mut i = 0;
+    while i < letters.len() {
+        table[letters[i] as usize] = true;
+        i += 1;
+    }
+    table
+};
+
 fn scan_statement(sql: &str) -> StatementEffects {
     let mut effects = StatementEffects::default();
     let mut previous: &[u8] = b"";
@@ -794,16 +851,20 @@ fn scan_statement(sql: &str) -> StatementEffects {
     let bytes = sql.as_bytes();
     let mut i = 0;
     while i < bytes.len() {
-        let is_word = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
-        if !is_word(bytes[i]) {
+        if !WORD[bytes[i] as usize] {
             i += 1;
             continue;
         }
         let start = i;
-        while i < bytes.len() && is_word(bytes[i]) {
+        while i < bytes.len() && WORD[bytes[i] as usize] {
             i += 1;
         }
         let word = &bytes[start..i];
+        // Most words start with a letter no keyword of interest starts with.
+        if !INTERESTING_START[(word[0] | 0x20) as usize] {
+            previous = word;
+            continue;
+        }
         let is = |w: &[u8]| word.eq_ignore_ascii_case(w);
         match word.first().map(|b| b | 0x20) {
             Some(b's') if is(b"set") => effects.sets = true,
