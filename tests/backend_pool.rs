@@ -446,6 +446,8 @@ async fn restarted_shard_connections_are_detected_and_pool_recovers() {
     // Phase 2: shard down -> 08006 within connect_timeout, although
     // checkout_timeout is 20s.
     cluster.stop().expect("stop");
+    // The idle connection is only re-checked once it has been idle a moment.
+    tokio::time::sleep(shardgate::backend::HEALTH_CHECK_AFTER_IDLE).await;
     let started = Instant::now();
     let err = expect_err(pool.checkout().await);
     let elapsed = started.elapsed();
