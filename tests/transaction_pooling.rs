@@ -191,3 +191,65 @@ async fn temp_tables_pin_the_backend_in_transaction_mode() {
     assert_eq!(v, 1);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_notify_across_clients_in_session_mode() {
+    use support::wire::{self, Wire};
+    let db = support::fresh_db("session_listen");
+    let server = support::start_proxy(&pooled_map(&db, 3, "session")).await;
+    let port = server.address.port();
+    let mut listener = Wire::connect(port, "app", &db).await;
+    listener.exchange(&wire::query("LISTEN jobs"), 1).await;
+    let mut notifier = Wire::connect(port, "app", &db).await;
+    notifier
+        .exchange(&wire::query("NOTIFY jobs, 'run 42'"), 1)
+        .await;
+    // The notification arrives while the listener is idle, unprompted.
+    let message = listener.recv().await.expect("a notification");
+    assert_eq!(message.tag, b'A', "{}", message.normalized());
+    assert!(message.normalized().contains("jobs") && message.normalized().contains("run 42"));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_prepare_and_listen_pin_the_backend_in_transaction_mode() {
+    use support::wire::{self, Wire};
+    let db = support::fresh_db("txpool_sql_prepare");
+    // Three backends: the owner and the listener each pin one.
+    let server = support::start_proxy(&pooled_map(&db, 3, "transaction")).await;
+    let port = server.address.port();
+    let owner = support::connect_proxy(&server, "app", None).await;
+    owner
+        .batch_execute("PREPARE double_it(int) AS SELECT $1 * 2")
+        .await
+        .expect("prepare");
+    // Other clients use the pool in between; the owner's SQL-level statement survives.
+    for _ in 0..4 {
+        let other = support::connect_proxy(&server, "app", None).await;
+        other.batch_execute("SELECT 1").await.expect("other");
+    }
+    let rows = owner
+        .simple_query("EXECUTE double_it(21)")
+        .await
+        .expect("execute");
+    let value = rows.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_string),
+        _ => None,
+    });
+    assert_eq!(value.as_deref(), Some("42"));
+    owner
+        .batch_execute("DEALLOCATE double_it")
+        .await
+        .expect("deallocate");
+
+    // LISTEN in transaction mode keeps the backend, so notifications arrive.
+    let mut listener = Wire::connect(port, "app", &db).await;
+    listener.exchange(&wire::query("LISTEN jobs"), 1).await;
+    let mut notifier = Wire::connect(port, "app", &db).await;
+    notifier
+        .exchange(&wire::query("NOTIFY jobs, 'pinned'"), 1)
+        .await;
+    let message = listener.recv().await.expect("a notification");
+    assert_eq!(message.tag, b'A', "{}", message.normalized());
+    server.stop().await;
+}

@@ -187,21 +187,29 @@ impl Session {
     }
 
     /// Handles every complete client message. `Ok(false)`: the client terminated.
+    /// Frames are handled in place (no per-message split of the buffer: a
+    /// split turns the buffer shared and costs an allocation per message).
     async fn process_client_input(&mut self) -> Result<bool, ProxyError> {
-        loop {
-            let total = match frame_length(&self.client_in, MAX_CLIENT_MESSAGE) {
-                Ok(Some(total)) if self.client_in.len() >= total => total,
-                Ok(_) => return Ok(true),
-                Err(error) => return Err(protocol_violation(error)),
+        let mut input = std::mem::take(&mut self.client_in);
+        let mut consumed = 0;
+        let result = loop {
+            let rest = &input[consumed..];
+            let total = match frame_length(rest, MAX_CLIENT_MESSAGE) {
+                Ok(Some(total)) if rest.len() >= total => total,
+                Ok(_) => break Ok(true),
+                Err(error) => break Err(protocol_violation(error)),
             };
-            let frame = self.client_in.split_to(total);
-            if !self.handle_client_message(frame).await? {
-                return Ok(false);
+            match self.handle_client_message(&rest[..total]).await {
+                Ok(true) => consumed += total,
+                other => break other,
             }
-        }
+        };
+        input.advance(consumed);
+        self.client_in = input;
+        result
     }
 
-    async fn handle_client_message(&mut self, frame: BytesMut) -> Result<bool, ProxyError> {
+    async fn handle_client_message(&mut self, frame: &[u8]) -> Result<bool, ProxyError> {
         let tag = frame[0];
         let body = &frame[5..];
         if self.skip_until_sync && tag != tag::SYNC && tag != tag::TERMINATE {
@@ -227,7 +235,7 @@ impl Session {
                 if effects.drops_statements {
                     self.forget_backend_statements();
                 }
-                self.forward(&frame, Expect::UntilReady);
+                self.forward(frame, Expect::UntilReady);
             }
             tag::PARSE => {
                 let parse = Parse::decode(body).map_err(protocol_violation)?;
@@ -244,7 +252,7 @@ impl Session {
                     self.forget_backend_statements();
                 }
                 if parse.name.is_empty() {
-                    self.forward(&frame, Expect::Parse(0));
+                    self.forward(frame, Expect::Parse(0));
                 } else {
                     self.parse_named(parse);
                 }
@@ -255,7 +263,7 @@ impl Session {
                     return Ok(true);
                 }
                 if bind.statement.is_empty() {
-                    self.forward(&frame, Expect::Bind);
+                    self.forward(frame, Expect::Bind);
                 } else if !self.ensure_statement(bind.statement) {
                     self.client_error_in_batch(unknown_statement(bind.statement));
                 } else {
@@ -276,19 +284,19 @@ impl Session {
                         (_, b'S') => Expect::DescribeStatement,
                         _ => Expect::DescribePortal,
                     };
-                    self.forward(&frame, expect);
+                    self.forward(frame, expect);
                 }
             }
             tag::EXECUTE => {
                 if !self.attach_for(None, true).await {
                     return Ok(true);
                 }
-                self.forward(&frame, Expect::Execute);
+                self.forward(frame, Expect::Execute);
             }
             tag::SYNC => {
                 self.skip_until_sync = false;
                 if self.backend.is_some() {
-                    self.forward(&frame, Expect::Sync);
+                    self.forward(frame, Expect::Sync);
                 } else {
                     let mut out = BytesMut::new();
                     synth::ready_for_query(&mut out, self.status);
@@ -297,20 +305,20 @@ impl Session {
             }
             tag::FLUSH => {
                 if self.backend.is_some() {
-                    self.backend_out.extend_from_slice(&frame);
+                    self.backend_out.extend_from_slice(frame);
                 }
             }
             tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL => {
                 // Outside COPY these are ignored, as by Postgres.
                 if self.backend.is_some() {
-                    self.backend_out.extend_from_slice(&frame);
+                    self.backend_out.extend_from_slice(frame);
                 }
             }
             tag::FUNCTION_CALL => {
                 if !self.attach_for(None, false).await {
                     return Ok(true);
                 }
-                self.forward(&frame, Expect::UntilReady);
+                self.forward(frame, Expect::UntilReady);
             }
             other => {
                 return Err(ProxyError::fatal(
