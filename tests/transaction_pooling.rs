@@ -253,3 +253,47 @@ async fn sql_prepare_and_listen_pin_the_backend_in_transaction_mode() {
     assert_eq!(message.tag, b'A', "{}", message.normalized());
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_role_never_leaks_to_the_next_client() {
+    let db = support::fresh_db("txpool_role");
+    for cluster in &support::fleet().clusters {
+        let shard = support::connect(cluster, &db).await;
+        shard
+            .batch_execute(&format!(
+                "DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'limited_{db}') THEN CREATE ROLE limited_{db}; END IF; END$$"
+            ))
+            .await
+            .expect("create role");
+    }
+    let server = support::start_proxy(&pooled_map(&db, 1, "transaction")).await;
+    let a = support::connect_proxy(&server, "app", None).await;
+    a.batch_execute(&format!("SET ROLE limited_{db}"))
+        .await
+        .expect("set role");
+    let b = support::connect_proxy(&server, "app", None).await;
+    let user: String = b
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .expect("b")
+        .get(0);
+    assert_eq!(user, "postgres", "another client's SET ROLE leaked");
+    let user: String = a
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .expect("a")
+        .get(0);
+    assert_eq!(
+        user,
+        format!("limited_{db}"),
+        "the client's own role is restored"
+    );
+    a.batch_execute("RESET ROLE").await.expect("reset role");
+    let user: String = a
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .expect("a")
+        .get(0);
+    assert_eq!(user, "postgres");
+    server.stop().await;
+}

@@ -628,13 +628,27 @@ impl Session {
                         .metrics
                         .error(shard, messages::error_fields(frame.body).code);
                     if disposition == Disposition::Swallow {
-                        // A hidden statement failed: surface it rather than lose it.
+                        // Replaying the session's settings failed on this
+                        // backend: the client must know its statement may run
+                        // with other settings, so it gets a WARNING notice.
                         let fields = messages::error_fields(frame.body);
                         tracing::warn!(
                             code = fields.code,
                             message = fields.message,
-                            "hidden statement failed"
+                            "replaying session settings failed"
                         );
+                        ProxyError {
+                            severity: "WARNING",
+                            ..ProxyError::error(
+                                "01000",
+                                format!(
+                                    "shardgate could not restore this session's settings on the backend: {}",
+                                    fields.message
+                                ),
+                            )
+                        }
+                        .with_detail(format!("SQLSTATE {} from the shard", fields.code))
+                        .encode_notice(&mut self.client_out);
                     }
                 }
                 tag::COMMAND_COMPLETE if disposition == Disposition::Forward => {

@@ -52,7 +52,8 @@ impl SessionSettings {
 
     /// SQL that turns a backend with other settings into this session's.
     pub fn replay_sql(&self) -> String {
-        let mut sql = String::from("RESET ALL;");
+        // RESET ALL leaves `role` alone (GUC_NO_RESET_ALL), so reset it too.
+        let mut sql = String::from("RESET ALL; RESET ROLE;");
         for (name, value) in &self.settings {
             sql.push_str(&format!(" SET SESSION {name} = {value};"));
         }
@@ -149,7 +150,7 @@ fn parse_change(statement: &str) -> Option<Change> {
         if name == "all" {
             return Some(Change::ResetAll);
         }
-        if name.starts_with("shardgate.") || name == "session" || name == "role" {
+        if name.starts_with("shardgate.") || name == "session" {
             return None;
         }
         return Some(Change::Reset { name });
@@ -183,8 +184,28 @@ fn parse_change(statement: &str) -> Option<Change> {
             value: value.to_string(),
         });
     }
-    if lower.starts_with("role ") || lower.starts_with("names ") || lower.starts_with("schema ") {
-        return None;
+    // `SET ROLE x` is the `role` setting: tracked and replayed like any
+    // other, so a pooled backend never keeps another client's role.
+    if let Some(value) = lower.strip_prefix("role ") {
+        let value = rest[rest.len() - value.len()..].trim();
+        return Some(Change::Set {
+            name: "role".to_string(),
+            value: value.to_string(),
+        });
+    }
+    if let Some(value) = lower.strip_prefix("schema ") {
+        let value = rest[rest.len() - value.len()..].trim();
+        return Some(Change::Set {
+            name: "search_path".to_string(),
+            value: value.to_string(),
+        });
+    }
+    if let Some(value) = lower.strip_prefix("names ") {
+        let value = rest[rest.len() - value.len()..].trim();
+        return Some(Change::Set {
+            name: "client_encoding".to_string(),
+            value: value.to_string(),
+        });
     }
     let split = rest.find(|c: char| c == '=' || c.is_whitespace())?;
     let name = rest[..split].trim().to_ascii_lowercase();
@@ -291,6 +312,26 @@ mod tests {
         );
         assert_eq!(changes_in("select 'set x = 1; y'"), vec![]);
         assert_eq!(changes_in("RESET ALL"), vec![Change::ResetAll]);
+        assert_eq!(
+            changes_in("SET ROLE reporting"),
+            vec![Change::Set {
+                name: "role".into(),
+                value: "reporting".into()
+            }]
+        );
+        assert_eq!(
+            changes_in("RESET ROLE"),
+            vec![Change::Reset {
+                name: "role".into()
+            }]
+        );
+        assert_eq!(
+            changes_in("SET SCHEMA 'x'"),
+            vec![Change::Set {
+                name: "search_path".into(),
+                value: "'x'".into()
+            }]
+        );
         assert_eq!(
             changes_in("SET x TO DEFAULT"),
             vec![Change::Reset { name: "x".into() }]
