@@ -857,7 +857,7 @@ const WORD: [bool; 256] = {
 /// First letters (lower case) of the keywords `scan_statement` looks for.
 const INTERESTING_START: [bool; 256] = {
     let mut table = [false; 256];
-    let letters = b"srdalthp";
+    let letters = b"srdalthpc";
     let mut i = 0;
     while i < letters.len() {
         table[letters[i] as usize] = true;
@@ -902,6 +902,9 @@ fn scan_statement(sql: &str) -> StatementEffects {
             // DEALLOCATE [PREPARE] ALL; a single DEALLOCATE names an SQL-level statement.
             Some(b'a') if is(b"all") && deallocate => effects.drops_statements = true,
             Some(b'a') if is(b"authorization") => effects.taints = true,
+            // SET SESSION CHARACTERISTICS AS TRANSACTION …: a session default.
+            Some(b'c') if is(b"characteristics") => effects.taints = true,
+            Some(b'l') if is(b"load") => effects.taints = true,
             Some(b'l') if is(b"listen") => effects.taints = true,
             Some(b't') if is(b"temp") || is(b"temporary") => effects.taints = true,
             Some(b'p') if is(b"prepare") => effects.taints = true,
@@ -968,6 +971,7 @@ mod tests {
         let discard = scan_statement("DISCARD ALL");
         assert!(discard.discards_all && discard.drops_statements && discard.sets);
         assert!(scan_statement("DEALLOCATE ALL").drops_statements);
+        assert!(scan_statement("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY").taints);
         assert!(scan_statement("deallocate prepare all").drops_statements);
         assert!(!scan_statement("DEALLOCATE my_statement").drops_statements);
     }
