@@ -13,6 +13,7 @@ pub mod config;
 pub mod demo;
 pub mod devcluster;
 pub mod frontend;
+pub mod migrate;
 pub mod metrics;
 pub mod protocol;
 pub mod router;

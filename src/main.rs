@@ -30,6 +30,8 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         shards: usize,
     },
+    /// Versioned schema revisions applied to every shard in lockstep.
+    Migrate(shardgate::migrate::cli::MigrateArgs),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +46,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve { config } => serve(&config),
         Command::Check { config } => check(&config),
+        Command::Migrate(args) => shardgate::migrate::cli::run(args),
         Command::Demo { shards } => match shardgate::demo::run(shards) {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {

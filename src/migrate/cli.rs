@@ -1,0 +1,308 @@
+//! `shardgate migrate …`: clap arguments and the command runners.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+
+use super::apply::{ApplyOptions, Migrator};
+use super::plan::Direction;
+use super::{ledger, MigrateError};
+use crate::config::{Config, LoadError};
+
+/// `shardgate migrate --config FILE [--shards s0,s1] <command>`.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// The shard map (its `migrations.dir` holds the revisions).
+    #[arg(long, short, global = true)]
+    pub config: Option<PathBuf>,
+    /// Only these shards (comma-separated names); default: every shard.
+    #[arg(long, value_delimiter = ',', global = true)]
+    pub shards: Vec<String>,
+    /// Every shard (the default; for symmetry with --shards).
+    #[arg(long, global = true, conflicts_with = "shards")]
+    pub all_shards: bool,
+    /// Seconds to wait for another migrator's lock.
+    #[arg(long, default_value_t = 30, global = true)]
+    pub lock_wait: u64,
+    /// Postgres lock_timeout per step, in milliseconds.
+    #[arg(long, default_value_t = 10_000, global = true)]
+    pub lock_timeout: u64,
+    #[command(subcommand)]
+    pub command: MigrateCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MigrateCommand {
+    /// Write a new revision folder (parent: the current head, or --head).
+    New {
+        message: String,
+        /// Parent revision (`base` starts a new branch; `label@head`, an id…).
+        #[arg(long)]
+        head: Option<String>,
+        #[arg(long = "branch-label")]
+        branch_label: Vec<String>,
+        #[arg(long = "depends-on")]
+        depends_on: Vec<String>,
+    },
+    /// Upgrade every shard to TARGET (default: heads), one atomic group per revision.
+    Up {
+        #[arg(default_value = "heads")]
+        target: String,
+        /// Accept applied revisions whose file changed since.
+        #[arg(long)]
+        accept_changed: bool,
+    },
+    /// Downgrade every shard to TARGET.
+    Down {
+        target: String,
+        #[arg(long)]
+        accept_changed: bool,
+    },
+    /// Per shard: current heads, pending revisions, in-doubt transactions.
+    Status,
+    /// The revision history (newest first); `-r A:B` limits it.
+    History {
+        #[arg(short = 'r', long = "rev-range")]
+        range: Option<String>,
+    },
+    /// The head revisions of the migrations folder.
+    Heads,
+    /// Branch points and their branches.
+    Branches,
+    /// Write a merge revision of the given revisions (default: all heads).
+    Merge {
+        #[arg(short, long, default_value = "merge heads")]
+        message: String,
+        revisions: Vec<String>,
+    },
+    /// Set the ledger to TARGET without running SQL.
+    Stamp {
+        target: String,
+        /// Only this shard.
+        #[arg(long)]
+        shard: Option<String>,
+    },
+    /// The steps `up` (or `down` with --down) would run, with their SQL.
+    Plan {
+        #[arg(default_value = "heads")]
+        target: String,
+        #[arg(long)]
+        down: bool,
+    },
+    /// Resolve in-doubt prepared transactions left by a crashed migrator.
+    Recover,
+}
+
+/// Runs a `migrate` command; errors go to stderr with exit code 1.
+pub fn run(args: MigrateArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(execute(args)) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("shardgate migrate: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(args: &MigrateArgs) -> Result<Migrator, MigrateError> {
+    let Some(path) = &args.config else {
+        return Err(MigrateError::Invalid("--config FILE is required".into()));
+    };
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(LoadError::Invalid(errors)) => return Err(MigrateError::Invalid(errors.to_string())),
+        Err(error) => return Err(MigrateError::Invalid(error.to_string())),
+    };
+    Migrator::from_config(&config)
+}
+
+async fn execute(args: MigrateArgs) -> Result<ExitCode, MigrateError> {
+    let migrator = load(&args)?;
+    let mut opts = ApplyOptions {
+        shards: args.shards.clone(),
+        lock_wait: Duration::from_secs(args.lock_wait),
+        lock_timeout: Duration::from_millis(args.lock_timeout),
+        ..ApplyOptions::default()
+    };
+    let graph = migrator.graph();
+    let up = matches!(args.command, MigrateCommand::Up { .. });
+    match args.command {
+        MigrateCommand::New {
+            message,
+            head,
+            branch_label,
+            depends_on,
+        } => {
+            let dir =
+                migrator.new_revision(&message, head.as_deref(), &branch_label, &depends_on)?;
+            println!("wrote {}", dir.display());
+        }
+        MigrateCommand::Merge { message, revisions } => {
+            let dir = migrator.merge(&message, &revisions)?;
+            println!("wrote {}", dir.display());
+        }
+        MigrateCommand::Up {
+            target,
+            accept_changed,
+        }
+        | MigrateCommand::Down {
+            target,
+            accept_changed,
+        } => {
+            opts.accept_changed = accept_changed;
+            let report = if up {
+                migrator.upgrade(&target, &opts).await?
+            } else {
+                migrator.downgrade(&target, &opts).await?
+            };
+            for (shard, gid) in &report.recovered.committed {
+                println!("recovered: committed {gid} on {shard}");
+            }
+            for (shard, gid) in &report.recovered.rolled_back {
+                println!("recovered: rolled back {gid} on {shard}");
+            }
+            for (revision, direction) in &report.steps {
+                let described = graph
+                    .get(revision)
+                    .map_or(String::new(), |r| r.message.clone());
+                println!(
+                    "{direction} {revision} on {}: {described}",
+                    report.shards.join(", ")
+                );
+            }
+            if report.steps.is_empty() {
+                println!("nothing to do");
+            }
+            println!("heads: {}", rows_text(&report.heads));
+        }
+        MigrateCommand::Status => {
+            let mut drift = false;
+            let statuses = migrator.status(&opts).await?;
+            for s in &statuses {
+                println!("{}:", s.shard);
+                println!("  current: {}", rows_text(&s.heads));
+                if let Some(problem) = &s.problem {
+                    println!("  problem: {problem}");
+                    drift = true;
+                }
+                if s.pending.is_empty() {
+                    println!("  pending: none");
+                } else {
+                    println!("  pending: {} ({})", s.pending.len(), s.pending.join(", "));
+                }
+                if s.in_doubt.is_empty() {
+                    println!("  in doubt: none");
+                } else {
+                    println!(
+                        "  in doubt: {} (run `shardgate migrate recover`)",
+                        s.in_doubt.join(", ")
+                    );
+                }
+                if !s.changed.is_empty() {
+                    println!("  changed since applied: {}", s.changed.join(", "));
+                }
+            }
+            if statuses.windows(2).any(|w| w[0].heads != w[1].heads) {
+                println!("shards disagree on their current revisions");
+                drift = true;
+            }
+            if drift {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        MigrateCommand::History { range } => {
+            let current = if range.as_deref().is_some_and(|r| r.contains("current")) {
+                let statuses = migrator.status(&opts).await?;
+                statuses
+                    .into_iter()
+                    .next()
+                    .map(|s| s.heads)
+                    .unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            for id in graph.history(range.as_deref(), &current)? {
+                println!("{}", graph.describe(&id));
+            }
+        }
+        MigrateCommand::Heads => {
+            for id in graph.heads() {
+                println!("{}", graph.tagged(id));
+            }
+        }
+        MigrateCommand::Branches => {
+            for r in graph.ordered() {
+                if graph.is_branch_point(&r.id) {
+                    println!("{}, {}", graph.tagged(&r.id), r.message);
+                    for child in graph.children(&r.id) {
+                        let message = graph.get(child).map_or("", |c| c.message.as_str());
+                        println!("    -> {}, {message}", graph.tagged(child));
+                    }
+                }
+            }
+        }
+        MigrateCommand::Stamp { target, shard } => {
+            if let Some(shard) = shard {
+                opts.shards = vec![shard];
+            }
+            for (shard, rows) in migrator.stamp(&target, &opts).await? {
+                println!("{shard}: stamped {}", rows_text(&rows));
+            }
+        }
+        MigrateCommand::Plan { target, down } => {
+            let direction = if down { Direction::Down } else { Direction::Up };
+            let plan = migrator.plan(&target, direction, &opts).await?;
+            println!("from: {}", rows_text(&plan.from));
+            println!("to: {}", plan.target);
+            if plan.steps.is_empty() {
+                println!("nothing to do");
+            }
+            for (n, step) in plan.steps.iter().enumerate() {
+                println!(
+                    "-- step {} (one atomic group on every shard): {} {} ({})",
+                    n + 1,
+                    step.direction.as_str(),
+                    step.revision,
+                    step.file
+                );
+                for statement in &step.statements {
+                    println!("{};", statement.sql);
+                }
+                println!("-- version rows after: {}", rows_text(&step.rows_after));
+            }
+        }
+        MigrateCommand::Recover => {
+            let report = migrator.recover(&opts).await?;
+            for (shard, gid) in &report.committed {
+                println!("committed {gid} on {shard}");
+            }
+            for (shard, gid) in &report.rolled_back {
+                println!("rolled back {gid} on {shard}");
+            }
+            if report.committed.is_empty() && report.rolled_back.is_empty() {
+                println!("no in-doubt transactions ({}%)", ledger::GID_PREFIX);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn rows_text(rows: &[String]) -> String {
+    if rows.is_empty() {
+        "base".into()
+    } else {
+        rows.join(", ")
+    }
+}

@@ -1,0 +1,112 @@
+//! What `up`/`down` will do: the ordered steps, each one atomic group run on
+//! every participating shard, with the exact statements.
+
+use super::graph::{Graph, Target};
+use super::revision::Revision;
+use super::statements::{self, Statement};
+use super::{MigrateError, Result};
+
+/// Which way a step goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Up,
+    Down,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Up => "up",
+            Direction::Down => "down",
+        }
+    }
+}
+
+/// One step: a revision applied or reverted on every participant, plus the
+/// version rows it leaves behind.
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub revision: String,
+    pub direction: Direction,
+    /// The file the statements come from (for error messages).
+    pub file: String,
+    pub statements: Vec<Statement>,
+    /// Checksum recorded in the history (of `up.sql`, also for `down`, so the
+    /// ledger says which version of the revision was reverted).
+    pub checksum: String,
+    /// Version rows after this step.
+    pub rows_after: Vec<String>,
+    pub transactional: bool,
+}
+
+/// The steps from `current` rows to `target`.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub from: Vec<String>,
+    pub target: Target,
+    pub steps: Vec<Step>,
+}
+
+/// Plans an upgrade (`direction = Up`) or downgrade. Every file problem (a
+/// missing or irreversible `down.sql`, SQL that does not split) is found
+/// here, before anything runs.
+pub fn make(graph: &Graph, current: &[String], spec: &str, direction: Direction) -> Result<Plan> {
+    let target = graph.resolve(spec, current)?;
+    let ids = match direction {
+        Direction::Up => graph.upgrade_steps(current, &target)?,
+        Direction::Down => graph.downgrade_steps(current, &target, spec)?,
+    };
+    let mut applied = graph.applied(current)?;
+    let mut steps = Vec::with_capacity(ids.len());
+    for id in ids {
+        let revision = graph
+            .get(&id)
+            .ok_or_else(|| MigrateError::Invalid(format!("revision {id} vanished")))?;
+        let (file, sql) = match direction {
+            Direction::Up => (
+                revision.up_path.display().to_string(),
+                revision.up_sql.as_str(),
+            ),
+            Direction::Down => down_sql(revision)?,
+        };
+        let statements = statements::split(sql).map_err(|(line, message)| {
+            MigrateError::Invalid(format!("{file}:{line}: {message}"))
+        })?;
+        match direction {
+            Direction::Up => applied.insert(id.clone()),
+            Direction::Down => applied.remove(&id),
+        };
+        steps.push(Step {
+            revision: id.clone(),
+            direction,
+            file,
+            statements,
+            checksum: revision.checksum.clone(),
+            rows_after: graph.heads_of(&applied),
+            transactional: revision.transactional,
+        });
+    }
+    Ok(Plan {
+        from: current.to_vec(),
+        target,
+        steps,
+    })
+}
+
+fn down_sql(revision: &Revision) -> Result<(String, &str)> {
+    if revision.irreversible {
+        return Err(MigrateError::Invalid(format!(
+            "revision {} ({}) is irreversible; cannot downgrade past it",
+            revision.id,
+            revision.up_path.display()
+        )));
+    }
+    match (&revision.down_path, &revision.down_sql) {
+        (Some(path), Some(sql)) => Ok((path.display().to_string(), sql.as_str())),
+        _ => Err(MigrateError::Invalid(format!(
+            "revision {} has no down.sql in {}; add one or mark it `irreversible: true`",
+            revision.id,
+            revision.dir.display()
+        ))),
+    }
+}
