@@ -30,6 +30,14 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         shards: usize,
     },
+    /// Explain where a statement goes: shards, function, key values found.
+    Route {
+        #[arg(long, short)]
+        config: PathBuf,
+        sql: String,
+        #[arg(long = "param")]
+        params: Vec<String>,
+    },
     /// Versioned schema revisions applied to every shard in lockstep.
     Migrate(shardgate::migrate::cli::MigrateArgs),
 }
@@ -46,6 +54,11 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve { config } => serve(&config),
         Command::Check { config } => check(&config),
+        Command::Route {
+            config,
+            sql,
+            params,
+        } => shardgate::router::explain::run_route_command(&config, &sql, &params),
         Command::Migrate(args) => shardgate::migrate::cli::run(args),
         Command::Demo { shards } => match shardgate::demo::run(shards) {
             Ok(()) => ExitCode::SUCCESS,

@@ -1,4 +1,20 @@
-//! SQL routing. For now: routing hints (`hints`); key extraction with
-//! sqlparser comes with the router issue.
+//! SQL routing: where a statement goes.
+//!
+//! - [`shardmap`]: the shard map as the router needs it (functions, table rules).
+//! - [`analyze`]: sqlparser walk → [`Analysis`] (parameter-independent, cached).
+//! - [`route`]: the decision ([`Route`]) and its errors ([`RouteError`]).
+//! - [`cache`]: [`Router`], the cached entry point the proxy uses.
+//! - [`explain`]: the human explanation behind `shardgate route`.
+//! - [`hints`]: routing hints from comments and `SET shardgate.…`.
 
+pub mod analyze;
+pub mod cache;
+pub mod explain;
 pub mod hints;
+pub mod route;
+pub mod shardmap;
+
+pub use analyze::{analyze, Analysis, Cond, Placement, Plan, StatementKind, TableUse, ValueExpr};
+pub use cache::Router;
+pub use route::{Param, ParamFormat, Route, RouteError};
+pub use shardmap::{MapFunction, RouterError, ShardMap, TableRule};

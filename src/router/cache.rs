@@ -1,0 +1,155 @@
+//! [`Router`]: the entry point the proxy uses. Analyses are cached by SQL
+//! text because parsing costs 5–14 µs a statement (ARCHITECTURE §2.4), as much
+//! as the proxy's whole per-query CPU; a hit only hashes the text and
+//! evaluates the key predicates with the bound parameters.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::analyze::{analyze, Analysis};
+use super::hints::{leading_hint, Hint};
+use super::route::{Param, Route, RouteError};
+use super::shardmap::ShardMap;
+use crate::sharding::KeyValue;
+
+/// Default number of cached statements.
+pub const DEFAULT_CACHE_CAPACITY: usize = 10_000;
+
+type Cached = Result<Arc<Analysis>, RouteError>;
+
+/// A shard map with a bounded cache of statement analyses.
+///
+/// The cache is cleared when full rather than kept in LRU order: applications
+/// use a small, stable set of statements, so a full cache means ad-hoc SQL
+/// with inlined values, where LRU bookkeeping would be pure overhead.
+pub struct Router {
+    map: Arc<ShardMap>,
+    cache: Mutex<HashMap<String, Cached>>,
+    capacity: usize,
+    next: AtomicUsize,
+}
+
+impl Router {
+    pub fn new(map: ShardMap) -> Router {
+        Router::with_capacity(map, DEFAULT_CACHE_CAPACITY)
+    }
+
+    pub fn with_capacity(map: ShardMap, capacity: usize) -> Router {
+        Router {
+            map: Arc::new(map),
+            cache: Mutex::new(HashMap::new()),
+            capacity: capacity.max(1),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn map(&self) -> &ShardMap {
+        &self.map
+    }
+
+    /// Cached statements (for tests and metrics).
+    pub fn cached(&self) -> usize {
+        self.cache.lock().map_or(0, |c| c.len())
+    }
+
+    /// The analysis of `sql`, from the cache when possible. Errors are cached
+    /// too: the same text fails the same way.
+    pub fn analyze(&self, sql: &str) -> Result<Arc<Analysis>, RouteError> {
+        if let Ok(cache) = self.cache.lock() {
+            if let Some(hit) = cache.get(sql) {
+                return hit.clone();
+            }
+        }
+        let fresh: Cached = analyze(&self.map, sql).map(Arc::new);
+        if let Ok(mut cache) = self.cache.lock() {
+            if cache.len() >= self.capacity {
+                cache.clear();
+            }
+            cache.insert(sql.to_string(), fresh.clone());
+        }
+        fresh
+    }
+
+    /// The route of a statement without parameters.
+    pub fn route(&self, sql: &str) -> Result<Route, RouteError> {
+        self.route_with_params(sql, &[])
+    }
+
+    /// The route of a statement with bound parameters. A leading
+    /// `/* shardgate: … */` hint overrides the analysis.
+    pub fn route_with_params(&self, sql: &str, params: &[Param]) -> Result<Route, RouteError> {
+        match leading_hint(sql) {
+            Some(Hint::Shard(name)) => self.hinted_shard(name).map(Route::Single),
+            Some(Hint::Key(value)) => self.hinted_key(sql, value).map(Route::Single),
+            None => self.analyze(sql)?.route(&self.map, params),
+        }
+    }
+
+    /// The shard a `shard=` hint names.
+    pub fn hinted_shard(&self, name: &str) -> Result<usize, RouteError> {
+        self.map.shard_index(name).ok_or_else(|| {
+            RouteError::BadHint(format!(
+                "the routing hint names shard \"{name}\", which is not in the shard map (shards: {})",
+                self.map.shard_names.join(", ")
+            ))
+        })
+    }
+
+    /// The shard a `key=` hint selects: the statement's sharding function (or
+    /// the map's only one), reading the value as the key column's type when
+    /// known, else as the function's type; a bare integer is an integer key.
+    pub fn hinted_key(&self, sql: &str, value: &str) -> Result<usize, RouteError> {
+        let analysis = self.analyze(sql).ok();
+        let function = analysis
+            .as_ref()
+            .and_then(|a| a.function())
+            .or(if self.map.functions.len() == 1 {
+                Some(0)
+            } else {
+                None
+            })
+            .ok_or_else(|| {
+                RouteError::BadHint(
+                    "a key= hint needs a statement on a sharded table (or a map with one \
+                     sharding function) to know which function applies"
+                        .into(),
+                )
+            })?;
+        let f = self
+            .map
+            .functions
+            .get(function)
+            .ok_or_else(|| RouteError::BadHint("unknown sharding function".into()))?;
+        let kind = analysis
+            .as_ref()
+            .and_then(|a| a.key_table())
+            .and_then(|t| self.map.key_type(t))
+            .or_else(|| f.implied_key_type());
+        let key = match kind {
+            Some(kind) => KeyValue::parse_as(kind, value)
+                .map_err(|e| RouteError::BadHint(format!("key hint: {e}")))?,
+            None => match value.parse::<i64>() {
+                Ok(i) => KeyValue::Int(i),
+                Err(_) => {
+                    return Err(RouteError::TypeNeeded(format!(
+                        "the key hint '{value}' is not an integer and the key column's type is \
+                         unknown: {} placement depends on it",
+                        f.kind
+                    )))
+                }
+            },
+        };
+        let placed = match kind {
+            Some(kind) => f.function.shard_for_as(&key, kind),
+            None => f.function.shard_for(&key),
+        };
+        placed.map_err(|e| RouteError::BadHint(format!("key hint: {e}")))
+    }
+
+    /// A shard for an [`Route::AnyOne`] statement, round-robin so replicated
+    /// reads spread over the shards.
+    pub fn pick_any(&self) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed) % self.map.shard_count().max(1)
+    }
+}

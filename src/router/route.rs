@@ -1,0 +1,165 @@
+//! The routing decision ([`Route`]), its errors ([`RouteError`]) and bound
+//! parameters ([`Param`]).
+//!
+//! A route is pure data: the proxy (src/frontend, src/server.rs) decides how
+//! to execute it. Errors carry a SQLSTATE so the proxy can send them to the
+//! client as an `ErrorResponse` unchanged.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Where a statement goes. Shard numbers are indexes into the map's shard list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// Exactly one shard holds every row the statement touches.
+    Single(usize),
+    /// Fan-out to a subset of the shards (IN lists, OR, ranges); results are merged.
+    Shards(BTreeSet<usize>),
+    /// Fan-out to every shard: no usable key predicate.
+    All,
+    /// The same statement runs on every shard: writes to replicated tables, DDL,
+    /// utility statements. Unlike [`Route::All`] there is nothing to merge; every
+    /// shard must succeed.
+    Broadcast,
+    /// Any single shard gives the full answer (reads of replicated tables only,
+    /// statements without tables). The proxy picks one, e.g. with
+    /// [`super::Router::pick_any`], to spread load.
+    AnyOne,
+    /// A multi-row INSERT whose rows belong to different shards: row indexes
+    /// (0-based, in VALUES order) per shard. Executing it needs one INSERT per
+    /// shard (future work in the proxy); the decision is exact.
+    Split {
+        rows_by_shard: BTreeMap<usize, Vec<usize>>,
+    },
+    /// No shard needed: session and transaction control (SET, BEGIN, COMMIT, …)
+    /// that the proxy applies to whatever backend the session uses.
+    NoShard,
+}
+
+impl Route {
+    /// Short name for metrics and explanations.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Route::Single(_) => "single",
+            Route::Shards(_) => "fanout-subset",
+            Route::All => "fanout",
+            Route::Broadcast => "broadcast",
+            Route::AnyOne => "any-one",
+            Route::Split { .. } => "split",
+            Route::NoShard => "no-shard",
+        }
+    }
+
+    /// The route for a set of shards: one shard is `Single`; an empty set (a key
+    /// predicate no row can satisfy, e.g. `id = NULL`) can run anywhere.
+    pub fn from_set(set: BTreeSet<usize>) -> Route {
+        match set.len() {
+            0 => Route::AnyOne,
+            1 => set.first().map_or(Route::AnyOne, |s| Route::Single(*s)),
+            _ => Route::Shards(set),
+        }
+    }
+}
+
+/// Why a statement cannot be routed. `sqlstate` is what the client sees.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    /// The statement needs rows of several shards combined in a way the proxy
+    /// cannot do exactly (joins of non-co-located tables, …).
+    #[error("{0}")]
+    CrossShard(String),
+    /// A table the shard map does not name, with `default_table: error`.
+    #[error("table \"{table}\" is not in the shard map (default_table: error); configured tables: {configured}")]
+    UnknownTable { table: String, configured: String },
+    /// A key value whose type cannot be known without the key column's type.
+    #[error("{0}")]
+    TypeNeeded(String),
+    /// A key value that is not valid for its type or function.
+    #[error("{0}")]
+    InvalidKey(String),
+    /// Something the router does not support (yet).
+    #[error("{0}")]
+    Unsupported(String),
+    /// A `$n` without a bound value.
+    #[error("there is no parameter ${0}")]
+    MissingParam(usize),
+    /// A routing hint naming an unknown shard, or a malformed hint.
+    #[error("{0}")]
+    BadHint(String),
+    /// The statement could not be parsed or classified.
+    #[error("{0}")]
+    Syntax(String),
+}
+
+impl RouteError {
+    /// The SQLSTATE sent to the client.
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            RouteError::CrossShard(_) | RouteError::Unsupported(_) => "0A000",
+            RouteError::UnknownTable { .. } => "42P01",
+            RouteError::TypeNeeded(_) => "42P18",
+            RouteError::InvalidKey(_) => "22023",
+            RouteError::MissingParam(_) => "42P02",
+            RouteError::BadHint(_) => "22023",
+            RouteError::Syntax(_) => "42601",
+        }
+    }
+}
+
+/// Format of a bound parameter (extended protocol `Bind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamFormat {
+    Text,
+    Binary,
+}
+
+/// One bound parameter: its bytes (`None` is SQL NULL), its format, and the
+/// type OID the client declared in `Parse` (0 or `None` when unspecified).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Param {
+    pub value: Option<Vec<u8>>,
+    pub format: ParamFormat,
+    pub type_oid: Option<u32>,
+}
+
+impl Param {
+    /// A text-format parameter without a declared type (what most drivers send).
+    pub fn text(value: &str) -> Param {
+        Param {
+            value: Some(value.as_bytes().to_vec()),
+            format: ParamFormat::Text,
+            type_oid: None,
+        }
+    }
+
+    /// A text-format parameter with a declared type OID.
+    pub fn typed_text(value: &str, type_oid: u32) -> Param {
+        Param {
+            value: Some(value.as_bytes().to_vec()),
+            format: ParamFormat::Text,
+            type_oid: Some(type_oid),
+        }
+    }
+
+    /// A binary-format parameter (network byte order) with an optional type OID.
+    pub fn binary(value: &[u8], type_oid: Option<u32>) -> Param {
+        Param {
+            value: Some(value.to_vec()),
+            format: ParamFormat::Binary,
+            type_oid,
+        }
+    }
+
+    /// SQL NULL.
+    pub fn null() -> Param {
+        Param {
+            value: None,
+            format: ParamFormat::Text,
+            type_oid: None,
+        }
+    }
+
+    /// The declared type OID, with 0 ("unspecified" on the wire) as `None`.
+    pub fn declared_oid(&self) -> Option<u32> {
+        self.type_oid.filter(|o| *o != 0)
+    }
+}
