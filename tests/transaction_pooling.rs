@@ -297,3 +297,65 @@ async fn set_role_never_leaks_to_the_next_client() {
     assert_eq!(user, "postgres");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unnamed_statement_survives_a_backend_switch() {
+    use support::wire::{self, Wire};
+    let db = support::fresh_db("txpool_unnamed");
+    // One backend: the other client's simple query replaces the unnamed statement there.
+    let server = support::start_proxy(&pooled_map(&db, 1, "transaction")).await;
+    let port = server.address.port();
+    let mut a = Wire::connect(port, "app", &db).await;
+    let mut b = Wire::connect(port, "app", &db).await;
+    // Parse + Describe + Sync, then Bind + Execute + Sync later (pgx, Npgsql do this).
+    let described = a
+        .exchange(
+            &[
+                wire::parse("", "SELECT $1::int + 1 AS n", &[23]),
+                wire::describe(b'S', ""),
+                wire::sync(),
+            ]
+            .concat(),
+            1,
+        )
+        .await;
+    assert!(described.iter().any(|m| m.tag == b'1'), "ParseComplete");
+    b.exchange(&wire::query("SELECT 'in between'"), 1).await;
+    let answer = a
+        .exchange(
+            &[
+                wire::bind("", "", &[Some("41")]),
+                wire::execute("", 0),
+                wire::sync(),
+            ]
+            .concat(),
+            1,
+        )
+        .await;
+    let rendered: Vec<String> = answer.iter().map(wire::Msg::normalized).collect();
+    assert!(answer.iter().all(|m| m.tag != b'E'), "{rendered:?}");
+    assert!(rendered.iter().any(|m| m.contains("42")), "{rendered:?}");
+    // As in Postgres, a simple query of the client itself replaces its unnamed statement.
+    a.exchange(&wire::query("SELECT 1"), 1).await;
+    let answer = a
+        .exchange(
+            &[
+                wire::bind("", "", &[Some("41")]),
+                wire::execute("", 0),
+                wire::sync(),
+            ]
+            .concat(),
+            1,
+        )
+        .await;
+    assert_eq!(
+        answer
+            .iter()
+            .find(|m| m.tag == b'E')
+            .and_then(|m| m.error_code())
+            .as_deref(),
+        Some("26000"),
+        "Postgres: unnamed prepared statement does not exist"
+    );
+    server.stop().await;
+}

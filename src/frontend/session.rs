@@ -74,6 +74,12 @@ pub struct Session {
     /// stays with this client, and is closed rather than reused afterwards.
     tainted: bool,
     key: (i32, i32),
+    /// The client's last unnamed Parse (empty: none), re-sent when a Bind or
+    /// Describe for it lands on a backend that does not have it (transaction
+    /// pooling moved the client between its Parse+Sync and its Bind).
+    unnamed_parse: Vec<u8>,
+    /// Whether the attached backend holds that unnamed statement.
+    unnamed_on_backend: bool,
     /// When the first statement since the last ReadyForQuery was forwarded.
     batch_started: Option<Instant>,
 }
@@ -112,6 +118,8 @@ impl Session {
             tainted: false,
             key: startup.key,
             batch_started: None,
+            unnamed_parse: Vec::new(),
+            unnamed_on_backend: false,
         }
     }
 
@@ -229,6 +237,9 @@ impl Session {
                 if !self.attach_for(hint, false).await {
                     return Ok(true);
                 }
+                // A simple query replaces the unnamed statement, as in Postgres.
+                self.unnamed_parse.clear();
+                self.unnamed_on_backend = false;
                 if effects.sets {
                     self.settings.statement_sent(sql);
                 }
@@ -252,6 +263,11 @@ impl Session {
                     self.forget_backend_statements();
                 }
                 if parse.name.is_empty() {
+                    self.unnamed_parse.clear();
+                    if frame.len() <= MAX_REMEMBERED_UNNAMED {
+                        self.unnamed_parse.extend_from_slice(frame);
+                    }
+                    self.unnamed_on_backend = true;
                     self.forward(frame, Expect::Parse(0));
                 } else {
                     self.parse_named(parse);
@@ -263,6 +279,7 @@ impl Session {
                     return Ok(true);
                 }
                 if bind.statement.is_empty() {
+                    self.ensure_unnamed();
                     self.forward(frame, Expect::Bind);
                 } else if !self.ensure_statement(bind.statement) {
                     self.client_error_in_batch(unknown_statement(bind.statement));
@@ -284,6 +301,13 @@ impl Session {
                         (_, b'S') => Expect::DescribeStatement,
                         _ => Expect::DescribePortal,
                     };
+                    if target.kind == b'S' {
+                        if tag == tag::CLOSE {
+                            self.unnamed_parse.clear();
+                        } else {
+                            self.ensure_unnamed();
+                        }
+                    }
                     self.forward(frame, expect);
                 }
             }
@@ -328,6 +352,15 @@ impl Session {
             }
         }
         Ok(true)
+    }
+
+    /// Re-creates the client's unnamed statement on a backend that lacks it.
+    fn ensure_unnamed(&mut self) {
+        if !self.unnamed_on_backend && !self.unnamed_parse.is_empty() {
+            self.backend_out.extend_from_slice(&self.unnamed_parse);
+            self.queue.sent(Expect::HiddenParse(0));
+            self.unnamed_on_backend = true;
+        }
     }
 
     /// Session-scoped effects pin the backend; DISCARD ALL undoes them all.
@@ -474,6 +507,7 @@ impl Session {
             self.queue.sent(Expect::HiddenQuery);
             conn.set_settings_signature(self.settings.signature());
         }
+        self.unnamed_on_backend = false;
         self.backend = Some(Attached { conn, shard });
         Ok(())
     }
@@ -798,6 +832,9 @@ impl Session {
         }
     }
 }
+
+/// Unnamed statements larger than this are not kept for re-sending.
+const MAX_REMEMBERED_UNNAMED: usize = 64 * 1024;
 
 /// Reads what the client sent. A plain TCP client is awaited without a
 /// buffer (readiness first), so idle clients hold none.
