@@ -876,8 +876,23 @@ impl<'m> Walker<'m> {
             SetExpr::SetOperation {
                 left, op, right, ..
             } => {
+                // Each branch runs on its own, so branches need no join on the key
+                // between them: link them so only joins inside a branch are checked.
+                let start = self.occs.len();
                 let l = self.walk_set(left, parent)?;
+                let mid = self.occs.len();
                 let r = self.walk_set(right, parent)?;
+                let first_sharded = |w: &Self, range: std::ops::Range<usize>| {
+                    range
+                        .into_iter()
+                        .find(|o| matches!(w.occs[*o].rule, Some(TableRule::Sharded { .. })))
+                };
+                if let (Some(a), Some(b)) = (
+                    first_sharded(self, start..mid),
+                    first_sharded(self, mid..self.occs.len()),
+                ) {
+                    self.edges.push((a, b));
+                }
                 Ok(match op {
                     SetOperator::Union => or(l, r),
                     SetOperator::Intersect => and(l, r),
