@@ -299,6 +299,29 @@ impl Migrator {
         plan::make(&self.graph, &current, spec, direction)
     }
 
+    /// The plan of each selected shard from its own state (for `plan --sql`,
+    /// which needs no agreement between shards).
+    pub async fn plan_per_shard(
+        &self,
+        spec: &str,
+        direction: Direction,
+        opts: &ApplyOptions,
+    ) -> Result<Vec<(String, Plan)>> {
+        let selected = self.select(&opts.shards)?;
+        let conns = connect_all(&selected, opts.connect_timeout).await?;
+        let mut out = Vec::new();
+        for c in &conns {
+            let current = ledger::rows(&c.client)
+                .await
+                .map_err(|e| shard_error(&c.name, "reading the ledger", &e))?;
+            out.push((
+                c.name.clone(),
+                plan::make(&self.graph, &current, spec, direction)?,
+            ));
+        }
+        Ok(out)
+    }
+
     /// Per-shard heads, pending revisions, in-doubt transactions, changed files.
     pub async fn status(&self, opts: &ApplyOptions) -> Result<Vec<ShardStatus>> {
         let selected = self.select(&opts.shards)?;

@@ -90,6 +90,9 @@ pub enum MigrateCommand {
         target: String,
         #[arg(long)]
         down: bool,
+        /// Write one psql script per shard (`<shard>.sql`) into this folder.
+        #[arg(long, value_name = "DIR")]
+        sql: Option<PathBuf>,
     },
     /// Resolve in-doubt prepared transactions left by a crashed migrator.
     Recover,
@@ -261,7 +264,30 @@ async fn execute(args: MigrateArgs) -> Result<ExitCode, MigrateError> {
                 println!("{shard}: stamped {}", rows_text(&rows));
             }
         }
-        MigrateCommand::Plan { target, down } => {
+        MigrateCommand::Plan {
+            target,
+            down,
+            sql: Some(dir),
+        } => {
+            let direction = if down { Direction::Down } else { Direction::Up };
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| MigrateError::Io(format!("{}: {e}", dir.display())))?;
+            for (shard, plan) in migrator.plan_per_shard(&target, direction, &opts).await? {
+                let path = dir.join(format!("{shard}.sql"));
+                std::fs::write(&path, super::plan::offline_sql(&shard, &plan))
+                    .map_err(|e| MigrateError::Io(format!("{}: {e}", path.display())))?;
+                println!(
+                    "{shard}: {} step(s) -> {}",
+                    plan.steps.len(),
+                    path.display()
+                );
+            }
+        }
+        MigrateCommand::Plan {
+            target,
+            down,
+            sql: None,
+        } => {
             let direction = if down { Direction::Down } else { Direction::Up };
             let plan = migrator.plan(&target, direction, &opts).await?;
             println!("from: {}", rows_text(&plan.from));

@@ -16,7 +16,7 @@ use tokio_postgres::Client;
 /// Prefix of every prepared-transaction gid the migrator creates.
 pub const GID_PREFIX: &str = "shardgate_mig_";
 
-const SCHEMA_SQL: &str = "
+pub const SCHEMA_SQL: &str = "
 CREATE SCHEMA IF NOT EXISTS shardgate;
 CREATE TABLE IF NOT EXISTS shardgate.version (
     version_num varchar(32) NOT NULL PRIMARY KEY

@@ -72,6 +72,14 @@ pub fn make(graph: &Graph, current: &[String], spec: &str, direction: Direction)
         let statements = statements::split(sql).map_err(|(line, message)| {
             MigrateError::Invalid(format!("{file}:{line}: {message}"))
         })?;
+        if revision.transactional {
+            if let Some(bad) = statements.iter().find(|s| controls_transaction(&s.sql)) {
+                return Err(MigrateError::Invalid(format!(
+                    "{file}:{}: `{}` ends or starts a transaction, which would break the atomic group; remove it (the migrator wraps each revision in one transaction) or mark the revision `transactional: false`",
+                    bad.line, bad.sql
+                )));
+            }
+        }
         match direction {
             Direction::Up => applied.insert(id.clone()),
             Direction::Down => applied.remove(&id),
@@ -93,6 +101,67 @@ pub fn make(graph: &Graph, current: &[String], spec: &str, direction: Direction)
     })
 }
 
+/// True for statements that end or start a transaction (or prepare one).
+fn controls_transaction(sql: &str) -> bool {
+    let words: Vec<String> = sql
+        .split_whitespace()
+        .take(2)
+        .map(|w| w.trim_end_matches(';').to_ascii_uppercase())
+        .collect();
+    let first = words.first().map(String::as_str).unwrap_or("");
+    let second = words.get(1).map(String::as_str).unwrap_or("");
+    matches!(first, "BEGIN" | "COMMIT" | "ROLLBACK" | "END" | "ABORT")
+        || (first == "START" && second == "TRANSACTION")
+        || (matches!(first, "PREPARE" | "COMMIT" | "ROLLBACK") && second == "PREPARED")
+        || (first == "PREPARE" && second == "TRANSACTION")
+}
+
+/// The plan as a psql script for one shard: each step in its own
+/// transaction with the same ledger updates `up` makes (history rows carry
+/// run id `offline`), for review or for applying by hand.
+pub fn offline_sql(shard: &str, plan: &Plan) -> String {
+    let rows = |rows: &[String]| {
+        if rows.is_empty() {
+            "base".to_owned()
+        } else {
+            rows.join(", ")
+        }
+    };
+    let mut out = format!(
+        "-- shardgate migrate plan for shard {shard}: from {} to {}\n\\set ON_ERROR_STOP on\n{}\n",
+        rows(&plan.from),
+        plan.target,
+        super::ledger::SCHEMA_SQL.trim()
+    );
+    for (n, step) in plan.steps.iter().enumerate() {
+        out.push_str(&format!(
+            "\n-- step {}: {} {} ({})\nBEGIN;\n",
+            n + 1,
+            step.direction.as_str(),
+            step.revision,
+            step.file
+        ));
+        for statement in &step.statements {
+            out.push_str(&statement.sql);
+            out.push_str(";\n");
+        }
+        out.push_str("DELETE FROM shardgate.version;\n");
+        for row in &step.rows_after {
+            // Ids are 12 hex characters: safe as literals.
+            out.push_str(&format!(
+                "INSERT INTO shardgate.version (version_num) VALUES ('{row}');\n"
+            ));
+        }
+        out.push_str(&format!(
+            "INSERT INTO shardgate.history (revision, direction, checksum, run_id, started_at, client) VALUES ('{}', '{}', '{}', 'offline', now(), 'plan --sql');\nCOMMIT;\n",
+            step.revision,
+            step.direction.as_str(),
+            step.checksum
+        ));
+    }
+    out
+}
+
 fn down_sql(revision: &Revision) -> Result<(String, &str)> {
     if revision.irreversible {
         return Err(MigrateError::Invalid(format!(
@@ -108,5 +177,33 @@ fn down_sql(revision: &Revision) -> Result<(String, &str)> {
             revision.id,
             revision.dir.display()
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::controls_transaction;
+
+    #[test]
+    fn transaction_control_is_recognised() {
+        for sql in [
+            "BEGIN",
+            "commit",
+            "COMMIT PREPARED 'x'",
+            "start transaction",
+            "END",
+            "PREPARE TRANSACTION 'x'",
+            "ROLLBACK",
+        ] {
+            assert!(controls_transaction(sql), "{sql}");
+        }
+        for sql in [
+            "CREATE TABLE begin_x (a int)",
+            "PREPARE q AS SELECT 1",
+            "SELECT 1",
+            "BEGINNING",
+        ] {
+            assert!(!controls_transaction(sql), "{sql}");
+        }
     }
 }
