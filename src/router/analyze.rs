@@ -616,8 +616,10 @@ fn rewrite_for_parser(sql: &str) -> Option<String> {
         return Some(out);
     }
     let trimmed = sql.trim_start();
-    if trimmed.len() > 6 && trimmed[..6].eq_ignore_ascii_case("table ") {
-        return Some(format!("SELECT * FROM {}", &trimmed[6..]));
+    if let (Some(head), Some(rest)) = (trimmed.get(..6), trimmed.get(6..)) {
+        if head.eq_ignore_ascii_case("table ") {
+            return Some(format!("SELECT * FROM {rest}"));
+        }
     }
     None
 }

@@ -30,8 +30,9 @@ pub fn leading_hint(sql: &str) -> Option<Hint<'_>> {
 /// Returns the setting name and the new value (`None` for RESET / DEFAULT).
 pub fn shardgate_setting(sql: &str) -> Option<(&str, Option<String>)> {
     let text = sql.trim().trim_end_matches(';').trim_end();
+    // `get` rather than slicing: a multi-byte character may straddle the prefix length.
     let lower_starts =
-        |s: &str, p: &str| s.len() >= p.len() && s[..p.len()].eq_ignore_ascii_case(p);
+        |s: &str, p: &str| s.get(..p.len()).is_some_and(|h| h.eq_ignore_ascii_case(p));
     if lower_starts(text, "reset ") {
         let name = text[6..].trim();
         let name = strip_namespace(name)?;
@@ -70,10 +71,11 @@ pub fn shardgate_setting(sql: &str) -> Option<(&str, Option<String>)> {
 
 fn strip_namespace(name: &str) -> Option<&str> {
     let name = name.trim();
-    if name.len() > 10 && name[..10].eq_ignore_ascii_case("shardgate.") {
-        Some(&name[10..])
-    } else {
-        None
+    match (name.get(..10), name.get(10..)) {
+        (Some(head), Some(rest)) if !rest.is_empty() && head.eq_ignore_ascii_case("shardgate.") => {
+            Some(rest)
+        }
+        _ => None,
     }
 }
 
