@@ -128,6 +128,29 @@ async fn malformed_messages_get_a_clean_error_or_close() {
         .expect("send");
     drop(stream);
 
+    // GSSAPI encryption is refused with 'N'; the client may then start up in the clear.
+    let mut stream = TcpStream::connect(server.address).await.expect("connect");
+    let mut gss = 8i32.to_be_bytes().to_vec();
+    gss.extend_from_slice(&80877104i32.to_be_bytes());
+    stream.write_all(&gss).await.expect("send");
+    let mut answer = [0u8; 1];
+    stream.read_exact(&mut answer).await.expect("gssenc answer");
+    assert_eq!(answer[0], b'N', "GSSENC is refused");
+    stream
+        .write_all(&wire::startup_packet("app", &db, &[]))
+        .await
+        .expect("startup after refusal");
+    let mut startup = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !startup.windows(6).any(|w| w == [b'Z', 0, 0, 0, 5, b'I']) {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("startup answer in time")
+            .expect("read");
+        assert!(n > 0, "closed during startup after GSSENC refusal");
+        startup.extend_from_slice(&buf[..n]);
+    }
+
     still_serves(port, &db).await;
     assert_eq!(panics.load(Ordering::SeqCst), before, "a panic happened");
     server.stop().await;
