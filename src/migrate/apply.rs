@@ -101,9 +101,9 @@ pub struct ShardStatus {
 }
 
 /// An open connection to one shard.
-struct Conn {
-    name: String,
-    client: Client,
+pub(super) struct Conn {
+    pub(super) name: String,
+    pub(super) client: Client,
 }
 
 /// The migrator for one shard map and migrations folder.
@@ -420,6 +420,14 @@ impl Migrator {
         Ok(out)
     }
 
+    /// Compares the selected shards' schemas (catalog fingerprints) and
+    /// ledger heads; see [`super::verify`]. Takes no lock: it only reads, and
+    /// reads each shard in one snapshot.
+    pub async fn verify(&self, opts: &ApplyOptions) -> Result<super::verify::VerifyReport> {
+        let selected = self.select(&opts.shards)?;
+        super::verify::verify(&selected, opts).await
+    }
+
     /// Resolves in-doubt migrator transactions on every shard of the map:
     /// commit where the group's decision row exists, roll back where none
     /// does. Takes the migration lock, so it never races a running migrator.
@@ -586,7 +594,7 @@ fn gid_name(name: &str) -> String {
         .collect()
 }
 
-fn shard_error(shard: &str, doing: &str, e: &tokio_postgres::Error) -> MigrateError {
+pub(super) fn shard_error(shard: &str, doing: &str, e: &tokio_postgres::Error) -> MigrateError {
     MigrateError::Shard {
         shard: shard.to_owned(),
         message: format!("{doing}: {}", describe(e)),
@@ -607,7 +615,7 @@ fn describe(e: &tokio_postgres::Error) -> String {
     }
 }
 
-async fn connect(shard: &ShardConfig, timeout: Duration) -> Result<Conn> {
+pub(super) async fn connect(shard: &ShardConfig, timeout: Duration) -> Result<Conn> {
     let mut config = tokio_postgres::Config::new();
     config
         .host(&shard.host)

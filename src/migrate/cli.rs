@@ -96,7 +96,15 @@ pub enum MigrateCommand {
     },
     /// Resolve in-doubt prepared transactions left by a crashed migrator.
     Recover,
+    /// Compare the shards' schemas (catalog fingerprints) and ledger heads.
+    /// Exit 0: all shards agree; 1: drift (each differing object is
+    /// printed); 2: verify could not run (connection or catalog error).
+    Verify,
 }
+
+/// Exit code of `verify` when it could not compare (so scripts can tell
+/// "the shards differ" (1) from "could not look" (2)).
+pub const VERIFY_ERROR_EXIT: u8 = 2;
 
 /// Runs a `migrate` command; errors go to stderr with exit code 1.
 pub fn run(args: MigrateArgs) -> ExitCode {
@@ -110,11 +118,17 @@ pub fn run(args: MigrateArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let verify = matches!(args.command, MigrateCommand::Verify);
     match runtime.block_on(execute(args)) {
         Ok(code) => code,
         Err(error) => {
             eprintln!("shardgate migrate: {error}");
-            ExitCode::FAILURE
+            if verify {
+                // 1 means drift for verify; a failure to look must not read as one.
+                ExitCode::from(VERIFY_ERROR_EXIT)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -307,6 +321,27 @@ async fn execute(args: MigrateArgs) -> Result<ExitCode, MigrateError> {
                     println!("{};", statement.sql);
                 }
                 println!("-- version rows after: {}", rows_text(&step.rows_after));
+            }
+        }
+        MigrateCommand::Verify => {
+            let report = migrator.verify(&opts).await?;
+            for ((shard, fingerprint), (_, heads)) in report.fingerprints.iter().zip(&report.heads)
+            {
+                println!(
+                    "{shard}: fingerprint {} ({} objects), heads {}",
+                    fingerprint.digest(),
+                    fingerprint.objects.len(),
+                    rows_text(heads)
+                );
+            }
+            if report.agrees() {
+                println!("no drift: all {} shards agree", report.fingerprints.len());
+            } else {
+                println!("drift: {} difference(s)", report.drift.len());
+                for drift in &report.drift {
+                    println!("  {drift}");
+                }
+                return Ok(ExitCode::FAILURE);
             }
         }
         MigrateCommand::Recover => {

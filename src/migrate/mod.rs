@@ -7,6 +7,7 @@
 //! - [`ledger`]: the per-shard ledger in schema `shardgate`;
 //! - [`plan`]: what `up`/`down` will do on each shard;
 //! - [`apply`]: running a plan as two-phase-commit groups, locking, recovery;
+//! - [`verify`]: schema fingerprints per shard and the objects that differ;
 //! - [`cli`]: the `shardgate migrate` subcommands.
 //!
 //! The library API is [`Migrator`]: the same operations the CLI runs, for
@@ -19,10 +20,12 @@ pub mod ledger;
 pub mod plan;
 pub mod revision;
 pub mod statements;
+pub mod verify;
 
 pub use apply::{ApplyOptions, ApplyReport, Migrator, RecoverReport, ShardStatus};
 pub use graph::{Graph, GraphError, Target};
 pub use revision::{Revision, RevisionError};
+pub use verify::{Drift, Fingerprint, VerifyReport};
 
 /// Everything the migrator can fail with. Shard-level errors name the shard
 /// (and the statement, when one failed) so the operator knows where to look.
