@@ -233,7 +233,30 @@ impl Migrator {
                 plan.steps.len()
             );
             let group = format!("{GID_PREFIX}{run_id}_{}", n + 1);
-            run_group(&conns, step, &group, &run_id, opts.lock_timeout).await?;
+            if step.transactional {
+                run_group(&conns, step, &group, &run_id, opts.lock_timeout).await?;
+            } else {
+                // Statements shard by shard (resumable), then the ledger
+                // update as one atomic group, so heads still move together.
+                for c in &conns {
+                    super::nontx::ensure(&c.client)
+                        .await
+                        .map_err(|e| shard_error(&c.name, "creating the progress table", &e))?;
+                }
+                super::nontx::run_step(
+                    &conns,
+                    step,
+                    &run_id,
+                    opts.lock_timeout,
+                    opts.accept_changed,
+                )
+                .await?;
+                let ledger_step = Step {
+                    statements: vec![super::nontx::clear_statement(step)],
+                    ..step.clone()
+                };
+                run_group(&conns, &ledger_step, &group, &run_id, opts.lock_timeout).await?;
+            }
             report
                 .steps
                 .push((step.revision.clone(), step.direction.as_str()));
@@ -602,7 +625,7 @@ pub(super) fn shard_error(shard: &str, doing: &str, e: &tokio_postgres::Error) -
 }
 
 /// The server's message (with SQLSTATE and detail) rather than tokio-postgres' "db error".
-fn describe(e: &tokio_postgres::Error) -> String {
+pub(super) fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => {
             let mut text = format!("{} (SQLSTATE {})", db.message(), db.code().code());
@@ -681,14 +704,9 @@ async fn agreed_rows(conns: &[Conn]) -> Result<Vec<String>> {
         .unwrap_or_default())
 }
 
-/// Refuses plans this build cannot run, and a fleet that cannot prepare.
+/// Refuses a fleet that cannot prepare (every step, non-transactional ones
+/// included, ends in a two-phase-commit ledger group).
 async fn preflight(conns: &[Conn], plan: &Plan) -> Result<()> {
-    if let Some(step) = plan.steps.iter().find(|s| !s.transactional) {
-        return Err(MigrateError::Invalid(format!(
-            "revision {} ({}) is `transactional: false`; non-transactional revisions are not supported yet",
-            step.revision, step.file
-        )));
-    }
     if conns.len() < 2 || plan.steps.is_empty() {
         return Ok(());
     }

@@ -7,6 +7,7 @@
 //! - [`ledger`]: the per-shard ledger in schema `shardgate`;
 //! - [`plan`]: what `up`/`down` will do on each shard;
 //! - [`apply`]: running a plan as two-phase-commit groups, locking, recovery;
+//! - [`nontx`]: `transactional: false` revisions, shard by shard, resumable;
 //! - [`verify`]: schema fingerprints per shard and the objects that differ;
 //! - [`cli`]: the `shardgate migrate` subcommands.
 //!
@@ -17,6 +18,7 @@ pub mod apply;
 pub mod cli;
 pub mod graph;
 pub mod ledger;
+pub mod nontx;
 pub mod plan;
 pub mod revision;
 pub mod statements;

@@ -218,7 +218,7 @@ const QUERIES: &[(&str, &str)] = &[
              JOIN pg_namespace n ON n.oid = i.relnamespace \
              CROSS JOIN LATERAL (VALUES \
                   ('definition', pg_get_indexdef(x.indexrelid)), \
-                  ('valid', CASE WHEN x.indisvalid THEN 'valid' ELSE 'INVALID' END)) AS a(attr, value) \
+                  ('state', CASE WHEN x.indisvalid THEN 'valid' ELSE 'INVALID' END)) AS a(attr, value) \
              WHERE {EXCLUDED}",
         "indexes",
     ),
@@ -268,8 +268,8 @@ const QUERIES: &[(&str, &str)] = &[
 ];
 
 /// Compares fingerprints object by object. An object missing on some shards
-/// is one line (its attributes are not compared); otherwise each attribute
-/// that differs is one line. A column, constraint, index or trigger whose
+/// is one line, and each attribute that differs among the shards that have
+/// it is one more line. A column, constraint or trigger whose
 /// table is itself missing on exactly the same shards is not repeated: the
 /// table's line already says it.
 pub fn compare(shards: &[(String, Fingerprint)]) -> Vec<Drift> {
@@ -300,7 +300,6 @@ pub fn compare(shards: &[(String, Fingerprint)]) -> Vec<Drift> {
                     off.join(", ")
                 ),
             });
-            continue;
         }
         let attrs: BTreeSet<&String> = shards
             .iter()
@@ -308,13 +307,13 @@ pub fn compare(shards: &[(String, Fingerprint)]) -> Vec<Drift> {
             .flat_map(|a| a.keys())
             .collect();
         for attr in attrs {
+            // Among the shards that have the object (a half-built index is
+            // both missing somewhere and invalid elsewhere).
             let values: Vec<(String, Option<String>)> = shards
                 .iter()
-                .map(|(name, f)| {
-                    (
-                        name.clone(),
-                        f.objects.get(key).and_then(|a| a.get(attr)).cloned(),
-                    )
+                .filter_map(|(name, f)| {
+                    let attrs = f.objects.get(key)?;
+                    Some((name.clone(), attrs.get(attr).cloned()))
                 })
                 .collect();
             if let Some(detail) = split_detail(attr, &values) {
