@@ -228,3 +228,45 @@ async fn create_index_concurrently_resumes_after_a_failure_on_one_shard() {
         assert!(indexes(c).await.is_empty(), "indexes left on s{i}");
     }
 }
+
+/// Progress is trusted only while no other step moved the shard: after a
+/// partial R2, `down base` drops the table (and s0's finished indexes), so
+/// the next `up` must build R2 again on s0 instead of skipping it.
+#[tokio::test]
+async fn stale_progress_is_not_trusted_after_other_steps() {
+    let db = support::fresh_db("migrate_nontx_stale");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir: PathBuf = tmp.path().join("migrations");
+    write_revisions(&dir);
+    let migrator = Migrator::from_config(&config(&db, &dir)).expect("migrator");
+    let mut shards = Vec::new();
+    for cluster in &support::fleet().clusters {
+        shards.push(support::connect(cluster, &db).await);
+    }
+    migrator.upgrade(R1, &opts()).await.expect("up to R1");
+    shards[1]
+        .batch_execute("INSERT INTO items VALUES (1, 'dup'), (2, 'dup')")
+        .await
+        .expect("duplicates");
+    migrator
+        .upgrade("heads", &opts())
+        .await
+        .expect_err("fails on s1");
+    migrator
+        .downgrade("base", &opts())
+        .await
+        .expect("down base");
+    migrator.upgrade("heads", &opts()).await.expect("up again");
+    for (i, c) in shards.iter().enumerate() {
+        assert_eq!(version_rows(c).await, [R2], "version rows on s{i}");
+        assert_eq!(
+            indexes(c)
+                .await
+                .iter()
+                .map(|(n, v, _)| (n.as_str(), *v))
+                .collect::<Vec<_>>(),
+            [("items_code_key", true), ("items_id_idx", true)],
+            "indexes on s{i}"
+        );
+    }
+}

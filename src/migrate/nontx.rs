@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS shardgate.nontx_progress (
     direction text NOT NULL,
     checksum text NOT NULL,
     statements_done integer NOT NULL,
+    history_id bigint NOT NULL,
     run_id text NOT NULL,
     updated_at timestamptz NOT NULL DEFAULT clock_timestamp(),
     PRIMARY KEY (revision, direction)
@@ -52,15 +53,33 @@ pub async fn ensure(client: &Client) -> std::result::Result<(), tokio_postgres::
     client.batch_execute(PROGRESS_SQL).await
 }
 
+/// The newest history row id of this shard: progress is only trusted while
+/// it is unchanged (see [`progress`]).
+async fn history_mark(client: &Client) -> std::result::Result<i64, tokio_postgres::Error> {
+    client
+        .query_one(
+            "SELECT COALESCE(max(id), 0)::bigint FROM shardgate.history",
+            &[],
+        )
+        .await?
+        .try_get(0)
+}
+
 /// How many statements of `step` this shard already ran, and with which
-/// checksum of the file.
+/// checksum of the file. Progress recorded before some other step moved
+/// this shard (a history row newer than the progress) is stale: after e.g.
+/// a partial revision, a `down` past its parent and an `up` again, the
+/// objects it built may be gone, so the step starts over (statements of a
+/// non-transactional revision should be idempotent; `CREATE INDEX
+/// CONCURRENTLY` is made so by [`prepare_rerun`]).
 async fn progress(
     client: &Client,
     step: &Step,
+    mark: i64,
 ) -> std::result::Result<Option<(usize, String)>, tokio_postgres::Error> {
     let row = client
         .query_opt(
-            "SELECT statements_done, checksum FROM shardgate.nontx_progress \
+            "SELECT statements_done, checksum, history_id FROM shardgate.nontx_progress \
              WHERE revision = $1 AND direction = $2",
             &[&step.revision, &step.direction.as_str()],
         )
@@ -70,6 +89,11 @@ async fn progress(
         Some(row) => {
             let done: i32 = row.try_get(0)?;
             let checksum: String = row.try_get(1)?;
+            let recorded_at: i64 = row.try_get(2)?;
+            if recorded_at != mark {
+                tracing::warn!(revision = %step.revision, "stale non-transactional progress (other steps ran since): starting the revision over");
+                return Ok(None);
+            }
             Ok(Some((usize::try_from(done).unwrap_or(0), checksum)))
         }
     }
@@ -80,14 +104,16 @@ async fn record_progress(
     step: &Step,
     done: usize,
     run_id: &str,
+    mark: i64,
 ) -> std::result::Result<(), tokio_postgres::Error> {
     let done = i32::try_from(done).unwrap_or(i32::MAX);
     client
         .execute(
-            "INSERT INTO shardgate.nontx_progress (revision, direction, checksum, statements_done, run_id) \
-             VALUES ($1, $2, $3, $4, $5) \
+            "INSERT INTO shardgate.nontx_progress (revision, direction, checksum, statements_done, run_id, history_id) \
+             VALUES ($1, $2, $3, $4, $5, $6) \
              ON CONFLICT (revision, direction) DO UPDATE SET checksum = EXCLUDED.checksum, \
              statements_done = EXCLUDED.statements_done, run_id = EXCLUDED.run_id, \
+             history_id = EXCLUDED.history_id, \
              updated_at = clock_timestamp()",
             &[
                 &step.revision,
@@ -95,6 +121,7 @@ async fn record_progress(
                 &step.checksum,
                 &done,
                 &run_id,
+                &mark,
             ],
         )
         .await?;
@@ -129,7 +156,10 @@ pub(super) async fn run_step(
     let mut finished: Vec<&str> = Vec::new();
     for c in conns {
         let fail = |what: &str, e: tokio_postgres::Error| shard_error(&c.name, what, &e);
-        let start = match progress(&c.client, step)
+        let mark = history_mark(&c.client)
+            .await
+            .map_err(|e| fail("reading the history", e))?;
+        let start = match progress(&c.client, step, mark)
             .await
             .map_err(|e| fail("reading non-transactional progress", e))?
         {
@@ -183,7 +213,7 @@ pub(super) async fn run_step(
                     })));
                 }
             }
-            record_progress(&c.client, step, n + 1, run_id)
+            record_progress(&c.client, step, n + 1, run_id, mark)
                 .await
                 .map_err(|e| fail("recording non-transactional progress", e))?;
         }
