@@ -179,6 +179,19 @@ async fn create_index_concurrently_resumes_after_a_failure_on_one_shard() {
         ]
     );
 
+    // status shows where each shard stopped.
+    let statuses = migrator.status(&opts()).await.expect("status");
+    let partial: Vec<(&str, usize)> = statuses
+        .iter()
+        .map(|s| (s.shard.as_str(), s.partial.len()))
+        .collect();
+    assert_eq!(partial, [("s0", 1), ("s1", 1), ("s2", 0)]);
+    assert!(
+        statuses[1].partial[0].starts_with(&format!("{R2} up: 1 statement(s) done")),
+        "{:?}",
+        statuses[1].partial
+    );
+
     // Fix the data and re-run: s1 resumes at the unique index.
     shards[1]
         .batch_execute("DELETE FROM items WHERE id = 1000")

@@ -98,6 +98,9 @@ pub struct ShardStatus {
     pub changed: Vec<String>,
     /// A problem reading this shard's state (unknown applied revision…).
     pub problem: Option<String>,
+    /// Non-transactional steps interrupted on this shard (resumed by the
+    /// next `up`/`down`), see [`super::nontx::partial`].
+    pub partial: Vec<String>,
 }
 
 /// An open connection to one shard.
@@ -355,6 +358,7 @@ impl Migrator {
             let heads = ledger::rows(&c.client).await.map_err(read)?;
             let in_doubt = ledger::in_doubt(&c.client).await.map_err(read)?;
             let stored = ledger::checksums(&c.client).await.map_err(read)?;
+            let partial = super::nontx::partial(&c.client).await.map_err(read)?;
             let mut status = ShardStatus {
                 shard: c.name.clone(),
                 heads: heads.clone(),
@@ -362,6 +366,7 @@ impl Migrator {
                 in_doubt,
                 changed: Vec::new(),
                 problem: None,
+                partial,
             };
             match self.graph.applied(&heads) {
                 Ok(applied) => {

@@ -227,6 +227,9 @@ async fn execute(args: MigrateArgs) -> Result<ExitCode, MigrateError> {
                         s.in_doubt.join(", ")
                     );
                 }
+                for partial in &s.partial {
+                    println!("  partly applied (non-transactional): {partial}");
+                }
                 if !s.changed.is_empty() {
                     println!("  changed since applied: {}", s.changed.join(", "));
                 }

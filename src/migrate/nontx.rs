@@ -128,6 +128,40 @@ async fn record_progress(
     Ok(())
 }
 
+/// This shard's unfinished non-transactional steps, as
+/// `<revision> <direction>: N statement(s) done (run <id>)`, for `status`:
+/// an interrupted revision is otherwise invisible until the next `up`.
+pub async fn partial(client: &Client) -> std::result::Result<Vec<String>, tokio_postgres::Error> {
+    let present: bool = client
+        .query_one(
+            "SELECT to_regclass('shardgate.nontx_progress') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .try_get(0)?;
+    if !present {
+        return Ok(Vec::new());
+    }
+    let rows = client
+        .query(
+            "SELECT revision::text, direction, statements_done, run_id \
+             FROM shardgate.nontx_progress ORDER BY updated_at",
+            &[],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            let revision: String = r.try_get(0)?;
+            let direction: String = r.try_get(1)?;
+            let done: i32 = r.try_get(2)?;
+            let run_id: String = r.try_get(3)?;
+            Ok(format!(
+                "{revision} {direction}: {done} statement(s) done (run {run_id})"
+            ))
+        })
+        .collect()
+}
+
 /// The statement the final ledger group runs on every shard to clear this
 /// step's progress (inside the group's transaction, so progress disappears
 /// exactly when the version rows move). Revision ids are 12 hex characters
