@@ -313,8 +313,13 @@ async fn execute(args: MigrateArgs) -> Result<ExitCode, MigrateError> {
                 println!("nothing to do");
             }
             for (n, step) in plan.steps.iter().enumerate() {
+                let how = if step.transactional {
+                    "one atomic group on every shard"
+                } else {
+                    "non-transactional: shard by shard, statement by statement, resumable; then the ledger as one atomic group"
+                };
                 println!(
-                    "-- step {} (one atomic group on every shard): {} {} ({})",
+                    "-- step {} ({how}): {} {} ({})",
                     n + 1,
                     step.direction.as_str(),
                     step.revision,

@@ -183,7 +183,7 @@ const QUERIES: &[(&str, &str)] = &[
                   ('persistence', CASE c.relpersistence WHEN 'u' THEN 'unlogged' ELSE 'logged' END), \
                   ('row security', c.relrowsecurity::text), \
                   ('definition', CASE WHEN c.relkind IN ('v', 'm') THEN pg_get_viewdef(c.oid) END)) AS a(attr, value) \
-             WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') AND {EXCLUDED} \
+             WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') AND {EXCLUDED} AND NOT EXISTS (SELECT 1 FROM pg_depend dep WHERE dep.classid = 'pg_class'::regclass AND dep.objid = c.oid AND dep.deptype = 'e') \
                AND (a.attr <> 'definition' OR c.relkind IN ('v', 'm')) \
                AND (a.attr <> 'kind' OR c.relkind IN ('r', 'p'))",
         "tables and views",
@@ -200,7 +200,7 @@ const QUERIES: &[(&str, &str)] = &[
                   ('identity', NULLIF(att.attidentity, '')::text), \
                   ('generated', NULLIF(att.attgenerated, '')::text), \
                   ('collation', CASE WHEN att.attcollation <> 0 THEN att.attcollation::regcollation::text END)) AS a(attr, value) \
-             WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') AND att.attnum > 0 AND NOT att.attisdropped AND {EXCLUDED}",
+             WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') AND att.attnum > 0 AND NOT att.attisdropped AND {EXCLUDED} AND NOT EXISTS (SELECT 1 FROM pg_depend dep WHERE dep.classid = 'pg_class'::regclass AND dep.objid = c.oid AND dep.deptype = 'e')",
         "columns",
     ),
     (
@@ -247,7 +247,8 @@ const QUERIES: &[(&str, &str)] = &[
                     (SELECT string_agg(quote_literal(e.enumlabel), ', ' ORDER BY e.enumsortorder) \
                      FROM pg_enum e WHERE e.enumtypid = t.oid) \
              FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace \
-             WHERE t.typtype = 'e' AND {EXCLUDED}",
+             WHERE t.typtype = 'e' AND {EXCLUDED} \
+               AND NOT EXISTS (SELECT 1 FROM pg_depend dep WHERE dep.classid = 'pg_type'::regclass AND dep.objid = t.oid AND dep.deptype = 'e')",
         "enums",
     ),
     (
@@ -264,6 +265,15 @@ const QUERIES: &[(&str, &str)] = &[
                   ('cycle', s.seqcycle::text)) AS a(attr, value) \
              WHERE {EXCLUDED}",
         "sequences",
+    ),
+    (
+        // Objects owned by an extension are skipped above (the same
+        // extension version creates the same objects); the extension and
+        // its version are compared instead.
+        "SELECT 'extension ' || e.extname, a.attr, a.value \
+         FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace \
+         CROSS JOIN LATERAL (VALUES ('version', e.extversion), ('schema', n.nspname::text)) AS a(attr, value)",
+        "extensions",
     ),
 ];
 
