@@ -80,6 +80,8 @@ pub struct Session {
     unnamed_parse: Vec<u8>,
     /// Whether the attached backend holds that unnamed statement.
     unnamed_on_backend: bool,
+    /// The last Parse text and what `scan_statement` found in it.
+    last_scan: Option<(String, StatementEffects)>,
     /// When the first statement since the last ReadyForQuery was forwarded.
     batch_started: Option<Instant>,
 }
@@ -120,6 +122,7 @@ impl Session {
             batch_started: None,
             unnamed_parse: Vec::new(),
             unnamed_on_backend: false,
+            last_scan: None,
         }
     }
 
@@ -251,7 +254,7 @@ impl Session {
             tag::PARSE => {
                 let parse = Parse::decode(body).map_err(protocol_violation)?;
                 let hint = route_hint(parse.query);
-                let effects = scan_statement(parse.query);
+                let effects = self.scan_cached(parse.query);
                 self.note_effects(effects);
                 if !self.attach_for(hint, true).await {
                     return Ok(true);
@@ -354,6 +357,30 @@ impl Session {
         Ok(true)
     }
 
+    /// `scan_statement`, remembered for the last Parse text: drivers re-send
+    /// the same unnamed statement text for every execution.
+    fn scan_cached(&mut self, sql: &str) -> StatementEffects {
+        if let Some((text, effects)) = &self.last_scan {
+            if text.as_bytes() == sql.as_bytes() {
+                return *effects;
+            }
+        }
+        let effects = scan_statement(sql);
+        if sql.len() > 4096 {
+            // Not worth keeping per session.
+            return effects;
+        }
+        match &mut self.last_scan {
+            Some((text, cached)) => {
+                text.clear();
+                text.push_str(sql);
+                *cached = effects;
+            }
+            None => self.last_scan = Some((sql.to_string(), effects)),
+        }
+        effects
+    }
+
     /// Re-creates the client's unnamed statement on a backend that lacks it.
     fn ensure_unnamed(&mut self) {
         if !self.unnamed_on_backend && !self.unnamed_parse.is_empty() {
@@ -427,6 +454,11 @@ impl Session {
     /// Makes sure a backend of the right shard is attached. Returns false if
     /// not possible; the client has then been sent the error.
     async fn attach_for(&mut self, hint: Option<Hint<'_>>, extended: bool) -> bool {
+        // Most messages of a batch (Bind, Describe, Execute) just continue on
+        // the attached backend.
+        if hint.is_none() && self.session_shard.is_none() && self.backend.is_some() {
+            return true;
+        }
         let wanted = match self.target_shard(hint) {
             Ok(wanted) => wanted,
             Err(error) => {
@@ -622,33 +654,47 @@ impl Session {
 
     /// Moves backend messages to the client in order, tracking status.
     async fn process_backend_input(&mut self) -> Result<(), ProtocolError> {
+        // Scan in place and drop the consumed bytes once, not per message.
+        let mut input = std::mem::take(&mut self.backend_in);
+        let mut at = 0;
+        let result = self.scan_backend(&input, &mut at).await;
+        input.advance(at);
+        self.backend_in = input;
+        if self.backend.is_none() {
+            buffers::park(&mut self.backend_in);
+        }
+        result
+    }
+
+    async fn scan_backend(&mut self, input: &[u8], at: &mut usize) -> Result<(), ProtocolError> {
         loop {
+            let rest = &input[*at..];
             if self.passthrough > 0 {
-                let n = self.passthrough.min(self.backend_in.len());
+                let n = self.passthrough.min(rest.len());
                 if n == 0 {
                     return Ok(());
                 }
-                self.client_out.extend_from_slice(&self.backend_in[..n]);
-                self.backend_in.advance(n);
+                self.client_out.extend_from_slice(&rest[..n]);
+                *at += n;
                 self.passthrough -= n;
                 if self.passthrough == 0 {
                     self.queue.after(&mut self.client_out);
                 }
                 continue;
             }
-            let Some(total) = frame_length(&self.backend_in, MAX_BACKEND_MESSAGE)? else {
+            let Some(total) = frame_length(rest, MAX_BACKEND_MESSAGE)? else {
                 return Ok(());
             };
-            let tag = self.backend_in[0];
+            let tag = rest[0];
             // Rows and COPY data stream through without waiting for the whole message.
-            if matches!(tag, tag::DATA_ROW | tag::COPY_DATA) && self.backend_in.len() < total {
+            if matches!(tag, tag::DATA_ROW | tag::COPY_DATA) && rest.len() < total {
                 if self.queue.on_backend(tag) == Disposition::Forward {
                     self.passthrough = total;
                     continue;
                 }
                 return Ok(());
             }
-            let Some((frame, total)) = next_frame(&self.backend_in, MAX_BACKEND_MESSAGE)? else {
+            let Some((frame, total)) = next_frame(rest, MAX_BACKEND_MESSAGE)? else {
                 return Ok(());
             };
             let disposition = self.queue.on_backend(tag);
@@ -696,9 +742,9 @@ impl Session {
                 _ => {}
             }
             if disposition == Disposition::Forward {
-                self.client_out.extend_from_slice(&self.backend_in[..total]);
+                self.client_out.extend_from_slice(&rest[..total]);
             }
-            self.backend_in.advance(total);
+            *at += total;
             self.queue.after(&mut self.client_out);
             self.forget_failed_statements();
             if let Some(status) = ready {
