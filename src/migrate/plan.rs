@@ -135,15 +135,28 @@ pub fn offline_sql(shard: &str, plan: &Plan) -> String {
     );
     for (n, step) in plan.steps.iter().enumerate() {
         out.push_str(&format!(
-            "\n-- step {}: {} {} ({})\nBEGIN;\n",
+            "\n-- step {}: {} {} ({}){}\n",
             n + 1,
             step.direction.as_str(),
             step.revision,
-            step.file
+            step.file,
+            if step.transactional {
+                ""
+            } else {
+                ", not transactional: statements run one by one"
+            }
         ));
+        // Non-transactional statements (CREATE INDEX CONCURRENTLY) cannot
+        // run inside BEGIN; only the ledger update is a transaction then.
+        if step.transactional {
+            out.push_str("BEGIN;\n");
+        }
         for statement in &step.statements {
             out.push_str(&statement.sql);
             out.push_str(";\n");
+        }
+        if !step.transactional {
+            out.push_str("BEGIN;\n");
         }
         out.push_str("DELETE FROM shardgate.version;\n");
         for row in &step.rows_after {
@@ -182,7 +195,7 @@ fn down_sql(revision: &Revision) -> Result<(String, &str)> {
 
 #[cfg(test)]
 mod tests {
-    use super::controls_transaction;
+    use super::{controls_transaction, offline_sql, Direction, Plan, Step};
 
     #[test]
     fn transaction_control_is_recognised() {
@@ -205,5 +218,33 @@ mod tests {
         ] {
             assert!(!controls_transaction(sql), "{sql}");
         }
+    }
+
+    #[test]
+    fn offline_sql_runs_non_transactional_statements_outside_begin() {
+        let plan = Plan {
+            from: Vec::new(),
+            target: super::super::graph::Target::Base,
+            steps: vec![Step {
+                revision: "aaaaaaaaaaaa".to_string(),
+                direction: Direction::Up,
+                file: "x/up.sql".to_string(),
+                statements: vec![super::super::statements::Statement {
+                    sql: "CREATE INDEX CONCURRENTLY i ON t (v)".to_string(),
+                    line: 1,
+                }],
+                checksum: "c".to_string(),
+                rows_after: vec!["aaaaaaaaaaaa".to_string()],
+                transactional: false,
+            }],
+        };
+        let sql = offline_sql("s0", &plan);
+        let create = sql.find("CREATE INDEX CONCURRENTLY").expect("statement");
+        let begin = sql.find("BEGIN;").expect("ledger transaction");
+        assert!(
+            begin > create,
+            "CONCURRENTLY must not run inside BEGIN:\n{sql}"
+        );
+        assert!(sql.contains("not transactional"));
     }
 }
