@@ -614,3 +614,65 @@ async fn cancel_request_cancels_pg_sleep() {
     let outcome = simple_query(&mut conn, "SELECT 5").await;
     assert_eq!(outcome.rows, vec![vec![Some("5".to_owned())]]);
 }
+
+/// Connections returned with `ShardPool::release` are parked for the next
+/// checkout, yet a checkout already waiting on a full pool gets one at once,
+/// and parked connections go back to bb8 within a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_connections_are_reused_and_never_starve_a_waiter() {
+    let db = support::fresh_db("backend_hot");
+    let shard = cluster_shard("s0", &support::fleet().clusters[0], &db);
+    let pool = std::sync::Arc::new(ShardPool::new(
+        &shard,
+        0,
+        &pool_config(1, Duration::from_secs(2), Duration::from_secs(5)),
+    ));
+
+    // Parked and handed to the next checkout: the same backend.
+    let conn = pool.checkout().await.expect("checkout");
+    let pid = conn.cancel_key().0;
+    pool.release(conn).await;
+    assert_eq!(pool.state(), (1, 1), "a parked connection counts as idle");
+    let conn = pool.checkout().await.expect("checkout again");
+    assert_eq!(conn.cancel_key().0, pid);
+
+    // With the only connection out, a second checkout waits; the release
+    // must reach it promptly instead of parking the connection.
+    let waiter_pool = pool.clone();
+    let waiter = tokio::spawn(async move {
+        let conn = waiter_pool
+            .checkout()
+            .await
+            .expect("waiter gets the connection");
+        (conn.cancel_key().0, Instant::now())
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let released = Instant::now();
+    pool.release(conn).await;
+    let (got, acquired) = waiter.await.expect("waiter task");
+    assert_eq!(got, pid);
+    // Handed over at once, not left parked until the sweeper (every 1 s).
+    let handover = acquired.duration_since(released);
+    assert!(
+        handover < Duration::from_millis(50),
+        "handover took {handover:?}"
+    );
+
+    // A connection returned inside a transaction is not parked as-is.
+    let mut conn = pool.checkout().await.expect("checkout");
+    let outcome = simple_query(&mut conn, "BEGIN; SELECT 1").await;
+    assert!(outcome.error.is_none(), "{outcome:?}");
+    pool.release(conn).await;
+    let mut conn = pool.checkout().await.expect("checkout after rollback");
+    let outcome = simple_query(&mut conn, "SELECT 1").await;
+    assert_eq!(
+        outcome.status, b'I',
+        "the connection was rolled back before reuse"
+    );
+    pool.release(conn).await;
+
+    // The sweeper hands parked connections back to bb8 within a second or so.
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let stats = pool.bb8().state();
+    assert_eq!(stats.idle_connections, 1, "back in bb8: {stats:?}");
+}

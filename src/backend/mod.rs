@@ -12,6 +12,7 @@
 mod cancel;
 mod connection;
 mod error;
+mod hot;
 mod pool;
 mod prepared;
 

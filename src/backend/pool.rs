@@ -21,6 +21,7 @@ use tokio::sync::watch;
 
 use super::connection::{display_addr, BackendConnection};
 use super::error::{fmt_duration, BackendError};
+use super::hot::HotStack;
 use crate::config::{Config, PoolConfig, ShardConfig};
 
 /// A checked-out backend connection; returns to its pool when dropped.
@@ -134,6 +135,9 @@ pub struct ShardPool {
     checkout_timeout: Duration,
     pool: bb8::Pool<BackendManager>,
     shared: Arc<PoolShared>,
+    /// Connections passed from one transaction to the next (see `hot.rs`).
+    hot: Arc<HotStack>,
+    max_lifetime: Option<Duration>,
 }
 
 /// bb8 panics on zero durations; zero in the map means "never".
@@ -185,6 +189,8 @@ impl ShardPool {
             checkout_timeout,
             pool: built,
             shared,
+            hot: HotStack::start(),
+            max_lifetime: nonzero(pool.max_lifetime),
         }
     }
 
@@ -194,6 +200,10 @@ impl ShardPool {
     /// `connect_timeout`, not `checkout_timeout`); `53300` when all `size`
     /// connections stay busy for `checkout_timeout`.
     pub async fn checkout(&self) -> Result<PooledBackend, BackendError> {
+        let _waiting = self.hot.enter();
+        if let Some(conn) = self.hot.pop(self.max_lifetime) {
+            return Ok(conn);
+        }
         // Subscribe first so a failure of the attempt our own `get` triggers
         // cannot be missed.
         let mut failures = self.shared.failures.subscribe();
@@ -234,10 +244,25 @@ impl ShardPool {
         }
     }
 
-    /// (open connections, idle connections).
+    /// (open connections, idle connections); parked hot connections count as idle.
     pub fn state(&self) -> (u32, u32) {
         let state = self.pool.state();
-        (state.connections, state.idle_connections)
+        let hot = u32::try_from(self.hot.len()).unwrap_or(u32::MAX);
+        (
+            state.connections,
+            state.idle_connections.saturating_add(hot),
+        )
+    }
+
+    /// Returns a connection after a transaction: a clean one is parked for
+    /// the next checkout; one inside a transaction is rolled back first (see
+    /// [`release`]).
+    pub async fn release(&self, conn: PooledBackend) {
+        if conn.needs_reset() || conn.is_broken() {
+            release(conn).await;
+        } else {
+            self.hot.park(conn);
+        }
     }
 
     pub fn name(&self) -> &str {

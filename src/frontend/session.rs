@@ -550,7 +550,10 @@ impl Session {
             self.cancel.set(None);
             buffers::park(&mut self.backend_in);
             buffers::park(&mut self.backend_out);
-            release(attached.conn).await;
+            match self.shared.pools.get(attached.shard) {
+                Some(pool) => pool.release(attached.conn).await,
+                None => release(attached.conn).await,
+            }
         }
     }
 
