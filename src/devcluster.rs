@@ -63,6 +63,9 @@ shared_buffers = 32MB
 fsync = off
 synchronous_commit = off
 full_page_writes = off
+# Dynamic shared memory as files in the data dir (pg_dynshmem), not POSIX
+# segments in /dev/shm: a killed cluster's segments then go with its dir.
+dynamic_shared_memory_type = mmap
 include_if_exists = 'shardgate.conf'
 ";
 
