@@ -524,6 +524,18 @@ impl BackendConnection {
         }
     }
 
+    /// Whether the connection may be handed to a client: not broken, idle,
+    /// and, once idle for [`HEALTH_CHECK_AFTER_IDLE`](super::HEALTH_CHECK_AFTER_IDLE),
+    /// its socket neither closed nor holding unexpected bytes. The peek is a
+    /// syscall; a connection used moments ago is alive for all practical
+    /// purposes (measured: the peek was the only syscall per transaction
+    /// PgBouncer does not make). Used by bb8's check and the hot stack alike.
+    pub fn fit_for_checkout(&mut self) -> bool {
+        !self.is_broken()
+            && !self.needs_reset()
+            && (self.idle_for() < super::HEALTH_CHECK_AFTER_IDLE || self.poll_idle_health())
+    }
+
     /// How long the connection has been idle (since its last ReadyForQuery 'I').
     pub fn idle_for(&self) -> std::time::Duration {
         self.idle_since.elapsed()

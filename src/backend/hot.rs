@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use super::pool::{PooledBackend, HEALTH_CHECK_AFTER_IDLE};
+use super::pool::PooledBackend;
 
 /// How long a connection may sit here before it goes back to bb8.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -70,9 +70,7 @@ impl HotStack {
         loop {
             let mut conn = self.lock().pop()?;
             let too_old = max_lifetime.is_some_and(|limit| conn.created_at().elapsed() >= limit);
-            let healthy = !conn.is_broken()
-                && !conn.needs_reset()
-                && (conn.idle_for() < HEALTH_CHECK_AFTER_IDLE || conn.poll_idle_health());
+            let healthy = conn.fit_for_checkout();
             if healthy && !too_old {
                 return Some(conn);
             }

@@ -85,11 +85,7 @@ impl ManageConnection for BackendManager {
     /// Cheap: no SQL. Not broken, idle (`'I'`, nothing in flight) and the
     /// socket neither closed nor holding unexpected bytes.
     async fn is_valid(&self, conn: &mut Box<BackendConnection>) -> Result<(), BackendError> {
-        // The socket peek is a syscall; a connection used moments ago is
-        // alive for all practical purposes (measured: the peek was the only
-        // syscall per transaction PgBouncer does not make).
-        let check = conn.idle_for() >= HEALTH_CHECK_AFTER_IDLE;
-        if conn.is_broken() || conn.needs_reset() || (check && !conn.poll_idle_health()) {
+        if !conn.fit_for_checkout() {
             conn.mark_broken();
             return Err(self.broken());
         }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use super::spanned::{self, Mark, Node, NodeKind};
 use super::values::{parse_duration, parse_size, BoundType, BoundValue};
 use super::*;
+use crate::suggest::closest;
 
 const TOP_KEYS: &[&str] = &[
     "listen",
@@ -1222,32 +1223,6 @@ pub fn redact_url(url: &str) -> String {
         },
         None => url.to_string(),
     }
-}
-
-/// The allowed word nearest to a misspelt one, if it is close.
-fn closest<'a>(word: &str, allowed: &[&'a str]) -> Option<&'a str> {
-    allowed
-        .iter()
-        .map(|candidate| (edit_distance(word, candidate), *candidate))
-        .filter(|(distance, candidate)| *distance <= 2.max(candidate.len() / 4))
-        .min_by_key(|(distance, _)| *distance)
-        .map(|(_, c)| c)
-}
-
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut previous: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut current = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let cost = usize::from(ca != *cb);
-            current[j + 1] = (previous[j] + cost)
-                .min(previous[j + 1] + 1)
-                .min(current[j] + 1);
-        }
-        previous = current;
-    }
-    previous[b.len()]
 }
 
 #[cfg(test)]

@@ -707,14 +707,12 @@ impl Session {
                 tag::ERROR_RESPONSE => {
                     self.batch_failed = true;
                     let shard = self.backend.as_ref().map(|a| a.shard);
-                    self.shared
-                        .metrics
-                        .error(shard, messages::error_fields(frame.body).code);
+                    let fields = messages::error_fields(frame.body);
+                    self.shared.metrics.error(shard, fields.code);
                     if disposition == Disposition::Swallow {
                         // Replaying the session's settings failed on this
                         // backend: the client must know its statement may run
                         // with other settings, so it gets a WARNING notice.
-                        let fields = messages::error_fields(frame.body);
                         tracing::warn!(
                             code = fields.code,
                             message = fields.message,

@@ -163,29 +163,19 @@ async fn handshake(shared: &Arc<Shared>, tcp: TcpStream) -> Accepted {
                     return finish(shared, socket, login, None).await;
                 };
                 let driver = AuthDriver::<_, ()>::new(MirroredParameters(HashMap::new()));
-                match driver.begin_authentication(&mut socket, mechanism).await {
-                    Ok(AuthOutcome::InProgress) => {}
-                    Ok(AuthOutcome::Authenticated { final_message, .. }) => {
-                        return finish(shared, socket, login, final_message).await;
-                    }
-                    Err(_) => {
-                        auth_failed(&mut socket, login.as_ref()).await;
-                        return Accepted::Closed;
-                    }
-                }
+                let step = driver.begin_authentication(&mut socket, mechanism).await;
+                socket = match auth_step(shared, socket, &mut login, step).await {
+                    Next::Continue(socket) => *socket,
+                    Next::Done(accepted) => return accepted,
+                };
             }
             PgWireFrontendMessage::PasswordMessageFamily(message) if login.is_some() => {
                 let driver = AuthDriver::<_, ()>::new(MirroredParameters(HashMap::new()));
-                match driver.advance_authentication(&mut socket, message).await {
-                    Ok(AuthOutcome::InProgress) => {}
-                    Ok(AuthOutcome::Authenticated { final_message, .. }) => {
-                        return finish(shared, socket, login, final_message).await;
-                    }
-                    Err(_) => {
-                        auth_failed(&mut socket, login.as_ref()).await;
-                        return Accepted::Closed;
-                    }
-                }
+                let step = driver.advance_authentication(&mut socket, message).await;
+                socket = match auth_step(shared, socket, &mut login, step).await {
+                    Next::Continue(socket) => *socket,
+                    Next::Done(accepted) => return accepted,
+                };
             }
             PgWireFrontendMessage::SslNegotiation(_) => {
                 // A second SSLRequest/GSSENCRequest after negotiation: refuse like Postgres.
@@ -199,6 +189,33 @@ async fn handshake(shared: &Arc<Shared>, tcp: TcpStream) -> Accepted {
                 refuse(&mut socket, error).await;
                 return Accepted::Closed;
             }
+        }
+    }
+}
+
+/// After one authentication step: go on with the socket, or the outcome.
+enum Next {
+    /// Boxed: the socket is large and the enum is returned by value.
+    Continue(Box<StartupSocket>),
+    Done(Accepted),
+}
+
+/// One step of the handshake (begin or advance): continue, hand the
+/// authenticated client over, or refuse it with 28P01.
+async fn auth_step(
+    shared: &Arc<Shared>,
+    mut socket: StartupSocket,
+    login: &mut Option<Login>,
+    step: pgwire::error::PgWireResult<AuthOutcome>,
+) -> Next {
+    match step {
+        Ok(AuthOutcome::InProgress) => Next::Continue(Box::new(socket)),
+        Ok(AuthOutcome::Authenticated { final_message, .. }) => {
+            Next::Done(finish(shared, socket, login.take(), final_message).await)
+        }
+        Err(_) => {
+            auth_failed(&mut socket, login.as_ref()).await;
+            Next::Done(Accepted::Closed)
         }
     }
 }

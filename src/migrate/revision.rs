@@ -238,7 +238,10 @@ fn parse_header(text: &str) -> Result<Header, (usize, String)> {
             // Free comments such as "-- Note: ..." are fine; a near-miss of a
             // known key is a typo that would otherwise silently drop metadata.
             if key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
-                if let Some(known) = KEYS.iter().find(|k| edit_distance(k, key) <= 2) {
+                if let Some(known) = KEYS
+                    .iter()
+                    .find(|k| crate::suggest::edit_distance(k, key) <= 2)
+                {
                     return Err((
                         line_no,
                         format!("unknown header key `{key}`; did you mean `{known}`?"),
@@ -360,25 +363,6 @@ fn unquote(value: &str) -> String {
         .and_then(|s| s.strip_suffix('"'))
         .or_else(|| v.strip_prefix('\'').and_then(|s| s.strip_suffix('\'')));
     stripped.unwrap_or(v).trim().to_owned()
-}
-
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut prev = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let cur = row[j + 1];
-            row[j + 1] = if ca == *cb {
-                prev
-            } else {
-                1 + prev.min(cur).min(row[j])
-            };
-            prev = cur;
-        }
-    }
-    row[b.len()]
 }
 
 /// The text of a new revision's `up.sql` header.
