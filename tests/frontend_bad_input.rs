@@ -245,3 +245,59 @@ fn fuzz_db() -> &'static str {
     static DB: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     DB.get_or_init(|| support::fresh_db("bad_fuzz"))
 }
+
+/// A client that pipelines many requests with large answers, reading them
+/// concurrently, must not stall: shardgate has to keep reading the backend
+/// while it writes to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_pipeline_with_large_answers_does_not_stall() {
+    let db = support::fresh_db("bad_pipeline");
+    let server = support::start_proxy(&support::shard_map(&db, "")).await;
+    let client = Wire::connect(server.address.port(), "app", &db).await;
+    let (mut read_half, mut write_half) = client.stream.into_split();
+    const QUERIES: usize = 300;
+    let writer = tokio::spawn(async move {
+        // Large requests and large answers: each write to the backend is big.
+        let padding = "-".repeat(400_000);
+        let query = wire::query(&format!("SELECT repeat('x', 400000) /* {padding} */"));
+        for _ in 0..QUERIES {
+            write_half.write_all(&query).await.expect("write pipeline");
+        }
+        write_half
+    });
+    let reader = tokio::spawn(async move {
+        let mut ready = 0;
+        let mut buf = vec![0u8; 1 << 16];
+        let mut pending: Vec<u8> = Vec::new();
+        while ready < QUERIES {
+            let n = read_half.read(&mut buf).await.expect("read");
+            assert!(n > 0, "connection closed after {ready} answers");
+            pending.extend_from_slice(&buf[..n]);
+            let mut at = 0;
+            while pending.len() - at >= 5 {
+                let len = i32::from_be_bytes([
+                    pending[at + 1],
+                    pending[at + 2],
+                    pending[at + 3],
+                    pending[at + 4],
+                ]) as usize;
+                if pending.len() - at < len + 1 {
+                    break;
+                }
+                if pending[at] == b'Z' {
+                    ready += 1;
+                }
+                at += len + 1;
+            }
+            pending.drain(..at);
+        }
+        ready
+    });
+    let answered = tokio::time::timeout(Duration::from_secs(60), reader)
+        .await
+        .expect("the pipeline stalled")
+        .expect("reader task");
+    assert_eq!(answered, QUERIES);
+    drop(writer.await.expect("writer task"));
+    server.stop().await;
+}
