@@ -127,3 +127,25 @@ fn a_missing_file_is_a_clear_error() {
         "{stderr}"
     );
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 400, .. proptest::prelude::ProptestConfig::default() })]
+
+    /// Arbitrary text, and mutations of a valid map, give errors, never a panic.
+    #[test]
+    fn the_map_reader_never_panics(
+        noise in "\\PC{0,200}",
+        cut in 0usize..600,
+        insert in "[ :{}\\[\\],\\-#'\"$\\n a-z0-9]{0,12}",
+    ) {
+        let _ = shardgate::config::Config::parse(Path::new("fuzz.yaml"), &noise, &|_| None);
+        let valid = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("shard-config/range.yaml"))
+            .expect("example map");
+        let mut at = cut.min(valid.len());
+        while !valid.is_char_boundary(at) {
+            at -= 1;
+        }
+        let mutated = format!("{}{}{}", &valid[..at], insert, &valid[at..]);
+        let _ = shardgate::config::Config::parse(Path::new("fuzz.yaml"), &mutated, &|_| Some("x".into()));
+    }
+}
