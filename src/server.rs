@@ -16,6 +16,8 @@ use crate::frontend::session::Session;
 use crate::frontend::startup::{self, Accepted, KeyGenerator};
 use crate::frontend::tls;
 use crate::metrics::Metrics;
+use crate::router::catalog::{self, CatalogError};
+use crate::router::{Router, RouterError, ShardMap};
 
 /// State every client task shares.
 pub struct Shared {
@@ -26,6 +28,57 @@ pub struct Shared {
     pub keys: Arc<KeyGenerator>,
     pub cancels: CancelRegistry,
     pub metrics: Arc<Metrics>,
+    /// SQL routing; `None` when the map names no tables (a plain pooler:
+    /// statements go to the hinted shard or the first one).
+    pub router: Option<Arc<Router>>,
+    /// Serialises catalog reads; `catalog_reads` counts completed ones.
+    catalog_lock: tokio::sync::Mutex<()>,
+    catalog_reads: std::sync::atomic::AtomicU64,
+}
+
+impl Shared {
+    /// Re-reads key types and column orders from the first shard that
+    /// answers. Returns true if a read completed since the call (callers
+    /// then retry the statement once). Sessions asking at the same time
+    /// share one read.
+    pub async fn refresh_catalog(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let Some(router) = &self.router else {
+            return false;
+        };
+        let before = self.catalog_reads.load(Ordering::Acquire);
+        let _reading = self.catalog_lock.lock().await;
+        if self.catalog_reads.load(Ordering::Acquire) != before {
+            return true;
+        }
+        let result = self.read_catalog(&router.map()).await;
+        match result {
+            Ok(facts) => {
+                router.learn(|map| map.with_catalog(&facts));
+                self.catalog_reads.fetch_add(1, Ordering::AcqRel);
+                true
+            }
+            Err(error) => {
+                tracing::warn!(%error, "reading the catalog failed");
+                false
+            }
+        }
+    }
+
+    async fn read_catalog(&self, map: &ShardMap) -> Result<catalog::CatalogFacts, CatalogError> {
+        let timeout = self.config.pool.connect_timeout;
+        let mut last_error = None;
+        for shard in &self.config.shards {
+            match catalog::load(shard, map, timeout).await {
+                Ok(facts) => return Ok(facts),
+                Err(error) => last_error = Some(error),
+            }
+        }
+        match last_error {
+            Some(error) => Err(error),
+            None => Ok(catalog::CatalogFacts::default()),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +92,8 @@ pub enum ServerError {
     Credentials(#[from] CredentialError),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error("the shard map cannot be used for routing: {0}")]
+    Router(#[from] RouterError),
     #[error("cannot serve metrics on {address}: {source}")]
     Metrics {
         address: String,
@@ -121,8 +176,16 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         }
         None => None,
     };
+    let router = if config.tables.is_empty() {
+        None
+    } else {
+        Some(Arc::new(Router::new(ShardMap::from_config(&config)?)))
+    };
     let shared = Arc::new(Shared {
         metrics,
+        router,
+        catalog_lock: tokio::sync::Mutex::new(()),
+        catalog_reads: std::sync::atomic::AtomicU64::new(0),
         users: UserDirectory::from_config(&config)?,
         pools: Pools::new(&config),
         tls,
@@ -130,6 +193,11 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         cancels: CancelRegistry::default(),
         config: Arc::new(config),
     });
+    if shared.router.is_some() {
+        // Best effort: shards may be down or tables not created yet; routing
+        // retries on demand when it needs a fact it does not have.
+        shared.refresh_catalog().await;
+    }
     let (shutdown, mut stopped) = watch::channel(false);
     let mut metrics_address = None;
     if let Some(listener) = metrics_listener {

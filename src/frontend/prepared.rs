@@ -85,6 +85,36 @@ impl ClientStatements {
         Ok(action)
     }
 
+    /// A named Parse recorded without a backend (routing waits for Bind,
+    /// which knows the parameters); created on the backend on first use.
+    pub fn define_local(&mut self, parse: Parse<'_>) -> Result<(), ProxyError> {
+        if self.named.contains_key(parse.name) {
+            return Err(ProxyError::error(
+                "42P05",
+                format!("prepared statement \"{}\" already exists", parse.name),
+            ));
+        }
+        let hash = statement_hash(parse.query, parse.param_types);
+        self.named.insert(
+            parse.name.to_string(),
+            Statement {
+                hash,
+                server_name: format!("sg_{hash:016x}"),
+                query: parse.query.to_string(),
+                param_types: parse.param_types.to_vec(),
+            },
+        );
+        Ok(())
+    }
+
+    /// The SQL text and raw parameter-type section (count, then OIDs, as
+    /// in Parse) of the client's statement `name`.
+    pub fn text_of(&self, name: &str) -> Option<(&str, &[u8])> {
+        self.named
+            .get(name)
+            .map(|s| (s.query.as_str(), s.param_types.as_slice()))
+    }
+
     /// Writes the Parse (after a Close if the cache evicted a statement);
     /// true if a Close was written.
     fn create_on_backend(

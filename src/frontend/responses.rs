@@ -34,6 +34,9 @@ pub enum Expect {
     /// A statement shardgate sent on its own behalf (`SET …` replay): every
     /// answer through ReadyForQuery is swallowed; an error is reported.
     HiddenQuery,
+    /// A statement that fails on purpose to abort the backend's transaction
+    /// after shardgate reported an error in it: every answer is dropped.
+    HiddenAbort,
 }
 
 #[derive(Debug)]
@@ -48,6 +51,8 @@ pub enum Slot {
 pub enum Disposition {
     Forward,
     Swallow,
+    /// Dropped without a trace (answers to [`Expect::HiddenAbort`]).
+    Discard,
 }
 
 #[derive(Debug, Default)]
@@ -58,6 +63,9 @@ pub struct ResponseQueue {
     backend_skipping: bool,
     /// Statements whose Parse failed or was skipped: not on the backend.
     pub failed_statements: Vec<u64>,
+    /// Extended-protocol messages were sent since the last Sync (or simple
+    /// query): the backend will not answer them all before that Sync.
+    batch_open: bool,
 }
 
 impl ResponseQueue {
@@ -65,10 +73,24 @@ impl ResponseQueue {
         self.slots.is_empty()
     }
 
+    /// See the field of the same name.
+    pub fn batch_open(&self) -> bool {
+        self.batch_open
+    }
+
+    /// The backend is ignoring messages until the next Sync (it failed).
+    pub fn backend_skipping(&self) -> bool {
+        self.backend_skipping
+    }
+
     /// Records a message forwarded to the backend.
     pub fn sent(&mut self, expect: Expect) {
+        self.batch_open = !matches!(
+            expect,
+            Expect::Sync | Expect::UntilReady | Expect::HiddenQuery | Expect::HiddenAbort
+        );
         match expect {
-            Expect::Sync | Expect::UntilReady | Expect::HiddenQuery => {
+            Expect::Sync | Expect::UntilReady | Expect::HiddenQuery | Expect::HiddenAbort => {
                 self.backend_skipping = false;
                 self.slots.push_back(Slot::Backend(expect));
             }
@@ -113,6 +135,7 @@ impl ResponseQueue {
         ) {
             return match self.front_expect() {
                 Some(Expect::HiddenQuery) if tag == tag::NOTICE_RESPONSE => Disposition::Swallow,
+                Some(Expect::HiddenAbort) if tag == tag::NOTICE_RESPONSE => Disposition::Discard,
                 _ => Disposition::Forward,
             };
         }
@@ -122,6 +145,8 @@ impl ResponseQueue {
         };
         let (done, disposition) = match (expect, tag) {
             (Expect::HiddenQuery, tag::READY_FOR_QUERY) => (true, Disposition::Swallow),
+            (Expect::HiddenAbort, tag::READY_FOR_QUERY) => (true, Disposition::Discard),
+            (Expect::HiddenAbort, _) => (false, Disposition::Discard),
             (Expect::HiddenQuery, _) => (false, Disposition::Swallow),
             (Expect::UntilReady, tag::READY_FOR_QUERY) => (true, Disposition::Forward),
             (Expect::UntilReady, _) => (false, Disposition::Forward),
@@ -186,6 +211,7 @@ impl ResponseQueue {
     pub fn clear(&mut self) {
         self.slots.clear();
         self.backend_skipping = false;
+        self.batch_open = false;
     }
 }
 

@@ -29,10 +29,47 @@ use crate::protocol::{
 use crate::router::hints::{self, Hint};
 use crate::server::Shared;
 
+mod routing;
+
+use routing::Destination;
+
 /// The backend serving the client right now.
 struct Attached {
     conn: PooledBackend,
     shard: usize,
+}
+
+/// What became of one client message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Handled (or answered with an error); on to the next message.
+    Next,
+    /// Not yet: it needs another shard's backend while this one still owes
+    /// answers to earlier, complete requests. Retried once they arrived.
+    Wait,
+    /// Terminate.
+    Terminate,
+}
+
+/// Whether a backend of the wanted shard is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attach {
+    Ready,
+    /// The client was sent the error.
+    Failed,
+    /// See [`Step::Wait`].
+    Wait,
+}
+
+/// Returns from message handling unless the backend is ready.
+macro_rules! attach_or_return {
+    ($attach:expr) => {
+        match $attach {
+            Attach::Ready => {}
+            Attach::Failed => return Ok(Step::Next),
+            Attach::Wait => return Ok(Step::Wait),
+        }
+    };
 }
 
 /// Why the loop ended.
@@ -60,6 +97,15 @@ pub struct Session {
     skip_until_sync: bool,
     /// Shard chosen with `SET shardgate.shard`.
     session_shard: Option<usize>,
+    /// Key chosen with `SET shardgate.sharding_key`: statements go to its shard.
+    session_key: Option<String>,
+    /// A BEGIN answered by shardgate and not yet sent: it goes ahead of the
+    /// first statement that needs a shard (see `routing`).
+    deferred_begin: Option<Vec<u8>>,
+    /// shardgate reported an error inside the client's transaction block
+    /// while the backend's transaction is still healthy: it must be aborted
+    /// too, as Postgres would have (done at the batch's Sync).
+    abort_backend_transaction: bool,
     settings: SessionSettings,
     statements: ClientStatements,
     /// Outcome of the statements in flight since the last ReadyForQuery.
@@ -110,6 +156,9 @@ impl Session {
             status: b'I',
             skip_until_sync: false,
             session_shard: None,
+            session_key: None,
+            deferred_begin: None,
+            abort_backend_transaction: false,
             settings,
             statements: ClientStatements::default(),
             batch_failed: false,
@@ -211,8 +260,10 @@ impl Session {
                 Err(error) => break Err(protocol_violation(error)),
             };
             match self.handle_client_message(&rest[..total]).await {
-                Ok(true) => consumed += total,
-                other => break other,
+                Ok(Step::Next) => consumed += total,
+                Ok(Step::Wait) => break Ok(true),
+                Ok(Step::Terminate) => break Ok(false),
+                Err(error) => break Err(error),
             }
         };
         input.advance(consumed);
@@ -220,25 +271,50 @@ impl Session {
         result
     }
 
-    async fn handle_client_message(&mut self, frame: &[u8]) -> Result<bool, ProxyError> {
+    async fn handle_client_message(&mut self, frame: &[u8]) -> Result<Step, ProxyError> {
         let tag = frame[0];
         let body = &frame[5..];
         if self.skip_until_sync && tag != tag::SYNC && tag != tag::TERMINATE {
-            return Ok(true);
+            return Ok(Step::Next);
         }
         match tag {
-            tag::TERMINATE => return Ok(false),
+            tag::TERMINATE => return Ok(Step::Terminate),
             tag::QUERY => {
                 let sql = messages::query_text(body).map_err(protocol_violation)?;
                 if let Some((name, value)) = hints::shardgate_setting(sql) {
                     self.shardgate_set(name, value)?;
-                    return Ok(true);
+                    return Ok(Step::Next);
                 }
-                let hint = route_hint(sql);
                 let effects = scan_statement(sql);
                 self.note_effects(effects);
-                if !self.attach_for(hint, false).await {
-                    return Ok(true);
+                if let Some(router) = self.router() {
+                    let route = match self.route(&router, sql, &[]).await {
+                        Ok(route) => route,
+                        Err(error) => {
+                            self.report(error, false);
+                            return Ok(Step::Next);
+                        }
+                    };
+                    let attach = match self.destination(sql, route) {
+                        Destination::Shard(shard) => self.attach_shard(shard, false).await,
+                        Destination::AnyShard => self.attach_any(&router, false).await,
+                        Destination::Current => self.attach_for(None, false).await,
+                        Destination::DeferBegin => {
+                            self.defer_begin(frame);
+                            return Ok(Step::Next);
+                        }
+                        Destination::EndDeferred { commit } => {
+                            self.end_deferred(commit);
+                            return Ok(Step::Next);
+                        }
+                        Destination::Shards(route) => {
+                            self.report(routing::multi_shard_unavailable(&route), false);
+                            Attach::Failed
+                        }
+                    };
+                    attach_or_return!(attach);
+                } else {
+                    attach_or_return!(self.attach_for(route_hint(sql), false).await);
                 }
                 // A simple query replaces the unnamed statement, as in Postgres.
                 self.unnamed_parse.clear();
@@ -253,11 +329,20 @@ impl Session {
             }
             tag::PARSE => {
                 let parse = Parse::decode(body).map_err(protocol_violation)?;
-                let hint = route_hint(parse.query);
                 let effects = self.scan_cached(parse.query);
                 self.note_effects(effects);
-                if !self.attach_for(hint, true).await {
-                    return Ok(true);
+                if self.shared.router.is_some() {
+                    // Routed at Bind, when the parameters are known; the
+                    // statement is created on that backend then.
+                    if self.parse_deferred(frame, parse) {
+                        if effects.sets {
+                            self.settings.statement_sent(parse.query);
+                        }
+                        return Ok(Step::Next);
+                    }
+                    attach_or_return!(self.attach_for(None, true).await);
+                } else {
+                    attach_or_return!(self.attach_for(route_hint(parse.query), true).await);
                 }
                 if effects.sets {
                     self.settings.statement_sent(parse.query);
@@ -278,9 +363,11 @@ impl Session {
             }
             tag::BIND => {
                 let bind = Bind::decode(body).map_err(protocol_violation)?;
-                if !self.attach_for(None, true).await {
-                    return Ok(true);
-                }
+                let attach = match self.router() {
+                    Some(router) => self.route_bind(&router, &bind).await,
+                    None => self.attach_for(None, true).await,
+                };
+                attach_or_return!(attach);
                 if bind.statement.is_empty() {
                     self.ensure_unnamed();
                     self.forward(frame, Expect::Bind);
@@ -293,12 +380,12 @@ impl Session {
             }
             tag::DESCRIBE | tag::CLOSE => {
                 let target = Target::decode(tag, body).map_err(protocol_violation)?;
-                if target.kind == b'S' && !target.name.is_empty() {
-                    self.statement_target(tag, target).await;
+                if self.backend.is_none() && self.shared.router.is_some() {
+                    self.target_without_backend(tag, target).await;
+                } else if target.kind == b'S' && !target.name.is_empty() {
+                    return Ok(self.statement_target(tag, target).await);
                 } else {
-                    if !self.attach_for(None, true).await {
-                        return Ok(true);
-                    }
+                    attach_or_return!(self.attach_for(None, true).await);
                     let expect = match (tag, target.kind) {
                         (tag::CLOSE, _) => Expect::Close,
                         (_, b'S') => Expect::DescribeStatement,
@@ -315,13 +402,23 @@ impl Session {
                 }
             }
             tag::EXECUTE => {
-                if !self.attach_for(None, true).await {
-                    return Ok(true);
+                if self.backend.is_none() && self.shared.router.is_some() {
+                    // Routing mode attaches at Bind: no backend, no portal.
+                    self.client_error_in_batch(ProxyError::error(
+                        "34000",
+                        "portal does not exist (its Bind failed or was never sent)",
+                    ));
+                    return Ok(Step::Next);
                 }
+                attach_or_return!(self.attach_for(None, true).await);
                 self.forward(frame, Expect::Execute);
             }
             tag::SYNC => {
                 self.skip_until_sync = false;
+                if self.abort_backend_transaction {
+                    self.abort_backend_transaction = false;
+                    self.send_transaction_abort();
+                }
                 if self.backend.is_some() {
                     self.forward(frame, Expect::Sync);
                 } else {
@@ -342,9 +439,7 @@ impl Session {
                 }
             }
             tag::FUNCTION_CALL => {
-                if !self.attach_for(None, false).await {
-                    return Ok(true);
-                }
+                attach_or_return!(self.attach_for(None, false).await);
                 self.forward(frame, Expect::UntilReady);
             }
             other => {
@@ -354,7 +449,7 @@ impl Session {
                 ))
             }
         }
-        Ok(true)
+        Ok(Step::Next)
     }
 
     /// `scan_statement`, remembered for the last Parse text: drivers re-send
@@ -434,12 +529,20 @@ impl Session {
                 }
             },
             ("shard", None) => self.session_shard = None,
+            ("sharding_key", Some(_)) if self.shared.router.is_none() => {
+                ProxyError::error(
+                    "0A000",
+                    "shardgate.sharding_key needs a shard map with tables; this map only pools",
+                )
+                .encode(&mut out);
+            }
+            ("sharding_key", value) => self.session_key = value,
             (other, _) => {
                 ProxyError::error(
                     "42704",
                     format!("unrecognized configuration parameter \"shardgate.{other}\""),
                 )
-                .with_hint("shardgate settings: shardgate.shard")
+                .with_hint("shardgate settings: shardgate.shard, shardgate.sharding_key")
                 .encode(&mut out);
             }
         }
@@ -453,51 +556,86 @@ impl Session {
 
     /// Makes sure a backend of the right shard is attached. Returns false if
     /// not possible; the client has then been sent the error.
-    async fn attach_for(&mut self, hint: Option<Hint<'_>>, extended: bool) -> bool {
+    async fn attach_for(&mut self, hint: Option<Hint<'_>>, extended: bool) -> Attach {
         // Most messages of a batch (Bind, Describe, Execute) just continue on
         // the attached backend.
         if hint.is_none() && self.session_shard.is_none() && self.backend.is_some() {
-            return true;
+            return Attach::Ready;
         }
         let wanted = match self.target_shard(hint) {
             Ok(wanted) => wanted,
             Err(error) => {
                 self.report(error, extended);
-                return false;
+                return Attach::Failed;
             }
         };
+        match wanted {
+            Some(shard) => self.attach_shard(shard, extended).await,
+            None if self.backend.is_some() => Attach::Ready,
+            None => self.attach_shard(0, extended).await,
+        }
+    }
+
+    /// Makes sure a backend of `shard` is attached: switches backends between
+    /// transactions, refuses to inside one.
+    async fn attach_shard(&mut self, shard: usize, extended: bool) -> Attach {
         if let Some(attached) = &self.backend {
-            match wanted {
-                Some(shard) if shard != attached.shard => {
-                    if self.queue.is_empty()
-                        && self.status == b'I'
-                        && self.mode == PoolMode::Transaction
-                    {
-                        self.detach().await;
-                    } else {
-                        let from = self.shard_name(attached.shard);
-                        let to = self.shard_name(shard);
-                        let error = ProxyError::error(
-                            "0A000",
-                            format!("this transaction runs on shard \"{from}\"; a statement for shard \"{to}\" cannot join it"),
-                        )
-                        .with_hint("multi-shard transactions need two-phase commit, which is not available yet; commit first");
-                        self.report(error, extended);
-                        return false;
-                    }
-                }
-                _ => return true,
+            if attached.shard == shard {
+                return Attach::Ready;
+            }
+            if !self.queue.is_empty() && !self.queue.batch_open() && !self.tainted {
+                // Pipelined requests for different shards: finish reading
+                // this backend's answers first, then switch.
+                return Attach::Wait;
+            }
+            if self.queue.is_empty()
+                && self.status == b'I'
+                && self.mode == PoolMode::Transaction
+                && !self.tainted
+            {
+                self.detach().await;
+            } else {
+                let from = self.shard_name(attached.shard);
+                let to = self.shard_name(shard);
+                let error = ProxyError::error(
+                    "0A000",
+                    format!("this transaction runs on shard \"{from}\"; a statement for shard \"{to}\" cannot join it"),
+                )
+                .with_hint("multi-shard transactions need two-phase commit, which is not available yet; commit first");
+                self.report(error, extended);
+                return Attach::Failed;
             }
         }
-        let shard = wanted.or(self.session_shard).unwrap_or(0);
         match self.checkout(shard).await {
-            Ok(()) => true,
+            Ok(()) => Attach::Ready,
             Err(error) => {
                 let error = ProxyError::error(error.sqlstate(), error.to_string());
                 self.report(error, extended);
-                false
+                Attach::Failed
             }
         }
+    }
+
+    /// A Parse in routing mode: recorded and answered here; the statement is
+    /// created on the backend its Bind routes to (pipelined statements may
+    /// go to different shards). False if it must go to a backend now (an
+    /// unnamed statement too large to keep).
+    fn parse_deferred(&mut self, frame: &[u8], parse: Parse<'_>) -> bool {
+        if parse.name.is_empty() {
+            if frame.len() > MAX_REMEMBERED_UNNAMED {
+                return false;
+            }
+            self.unnamed_parse.clear();
+            self.unnamed_parse.extend_from_slice(frame);
+            self.unnamed_on_backend = false;
+        } else if let Err(error) = self.statements.define_local(parse) {
+            self.client_error_in_batch(error);
+            return true;
+        }
+        let mut out = BytesMut::new();
+        synth::parse_complete(&mut out);
+        self.queue.local(out, &mut self.client_out);
+        true
     }
 
     fn target_shard(&self, hint: Option<Hint<'_>>) -> Result<Option<usize>, ProxyError> {
@@ -538,6 +676,11 @@ impl Session {
             synth::query(&mut self.backend_out, &sql);
             self.queue.sent(Expect::HiddenQuery);
             conn.set_settings_signature(self.settings.signature());
+        }
+        // The transaction the client began before it named a shard.
+        if let Some(begin) = self.deferred_begin.take() {
+            self.backend_out.extend_from_slice(&begin);
+            self.queue.sent(Expect::HiddenQuery);
         }
         self.unnamed_on_backend = false;
         self.backend = Some(Attached { conn, shard });
@@ -603,17 +746,58 @@ impl Session {
         self.shared.metrics.error(None, error.code);
         let mut out = BytesMut::new();
         error.encode(&mut out);
+        self.report_frames(out, extended);
+    }
+
+    /// Reports an encoded ErrorResponse (see [`Session::report`]).
+    fn report_frames(&mut self, out: BytesMut, extended: bool) {
+        // Inside a transaction block an error aborts the transaction, on
+        // the backend too (else the client's COMMIT would commit it).
+        let in_block = self.status == b'T'
+            || self
+                .backend
+                .as_ref()
+                .is_some_and(|a| a.conn.transaction_status() == b'T');
         if extended {
             self.skip_until_sync = true;
+            if in_block {
+                self.abort_backend_transaction = true;
+            }
+            self.queue.local(out, &mut self.client_out);
         } else {
-            let status = if self.status == b'T' {
-                b'E'
-            } else {
-                self.status
-            };
-            synth::ready_for_query(&mut out, status);
+            self.queue.local(out, &mut self.client_out);
+            if in_block {
+                self.send_transaction_abort();
+            }
+            let status = if in_block { b'E' } else { self.status };
+            let mut ready = BytesMut::new();
+            synth::ready_for_query(&mut ready, status);
+            self.queue.local(ready, &mut self.client_out);
+            self.status = status;
+            self.batch_status_before = status;
         }
-        self.queue.local(out, &mut self.client_out);
+    }
+
+    /// Puts the backend's transaction into the failed state with a hidden
+    /// statement that errors (its answers are dropped). A held-back BEGIN
+    /// that never reached a shard just fails in shardgate's own state.
+    fn send_transaction_abort(&mut self) {
+        if self.backend.is_none() {
+            if self.status == b'T' {
+                self.status = b'E';
+            }
+            return;
+        }
+        if self.queue.backend_skipping() {
+            // The backend failed the batch itself: already aborted.
+            return;
+        }
+        synth::query(
+            &mut self.backend_out,
+            "SELECT 1/0 AS shardgate_aborts_this_transaction_after_a_proxy_error",
+        );
+        self.queue.sent(Expect::HiddenAbort);
+        self.status = b'E';
     }
 
     fn client_error_in_batch(&mut self, error: ProxyError) {
@@ -704,6 +888,7 @@ impl Session {
             let mut ready = None;
             match tag {
                 tag::READY_FOR_QUERY => ready = Some(messages::ready_status(frame.body)?),
+                tag::ERROR_RESPONSE if disposition == Disposition::Discard => {}
                 tag::ERROR_RESPONSE => {
                     self.batch_failed = true;
                     let shard = self.backend.as_ref().map(|a| a.shard);
@@ -758,7 +943,7 @@ impl Session {
         if let Some(attached) = self.backend.as_mut() {
             attached.conn.set_transaction_status(status);
         }
-        if disposition == Disposition::Swallow {
+        if disposition != Disposition::Forward {
             return;
         }
         self.settings.batch_done(
@@ -845,25 +1030,68 @@ impl Session {
         }
     }
 
+    /// Describe/Close in routing mode with no backend attached: statements
+    /// are described by any shard on the side, closes need no backend.
+    async fn target_without_backend(&mut self, tag: u8, target: Target<'_>) {
+        let mut out = BytesMut::new();
+        if tag == tag::CLOSE {
+            match (target.kind, target.name.is_empty()) {
+                (b'S', true) => self.unnamed_parse.clear(),
+                (b'S', false) => self.statements.close(target.name),
+                _ => {}
+            }
+            synth::close_complete(&mut out);
+            self.queue.local(out, &mut self.client_out);
+            return;
+        }
+        if target.kind == b'P' {
+            self.client_error_in_batch(ProxyError::error(
+                "34000",
+                format!("portal \"{}\" does not exist", target.name),
+            ));
+            return;
+        }
+        let statement = if target.name.is_empty() {
+            self.unnamed_parse
+                .get(5..)
+                .and_then(|body| Parse::decode(body).ok())
+                .map(|p| (p.query.to_string(), p.param_types.to_vec()))
+        } else {
+            self.statements
+                .text_of(target.name)
+                .map(|(q, t)| (q.to_string(), t.to_vec()))
+        };
+        let Some((query, param_types)) = statement else {
+            self.client_error_in_batch(unknown_statement(target.name));
+            return;
+        };
+        if let Some(router) = self.router() {
+            self.describe_aside(&router, &query, &param_types).await;
+        }
+    }
+
     /// Describe/Close of a named statement.
-    async fn statement_target(&mut self, tag: u8, target: Target<'_>) {
+    async fn statement_target(&mut self, tag: u8, target: Target<'_>) -> Step {
         if tag == tag::CLOSE {
             // The server-side statement stays cached for reuse; the client's name goes.
             self.statements.close(target.name);
             let mut out = BytesMut::new();
             synth::close_complete(&mut out);
             self.queue.local(out, &mut self.client_out);
-            return;
+            return Step::Next;
         }
-        if !self.attach_for(None, true).await {
-            return;
+        match self.attach_for(None, true).await {
+            Attach::Ready => {}
+            Attach::Failed => return Step::Next,
+            Attach::Wait => return Step::Wait,
         }
         if !self.ensure_statement(target.name) {
             self.client_error_in_batch(unknown_statement(target.name));
-            return;
+            return Step::Next;
         }
         self.statements.describe_into(target, &mut self.backend_out);
         self.queue.sent(Expect::DescribeStatement);
+        Step::Next
     }
 
     /// Statements whose Parse failed are not on the backend after all.

@@ -433,8 +433,11 @@ fn key_value(
     v: &ValueExpr,
     params: &[Param],
 ) -> Result<Option<KeyValue>, RouteError> {
-    let bad = |e: crate::sharding::ShardingError| {
-        RouteError::InvalidKey(format!("sharding key {}: {e}", leaf.column))
+    let bad = |e: crate::sharding::ShardingError| match e {
+        crate::sharding::ShardingError::InvalidValue { .. } => {
+            RouteError::BadKeyText(format!("sharding key {}: {e}", leaf.column))
+        }
+        _ => RouteError::InvalidKey(format!("sharding key {}: {e}", leaf.column)),
     };
     let kind = leaf_type(map, f, leaf);
     match v {
@@ -1827,11 +1830,22 @@ fn analyze_insert(
     let scope = w.new_scope(None);
     let alias = ins.table_alias.as_ref().map(|a| &a.alias);
     let (target, tc) = w.add_table(name, alias, scope, false)?;
-    let columns: Vec<String> = ins
+    let mut columns: Vec<String> = ins
         .columns
         .iter()
         .map(|c| name_parts(c).pop().unwrap_or_default())
         .collect();
+    if columns.is_empty() {
+        // Without a column list the values follow the table's column order,
+        // which the proxy reads from a shard's catalog.
+        if let Some(order) = w.occs[target]
+            .table
+            .as_deref()
+            .and_then(|t| map.column_order(t))
+        {
+            columns = order.to_vec();
+        }
+    }
     if let Some(OnInsert::OnConflict(oc)) = &ins.on {
         if let OnConflictAction::DoUpdate(du) = &oc.action {
             if let Some(TableRule::Sharded { key, .. }) = &w.occs[target].rule {
@@ -1873,10 +1887,11 @@ fn analyze_insert(
         .leaf(target, &key)
         .ok_or_else(|| RouteError::Unsupported("cannot resolve the key column".into()))?;
     if columns.is_empty() {
-        return Err(RouteError::Unsupported(format!(
+        return Err(RouteError::ColumnOrderUnknown(format!(
             "INSERT INTO {name} without a column list: shardgate needs the table's column order to \
-             find the sharding key {key} (reading it from the catalog is future work); list the \
-             columns, e.g. INSERT INTO {name} ({key}, …) VALUES …"
+             find the sharding key {key}, and the table was not found in the catalog of the first \
+             shard; create the table first, or list the columns, e.g. INSERT INTO {name} ({key}, …) \
+             VALUES …"
         )));
     }
     let Some(pos) = columns.iter().position(|c| *c == key) else {

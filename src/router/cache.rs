@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use super::analyze::{analyze, Analysis};
 use super::hints::{leading_hint, Hint};
@@ -24,7 +24,9 @@ type Cached = Result<Arc<Analysis>, RouteError>;
 /// use a small, stable set of statements, so a full cache means ad-hoc SQL
 /// with inlined values, where LRU bookkeeping would be pure overhead.
 pub struct Router {
-    map: Arc<ShardMap>,
+    /// Replaced as a whole when the catalog teaches new key types or column
+    /// orders; readers take a snapshot.
+    map: RwLock<Arc<ShardMap>>,
     cache: Mutex<HashMap<String, Cached>>,
     capacity: usize,
     next: AtomicUsize,
@@ -37,15 +39,34 @@ impl Router {
 
     pub fn with_capacity(map: ShardMap, capacity: usize) -> Router {
         Router {
-            map: Arc::new(map),
+            map: RwLock::new(Arc::new(map)),
             cache: Mutex::new(HashMap::new()),
             capacity: capacity.max(1),
             next: AtomicUsize::new(0),
         }
     }
 
-    pub fn map(&self) -> &ShardMap {
-        &self.map
+    /// The current map (a snapshot: catalog updates replace it).
+    pub fn map(&self) -> Arc<ShardMap> {
+        match self.map.read() {
+            Ok(map) => Arc::clone(&map),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// Replaces the map with one that knows more of the catalog (key column
+    /// types, column orders) and forgets every cached analysis, since
+    /// analyses (INSERT without a column list) and errors depend on it.
+    pub fn learn(&self, update: impl FnOnce(&ShardMap) -> ShardMap) {
+        let current = self.map();
+        let next = Arc::new(update(&current));
+        match self.map.write() {
+            Ok(mut map) => *map = next,
+            Err(poisoned) => *poisoned.into_inner() = next,
+        }
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.clear();
+        }
     }
 
     /// Cached statements (for tests and metrics).
@@ -61,7 +82,7 @@ impl Router {
                 return hit.clone();
             }
         }
-        let fresh: Cached = analyze(&self.map, sql).map(Arc::new);
+        let fresh: Cached = analyze(&self.map(), sql).map(Arc::new);
         if let Ok(mut cache) = self.cache.lock() {
             if cache.len() >= self.capacity {
                 cache.clear();
@@ -82,16 +103,17 @@ impl Router {
         match leading_hint(sql) {
             Some(Hint::Shard(name)) => self.hinted_shard(name).map(Route::Single),
             Some(Hint::Key(value)) => self.hinted_key(sql, value).map(Route::Single),
-            None => self.analyze(sql)?.route(&self.map, params),
+            None => self.analyze(sql)?.route(&self.map(), params),
         }
     }
 
     /// The shard a `shard=` hint names.
     pub fn hinted_shard(&self, name: &str) -> Result<usize, RouteError> {
-        self.map.shard_index(name).ok_or_else(|| {
+        let map = self.map();
+        map.shard_index(name).ok_or_else(|| {
             RouteError::BadHint(format!(
                 "the routing hint names shard \"{name}\", which is not in the shard map (shards: {})",
-                self.map.shard_names.join(", ")
+                map.shard_names.join(", ")
             ))
         })
     }
@@ -100,11 +122,12 @@ impl Router {
     /// the map's only one), reading the value as the key column's type when
     /// known, else as the function's type; a bare integer is an integer key.
     pub fn hinted_key(&self, sql: &str, value: &str) -> Result<usize, RouteError> {
+        let map = self.map();
         let analysis = self.analyze(sql).ok();
         let function = analysis
             .as_ref()
             .and_then(|a| a.function())
-            .or(if self.map.functions.len() == 1 {
+            .or(if map.functions.len() == 1 {
                 Some(0)
             } else {
                 None
@@ -116,15 +139,14 @@ impl Router {
                         .into(),
                 )
             })?;
-        let f = self
-            .map
+        let f = map
             .functions
             .get(function)
             .ok_or_else(|| RouteError::BadHint("unknown sharding function".into()))?;
         let kind = analysis
             .as_ref()
             .and_then(|a| a.key_table())
-            .and_then(|t| self.map.key_type(t))
+            .and_then(|t| map.key_type(t))
             .or_else(|| f.implied_key_type());
         let key = match kind {
             Some(kind) => KeyValue::parse_as(kind, value)
@@ -150,6 +172,6 @@ impl Router {
     /// A shard for an [`Route::AnyOne`] statement, round-robin so replicated
     /// reads spread over the shards.
     pub fn pick_any(&self) -> usize {
-        self.next.fetch_add(1, Ordering::Relaxed) % self.map.shard_count().max(1)
+        self.next.fetch_add(1, Ordering::Relaxed) % self.map().shard_count().max(1)
     }
 }

@@ -93,7 +93,7 @@ fn plan_keys(p: &Plan, out: &mut Vec<String>) {
 
 /// Explains where `sql` goes with `params` bound.
 pub fn explain(router: &Router, sql: &str, params: &[Param]) -> String {
-    let map = router.map();
+    let map = &*router.map();
     let mut s = String::new();
     let n = map.shard_count();
     if let Some(hint) = leading_hint(sql) {

@@ -9,6 +9,7 @@
 
 pub mod analyze;
 pub mod cache;
+pub mod catalog;
 pub mod explain;
 pub mod hints;
 pub mod route;

@@ -76,9 +76,17 @@ pub enum RouteError {
     /// A key value that is not valid for its type or function.
     #[error("{0}")]
     InvalidKey(String),
+    /// A key's text that is not a value of the key's type (Postgres says
+    /// 22P02 for the same input).
+    #[error("{0}")]
+    BadKeyText(String),
     /// Something the router does not support (yet).
     #[error("{0}")]
     Unsupported(String),
+    /// An INSERT without a column list into a table whose column order the
+    /// proxy has not read from the catalog (yet).
+    #[error("{0}")]
+    ColumnOrderUnknown(String),
     /// A `$n` without a bound value.
     #[error("there is no parameter ${0}")]
     MissingParam(usize),
@@ -94,10 +102,13 @@ impl RouteError {
     /// The SQLSTATE sent to the client.
     pub fn sqlstate(&self) -> &'static str {
         match self {
-            RouteError::CrossShard(_) | RouteError::Unsupported(_) => "0A000",
+            RouteError::CrossShard(_)
+            | RouteError::Unsupported(_)
+            | RouteError::ColumnOrderUnknown(_) => "0A000",
             RouteError::UnknownTable { .. } => "42P01",
             RouteError::TypeNeeded(_) => "42P18",
             RouteError::InvalidKey(_) => "22023",
+            RouteError::BadKeyText(_) => "22P02",
             RouteError::MissingParam(_) => "42P02",
             RouteError::BadHint(_) => "22023",
             RouteError::Syntax(_) => "42601",

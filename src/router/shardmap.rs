@@ -68,6 +68,9 @@ pub struct ShardMap {
     /// catalog. Hash functions are type-sensitive, so a quoted literal or an
     /// untyped text parameter is only routed when its column's type is known.
     pub key_types: HashMap<String, KeyType>,
+    /// Column names in table order by table name (lower-cased), from the
+    /// catalog: an INSERT without a column list needs the key's position.
+    pub columns: HashMap<String, Vec<String>>,
 }
 
 fn bound_to_key(value: &BoundValue) -> Result<KeyValue, ShardingError> {
@@ -170,6 +173,7 @@ impl ShardMap {
             tables,
             default_table: config.default_table,
             key_types: HashMap::new(),
+            columns: HashMap::new(),
         })
     }
 
@@ -180,6 +184,20 @@ impl ShardMap {
             .map(|(k, v)| (k.to_lowercase(), v))
             .collect();
         self
+    }
+
+    /// Sets the column orders (from the catalog); keys are table names as in the map.
+    pub fn with_columns(mut self, columns: HashMap<String, Vec<String>>) -> ShardMap {
+        self.columns = columns
+            .into_iter()
+            .map(|(k, v)| (k.to_lowercase(), v))
+            .collect();
+        self
+    }
+
+    /// The column order of a configured table, if the proxy supplied it.
+    pub fn column_order(&self, table: &str) -> Option<&[String]> {
+        self.columns.get(table).map(Vec::as_slice)
     }
 
     pub fn shard_count(&self) -> usize {

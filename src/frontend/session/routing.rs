@@ -1,0 +1,452 @@
+//! How a session turns the router's decision into a backend: which shard a
+//! simple query or a Bind goes to, BEGIN held back until the first statement
+//! that names a shard, and the session's routing settings
+//! (`SET shardgate.shard`, `SET shardgate.sharding_key`).
+//!
+//! Extended-protocol statements are routed at Bind, where the parameters are
+//! known: the same named statement may run on a different shard each time.
+
+use std::sync::Arc;
+
+use bytes::{BufMut, BytesMut};
+
+use super::{Attach, Session};
+use crate::protocol::messages::{Bind, Cursor, Parse};
+use crate::protocol::synth::{self, ProxyError};
+use crate::protocol::{next_frame, tag, ProtocolError, MAX_BACKEND_MESSAGE};
+use crate::router::hints::leading_hint;
+use crate::router::{Param, ParamFormat, Route, RouteError, Router};
+
+/// Where the session sends a statement.
+#[derive(Debug)]
+pub(super) enum Destination {
+    /// This shard.
+    Shard(usize),
+    /// Any shard gives the answer: the attached one, else one round-robin.
+    AnyShard,
+    /// Session or transaction control: the attached backend, else the
+    /// session's default shard.
+    Current,
+    /// BEGIN with no backend attached: answered by shardgate and sent ahead
+    /// of the first statement that names a shard, so a transaction starts
+    /// on the shard its data lives on.
+    DeferBegin,
+    /// COMMIT / ROLLBACK of a held-back BEGIN that never reached a shard.
+    EndDeferred { commit: bool },
+    /// Several shards.
+    Shards(Route),
+}
+
+/// Transaction-control verbs the session answers itself when no backend
+/// holds the transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TxVerb {
+    Begin,
+    Commit,
+    Rollback,
+}
+
+/// The verb of a single-statement transaction-control query. `ROLLBACK TO`,
+/// `COMMIT PREPARED`, `PREPARE TRANSACTION` and anything with a second
+/// statement are not.
+fn tx_verb(sql: &str) -> Option<TxVerb> {
+    let text = sql.trim().trim_end_matches(';').trim_end();
+    if text.contains(';') || text.contains("/*") || text.contains("--") {
+        return None;
+    }
+    let mut words = text.split_ascii_whitespace();
+    let first = words.next()?;
+    let second = words.next();
+    let is = |w: &str, k: &str| w.eq_ignore_ascii_case(k);
+    let plain_end =
+        |w: Option<&str>| w.is_none() || w.is_some_and(|w| is(w, "work") || is(w, "transaction"));
+    if is(first, "begin") || (is(first, "start") && second.is_some_and(|w| is(w, "transaction"))) {
+        return Some(TxVerb::Begin);
+    }
+    if (is(first, "commit") || is(first, "end")) && plain_end(second) {
+        return Some(TxVerb::Commit);
+    }
+    if (is(first, "rollback") || is(first, "abort")) && plain_end(second) {
+        return Some(TxVerb::Rollback);
+    }
+    None
+}
+
+/// Decodes a Bind's parameters for routing, with the types from the Parse
+/// (`param_types`: count, then OIDs).
+pub(super) fn bind_params(
+    bind: &Bind<'_>,
+    param_types: &[u8],
+) -> Result<Vec<Param>, ProtocolError> {
+    let mut types = Cursor::new(b'P', param_types);
+    let declared = types.i16()?.max(0) as usize;
+    let mut oids = Vec::with_capacity(declared);
+    for _ in 0..declared {
+        oids.push(types.i32()? as u32);
+    }
+    let mut cursor = Cursor::new(b'B', bind.rest);
+    let format_count = cursor.i16()?.max(0) as usize;
+    let mut formats = Vec::with_capacity(format_count);
+    for _ in 0..format_count {
+        formats.push(cursor.i16()?);
+    }
+    let count = cursor.i16()?.max(0) as usize;
+    if format_count > 1 && format_count != count {
+        return Err(ProtocolError::Malformed {
+            tag: b'B',
+            what: "parameter format count does not match the parameter count",
+        });
+    }
+    let mut params = Vec::with_capacity(count);
+    for i in 0..count {
+        let len = cursor.i32()?;
+        let value = if len < 0 {
+            None
+        } else {
+            Some(cursor.bytes(len as usize)?.to_vec())
+        };
+        let format = match formats.get(if format_count == 1 { 0 } else { i }) {
+            Some(1) => ParamFormat::Binary,
+            _ => ParamFormat::Text,
+        };
+        params.push(Param {
+            value,
+            format,
+            type_oid: oids.get(i).copied().filter(|o| *o != 0),
+        });
+    }
+    Ok(params)
+}
+
+impl RouteError {
+    /// Errors a fresher catalog (key column types, column orders) may cure.
+    fn may_need_catalog(&self) -> bool {
+        matches!(
+            self,
+            RouteError::TypeNeeded(_) | RouteError::ColumnOrderUnknown(_)
+        )
+    }
+}
+
+pub(super) fn route_error(error: RouteError) -> ProxyError {
+    ProxyError::error(error.sqlstate(), error.to_string())
+}
+
+impl Session {
+    pub(super) fn router(&self) -> Option<Arc<Router>> {
+        self.shared.router.clone()
+    }
+
+    /// The route of one statement: a leading hint comment wins, then the
+    /// session's `shardgate.shard`, then its `shardgate.sharding_key`, then
+    /// the analysis. Re-reads the catalog once when it lacks a fact.
+    pub(super) async fn route(
+        &self,
+        router: &Router,
+        sql: &str,
+        params: &[Param],
+    ) -> Result<Route, ProxyError> {
+        let decide = |session: &Session| -> Result<Route, RouteError> {
+            if leading_hint(sql).is_none() {
+                if let Some(shard) = session.session_shard {
+                    return Ok(Route::Single(shard));
+                }
+                if let Some(key) = &session.session_key {
+                    return router.hinted_key(sql, key).map(Route::Single);
+                }
+            }
+            router.route_with_params(sql, params)
+        };
+        match decide(self) {
+            Err(error) if error.may_need_catalog() && self.shared.refresh_catalog().await => {
+                decide(self).map_err(route_error)
+            }
+            other => other.map_err(route_error),
+        }
+    }
+
+    /// What to do with a routed simple query.
+    pub(super) fn destination(&self, sql: &str, route: Route) -> Destination {
+        match route {
+            Route::Single(shard) => Destination::Shard(shard),
+            Route::AnyOne => Destination::AnyShard,
+            Route::NoShard => {
+                if self.backend.is_some() {
+                    return Destination::Current;
+                }
+                match tx_verb(sql) {
+                    Some(TxVerb::Begin) if self.status == b'I' => Destination::DeferBegin,
+                    Some(TxVerb::Commit) if self.deferred_begin.is_some() => {
+                        Destination::EndDeferred { commit: true }
+                    }
+                    Some(TxVerb::Rollback) if self.deferred_begin.is_some() => {
+                        Destination::EndDeferred { commit: false }
+                    }
+                    _ => Destination::Current,
+                }
+            }
+            other => Destination::Shards(other),
+        }
+    }
+
+    /// Holds a BEGIN back (the client sees it succeed, as Postgres would).
+    pub(super) fn defer_begin(&mut self, frame: &[u8]) {
+        self.deferred_begin = Some(frame.to_vec());
+        self.status = b'T';
+        self.batch_status_before = b'T';
+        let mut out = BytesMut::new();
+        synth::command_complete(&mut out, "BEGIN");
+        synth::ready_for_query(&mut out, self.status);
+        self.queue.local(out, &mut self.client_out);
+    }
+
+    /// COMMIT / ROLLBACK of a transaction that never needed a shard.
+    pub(super) fn end_deferred(&mut self, commit: bool) {
+        self.deferred_begin = None;
+        self.settings
+            .batch_done(b'T', b'I', false, Some(commit && self.status == b'T'));
+        // Postgres answers COMMIT of a failed transaction with ROLLBACK.
+        let tag = if commit && self.status == b'T' {
+            "COMMIT"
+        } else {
+            "ROLLBACK"
+        };
+        self.status = b'I';
+        self.batch_status_before = b'I';
+        let mut out = BytesMut::new();
+        synth::command_complete(&mut out, tag);
+        synth::ready_for_query(&mut out, self.status);
+        self.queue.local(out, &mut self.client_out);
+    }
+
+    /// Routes a Bind: its statement's text with these parameters. Returns
+    /// false when the client has been sent an error instead.
+    pub(super) async fn route_bind(&mut self, router: &Router, bind: &Bind<'_>) -> Attach {
+        let decided = if bind.statement.is_empty() {
+            match self.unnamed_parse.get(5..).map(Parse::decode) {
+                Some(Ok(parse)) => Some(self.route_parsed(router, bind, parse).await),
+                // Nothing remembered (too large): the backend that has it answers.
+                _ => None,
+            }
+        } else {
+            match self.statements.text_of(bind.statement) {
+                Some((query, param_types)) => {
+                    let parse = Parse {
+                        name: bind.statement,
+                        query,
+                        param_types,
+                    };
+                    Some(self.route_parsed(router, bind, parse).await)
+                }
+                // Unknown statement: the caller reports 26000.
+                None => None,
+            }
+        };
+        let route = match decided {
+            None => return self.attach_for(None, true).await,
+            Some(Ok(route)) => route,
+            Some(Err(error)) => {
+                self.report(error, true);
+                return Attach::Failed;
+            }
+        };
+        match route {
+            Route::Single(shard) => self.attach_shard(shard, true).await,
+            Route::AnyOne | Route::NoShard => self.attach_any(router, true).await,
+            other => {
+                self.report(multi_shard_unavailable(&other), true);
+                Attach::Failed
+            }
+        }
+    }
+
+    async fn route_parsed(
+        &self,
+        router: &Router,
+        bind: &Bind<'_>,
+        parse: Parse<'_>,
+    ) -> Result<Route, ProxyError> {
+        let params = bind_params(bind, parse.param_types)
+            .map_err(|e| ProxyError::error("08P01", format!("invalid Bind message: {e}")))?;
+        self.route(router, parse.query, &params).await
+    }
+
+    /// Attaches the backend for a statement any shard can answer.
+    pub(super) async fn attach_any(&mut self, router: &Router, extended: bool) -> Attach {
+        if self.backend.is_some() {
+            return Attach::Ready;
+        }
+        let shard = self.session_shard.unwrap_or_else(|| router.pick_any());
+        self.attach_shard(shard, extended).await
+    }
+}
+
+impl Session {
+    /// Describe of a statement while no backend is attached (routing mode):
+    /// any shard knows its parameter and row types, so one is borrowed just
+    /// for this, outside the client's (possibly held-back) transaction, and
+    /// its answer is queued for the client. The statement's Bind later
+    /// routes freely.
+    pub(super) async fn describe_aside(
+        &mut self,
+        router: &Router,
+        query: &str,
+        param_types: &[u8],
+    ) {
+        let shard = self.session_shard.unwrap_or_else(|| router.pick_any());
+        let Some(pool) = self.shared.pools.get(shard) else {
+            return;
+        };
+        let answer = match pool.checkout().await {
+            Ok(mut conn) => {
+                let mut request = BytesMut::new();
+                Parse {
+                    name: "",
+                    query,
+                    param_types,
+                }
+                .encode_as("", &mut request);
+                request.put_u8(tag::DESCRIBE);
+                request.put_i32(6);
+                request.put_slice(b"S\0");
+                synth::sync(&mut request);
+                let answer = exchange(&mut conn, &request).await;
+                pool.release(conn).await;
+                answer
+            }
+            Err(error) => Err(ProxyError::error(error.sqlstate(), error.to_string())),
+        };
+        match answer {
+            Ok(Answer::Described(frames)) => self.queue.local(frames, &mut self.client_out),
+            // The shard's own error, every field kept.
+            Ok(Answer::Failed(frames)) => self.report_frames(frames, true),
+            Err(error) => self.report(error, true),
+        }
+    }
+}
+
+enum Answer {
+    /// ParameterDescription and RowDescription / NoData.
+    Described(BytesMut),
+    /// The shard's ErrorResponse.
+    Failed(BytesMut),
+}
+
+/// Sends `request` (ending in Sync) and collects the describe answer.
+async fn exchange(
+    conn: &mut crate::backend::BackendConnection,
+    request: &[u8],
+) -> Result<Answer, ProxyError> {
+    let name = conn.shard_name().to_string();
+    let lost = |e: &dyn std::fmt::Display| {
+        ProxyError::error(
+            "08006",
+            format!("lost the connection to shard \"{name}\": {e}"),
+        )
+    };
+    if let Err(e) = conn.write_all(request).await {
+        return Err(lost(&e));
+    }
+    let mut input = BytesMut::new();
+    let mut described = BytesMut::new();
+    let mut failed: Option<BytesMut> = None;
+    loop {
+        loop {
+            let (kind, status, total) = match next_frame(&input, MAX_BACKEND_MESSAGE) {
+                Ok(Some((frame, total))) => (frame.tag, frame.body.first().copied(), total),
+                Ok(None) => break,
+                Err(e) => {
+                    conn.mark_broken();
+                    return Err(lost(&e));
+                }
+            };
+            let frame = input.split_to(total);
+            match kind {
+                tag::PARAMETER_DESCRIPTION | tag::ROW_DESCRIPTION | tag::NO_DATA => {
+                    described.extend_from_slice(&frame);
+                }
+                tag::ERROR_RESPONSE => failed = Some(frame),
+                tag::READY_FOR_QUERY => {
+                    conn.set_transaction_status(status.unwrap_or(b'I'));
+                    return Ok(match failed {
+                        Some(error) => Answer::Failed(error),
+                        None => Answer::Described(described),
+                    });
+                }
+                _ => {}
+            }
+        }
+        match conn.read_buf(&mut input).await {
+            Ok(0) => return Err(lost(&"end of stream")),
+            Ok(_) => {}
+            Err(e) => return Err(lost(&e)),
+        }
+    }
+}
+
+/// Until the fan-out executor is wired in, multi-shard routes are refused.
+pub(super) fn multi_shard_unavailable(route: &Route) -> ProxyError {
+    ProxyError::error(
+        "0A000",
+        format!(
+            "this statement needs several shards (route: {}), which this build of shardgate \
+             does not execute yet",
+            route.name()
+        ),
+    )
+    .with_hint("add the sharding key to the WHERE clause, or name a shard with /* shardgate: shard=NAME */")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transaction_verbs() {
+        assert_eq!(tx_verb("BEGIN"), Some(TxVerb::Begin));
+        assert_eq!(
+            tx_verb("begin isolation level serializable;"),
+            Some(TxVerb::Begin)
+        );
+        assert_eq!(tx_verb("START TRANSACTION READ ONLY"), Some(TxVerb::Begin));
+        assert_eq!(tx_verb("commit"), Some(TxVerb::Commit));
+        assert_eq!(tx_verb("END WORK"), Some(TxVerb::Commit));
+        assert_eq!(tx_verb("ROLLBACK"), Some(TxVerb::Rollback));
+        assert_eq!(tx_verb("abort transaction"), Some(TxVerb::Rollback));
+        assert_eq!(tx_verb("ROLLBACK TO SAVEPOINT a"), None);
+        assert_eq!(tx_verb("COMMIT PREPARED 'x'"), None);
+        assert_eq!(tx_verb("BEGIN; SELECT 1"), None);
+        assert_eq!(tx_verb("START"), None);
+    }
+
+    #[test]
+    fn bind_parameters_decode_with_formats_and_types() {
+        // Two parameters: text '42' (declared int8) and binary int4 7.
+        let mut rest = Vec::new();
+        rest.extend_from_slice(&2i16.to_be_bytes());
+        rest.extend_from_slice(&0i16.to_be_bytes());
+        rest.extend_from_slice(&1i16.to_be_bytes());
+        rest.extend_from_slice(&2i16.to_be_bytes());
+        rest.extend_from_slice(&2i32.to_be_bytes());
+        rest.extend_from_slice(b"42");
+        rest.extend_from_slice(&4i32.to_be_bytes());
+        rest.extend_from_slice(&7i32.to_be_bytes());
+        rest.extend_from_slice(&0i16.to_be_bytes());
+        let bind = Bind {
+            portal: "",
+            statement: "",
+            rest: &rest,
+        };
+        let mut types = Vec::new();
+        types.extend_from_slice(&1i16.to_be_bytes());
+        types.extend_from_slice(&20u32.to_be_bytes());
+        let params = bind_params(&bind, &types).unwrap();
+        assert_eq!(params[0], Param::typed_text("42", 20));
+        assert_eq!(params[1], Param::binary(&7i32.to_be_bytes(), None));
+        let truncated = Bind {
+            rest: &rest[..9],
+            ..bind
+        };
+        assert!(bind_params(&truncated, &types).is_err());
+    }
+}

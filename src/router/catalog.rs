@@ -1,0 +1,155 @@
+//! What the router learns from a shard's catalog: the type of each sharded
+//! table's key column (hash placement depends on it: the text '42' and the
+//! integer 42 land on different shards) and each table's column order (an
+//! INSERT without a column list gives values in that order).
+//!
+//! Read over a control-plane tokio-postgres connection (ARCHITECTURE §2.3),
+//! at startup and again when a statement needs something not learned yet
+//! (e.g. the table was created through the proxy after startup).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio_postgres::NoTls;
+
+use super::shardmap::{ShardMap, TableRule};
+use crate::config::ShardConfig;
+use crate::sharding::KeyType;
+
+/// Key types and column orders of the map's tables, by map table name.
+#[derive(Debug, Default, Clone)]
+pub struct CatalogFacts {
+    pub key_types: HashMap<String, KeyType>,
+    pub columns: HashMap<String, Vec<String>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("reading the catalog of shard \"{shard}\": {message}")]
+    Query { shard: String, message: String },
+    #[error("reading the catalog of shard \"{shard}\": no answer within {seconds} s")]
+    Timeout { shard: String, seconds: u64 },
+}
+
+/// Columns of every table named in the map (bare names: the one visible on
+/// the search path; `schema.table`: exactly that one), domains resolved to
+/// their base type.
+const COLUMNS_SQL: &str = "\
+SELECT n.nspname, c.relname, a.attname, \
+       (CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE a.atttypid END)::int8, \
+       pg_table_is_visible(c.oid) \
+FROM pg_attribute a \
+JOIN pg_class c ON c.oid = a.attrelid \
+JOIN pg_namespace n ON n.oid = c.relnamespace \
+JOIN pg_type t ON t.oid = a.atttypid \
+WHERE c.relkind IN ('r', 'p', 'f') AND a.attnum > 0 AND NOT a.attisdropped \
+  AND c.relname = ANY($1) \
+ORDER BY n.nspname, c.relname, a.attnum";
+
+/// Reads the facts for `map`'s tables from `shard`.
+pub async fn load(
+    shard: &ShardConfig,
+    map: &ShardMap,
+    timeout: Duration,
+) -> Result<CatalogFacts, CatalogError> {
+    match tokio::time::timeout(timeout, load_inner(shard, map, timeout)).await {
+        Ok(result) => result,
+        Err(_) => Err(CatalogError::Timeout {
+            shard: shard.name.clone(),
+            seconds: timeout.as_secs().max(1),
+        }),
+    }
+}
+
+async fn load_inner(
+    shard: &ShardConfig,
+    map: &ShardMap,
+    timeout: Duration,
+) -> Result<CatalogFacts, CatalogError> {
+    let fail = |e: tokio_postgres::Error| CatalogError::Query {
+        shard: shard.name.clone(),
+        message: match e.as_db_error() {
+            Some(db) => db.message().to_string(),
+            None => e.to_string(),
+        },
+    };
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host(&shard.host)
+        .port(shard.port)
+        .user(&shard.user)
+        .dbname(&shard.database)
+        .application_name("shardgate-catalog")
+        .connect_timeout(timeout);
+    if let Some(password) = &shard.password {
+        config.password(password);
+    }
+    let (client, connection) = config.connect(NoTls).await.map_err(fail)?;
+    tokio::spawn(async move {
+        // A broken connection surfaces as an error of the query below.
+        let _ = connection.await;
+    });
+    let bare: Vec<String> = map
+        .tables
+        .keys()
+        .map(|name| name.rsplit('.').next().unwrap_or(name).to_string())
+        .collect();
+    let rows = client.query(COLUMNS_SQL, &[&bare]).await.map_err(fail)?;
+    // (schema, table) → [(column, type oid)], in column order.
+    let mut tables: TablesFound = HashMap::new();
+    for row in rows {
+        let schema: String = row.get(0);
+        let table: String = row.get(1);
+        let column: String = row.get(2);
+        let type_oid: i64 = row.get(3);
+        let visible: bool = row.get(4);
+        let entry = tables
+            .entry((schema, table))
+            .or_insert_with(|| (visible, Vec::new()));
+        entry
+            .1
+            .push((column, u32::try_from(type_oid).unwrap_or_default()));
+    }
+    Ok(facts_for(map, &tables))
+}
+
+/// (schema, table) → (visible on the search path, [(column, type OID)] in order).
+type TablesFound = HashMap<(String, String), (bool, Vec<(String, u32)>)>;
+
+fn facts_for(map: &ShardMap, tables: &TablesFound) -> CatalogFacts {
+    let mut facts = CatalogFacts::default();
+    for (name, rule) in &map.tables {
+        let found = match name.split_once('.') {
+            Some((schema, table)) => tables.get(&(schema.to_string(), table.to_string())),
+            None => tables
+                .iter()
+                .find(|((_, table), (visible, _))| table == name && *visible)
+                .map(|(_, found)| found),
+        };
+        let Some((_, columns)) = found else {
+            continue;
+        };
+        if let TableRule::Sharded { key, .. } = rule {
+            if let Some((_, type_oid)) = columns.iter().find(|(c, _)| c == key) {
+                if let Ok(kind) = KeyType::from_oid(*type_oid) {
+                    facts.key_types.insert(name.clone(), kind);
+                }
+            }
+        }
+        facts.columns.insert(
+            name.clone(),
+            columns.iter().map(|(c, _)| c.clone()).collect(),
+        );
+    }
+    facts
+}
+
+impl ShardMap {
+    /// This map with the catalog's facts added (earlier facts for tables the
+    /// catalog no longer shows are dropped: the table may have been recreated).
+    pub fn with_catalog(&self, facts: &CatalogFacts) -> ShardMap {
+        self.clone()
+            .with_key_types(facts.key_types.clone())
+            .with_columns(facts.columns.clone())
+    }
+}

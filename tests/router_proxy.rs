@@ -1,0 +1,484 @@
+//! The router inside the proxy, against real shards: rows land on the shard
+//! their function names (checked with Postgres' own hash partitioning), key
+//! lookups equal an unsharded oracle database, transactions start on the
+//! shard of their first statement, and what cannot be routed is refused.
+
+mod support;
+
+use std::collections::BTreeSet;
+
+use futures::future::join_all;
+use support::{connect, connect_proxy, fleet, fresh_db, shard_map, start_proxy};
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+const SCHEMA: &str = "\
+    CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL, score int);\
+    CREATE TABLE orders (id bigint PRIMARY KEY, user_id bigint NOT NULL, amount numeric(12,2), note text);\
+    CREATE TABLE countries (code text PRIMARY KEY, name text);";
+
+const MAP: &str = "\
+functions:
+  by_user: { kind: hash }
+tables:
+  users: { key: id, function: by_user }
+  orders: { key: user_id, function: by_user }
+  countries: { replicated: true }
+";
+
+/// Creates the schema on every shard (directly) and returns the database.
+async fn sharded_db(name: &str) -> String {
+    let db = fresh_db(name);
+    for cluster in &fleet().clusters {
+        connect(cluster, &db)
+            .await
+            .batch_execute(SCHEMA)
+            .await
+            .expect("schema on a shard");
+    }
+    db
+}
+
+/// The unsharded oracle: the same schema in one database on cluster 0.
+async fn oracle(name: &str) -> Client {
+    let db = fresh_db(name);
+    let client = connect(&fleet().clusters[0], &db).await;
+    client.batch_execute(SCHEMA).await.expect("oracle schema");
+    client
+}
+
+fn rows_text(messages: &[SimpleQueryMessage]) -> Vec<Vec<Option<String>>> {
+    messages
+        .iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(row) => Some(
+                (0..row.len())
+                    .map(|i| row.get(i).map(str::to_string))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_users_and_fifty_thousand_orders_land_on_their_shards() {
+    let db = sharded_db("placement").await;
+    let oracle = oracle("placement_oracle").await;
+    let server = start_proxy(&shard_map(&db, MAP)).await;
+
+    // Users: literal SQL (psql style), 8 clients in parallel.
+    let mut writers = Vec::new();
+    for w in 0..8i64 {
+        let client = connect_proxy(&server, "app", None).await;
+        writers.push(tokio::spawn(async move {
+            for id in (w * 1250 + 1)..=(w * 1250 + 1250) {
+                let score = if id % 7 == 0 {
+                    "NULL".to_string()
+                } else {
+                    ((id * 37) % 1000 - 500).to_string()
+                };
+                client
+                    .simple_query(&format!(
+                        "INSERT INTO users (id, name, score) VALUES ({id}, 'user {id}', {score})"
+                    ))
+                    .await
+                    .unwrap_or_else(|e| panic!("insert user {id}: {e}"));
+            }
+        }));
+    }
+    // Orders: bound parameters (extended protocol, binary), pipelined on
+    // each connection so consecutive statements go to different shards.
+    for w in 0..4i64 {
+        let client = connect_proxy(&server, "app", None).await;
+        writers.push(tokio::spawn(async move {
+            let insert = client
+                .prepare("INSERT INTO orders (id, user_id, amount, note) VALUES ($1, $2, ($3::text)::numeric, $4)")
+                .await
+                .expect("prepare insert");
+            for chunk in ((w * 12_500 + 1)..=(w * 12_500 + 12_500))
+                .collect::<Vec<i64>>()
+                .chunks(50)
+            {
+                let batch = chunk.iter().map(|id| {
+                    let user = (id * 7919) % 10_000 + 1;
+                    let amount = format!("{}.{:02}", id % 500, id % 100);
+                    let note = (id % 3 != 0).then(|| format!("order {id}"));
+                    let client = &client;
+                    let insert = &insert;
+                    async move {
+                        client
+                            .execute(insert, &[id, &user, &amount, &note])
+                            .await
+                            .unwrap_or_else(|e| panic!("insert order {id}: {e}"))
+                    }
+                });
+                let counts = join_all(batch).await;
+                assert!(counts.iter().all(|n| *n == 1));
+            }
+        }));
+    }
+    for writer in writers {
+        writer.await.expect("writer task");
+    }
+    // The oracle gets the same rows directly.
+    oracle
+        .batch_execute(
+            "INSERT INTO users SELECT id, 'user ' || id, CASE WHEN id % 7 = 0 THEN NULL ELSE (id * 37) % 1000 - 500 END FROM generate_series(1, 10000) id;\
+             INSERT INTO orders SELECT id, (id * 7919) % 10000 + 1, ((id % 500) || '.' || lpad((id % 100)::text, 2, '0'))::numeric, CASE WHEN id % 3 <> 0 THEN 'order ' || id END FROM generate_series(1, 50000) id;\
+             CREATE TABLE hp (id bigint) PARTITION BY HASH (id);",
+        )
+        .await
+        .expect("oracle rows");
+
+    // Every row is on exactly the shard Postgres' own hash partitioning
+    // (modulus 3) assigns its key to.
+    let mut users_seen = 0;
+    let mut orders_seen = 0;
+    for (shard, cluster) in fleet().clusters.iter().enumerate() {
+        let direct = connect(cluster, &db).await;
+        let ids: Vec<i64> = direct
+            .query("SELECT id FROM users", &[])
+            .await
+            .expect("users on shard")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let user_keys: Vec<i64> = direct
+            .query("SELECT user_id FROM orders", &[])
+            .await
+            .expect("orders on shard")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        users_seen += ids.len();
+        orders_seen += user_keys.len();
+        for (what, keys) in [("users", &ids), ("orders", &user_keys)] {
+            let misplaced: i64 = oracle
+                .query_one(
+                    "SELECT count(*) FROM unnest($1::bigint[]) k \
+                     WHERE NOT satisfies_hash_partition('hp'::regclass, 3, $2, k)",
+                    &[keys, &(shard as i32)],
+                )
+                .await
+                .expect("placement check")
+                .get(0);
+            assert_eq!(
+                misplaced, 0,
+                "{what} rows on shard s{shard} that belong elsewhere"
+            );
+        }
+        assert!(!ids.is_empty(), "shard s{shard} got no users");
+    }
+    assert_eq!(users_seen, 10_000, "every user exactly once");
+    assert_eq!(orders_seen, 50_000, "every order exactly once");
+
+    // Key lookups equal the oracle, in text (simple) and binary (extended).
+    let client = connect_proxy(&server, "app", None).await;
+    let lookups = [1i64, 2, 3, 77, 700, 4096, 9999, 10_000, 10_001, -5];
+    for id in lookups {
+        let sql = format!("SELECT id, name, score FROM users WHERE id = {id}");
+        let through = rows_text(&client.simple_query(&sql).await.expect("lookup"));
+        let direct = rows_text(&oracle.simple_query(&sql).await.expect("oracle lookup"));
+        assert_eq!(through, direct, "{sql}");
+        let sql = "SELECT id, amount::text, note FROM orders WHERE user_id = $1 ORDER BY id";
+        let through: Vec<(i64, String, Option<String>)> = client
+            .query(sql, &[&id])
+            .await
+            .expect("orders by user")
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
+        let direct: Vec<(i64, String, Option<String>)> = oracle
+            .query(sql, &[&id])
+            .await
+            .expect("oracle orders by user")
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
+        assert_eq!(through, direct, "orders of user {id}");
+    }
+    // Quoted literals work once the key type is known from the catalog;
+    // co-located joins run on the key's shard.
+    let sql = "SELECT u.id, count(o.id) FROM users u JOIN orders o ON o.user_id = u.id \
+               WHERE u.id = '4242' GROUP BY u.id";
+    assert_eq!(
+        rows_text(&client.simple_query(sql).await.expect("join")),
+        rows_text(&oracle.simple_query(sql).await.expect("oracle join")),
+    );
+    server.stop().await;
+}
+
+fn code(error: &tokio_postgres::Error) -> String {
+    error
+        .as_db_error()
+        .map(|e| e.code().code().to_string())
+        .unwrap_or_else(|| format!("not a server error: {error}"))
+}
+
+/// The shard (0-based) that holds user `id`, found by asking each shard.
+async fn shard_holding(db: &str, id: i64) -> Option<usize> {
+    for (i, cluster) in fleet().clusters.iter().enumerate() {
+        let n: i64 = connect(cluster, db)
+            .await
+            .query_one("SELECT count(*) FROM users WHERE id = $1", &[&id])
+            .await
+            .expect("count")
+            .get(0);
+        if n > 0 {
+            return Some(i);
+        }
+    }
+    None
+}
+
+#[tokio::test]
+async fn transactions_begin_on_the_shard_of_their_first_statement() {
+    let db = sharded_db("transactions").await;
+    let server = start_proxy(&shard_map(&db, MAP)).await;
+    let client = connect_proxy(&server, "app", None).await;
+
+    // Committed: the row is on its shard.
+    client
+        .batch_execute("BEGIN; INSERT INTO users (id, name) VALUES (1, 'a'); UPDATE users SET score = 5 WHERE id = 1; COMMIT")
+        .await
+        .expect("batch in one transaction");
+    client.simple_query("BEGIN").await.expect("begin");
+    client
+        .simple_query("INSERT INTO users (id, name) VALUES (2, 'b')")
+        .await
+        .expect("insert in transaction");
+    let seen = client
+        .query_one("SELECT name FROM users WHERE id = 2", &[])
+        .await
+        .expect("read own write");
+    assert_eq!(seen.get::<_, String>(0), "b");
+    client.simple_query("COMMIT").await.expect("commit");
+    assert!(shard_holding(&db, 2).await.is_some());
+
+    // Rolled back: nowhere.
+    client.simple_query("BEGIN").await.expect("begin");
+    client
+        .simple_query("INSERT INTO users (id, name) VALUES (3, 'c')")
+        .await
+        .expect("insert");
+    client.simple_query("ROLLBACK").await.expect("rollback");
+    assert_eq!(shard_holding(&db, 3).await, None);
+
+    // BEGIN … COMMIT with no statement in between never needs a shard.
+    client
+        .batch_execute("BEGIN; COMMIT")
+        .await
+        .expect("empty transaction");
+    client
+        .batch_execute("BEGIN ISOLATION LEVEL SERIALIZABLE")
+        .await
+        .expect("begin serializable");
+    let level: String = client
+        .query_one(
+            "SELECT current_setting('transaction_isolation') FROM users WHERE id = 1",
+            &[],
+        )
+        .await
+        .expect("isolation inside the routed transaction")
+        .get(0);
+    assert_eq!(
+        level, "serializable",
+        "the held-back BEGIN reached the shard with its options"
+    );
+    client.simple_query("COMMIT").await.expect("commit");
+
+    // A statement for another shard inside the transaction is refused, and
+    // the transaction is aborted as Postgres would abort it: COMMIT rolls
+    // back, so the first insert is not kept.
+    let shard_of = |id: i64| {
+        shardgate::sharding::ShardingFunction::hash(3)
+            .and_then(|f| f.shard_for(&shardgate::sharding::KeyValue::Int(id)))
+            .expect("hash")
+    };
+    let other = (10..200i64)
+        .find(|id| shard_of(*id) != shard_of(500))
+        .expect("a key on another shard");
+    client.simple_query("BEGIN").await.expect("begin");
+    client
+        .simple_query("INSERT INTO users (id, name) VALUES (500, 'x') ON CONFLICT DO NOTHING")
+        .await
+        .expect("first statement");
+    assert_eq!(shard_holding(&db, 500).await, None, "uncommitted");
+    let error = client
+        .simple_query(&format!("SELECT * FROM users WHERE id = {other}"))
+        .await
+        .expect_err("a second shard in the transaction is refused");
+    assert_eq!(code(&error), "0A000", "{error}");
+    let next = client
+        .simple_query("SELECT 1 FROM users WHERE id = 500")
+        .await
+        .expect_err("the transaction is aborted");
+    assert_eq!(code(&next), "25P02", "{next}");
+    let commit = client.simple_query("COMMIT").await.expect("commit answers");
+    assert!(
+        commit
+            .iter()
+            .any(|m| matches!(m, SimpleQueryMessage::CommandComplete(_))),
+        "COMMIT completes (as ROLLBACK)"
+    );
+    assert_eq!(
+        shard_holding(&db, 500).await,
+        None,
+        "the aborted insert is gone"
+    );
+    // The same in the extended protocol: the refusal comes at Bind.
+    client.simple_query("BEGIN").await.expect("begin");
+    client
+        .execute("INSERT INTO users (id, name) VALUES ($1, 'y')", &[&500i64])
+        .await
+        .expect("first statement (extended)");
+    let error = client
+        .query("SELECT * FROM users WHERE id = $1", &[&other])
+        .await
+        .expect_err("refused at Bind");
+    assert_eq!(code(&error), "0A000", "{error}");
+    let next = client
+        .query("SELECT 1 FROM users WHERE id = $1", &[&500i64])
+        .await
+        .expect_err("aborted");
+    assert_eq!(code(&next), "25P02", "{next}");
+    client.simple_query("ROLLBACK").await.expect("rollback");
+    assert_eq!(shard_holding(&db, 500).await, None);
+    // The session is usable afterwards.
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM users WHERE id = 1", &[])
+        .await
+        .expect("after the failed transaction")
+        .get(0);
+    assert_eq!(n, 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn what_cannot_be_routed_is_refused_with_its_sqlstate() {
+    let db = sharded_db("refusals").await;
+    let server = start_proxy(&shard_map(&db, MAP)).await;
+    let client = connect_proxy(&server, "app", None).await;
+    let cases = [
+        ("SELECT * FROM nowhere", "42P01"),
+        (
+            "SELECT * FROM users u JOIN orders o ON o.id = u.id WHERE u.id = 1",
+            "0A000",
+        ),
+        ("UPDATE users SET id = id + 1 WHERE id = 1", "0A000"),
+        ("INSERT INTO users (name) VALUES ('no key')", "0A000"),
+        ("SELECT * FROM users WHERE id = 'not a number'", "22P02"),
+    ];
+    for (sql, expected) in cases {
+        let error = client.simple_query(sql).await.expect_err(sql);
+        assert_eq!(code(&error), expected, "{sql}: {error}");
+        // Extended protocol: the same refusal at Bind.
+        let error = client.query(sql, &[]).await.expect_err(sql);
+        assert_eq!(code(&error), expected, "{sql} (extended): {error}");
+    }
+    // Still usable after every refusal.
+    client
+        .simple_query("INSERT INTO users VALUES (1, 'one', 1)")
+        .await
+        .expect("INSERT without a column list uses the catalog's column order");
+    assert!(shard_holding(&db, 1).await.is_some());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn tables_created_after_startup_are_learned_from_the_catalog() {
+    let db = fresh_db("late_tables");
+    let map = "functions:\n  by_id: { kind: hash }\ntables:\n  late: { key: k, function: by_id }\n";
+    let server = start_proxy(&shard_map(&db, map)).await;
+    // Created directly on the shards after the proxy read the catalog.
+    for cluster in &fleet().clusters {
+        connect(cluster, &db)
+            .await
+            .batch_execute("CREATE TABLE late (k text PRIMARY KEY, v int)")
+            .await
+            .expect("create on shard");
+    }
+    let client = connect_proxy(&server, "app", None).await;
+    // A text key compared with a quoted literal needs the column type, and
+    // an INSERT without columns needs the column order: both are learned.
+    let mut placed = BTreeSet::new();
+    for k in ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"] {
+        client
+            .simple_query(&format!("INSERT INTO late VALUES ('{k}', 1)"))
+            .await
+            .unwrap_or_else(|e| panic!("insert {k}: {e}"));
+        let found = client
+            .simple_query(&format!("SELECT v FROM late WHERE k = '{k}'"))
+            .await
+            .expect("lookup");
+        assert_eq!(rows_text(&found), vec![vec![Some("1".to_string())]], "{k}");
+        for (i, cluster) in fleet().clusters.iter().enumerate() {
+            let n: i64 = connect(cluster, &db)
+                .await
+                .query_one("SELECT count(*) FROM late WHERE k = $1", &[&k])
+                .await
+                .expect("count")
+                .get(0);
+            if n == 1 {
+                placed.insert(i);
+                let expected = shardgate::sharding::ShardingFunction::hash(3)
+                    .and_then(|f| {
+                        f.shard_for_as(
+                            &shardgate::sharding::KeyValue::Text(k.to_string()),
+                            shardgate::sharding::KeyType::Text,
+                        )
+                    })
+                    .expect("hash");
+                assert_eq!(i, expected, "{k} placed by the text hash");
+            }
+        }
+    }
+    assert!(placed.len() > 1, "keys spread over shards: {placed:?}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn session_routing_settings_pick_the_shard() {
+    let db = sharded_db("settings").await;
+    let server = start_proxy(&shard_map(&db, MAP)).await;
+    let client = connect_proxy(&server, "app", None).await;
+    for id in 1..=30i64 {
+        client
+            .execute("INSERT INTO users (id, name) VALUES ($1, 'n')", &[&id])
+            .await
+            .expect("insert");
+    }
+    let holder = shard_holding(&db, 17).await.expect("17 placed");
+    let local_count: i64 = connect(&fleet().clusters[holder], &db)
+        .await
+        .query_one("SELECT count(*) FROM users", &[])
+        .await
+        .expect("count")
+        .get(0);
+    // A keyless query would fan out; with a session key it runs on that key's shard.
+    client
+        .simple_query("SET shardgate.sharding_key = '17'")
+        .await
+        .expect("set key");
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM users", &[])
+        .await
+        .expect("count on the key's shard")
+        .get(0);
+    assert_eq!(n, local_count);
+    client
+        .simple_query("RESET shardgate.sharding_key")
+        .await
+        .expect("reset");
+    // A hint comment names the shard outright.
+    let hinted: i64 = client
+        .query_one(
+            &format!("/* shardgate: shard=s{holder} */ SELECT count(*) FROM users"),
+            &[],
+        )
+        .await
+        .expect("hinted")
+        .get(0);
+    assert_eq!(hinted, local_count);
+    server.stop().await;
+}
