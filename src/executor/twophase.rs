@@ -57,8 +57,9 @@ pub const GID_PREFIX: &str = "shardgate_tx_";
 /// before the decision) or `decision` (right after the coordinator's COMMIT).
 pub const CRASH_ENV: &str = "SHARDGATE_2PC_CRASH_AFTER";
 
-/// Environment variable `prepare:<ms>` that makes the coordinator sleep
-/// after the PREPAREs, for tests of concurrent recovery.
+/// Environment variable `prepare:<ms>` or `decision:<ms>` that makes the
+/// coordinator sleep at that point, for tests of concurrent recovery and of
+/// background `COMMIT PREPARED` retries.
 pub const PAUSE_ENV: &str = "SHARDGATE_2PC_PAUSE_AFTER";
 
 /// Postgres limits gids to 199 bytes.
@@ -774,6 +775,7 @@ async fn two_phase_commit(
     }
     state[coord] = State::Ended;
     crash_point("decision");
+    pause_point("decision").await;
 
     // 4. COMMIT PREPARED; what fails is finished in the background.
     let results = run_each(participants, timeout, |i, _| {
