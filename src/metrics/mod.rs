@@ -139,6 +139,8 @@ struct ShardSeries {
     pool_idle: IntGauge,
     /// `backend_up{shard}`.
     up: IntGauge,
+    /// `prepared_transactions_disabled{shard}`.
+    prepare_disabled: IntGauge,
 }
 
 /// All shardgate series plus the registry they live in.
@@ -159,6 +161,8 @@ pub struct Metrics {
     fanout_shards: Histogram,
     /// `twophase_total{outcome}`, indexed like [`TwoPhaseOutcome::ALL`].
     twophase: [IntCounter; 3],
+    /// `twophase_in_doubt`.
+    twophase_in_doubt: IntGauge,
     /// `config_reloads_total{result}`, indexed like [`ReloadResult::ALL`].
     config_reloads: [IntCounter; 2],
 }
@@ -288,6 +292,21 @@ impl Metrics {
                 &["outcome"],
             ),
         );
+        let twophase_in_doubt = register(
+            &registry,
+            defined(IntGauge::new(
+                "shardgate_twophase_in_doubt",
+                "Prepared transactions of multi-shard commits not yet finished on every shard (retried in the background or left for recovery).",
+            )),
+        );
+        let prepare_disabled = register(
+            &registry,
+            gauge_vec(
+                "shardgate_prepared_transactions_disabled",
+                "1 if the shard has max_prepared_transactions = 0 (it cannot take part in a multi-shard write), else 0.",
+                &["shard"],
+            ),
+        );
         let config_reloads = register(
             &registry,
             counter_vec(
@@ -308,6 +327,7 @@ impl Metrics {
                     pool_active: pool.with_label_values(&[name, "active"]),
                     pool_idle: pool.with_label_values(&[name, "idle"]),
                     up: up.with_label_values(&[name]),
+                    prepare_disabled: prepare_disabled.with_label_values(&[name]),
                 }
             })
             .collect();
@@ -321,6 +341,7 @@ impl Metrics {
             pool_wait,
             fanout_shards,
             twophase: TwoPhaseOutcome::ALL.map(|o| twophase.with_label_values(&[o.as_str()])),
+            twophase_in_doubt,
             config_reloads: ReloadResult::ALL
                 .map(|r| config_reloads.with_label_values(&[r.as_str()])),
         })
@@ -429,6 +450,19 @@ impl Metrics {
     /// Counts a finished two-phase commit.
     pub fn twophase(&self, outcome: TwoPhaseOutcome) {
         self.twophase[outcome as usize].inc();
+    }
+
+    /// Sets `twophase_in_doubt`: prepared transactions of multi-shard
+    /// commits this instance knows are not finished yet.
+    pub fn set_twophase_in_doubt(&self, count: i64) {
+        self.twophase_in_doubt.set(count);
+    }
+
+    /// Sets `prepared_transactions_disabled{shard}` from the 2PC preflight.
+    pub fn set_prepared_transactions_disabled(&self, shard: usize, disabled: bool) {
+        if let Some(series) = self.shards.get(shard) {
+            series.prepare_disabled.set(i64::from(disabled));
+        }
     }
 
     /// Counts a shard-map reload attempt.
@@ -602,6 +636,9 @@ mod tests {
         m.set_backend_up(1, true);
         m.set_backend_up(0, false);
         m.twophase(TwoPhaseOutcome::Committed);
+        m.set_twophase_in_doubt(2);
+        m.set_prepared_transactions_disabled(1, true);
+        m.set_prepared_transactions_disabled(9, true);
         m.config_reload(ReloadResult::Success);
         m.fanout(2);
         let text = m.render();
@@ -612,6 +649,9 @@ mod tests {
             "shardgate_backend_up{shard=\"s1\"} 1",
             "shardgate_backend_up{shard=\"s0\"} 0",
             "shardgate_twophase_total{outcome=\"committed\"} 1",
+            "shardgate_twophase_in_doubt 2",
+            "shardgate_prepared_transactions_disabled{shard=\"s1\"} 1",
+            "shardgate_prepared_transactions_disabled{shard=\"s0\"} 0",
             "shardgate_config_reloads_total{result=\"success\"} 1",
             "shardgate_fanout_shards_bucket{le=\"2\"} 1",
             "shardgate_fanout_shards_count 1",

@@ -1,0 +1,410 @@
+//! Recovery of client two-phase commits against real clusters: a
+//! coordinator process killed after PREPARE and after the decision, two
+//! recoveries at once, a live transaction seen by another instance's
+//! recovery, a COMMIT PREPARED finished in the background, and gids of
+//! other families left alone.
+//!
+//! The coordinator runs in a child process: this test binary re-executes
+//! itself with `--exact child_transaction` and `TWOPHASE_CHILD_*` set; that
+//! "test" then runs one transaction over the three shards with the library
+//! (failpoints `SHARDGATE_2PC_CRASH_AFTER` / `SHARDGATE_2PC_PAUSE_AFTER`).
+
+mod support;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use shardgate::backend::BackendConnection;
+use shardgate::config::Config;
+use shardgate::executor::control;
+use shardgate::executor::recovery::{self, RecoveryOptions, RecoveryReport};
+use shardgate::executor::twophase::{self, Participant, TwoPhase, CRASH_ENV, PAUSE_ENV};
+use tokio::process::Command;
+
+const SCHEMA: &str = "CREATE TABLE t (id int PRIMARY KEY, tx int NOT NULL);";
+
+fn config_for(map: &str) -> Config {
+    Config::parse(Path::new("test-map.yaml"), map, &|_| None)
+        .unwrap_or_else(|e| panic!("bad test map: {e}\n{map}"))
+}
+
+/// The coordinator of the crash tests; does nothing in a normal test run.
+#[tokio::test]
+async fn child_transaction() {
+    let (Ok(map), Ok(tx)) = (
+        std::env::var("TWOPHASE_CHILD_MAP"),
+        std::env::var("TWOPHASE_CHILD_TX"),
+    ) else {
+        return;
+    };
+    let tx: i32 = tx.parse().unwrap();
+    let config = config_for(&map);
+    let tp = TwoPhase::new(&config, None);
+    let mut conns = Vec::new();
+    for (i, shard) in config.shards.iter().enumerate() {
+        let mut conn = BackendConnection::connect(shard, i, Duration::from_secs(5))
+            .await
+            .unwrap();
+        control::run(&mut conn, "BEGIN").await.unwrap();
+        control::run(
+            &mut conn,
+            &format!("INSERT INTO t VALUES ({}, {tx})", tx * 10 + i as i32),
+        )
+        .await
+        .unwrap();
+        conns.push(conn);
+    }
+    let mut participants: Vec<Participant<'_>> = conns
+        .iter_mut()
+        .enumerate()
+        .map(|(shard, conn)| Participant {
+            shard,
+            conn,
+            wrote: true,
+        })
+        .collect();
+    let outcome = twophase::commit(&tp, &mut participants).await;
+    println!("CHILD_OUTCOME {outcome:?}");
+    // Let background COMMIT PREPARED retries finish before exiting.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for (i, shard) in config.shards.iter().enumerate() {
+        let client = recovery_client(shard).await;
+        while pending(&client).await > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        println!("CHILD_CLEAN {i} {}", pending(&client).await == 0);
+    }
+}
+
+async fn recovery_client(shard: &shardgate::config::ShardConfig) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(&shard.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+}
+
+async fn pending(client: &tokio_postgres::Client) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database() \
+             AND gid LIKE 'shardgate\\_tx\\_%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+fn child(map: &str, tx: i32, env: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command
+        .args([
+            "--exact",
+            "child_transaction",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("TWOPHASE_CHILD_MAP", map)
+        .env("TWOPHASE_CHILD_TX", tx.to_string())
+        .env_remove(CRASH_ENV)
+        .env_remove(PAUSE_ENV)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command
+}
+
+struct Out {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+async fn run_child(map: &str, tx: i32, env: &[(&str, &str)]) -> Out {
+    let out = child(map, tx, env).output().await.unwrap();
+    Out {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+struct Fixture {
+    map: String,
+    config: Config,
+    clients: Vec<tokio_postgres::Client>,
+}
+
+async fn setup(test: &str) -> Fixture {
+    let db = support::fresh_db(test);
+    let mut clients = Vec::new();
+    for cluster in &support::fleet().clusters {
+        let c = support::connect(cluster, &db).await;
+        c.batch_execute(SCHEMA).await.unwrap();
+        clients.push(c);
+    }
+    let map = support::shard_map(&db, "");
+    let config = config_for(&map);
+    Fixture {
+        map,
+        config,
+        clients,
+    }
+}
+
+impl Fixture {
+    /// Per shard: (rows of transaction `tx`, shardgate_tx_ prepared xacts).
+    async fn state(&self, tx: i32) -> Vec<(i64, i64)> {
+        let mut out = Vec::new();
+        for c in &self.clients {
+            let rows: i64 = c
+                .query_one("SELECT count(*) FROM t WHERE tx = $1", &[&tx])
+                .await
+                .unwrap()
+                .get(0);
+            out.push((rows, pending(c).await));
+        }
+        out
+    }
+
+    async fn decisions(&self) -> i64 {
+        let mut total = 0;
+        for c in &self.clients {
+            let present: bool = c
+                .query_one(
+                    "SELECT to_regclass('shardgate.tx_decisions') IS NOT NULL",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if present {
+                let n: i64 = c
+                    .query_one("SELECT count(*) FROM shardgate.tx_decisions", &[])
+                    .await
+                    .unwrap()
+                    .get(0);
+                total += n;
+            }
+        }
+        total
+    }
+
+    /// Recovery passes (as a fresh instance would run them, `min_age` 0)
+    /// until nothing is prepared or in flight; the reports, merged.
+    async fn recover(&self) -> RecoveryReport {
+        let opts = RecoveryOptions {
+            min_age: Duration::ZERO,
+            ..RecoveryOptions::default()
+        };
+        let mut all = RecoveryReport::default();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let report = recovery::recover_once(&self.config.shards, &opts, vec![]).await;
+            assert!(report.errors.is_empty(), "{:?}", report.errors);
+            assert!(report.unresolved.is_empty(), "{:?}", report.unresolved);
+            all.committed.extend(report.committed);
+            all.rolled_back.extend(report.rolled_back);
+            all.decisions_deleted += report.decisions_deleted;
+            if report.in_flight.is_empty() {
+                return all;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still in flight: {:?}",
+                report.in_flight
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+const ABSENT: [(i64, i64); 3] = [(0, 0), (0, 0), (0, 0)];
+const VISIBLE: [(i64, i64); 3] = [(1, 0), (1, 0), (1, 0)];
+
+#[tokio::test]
+async fn coordinator_killed_after_prepare_is_rolled_back() {
+    let f = setup("twophase_crash_prepare").await;
+    let out = run_child(&f.map, 1, &[(CRASH_ENV, "prepare")]).await;
+    assert!(!out.ok, "the failpoint aborts: {}", out.stderr);
+    assert!(!out.stdout.contains("CHILD_OUTCOME"), "{}", out.stdout);
+    // s0 (coordinator) rolled back with its session; s1, s2 hold prepared parts.
+    assert_eq!(f.state(1).await, vec![(0, 0), (0, 1), (0, 1)]);
+
+    let report = f.recover().await;
+    assert_eq!(report.rolled_back.len(), 2, "{report:?}");
+    assert!(report.committed.is_empty());
+    assert_eq!(f.state(1).await, ABSENT);
+    assert_eq!(f.decisions().await, 0);
+}
+
+#[tokio::test]
+async fn coordinator_killed_after_decision_is_committed() {
+    let f = setup("twophase_crash_decision").await;
+    let out = run_child(&f.map, 2, &[(CRASH_ENV, "decision")]).await;
+    assert!(!out.ok, "the failpoint aborts: {}", out.stderr);
+    assert_eq!(f.state(2).await, vec![(1, 0), (0, 1), (0, 1)]);
+    assert_eq!(f.decisions().await, 1);
+
+    let report = f.recover().await;
+    assert_eq!(report.committed.len(), 2, "{report:?}");
+    assert!(report.rolled_back.is_empty());
+    assert_eq!(f.state(2).await, VISIBLE);
+    // The same pass saw no prepared part left and deleted the decision.
+    assert_eq!(f.decisions().await, 0);
+}
+
+#[tokio::test]
+async fn two_recoveries_at_once_agree() {
+    let f = setup("twophase_two_recoveries").await;
+    for (tx, point) in [
+        (11, "prepare"),
+        (12, "decision"),
+        (13, "prepare"),
+        (14, "decision"),
+    ] {
+        let out = run_child(&f.map, tx, &[(CRASH_ENV, point)]).await;
+        assert!(!out.ok);
+    }
+    let opts = RecoveryOptions {
+        min_age: Duration::ZERO,
+        lock_timeout: Duration::from_secs(5),
+        ..RecoveryOptions::default()
+    };
+    let (a, b) = tokio::join!(
+        recovery::recover_once(&f.config.shards, &opts, vec![]),
+        recovery::recover_once(&f.config.shards, &opts, vec![]),
+    );
+    for r in [&a, &b] {
+        assert!(r.errors.is_empty() && r.unresolved.is_empty(), "{r:?}");
+    }
+    // Every prepared part was finished exactly once, the right way.
+    let committed: Vec<_> = a.committed.iter().chain(&b.committed).collect();
+    let rolled_back: Vec<_> = a.rolled_back.iter().chain(&b.rolled_back).collect();
+    let leftover = f.recover().await;
+    assert_eq!(
+        committed.len() + leftover.committed.len(),
+        4,
+        "{a:?}\n{b:?}"
+    );
+    assert_eq!(
+        rolled_back.len() + leftover.rolled_back.len(),
+        4,
+        "{a:?}\n{b:?}"
+    );
+    for (_, gid) in committed
+        .iter()
+        .chain(&leftover.committed.iter().collect::<Vec<_>>())
+    {
+        assert!(
+            !rolled_back.iter().any(|(_, g)| g == gid),
+            "{gid} both ways"
+        );
+    }
+    assert_eq!(f.state(11).await, ABSENT);
+    assert_eq!(f.state(12).await, VISIBLE);
+    assert_eq!(f.state(13).await, ABSENT);
+    assert_eq!(f.state(14).await, VISIBLE);
+    assert_eq!(f.decisions().await, 0);
+}
+
+#[tokio::test]
+async fn live_transaction_survives_another_instances_recovery() {
+    let f = setup("twophase_live").await;
+    let running = child(&f.map, 21, &[(PAUSE_ENV, "prepare:4000")])
+        .spawn()
+        .unwrap();
+    // Wait until both participants prepared (the coordinator now sleeps).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while f.state(21).await != vec![(0, 0), (0, 1), (0, 1)] {
+        assert!(Instant::now() < deadline, "child never prepared");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let opts = RecoveryOptions {
+        min_age: Duration::ZERO,
+        lock_timeout: Duration::from_millis(300),
+        ..RecoveryOptions::default()
+    };
+    let report = recovery::recover_once(&f.config.shards, &opts, vec![]).await;
+    assert_eq!(report.in_flight.len(), 2, "{report:?}");
+    assert!(report.rolled_back.is_empty() && report.committed.is_empty());
+    assert_eq!(report.decisions_deleted, 0);
+
+    let out = running.wait_with_output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("CHILD_OUTCOME Ok(Committed { prepared: 2, background: 0 })"),
+        "{stdout}"
+    );
+    assert_eq!(f.state(21).await, VISIBLE);
+}
+
+#[tokio::test]
+async fn lost_commit_prepared_is_finished_in_the_background() {
+    let f = setup("twophase_background").await;
+    let running = child(&f.map, 31, &[(PAUSE_ENV, "decision:3000")])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while f.state(31).await != vec![(1, 0), (0, 1), (0, 1)] {
+        assert!(Instant::now() < deadline, "child never decided");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Cut the coordinator's connection to s2: its COMMIT PREPARED fails.
+    let killed: i64 = f.clients[2]
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name = 'shardgate'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(killed, 1);
+    let out = running.wait_with_output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("CHILD_OUTCOME Ok(Committed { prepared: 2, background: 1 })"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("CHILD_CLEAN 2 true"), "{stdout}");
+    assert_eq!(f.state(31).await, VISIBLE);
+}
+
+#[tokio::test]
+async fn other_gid_families_are_left_alone() {
+    let f = setup("twophase_families").await;
+    let s1 = &f.clients[1];
+    for gid in ["shardgate_mig_abc123_1_s1", "someone_elses_gid"] {
+        s1.batch_execute(&format!(
+            "BEGIN; INSERT INTO t VALUES (900 + length('{gid}'), 99); PREPARE TRANSACTION '{gid}'"
+        ))
+        .await
+        .unwrap();
+    }
+    let report = f.recover().await;
+    assert!(report.committed.is_empty() && report.rolled_back.is_empty());
+    let left: i64 = s1
+        .query_one(
+            "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 2);
+    for gid in ["shardgate_mig_abc123_1_s1", "someone_elses_gid"] {
+        s1.batch_execute(&format!("ROLLBACK PREPARED '{gid}'"))
+            .await
+            .unwrap();
+    }
+}
