@@ -10,6 +10,8 @@ use tokio::task::JoinHandle;
 
 use crate::backend::{release, BackendError, Pools};
 use crate::config::Config;
+use crate::executor::recovery::{self, RecoveryOptions};
+use crate::executor::twophase::TwoPhase;
 use crate::frontend::auth::{CredentialError, UserDirectory};
 use crate::frontend::cancel::{CancelRegistry, CancelSlot};
 use crate::frontend::session::Session;
@@ -31,6 +33,8 @@ pub struct Shared {
     /// SQL routing; `None` when the map names no tables (a plain pooler:
     /// statements go to the hinted shard or the first one).
     pub router: Option<Arc<Router>>,
+    /// The two-phase-commit coordinator for multi-shard transactions.
+    pub twophase: TwoPhase,
     /// Serialises catalog reads; `catalog_reads` counts completed ones.
     catalog_lock: tokio::sync::Mutex<()>,
     catalog_reads: std::sync::atomic::AtomicU64,
@@ -134,12 +138,17 @@ pub struct RunningServer {
     pub shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
+    /// Background tasks (2PC recovery) stopped with the server.
+    background: Vec<JoinHandle<()>>,
 }
 
 impl RunningServer {
     /// Stops accepting clients; existing sessions end when their clients leave.
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);
+        for task in &self.background {
+            task.abort();
+        }
         let _ = self.task.await;
     }
 }
@@ -181,9 +190,11 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     } else {
         Some(Arc::new(Router::new(ShardMap::from_config(&config)?)))
     };
+    let twophase = TwoPhase::new(&config, Some(metrics.clone()));
     let shared = Arc::new(Shared {
         metrics,
         router,
+        twophase,
         catalog_lock: tokio::sync::Mutex::new(()),
         catalog_reads: std::sync::atomic::AtomicU64::new(0),
         users: UserDirectory::from_config(&config)?,
@@ -197,6 +208,18 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         // Best effort: shards may be down or tables not created yet; routing
         // retries on demand when it needs a fact it does not have.
         shared.refresh_catalog().await;
+    }
+    let mut background = Vec::new();
+    if shared.router.is_some() && shared.config.shards.len() > 1 && shared.config.two_phase_commit {
+        // Resolves prepared transactions left by crashed coordinators (of
+        // any shardgate instance) and checks each shard can prepare.
+        background.push(recovery::spawn(
+            shared.twophase.clone(),
+            RecoveryOptions {
+                connect_timeout: shared.config.pool.connect_timeout,
+                ..RecoveryOptions::default()
+            },
+        ));
     }
     let (shutdown, mut stopped) = watch::channel(false);
     let mut metrics_address = None;
@@ -241,6 +264,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         shared,
         shutdown,
         task,
+        background,
     })
 }
 

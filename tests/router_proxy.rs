@@ -287,63 +287,6 @@ async fn transactions_begin_on_the_shard_of_their_first_statement() {
     );
     client.simple_query("COMMIT").await.expect("commit");
 
-    // A statement for another shard inside the transaction is refused, and
-    // the transaction is aborted as Postgres would abort it: COMMIT rolls
-    // back, so the first insert is not kept.
-    let shard_of = |id: i64| {
-        shardgate::sharding::ShardingFunction::hash(3)
-            .and_then(|f| f.shard_for(&shardgate::sharding::KeyValue::Int(id)))
-            .expect("hash")
-    };
-    let other = (10..200i64)
-        .find(|id| shard_of(*id) != shard_of(500))
-        .expect("a key on another shard");
-    client.simple_query("BEGIN").await.expect("begin");
-    client
-        .simple_query("INSERT INTO users (id, name) VALUES (500, 'x') ON CONFLICT DO NOTHING")
-        .await
-        .expect("first statement");
-    assert_eq!(shard_holding(&db, 500).await, None, "uncommitted");
-    let error = client
-        .simple_query(&format!("SELECT * FROM users WHERE id = {other}"))
-        .await
-        .expect_err("a second shard in the transaction is refused");
-    assert_eq!(code(&error), "0A000", "{error}");
-    let next = client
-        .simple_query("SELECT 1 FROM users WHERE id = 500")
-        .await
-        .expect_err("the transaction is aborted");
-    assert_eq!(code(&next), "25P02", "{next}");
-    let commit = client.simple_query("COMMIT").await.expect("commit answers");
-    assert!(
-        commit
-            .iter()
-            .any(|m| matches!(m, SimpleQueryMessage::CommandComplete(_))),
-        "COMMIT completes (as ROLLBACK)"
-    );
-    assert_eq!(
-        shard_holding(&db, 500).await,
-        None,
-        "the aborted insert is gone"
-    );
-    // The same in the extended protocol: the refusal comes at Bind.
-    client.simple_query("BEGIN").await.expect("begin");
-    client
-        .execute("INSERT INTO users (id, name) VALUES ($1, 'y')", &[&500i64])
-        .await
-        .expect("first statement (extended)");
-    let error = client
-        .query("SELECT * FROM users WHERE id = $1", &[&other])
-        .await
-        .expect_err("refused at Bind");
-    assert_eq!(code(&error), "0A000", "{error}");
-    let next = client
-        .query("SELECT 1 FROM users WHERE id = $1", &[&500i64])
-        .await
-        .expect_err("aborted");
-    assert_eq!(code(&next), "25P02", "{next}");
-    client.simple_query("ROLLBACK").await.expect("rollback");
-    assert_eq!(shard_holding(&db, 500).await, None);
     // The session is usable afterwards.
     let n: i64 = client
         .query_one("SELECT count(*) FROM users WHERE id = 1", &[])
@@ -480,5 +423,191 @@ async fn session_routing_settings_pick_the_shard() {
         .expect("hinted")
         .get(0);
     assert_eq!(hinted, local_count);
+    server.stop().await;
+}
+
+fn shard_of(id: i64) -> usize {
+    shardgate::sharding::ShardingFunction::hash(3)
+        .and_then(|f| f.shard_for(&shardgate::sharding::KeyValue::Int(id)))
+        .expect("hash")
+}
+
+/// Keys 1.. that fall on three different shards.
+fn keys_on_three_shards() -> [i64; 3] {
+    let mut found = [None, None, None];
+    for id in 1..1000i64 {
+        let s = shard_of(id);
+        if found[s].is_none() {
+            found[s] = Some(id);
+        }
+    }
+    found.map(|k| k.expect("every shard gets some key"))
+}
+
+async fn prepared_xacts(db: &str) -> i64 {
+    let mut n = 0;
+    for cluster in &fleet().clusters {
+        n += connect(cluster, db)
+            .await
+            .query_one("SELECT count(*) FROM pg_prepared_xacts", &[])
+            .await
+            .expect("pg_prepared_xacts")
+            .get::<_, i64>(0);
+    }
+    n
+}
+
+#[tokio::test]
+async fn multi_shard_transactions_commit_atomically() {
+    let db = sharded_db("multi_shard_tx").await;
+    let server = start_proxy(&shard_map(&db, MAP)).await;
+    let client = connect_proxy(&server, "app", None).await;
+    let [a, b, c] = keys_on_three_shards();
+
+    // Writes on three shards in one transaction: all committed (2PC).
+    client.simple_query("BEGIN").await.expect("begin");
+    for k in [a, b, c] {
+        client
+            .simple_query(&format!("INSERT INTO users (id, name) VALUES ({k}, 'tx')"))
+            .await
+            .unwrap_or_else(|e| panic!("insert {k}: {e}"));
+    }
+    // Reads inside see the transaction's own writes on each shard.
+    for k in [a, b, c] {
+        let rows = client
+            .query("SELECT name FROM users WHERE id = $1", &[&k])
+            .await
+            .expect("read own write");
+        assert_eq!(rows.len(), 1, "key {k} visible inside the transaction");
+    }
+    let done = client.simple_query("COMMIT").await.expect("commit");
+    assert!(matches!(
+        done.first(),
+        Some(SimpleQueryMessage::CommandComplete(_))
+    ));
+    for k in [a, b, c] {
+        assert_eq!(
+            shard_holding(&db, k).await,
+            Some(shard_of(k)),
+            "key {k} committed"
+        );
+    }
+    assert_eq!(prepared_xacts(&db).await, 0, "no prepared transaction left");
+
+    // Rolled back on every shard.
+    client.simple_query("BEGIN").await.expect("begin");
+    for k in [a + 1000, b + 1000, c + 1000] {
+        client
+            .execute("INSERT INTO users (id, name) VALUES ($1, 'rb')", &[&k])
+            .await
+            .expect("insert (extended)");
+    }
+    client.simple_query("ROLLBACK").await.expect("rollback");
+    for k in [a + 1000, b + 1000, c + 1000] {
+        assert_eq!(shard_holding(&db, k).await, None, "key {k} rolled back");
+    }
+
+    // A failure on one shard aborts the whole transaction: COMMIT answers
+    // ROLLBACK and the other shards keep nothing.
+    client.simple_query("BEGIN").await.expect("begin");
+    client
+        .simple_query(&format!(
+            "INSERT INTO users (id, name) VALUES ({}, 'lost')",
+            a + 2000
+        ))
+        .await
+        .expect("insert on the first shard");
+    let duplicate = client
+        .simple_query(&format!("INSERT INTO users (id, name) VALUES ({b}, 'dup')"))
+        .await
+        .expect_err("duplicate key on the second shard");
+    assert_eq!(code(&duplicate), "23505");
+    let after = client
+        .simple_query(&format!("SELECT 1 FROM users WHERE id = {c}"))
+        .await
+        .expect_err("the transaction is aborted");
+    assert_eq!(code(&after), "25P02", "{after}");
+    let end = client.simple_query("COMMIT").await.expect("commit answers");
+    let tag = end.iter().find_map(|m| match m {
+        SimpleQueryMessage::CommandComplete(_) => Some(()),
+        _ => None,
+    });
+    assert!(tag.is_some());
+    assert_eq!(
+        shard_holding(&db, a + 2000).await,
+        None,
+        "nothing of the failed transaction"
+    );
+
+    // Savepoints cannot span shards: refused, not half-applied.
+    client.simple_query("BEGIN").await.expect("begin");
+    client
+        .simple_query(&format!("UPDATE users SET score = 1 WHERE id = {a}"))
+        .await
+        .expect("first shard");
+    client
+        .simple_query(&format!("UPDATE users SET score = 1 WHERE id = {b}"))
+        .await
+        .expect("second shard");
+    let error = client
+        .simple_query("SAVEPOINT s1")
+        .await
+        .expect_err("savepoint in a multi-shard transaction");
+    assert_eq!(code(&error), "0A000");
+    client.simple_query("ROLLBACK").await.expect("rollback");
+    let score: Option<i32> = connect(&fleet().clusters[shard_of(a)], &db)
+        .await
+        .query_one("SELECT score FROM users WHERE id = $1", &[&a])
+        .await
+        .expect("score")
+        .get(0);
+    assert_eq!(score, None, "the rolled-back update left no trace");
+    assert_eq!(prepared_xacts(&db).await, 0);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn without_two_phase_commit_a_second_written_shard_is_refused() {
+    let db = sharded_db("no_2pc").await;
+    let map = format!("{MAP}two_phase_commit: false\n");
+    let server = start_proxy(&shard_map(&db, &map)).await;
+    let client = connect_proxy(&server, "app", None).await;
+    let [a, b, _] = keys_on_three_shards();
+    client.simple_query("BEGIN").await.expect("begin");
+    client
+        .simple_query(&format!("INSERT INTO users (id, name) VALUES ({a}, 'x')"))
+        .await
+        .expect("first shard");
+    // Reading another shard is fine.
+    client
+        .simple_query(&format!("SELECT * FROM users WHERE id = {b}"))
+        .await
+        .expect("a read on a second shard");
+    let error = client
+        .simple_query(&format!("INSERT INTO users (id, name) VALUES ({b}, 'y')"))
+        .await
+        .expect_err("a write on a second shard");
+    assert_eq!(code(&error), "0A000", "{error:?}");
+    let message = error.as_db_error().map(|e| e.message().to_string());
+    assert!(
+        message
+            .as_deref()
+            .is_some_and(|m| m.contains("two_phase_commit")),
+        "{message:?}"
+    );
+    let next = client
+        .simple_query(&format!("SELECT 1 FROM users WHERE id = {a}"))
+        .await
+        .expect_err("aborted");
+    assert_eq!(code(&next), "25P02");
+    client
+        .simple_query("COMMIT")
+        .await
+        .expect("commit answers ROLLBACK");
+    assert_eq!(
+        shard_holding(&db, a).await,
+        None,
+        "the aborted insert is gone"
+    );
     server.stop().await;
 }

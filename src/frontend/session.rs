@@ -29,14 +29,15 @@ use crate::protocol::{
 use crate::router::hints::{self, Hint};
 use crate::server::Shared;
 
+mod multi;
 mod routing;
-
-use routing::Destination;
 
 /// The backend serving the client right now.
 struct Attached {
     conn: PooledBackend,
     shard: usize,
+    /// A statement that may write ran here in the current transaction.
+    wrote: bool,
 }
 
 /// What became of one client message.
@@ -57,6 +58,8 @@ enum Attach {
     Ready,
     /// The client was sent the error.
     Failed,
+    /// Shardgate answered the message itself; nothing goes to a backend.
+    Answered,
     /// See [`Step::Wait`].
     Wait,
 }
@@ -66,7 +69,7 @@ macro_rules! attach_or_return {
     ($attach:expr) => {
         match $attach {
             Attach::Ready => {}
-            Attach::Failed => return Ok(Step::Next),
+            Attach::Failed | Attach::Answered => return Ok(Step::Next),
             Attach::Wait => return Ok(Step::Wait),
         }
     };
@@ -86,6 +89,13 @@ pub struct Session {
     client_in: BytesMut,
     client_out: BytesMut,
     backend: Option<Attached>,
+    /// Other shards of a multi-shard transaction, idle in their transaction
+    /// block (see `multi`).
+    others: Vec<Attached>,
+    /// The BEGIN that opened the client's transaction, for shards joining it.
+    transaction_begin: Option<Vec<u8>>,
+    /// The statement being attached for may write (for two-phase commit).
+    statement_writes: bool,
     backend_in: BytesMut,
     backend_out: BytesMut,
     /// Bytes of a large backend message still to pass through unparsed.
@@ -149,6 +159,9 @@ impl Session {
             client_in,
             client_out: BytesMut::new(),
             backend: None,
+            others: Vec::new(),
+            transaction_begin: None,
+            statement_writes: false,
             backend_in: BytesMut::new(),
             backend_out: BytesMut::new(),
             passthrough: 0,
@@ -288,31 +301,7 @@ impl Session {
                 let effects = scan_statement(sql);
                 self.note_effects(effects);
                 if let Some(router) = self.router() {
-                    let route = match self.route(&router, sql, &[]).await {
-                        Ok(route) => route,
-                        Err(error) => {
-                            self.report(error, false);
-                            return Ok(Step::Next);
-                        }
-                    };
-                    let attach = match self.destination(sql, route) {
-                        Destination::Shard(shard) => self.attach_shard(shard, false).await,
-                        Destination::AnyShard => self.attach_any(&router, false).await,
-                        Destination::Current => self.attach_for(None, false).await,
-                        Destination::DeferBegin => {
-                            self.defer_begin(frame);
-                            return Ok(Step::Next);
-                        }
-                        Destination::EndDeferred { commit } => {
-                            self.end_deferred(commit);
-                            return Ok(Step::Next);
-                        }
-                        Destination::Shards(route) => {
-                            self.report(routing::multi_shard_unavailable(&route), false);
-                            Attach::Failed
-                        }
-                    };
-                    attach_or_return!(attach);
+                    attach_or_return!(self.attach_query(&router, frame, sql).await);
                 } else {
                     attach_or_return!(self.attach_for(route_hint(sql), false).await);
                 }
@@ -594,6 +583,11 @@ impl Session {
                 && !self.tainted
             {
                 self.detach().await;
+            } else if self.status == b'E' {
+                // A failed transaction: its backend answers 25P02, as Postgres would.
+                return Attach::Ready;
+            } else if self.queue.is_empty() && self.status == b'T' && self.shared.router.is_some() {
+                return self.join_shard(shard, extended).await;
             } else {
                 let from = self.shard_name(attached.shard);
                 let to = self.shard_name(shard);
@@ -683,7 +677,11 @@ impl Session {
             self.queue.sent(Expect::HiddenQuery);
         }
         self.unnamed_on_backend = false;
-        self.backend = Some(Attached { conn, shard });
+        self.backend = Some(Attached {
+            conn,
+            shard,
+            wrote: false,
+        });
         Ok(())
     }
 
@@ -715,6 +713,7 @@ impl Session {
             }
         }
         self.detach().await;
+        self.release_others().await;
     }
 
     /// The backend connection failed: tell the client, forget the backend.
@@ -723,6 +722,12 @@ impl Session {
             return;
         };
         attached.conn.mark_broken();
+        // The transaction is lost: the other shards' parts are closed with
+        // their connections (the server rolls them back).
+        for mut other in std::mem::take(&mut self.others) {
+            other.conn.mark_broken();
+        }
+        self.transaction_begin = None;
         self.cancel.set(None);
         let shard = self.shard_name(attached.shard);
         let was_busy = !self.queue.is_empty() || self.status != b'I';
@@ -973,6 +978,15 @@ impl Session {
             attached
                 .conn
                 .set_settings_signature(self.settings.signature());
+            if status == b'I' {
+                attached.wrote = false;
+            }
+        }
+        if status == b'I' {
+            self.transaction_begin = None;
+            if !self.others.is_empty() {
+                self.release_others().await;
+            }
         }
         if status == b'I'
             && self.queue.is_empty()
@@ -1082,7 +1096,7 @@ impl Session {
         }
         match self.attach_for(None, true).await {
             Attach::Ready => {}
-            Attach::Failed => return Step::Next,
+            Attach::Failed | Attach::Answered => return Step::Next,
             Attach::Wait => return Step::Wait,
         }
         if !self.ensure_statement(target.name) {

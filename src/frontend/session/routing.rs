@@ -33,6 +33,10 @@ pub(super) enum Destination {
     DeferBegin,
     /// COMMIT / ROLLBACK of a held-back BEGIN that never reached a shard.
     EndDeferred { commit: bool },
+    /// COMMIT / ROLLBACK of a transaction on several shards.
+    EndMulti { commit: bool },
+    /// Refused with this error.
+    Refuse(ProxyError),
     /// Several shards.
     Shards(Route),
 }
@@ -40,7 +44,7 @@ pub(super) enum Destination {
 /// Transaction-control verbs the session answers itself when no backend
 /// holds the transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum TxVerb {
+pub(super) enum TxVerb {
     Begin,
     Commit,
     Rollback,
@@ -49,7 +53,7 @@ enum TxVerb {
 /// The verb of a single-statement transaction-control query. `ROLLBACK TO`,
 /// `COMMIT PREPARED`, `PREPARE TRANSACTION` and anything with a second
 /// statement are not.
-fn tx_verb(sql: &str) -> Option<TxVerb> {
+pub(super) fn tx_verb(sql: &str) -> Option<TxVerb> {
     let text = sql.trim().trim_end_matches(';').trim_end();
     if text.contains(';') || text.contains("/*") || text.contains("--") {
         return None;
@@ -171,6 +175,15 @@ impl Session {
             Route::Single(shard) => Destination::Shard(shard),
             Route::AnyOne => Destination::AnyShard,
             Route::NoShard => {
+                if !self.others.is_empty() {
+                    return match tx_verb(sql) {
+                        Some(TxVerb::Commit) => Destination::EndMulti { commit: true },
+                        Some(TxVerb::Rollback) => Destination::EndMulti { commit: false },
+                        _ => {
+                            Destination::Refuse(super::multi::control_in_multi_shard_transaction())
+                        }
+                    };
+                }
                 if self.backend.is_some() {
                     return Destination::Current;
                 }
@@ -189,9 +202,66 @@ impl Session {
         }
     }
 
+    /// Routes a simple query and attaches its backend; `Ready`: forward it.
+    pub(super) async fn attach_query(
+        &mut self,
+        router: &Router,
+        frame: &[u8],
+        sql: &str,
+    ) -> Attach {
+        let route = match self.route(router, sql, &[]).await {
+            Ok(route) => route,
+            Err(error) => {
+                self.report(error, false);
+                return Attach::Failed;
+            }
+        };
+        let writes = Self::may_write(router, sql);
+        self.statement_writes = writes;
+        let verb = tx_verb(sql);
+        let attach = match self.destination(sql, route) {
+            Destination::Shard(shard) => self.attach_shard(shard, false).await,
+            Destination::AnyShard => self.attach_any(router, false).await,
+            Destination::Current => self.attach_for(None, false).await,
+            Destination::DeferBegin => {
+                self.defer_begin(frame);
+                return Attach::Answered;
+            }
+            Destination::EndDeferred { commit } => {
+                self.end_deferred(commit);
+                return Attach::Answered;
+            }
+            Destination::EndMulti { commit } => {
+                if !self.queue.is_empty() {
+                    return Attach::Wait;
+                }
+                self.end_multi(commit).await;
+                return Attach::Answered;
+            }
+            Destination::Refuse(error) => {
+                self.report(error, false);
+                return Attach::Failed;
+            }
+            Destination::Shards(route) => {
+                self.report(multi_shard_unavailable(&route), false);
+                return Attach::Failed;
+            }
+        };
+        if attach == Attach::Ready {
+            if verb == Some(TxVerb::Begin) {
+                self.transaction_begin = Some(frame.to_vec());
+            }
+            if writes && !self.note_write(false) {
+                return Attach::Failed;
+            }
+        }
+        attach
+    }
+
     /// Holds a BEGIN back (the client sees it succeed, as Postgres would).
     pub(super) fn defer_begin(&mut self, frame: &[u8]) {
         self.deferred_begin = Some(frame.to_vec());
+        self.transaction_begin = Some(frame.to_vec());
         self.status = b'T';
         self.batch_status_before = b'T';
         let mut out = BytesMut::new();
@@ -203,6 +273,7 @@ impl Session {
     /// COMMIT / ROLLBACK of a transaction that never needed a shard.
     pub(super) fn end_deferred(&mut self, commit: bool) {
         self.deferred_begin = None;
+        self.transaction_begin = None;
         self.settings
             .batch_done(b'T', b'I', false, Some(commit && self.status == b'T'));
         // Postgres answers COMMIT of a failed transaction with ROLLBACK.
@@ -244,20 +315,31 @@ impl Session {
         };
         let route = match decided {
             None => return self.attach_for(None, true).await,
-            Some(Ok(route)) => route,
+            Some(Ok((route, writes))) => {
+                self.statement_writes = writes;
+                route
+            }
             Some(Err(error)) => {
                 self.report(error, true);
                 return Attach::Failed;
             }
         };
-        match route {
+        let attach = match route {
+            Route::NoShard if !self.others.is_empty() => {
+                self.report(super::multi::control_in_multi_shard_transaction(), true);
+                Attach::Failed
+            }
             Route::Single(shard) => self.attach_shard(shard, true).await,
             Route::AnyOne | Route::NoShard => self.attach_any(router, true).await,
             other => {
                 self.report(multi_shard_unavailable(&other), true);
                 Attach::Failed
             }
+        };
+        if attach == Attach::Ready && self.statement_writes && !self.note_write(true) {
+            return Attach::Failed;
         }
+        attach
     }
 
     async fn route_parsed(
@@ -265,10 +347,11 @@ impl Session {
         router: &Router,
         bind: &Bind<'_>,
         parse: Parse<'_>,
-    ) -> Result<Route, ProxyError> {
+    ) -> Result<(Route, bool), ProxyError> {
         let params = bind_params(bind, parse.param_types)
             .map_err(|e| ProxyError::error("08P01", format!("invalid Bind message: {e}")))?;
-        self.route(router, parse.query, &params).await
+        let route = self.route(router, parse.query, &params).await?;
+        Ok((route, Self::may_write(router, parse.query)))
     }
 
     /// Attaches the backend for a statement any shard can answer.

@@ -1,0 +1,184 @@
+//! Client transactions that span several shards.
+//!
+//! The session's current backend serves the statement at hand; the other
+//! shards a transaction touched wait in `others`, idle inside their
+//! transaction block. A statement for another shard switches the current
+//! backend once earlier answers are in, joining that shard to the
+//! transaction (with the client's own BEGIN) the first time. COMMIT and
+//! ROLLBACK of such a transaction are shardgate's: two-phase commit when
+//! more than one shard wrote (`executor::twophase`).
+
+use bytes::BytesMut;
+
+use super::{Attach, Attached, Session};
+use crate::backend::release;
+use crate::executor::twophase::{self, CommitOutcome, Participant};
+use crate::protocol::synth::{self, ProxyError};
+use crate::router::{Router, StatementKind};
+
+impl Session {
+    /// Whether `sql` may write (anything but a plain read or session /
+    /// transaction control); unknown statements count as writes.
+    pub(super) fn may_write(router: &Router, sql: &str) -> bool {
+        match router.analyze(sql) {
+            Ok(analysis) => !matches!(
+                analysis.kind,
+                StatementKind::Read | StatementKind::Transaction | StatementKind::Set
+            ),
+            Err(_) => true,
+        }
+    }
+
+    /// Makes `shard` the current backend of the open transaction, joining
+    /// it (with the transaction's BEGIN) the first time. Called with no
+    /// answers outstanding. `writes`: the statement about to run may write.
+    pub(super) async fn join_shard(&mut self, shard: usize, extended: bool) -> Attach {
+        if let Some(position) = self.others.iter().position(|a| a.shard == shard) {
+            let next = self.others.swap_remove(position);
+            if let Some(current) = self.backend.replace(next) {
+                self.others.push(current);
+            }
+            if let Some(attached) = &self.backend {
+                let (pid, secret) = attached.conn.cancel_key();
+                self.cancel.set(Some((shard, pid, secret)));
+            }
+            self.unnamed_on_backend = false;
+            return Attach::Ready;
+        }
+        let begin = self
+            .transaction_begin
+            .clone()
+            .unwrap_or_else(plain_begin_frame);
+        let previous = self.backend.take();
+        self.deferred_begin = Some(begin);
+        match self.checkout(shard).await {
+            Ok(()) => {
+                if let Some(previous) = previous {
+                    self.others.push(previous);
+                }
+                Attach::Ready
+            }
+            Err(error) => {
+                self.deferred_begin = None;
+                self.backend = previous;
+                let error = ProxyError::error(error.sqlstate(), error.to_string());
+                self.report(error, extended);
+                Attach::Failed
+            }
+        }
+    }
+
+    /// Records that a statement that may write goes to the current backend;
+    /// with two-phase commit off, refuses it if another shard of the
+    /// transaction wrote already. False: refused (the client was told).
+    pub(super) fn note_write(&mut self, extended: bool) -> bool {
+        let Some(current) = self.backend.as_ref().map(|a| a.shard) else {
+            return true;
+        };
+        if !self.others.is_empty() {
+            let written: Vec<usize> = self
+                .participants()
+                .filter(|a| a.wrote)
+                .map(|a| a.shard)
+                .collect();
+            if let Err(error) = self.shared.twophase.may_write(&written, current) {
+                self.report(error, extended);
+                return false;
+            }
+        }
+        if let Some(attached) = self.backend.as_mut() {
+            attached.wrote = true;
+        }
+        true
+    }
+
+    /// Every backend of the client's transaction.
+    pub(super) fn participants(&self) -> impl Iterator<Item = &Attached> {
+        self.backend.iter().chain(self.others.iter())
+    }
+
+    /// COMMIT or ROLLBACK of a transaction with more than one shard,
+    /// answered by shardgate once every participant has finished.
+    pub(super) async fn end_multi(&mut self, commit: bool) {
+        let mut group: Vec<Attached> = Vec::with_capacity(self.others.len() + 1);
+        if let Some(current) = self.backend.take() {
+            group.push(current);
+        }
+        group.append(&mut self.others);
+        self.cancel.set(None);
+        let outcome = {
+            let mut participants: Vec<Participant<'_>> = group
+                .iter_mut()
+                .map(|a| Participant {
+                    shard: a.shard,
+                    wrote: a.wrote,
+                    conn: &mut a.conn,
+                })
+                .collect();
+            if commit && self.status == b'T' {
+                twophase::commit(&self.shared.twophase, &mut participants).await
+            } else {
+                twophase::rollback(&mut participants).await;
+                Ok(CommitOutcome::RolledBack)
+            }
+        };
+        for attached in group {
+            match self.shared.pools.get(attached.shard) {
+                Some(pool) => pool.release(attached.conn).await,
+                None => release(attached.conn).await,
+            }
+        }
+        let mut out = BytesMut::new();
+        let committed = match outcome {
+            Ok(outcome) => {
+                synth::command_complete(&mut out, outcome.command_tag());
+                matches!(outcome, CommitOutcome::Committed { .. })
+            }
+            Err(error) => {
+                self.shared.metrics.error(None, error.code);
+                error.encode(&mut out);
+                false
+            }
+        };
+        self.settings.batch_done(b'T', b'I', false, Some(committed));
+        self.transaction_begin = None;
+        self.status = b'I';
+        self.batch_status_before = b'I';
+        synth::ready_for_query(&mut out, self.status);
+        self.queue.local(out, &mut self.client_out);
+    }
+
+    /// Returns the other participants' backends (the transaction ended on
+    /// the current one, or the client left): a pool reset rolls back any
+    /// transaction still open on them.
+    pub(super) async fn release_others(&mut self) {
+        for attached in std::mem::take(&mut self.others) {
+            match self.shared.pools.get(attached.shard) {
+                Some(pool) => pool.release(attached.conn).await,
+                None => release(attached.conn).await,
+            }
+        }
+    }
+}
+
+/// A `BEGIN` query frame, for shards joining a transaction whose BEGIN went
+/// straight to a backend.
+fn plain_begin_frame() -> Vec<u8> {
+    let mut out = BytesMut::new();
+    synth::query(&mut out, "BEGIN");
+    out.to_vec()
+}
+
+/// The refusal for session or transaction control inside a multi-shard
+/// transaction that shardgate cannot apply to every shard exactly.
+pub(super) fn control_in_multi_shard_transaction() -> ProxyError {
+    ProxyError::error(
+        "0A000",
+        "this statement cannot be applied to a transaction that spans several shards \
+         (savepoints, SET LOCAL, PREPARE TRANSACTION and extended-protocol COMMIT are not \
+         supported there)",
+    )
+    .with_hint(
+        "send COMMIT or ROLLBACK as a simple query, and keep savepoints to one-shard transactions",
+    )
+}
