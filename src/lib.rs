@@ -12,6 +12,7 @@ pub mod check;
 pub mod config;
 pub mod demo;
 pub mod devcluster;
+pub mod executor;
 pub mod frontend;
 pub mod metrics;
 pub mod migrate;
