@@ -1,7 +1,13 @@
 //! Executor: what happens to a statement once the router has decided where
-//! it goes (ARCHITECTURE §1). This branch holds the control-statement helper
-//! and the two-phase-commit coordinator with its recovery.
+//! it goes (ARCHITECTURE §1), beyond single-shard pass-through.
+//!
+//! - [`fanout`]: statements that run on several shards at once, with
+//!   results merged exactly as one Postgres holding all rows would answer.
+//! - [`twophase`]: atomic commit of client transactions that wrote on
+//!   several shards; [`recovery`] resolves what crashed coordinators left.
+//! - [`control`]: control statements on raw backend connections.
 
 pub mod control;
+pub mod fanout;
 pub mod recovery;
 pub mod twophase;

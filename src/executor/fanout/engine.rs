@@ -1,0 +1,483 @@
+//! The scatter/gather loop: send each target its batch, read every shard
+//! concurrently (whichever has data), hand rows to a [`Merge`], stream the
+//! merged output to the client, and always read each shard to its
+//! ReadyForQuery (cancelling shards whose work is no longer needed).
+
+use std::collections::VecDeque;
+
+use bytes::{Bytes, BytesMut};
+use futures::future::{join_all, select_all, FutureExt};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+
+use super::wire::{decode_row_description, shard_error, Field, Row};
+use super::{FanoutExecutor, ShardConn};
+use crate::backend::send_cancel;
+use crate::protocol::synth::ProxyError;
+use crate::protocol::{next_frame, tag, MAX_BACKEND_MESSAGE};
+
+/// Output is written to the client whenever it exceeds this, so large results stream.
+pub const FLUSH_AT: usize = 32 * 1024;
+
+/// A row with its decoded sort keys (empty when the merge does not sort).
+pub struct Entry {
+    pub row: Row,
+    pub keys: Vec<Option<super::value::Key>>,
+}
+
+/// A merge primitive tree as the loop sees it.
+pub trait Merge {
+    /// k-way merge by [`Merge::less`] (true) or concatenation as rows arrive.
+    fn ordered(&self) -> bool;
+    /// Called once, when every shard has described its result (None: no rows).
+    fn header(&mut self, fields: Option<&[Field]>, out: &mut BytesMut) -> Result<(), ProxyError>;
+    /// Decodes what the merge needs of a row as it arrives.
+    fn prepare(&self, row: Row) -> Result<Entry, ProxyError>;
+    fn less(&self, a: &Entry, b: &Entry) -> bool;
+    /// Takes the next merged row from target `pos`; false = no more rows wanted.
+    fn row(&mut self, pos: usize, entry: Entry, out: &mut BytesMut) -> Result<bool, ProxyError>;
+}
+
+/// Bytes of rows held by one fan-out, against `max_merge_memory`.
+pub struct Memory {
+    pub used: u64,
+    pub limit: u64,
+}
+
+impl Memory {
+    pub fn add(&mut self, n: usize) -> Result<(), ProxyError> {
+        self.used += n as u64;
+        if self.used > self.limit {
+            return Err(ProxyError::error(
+                "53200",
+                format!(
+                    "the cross-shard merge needs more than max_merge_memory ({} bytes)",
+                    self.limit
+                ),
+            )
+            .with_hint("add a LIMIT, aggregate fewer groups, restrict the query by the sharding key, or raise max_merge_memory"));
+        }
+        Ok(())
+    }
+    pub fn sub(&mut self, n: usize) {
+        self.used = self.used.saturating_sub(n as u64);
+    }
+}
+
+/// One target's side of the exchange.
+struct Stream {
+    buf: BytesMut,
+    rows: VecDeque<Entry>,
+    fields: Option<Vec<Field>>,
+    described: bool,
+    tags: Vec<String>,
+    /// No more rows will come (CommandComplete, EmptyQuery, error, dead).
+    finished: bool,
+    ready: Option<u8>,
+    dead: bool,
+    canceled: bool,
+    entry_status: u8,
+    error: Option<ProxyError>,
+    name: String,
+}
+
+/// What the shards said, besides the rows.
+pub struct Gathered {
+    pub tags: Vec<Vec<String>>,
+    pub statuses: Vec<u8>,
+}
+
+/// Where the merged output goes.
+pub struct Output<'o, W> {
+    pub out: &'o mut BytesMut,
+    pub client: &'o mut W,
+    pub client_lost: bool,
+}
+
+impl<W: AsyncWrite + Unpin> Output<'_, W> {
+    pub async fn flush_if_full(&mut self) {
+        if self.out.len() >= FLUSH_AT {
+            self.flush().await;
+        }
+    }
+    pub async fn flush(&mut self) {
+        if self.client_lost {
+            self.out.clear();
+            return;
+        }
+        if !self.out.is_empty() && self.client.write_all(self.out).await.is_err() {
+            self.client_lost = true;
+        }
+        self.out.clear();
+    }
+}
+
+/// Sends `batches[i]` (None: nothing) to `targets[i]` and merges the answers.
+pub async fn gather<W: AsyncWrite + Unpin, M: Merge>(
+    ex: &FanoutExecutor,
+    targets: &mut [ShardConn<'_>],
+    batches: &[Option<BytesMut>],
+    merge: &mut M,
+    output: &mut Output<'_, W>,
+    memory: &mut Memory,
+) -> Result<Gathered, ProxyError> {
+    let mut streams: Vec<Stream> = targets
+        .iter()
+        .map(|t| Stream {
+            buf: BytesMut::with_capacity(16 * 1024),
+            rows: VecDeque::new(),
+            fields: None,
+            described: false,
+            tags: Vec::new(),
+            finished: false,
+            ready: None,
+            dead: false,
+            canceled: false,
+            entry_status: t.conn.transaction_status(),
+            error: None,
+            name: t.conn.shard_name().to_string(),
+        })
+        .collect();
+    for (i, t) in targets.iter_mut().enumerate() {
+        match batches.get(i).and_then(|b| b.as_ref()) {
+            None => {
+                let s = &mut streams[i];
+                s.finished = true;
+                s.described = true;
+                s.ready = Some(t.conn.transaction_status());
+            }
+            Some(batch) => {
+                if t.conn.write_all(batch).await.is_err() {
+                    let s = &mut streams[i];
+                    s.dead = true;
+                    s.finished = true;
+                    s.described = true;
+                    s.error = Some(lost(&s.name));
+                }
+            }
+        }
+    }
+    let mut first_error: Option<ProxyError> = streams.iter().find_map(|s| s.error.clone());
+    let mut draining = first_error.is_some();
+    let mut header_done = false;
+    let mut want_more = true;
+    if draining {
+        cancel_unfinished(ex, targets, &mut streams, true).await;
+    }
+    loop {
+        // Parse what has arrived.
+        for (i, s) in streams.iter_mut().enumerate() {
+            if let Err(e) = pump(s, merge, memory, draining || !want_more) {
+                targets[i].conn.mark_broken();
+                s.dead = true;
+                s.finished = true;
+                s.described = true;
+                s.error.get_or_insert(e);
+            }
+        }
+        // Errors end the merge: cancel the rest and drain.
+        for s in streams.iter_mut() {
+            if let Some(e) = s.error.take() {
+                let ignorable = s.canceled && e.code == "57014";
+                if !ignorable && first_error.is_none() {
+                    first_error = Some(e);
+                }
+            }
+        }
+        if first_error.is_some() && !draining {
+            draining = true;
+            cancel_unfinished(ex, targets, &mut streams, true).await;
+        }
+        if draining {
+            for s in streams.iter_mut() {
+                for e in s.rows.drain(..) {
+                    memory.sub(e.row.footprint());
+                }
+            }
+        }
+        // Header once every shard has described its result.
+        if !draining && !header_done && streams.iter().all(|s| s.described) {
+            header_done = true;
+            let result = agree(&streams).and_then(|fields| merge.header(fields, output.out));
+            if let Err(e) = result {
+                first_error = Some(e);
+                draining = true;
+                cancel_unfinished(ex, targets, &mut streams, true).await;
+                continue;
+            }
+        }
+        // Merge.
+        if header_done && !draining && want_more {
+            match emit(merge, &mut streams, memory, output.out) {
+                Ok(more) => {
+                    if !more {
+                        want_more = false;
+                        for s in streams.iter_mut() {
+                            for e in s.rows.drain(..) {
+                                memory.sub(e.row.footprint());
+                            }
+                        }
+                        // Only autocommit work is cancelled: a cancel inside
+                        // a transaction block would abort the transaction.
+                        cancel_unfinished(ex, targets, &mut streams, false).await;
+                    }
+                }
+                Err(e) => {
+                    first_error = Some(e);
+                    draining = true;
+                    cancel_unfinished(ex, targets, &mut streams, true).await;
+                    continue;
+                }
+            }
+            output.flush_if_full().await;
+        }
+        if streams.iter().all(|s| s.ready.is_some() || s.dead) {
+            break;
+        }
+        // Read from the shards that can make progress.
+        let discard = draining || !want_more;
+        let mut reads = Vec::new();
+        for (i, (t, s)) in targets.iter_mut().zip(streams.iter_mut()).enumerate() {
+            if s.ready.is_some() || s.dead {
+                continue;
+            }
+            if !discard && !s.rows.is_empty() {
+                continue;
+            }
+            let conn = &mut *t.conn;
+            let buf = &mut s.buf;
+            reads.push(async move { (i, conn.read_buf(buf).await) }.boxed());
+        }
+        if reads.is_empty() {
+            drop(reads);
+            // Every unfinished shard has rows the merge has not taken: only
+            // possible before the header, when a shard has not described yet.
+            first_error.get_or_insert_with(|| {
+                ProxyError::error("XX000", "fan-out merge stalled (internal error)")
+            });
+            if !draining {
+                draining = true;
+                cancel_unfinished(ex, targets, &mut streams, true).await;
+            }
+            continue;
+        }
+        let ((i, result), _, rest) = select_all(reads).await;
+        drop(rest);
+        match result {
+            Ok(0) | Err(_) => {
+                let s = &mut streams[i];
+                s.dead = true;
+                s.finished = true;
+                s.described = true;
+                if !s.canceled {
+                    s.error = Some(lost(&s.name));
+                }
+            }
+            Ok(_) => {}
+        }
+    }
+    output.flush_if_full().await;
+    let statuses = streams.iter().map(|s| s.ready.unwrap_or(b'E')).collect();
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    Ok(Gathered {
+        tags: streams.into_iter().map(|s| s.tags).collect(),
+        statuses,
+    })
+}
+
+fn lost(shard: &str) -> ProxyError {
+    ProxyError::error("08006", format!("lost the connection to shard {shard}"))
+        .with_detail(format!("on shard {shard}"))
+}
+
+/// Checks that all shards describe the same columns (schema drift otherwise).
+fn agree(streams: &[Stream]) -> Result<Option<&[Field]>, ProxyError> {
+    let mut first: Option<(&str, &[Field])> = None;
+    for s in streams {
+        let Some(f) = &s.fields else { continue };
+        match first {
+            None => first = Some((&s.name, f)),
+            Some((name, g)) => {
+                let same = f.len() == g.len()
+                    && f.iter().zip(g.iter()).all(|(a, b)| {
+                        a.name == b.name && a.type_oid == b.type_oid && a.typmod == b.typmod
+                    });
+                if !same {
+                    return Err(ProxyError::error(
+                        "42804",
+                        format!(
+                            "shards {name} and {} return different columns for this query (schema drift)",
+                            s.name
+                        ),
+                    )
+                    .with_hint("compare the table definitions on the shards (shardgate migrate verify)"));
+                }
+            }
+        }
+    }
+    Ok(first.map(|(_, f)| f))
+}
+
+/// Moves merged rows from the queues into the merge while possible.
+fn emit<M: Merge>(
+    merge: &mut M,
+    streams: &mut [Stream],
+    memory: &mut Memory,
+    out: &mut BytesMut,
+) -> Result<bool, ProxyError> {
+    if !merge.ordered() {
+        for (pos, s) in streams.iter_mut().enumerate() {
+            while let Some(e) = s.rows.pop_front() {
+                memory.sub(e.row.footprint());
+                if !merge.row(pos, e, out)? {
+                    return Ok(false);
+                }
+            }
+        }
+        return Ok(true);
+    }
+    loop {
+        let mut best: Option<usize> = None;
+        for pos in 0..streams.len() {
+            let s = &streams[pos];
+            match s.rows.front() {
+                None if !s.finished => return Ok(true), // must hear from this shard first
+                None => {}
+                Some(e) => {
+                    let better = match best.and_then(|b| streams[b].rows.front()) {
+                        Some(current) => merge.less(e, current),
+                        None => true,
+                    };
+                    if better {
+                        best = Some(pos);
+                    }
+                }
+            }
+        }
+        let Some(b) = best else { return Ok(true) };
+        let Some(e) = streams[b].rows.pop_front() else {
+            return Ok(true);
+        };
+        memory.sub(e.row.footprint());
+        if !merge.row(b, e, out)? {
+            return Ok(false);
+        }
+    }
+}
+
+/// Parses complete frames of one shard.
+fn pump<M: Merge>(
+    s: &mut Stream,
+    merge: &M,
+    memory: &mut Memory,
+    discard: bool,
+) -> Result<(), ProxyError> {
+    loop {
+        let (frame_tag, len) = match next_frame(&s.buf, MAX_BACKEND_MESSAGE) {
+            Ok(Some((frame, len))) => (frame.tag, len),
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                return Err(ProxyError::error(
+                    "08P01",
+                    format!("invalid message from shard {}: {e}", s.name),
+                ))
+            }
+        };
+        let frame = s.buf.split_to(len).freeze();
+        let body = frame.slice(5..);
+        match frame_tag {
+            tag::DATA_ROW => {
+                if discard || s.canceled {
+                    continue;
+                }
+                let row = Row::decode(body).map_err(|e| {
+                    ProxyError::error("08P01", format!("invalid row from shard {}: {e}", s.name))
+                })?;
+                memory.add(row.footprint())?;
+                match merge.prepare(row) {
+                    Ok(entry) => s.rows.push_back(entry),
+                    Err(e) => {
+                        s.error.get_or_insert(e);
+                    }
+                }
+            }
+            tag::ROW_DESCRIPTION => {
+                let fields = decode_row_description(&body).map_err(|e| {
+                    ProxyError::error(
+                        "08P01",
+                        format!("invalid RowDescription from shard {}: {e}", s.name),
+                    )
+                })?;
+                if s.fields.is_none() {
+                    s.fields = Some(fields);
+                }
+                s.described = true;
+            }
+            tag::NO_DATA => s.described = true,
+            tag::COMMAND_COMPLETE => {
+                s.tags
+                    .push(crate::protocol::messages::command_tag(&body).to_string());
+                s.finished = true;
+                s.described = true;
+            }
+            tag::EMPTY_QUERY | tag::PORTAL_SUSPENDED => {
+                s.finished = true;
+                s.described = true;
+            }
+            tag::ERROR_RESPONSE => {
+                s.error.get_or_insert(shard_error(&body, &s.name));
+                s.finished = true;
+                s.described = true;
+            }
+            tag::READY_FOR_QUERY => {
+                let status = crate::protocol::messages::ready_status(&body)
+                    .map_err(|e| ProxyError::error("08P01", format!("shard {}: {e}", s.name)))?;
+                s.ready = Some(status);
+                s.finished = true;
+                s.described = true;
+            }
+            tag::COPY_IN_RESPONSE | tag::COPY_OUT_RESPONSE | tag::COPY_BOTH_RESPONSE => {
+                return Err(ProxyError::error(
+                    "0A000",
+                    format!("COPY started on shard {} in a fan-out statement", s.name),
+                )
+                .with_hint("COPY each shard with a routing hint"));
+            }
+            // ParseComplete, BindComplete, notices, ParameterStatus, notifications.
+            _ => {}
+        }
+    }
+}
+
+/// Cancels shards still working. `always`: also inside transaction blocks
+/// (on errors, where the transaction is failed anyway).
+async fn cancel_unfinished(
+    ex: &FanoutExecutor,
+    targets: &mut [ShardConn<'_>],
+    streams: &mut [Stream],
+    always: bool,
+) {
+    let mut cancels = Vec::new();
+    for (t, s) in targets.iter().zip(streams.iter_mut()) {
+        if s.finished || s.dead || s.canceled || (!always && s.entry_status != b'I') {
+            continue;
+        }
+        let Some(shard) = ex.shard_config(t.shard) else {
+            continue;
+        };
+        s.canceled = true;
+        let (pid, secret) = t.conn.cancel_key();
+        cancels.push(async move {
+            let _ = send_cancel(shard, pid, secret).await;
+        });
+    }
+    if !cancels.is_empty() {
+        join_all(cancels).await;
+    }
+}
+
+/// A DataRow frame's body from raw bytes (tests and synthesised rows).
+pub fn row_from_frame(frame: &[u8]) -> Option<Row> {
+    Row::decode(Bytes::copy_from_slice(frame.get(5..)?)).ok()
+}
