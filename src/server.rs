@@ -10,6 +10,7 @@ use tokio::task::JoinHandle;
 
 use crate::backend::{release, BackendError, Pools};
 use crate::config::Config;
+use crate::executor::fanout::FanoutExecutor;
 use crate::executor::recovery::{self, RecoveryOptions};
 use crate::executor::twophase::TwoPhase;
 use crate::frontend::auth::{CredentialError, UserDirectory};
@@ -35,6 +36,8 @@ pub struct Shared {
     pub router: Option<Arc<Router>>,
     /// The two-phase-commit coordinator for multi-shard transactions.
     pub twophase: TwoPhase,
+    /// Runs and merges statements that need several shards.
+    pub fanout: FanoutExecutor,
     /// Serialises catalog reads; `catalog_reads` counts completed ones.
     catalog_lock: tokio::sync::Mutex<()>,
     catalog_reads: std::sync::atomic::AtomicU64,
@@ -58,6 +61,9 @@ impl Shared {
         let result = self.read_catalog(&router.map()).await;
         match result {
             Ok(facts) => {
+                if let Some(bytewise) = facts.bytewise_collation {
+                    self.fanout.set_text_collation_bytewise(bytewise);
+                }
                 router.learn(|map| map.with_catalog(&facts));
                 self.catalog_reads.fetch_add(1, Ordering::AcqRel);
                 true
@@ -195,6 +201,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         metrics,
         router,
         twophase,
+        fanout: FanoutExecutor::new(&config),
         catalog_lock: tokio::sync::Mutex::new(()),
         catalog_reads: std::sync::atomic::AtomicU64::new(0),
         users: UserDirectory::from_config(&config)?,

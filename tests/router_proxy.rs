@@ -611,3 +611,142 @@ async fn without_two_phase_commit_a_second_written_shard_is_refused() {
     );
     server.stop().await;
 }
+
+/// Rows of a simple query as sorted text (a multiset comparison).
+fn sorted(messages: &[SimpleQueryMessage]) -> Vec<Vec<Option<String>>> {
+    let mut rows = rows_text(messages);
+    rows.sort();
+    rows
+}
+
+fn command_tags(messages: &[SimpleQueryMessage]) -> Vec<u64> {
+    messages
+        .iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::CommandComplete(n) => Some(*n),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn statements_on_several_shards_are_atomic_and_complete() {
+    let db = sharded_db("fanout_session").await;
+    let server = start_proxy(&shard_map(&db, MAP)).await;
+    let client = connect_proxy(&server, "app", None).await;
+    let [a, b, c] = keys_on_three_shards();
+
+    // A multi-row INSERT over three shards: one statement, one tag,
+    // RETURNING rows in VALUES order.
+    let inserted = client
+        .simple_query(&format!(
+            "INSERT INTO users (id, name) VALUES ({c}, 'c'), ({a}, 'a'), ({b}, 'b') RETURNING id"
+        ))
+        .await
+        .expect("split insert");
+    assert_eq!(
+        rows_text(&inserted),
+        vec![
+            vec![Some(c.to_string())],
+            vec![Some(a.to_string())],
+            vec![Some(b.to_string())]
+        ]
+    );
+    assert_eq!(command_tags(&inserted), vec![3]);
+    for k in [a, b, c] {
+        assert_eq!(shard_holding(&db, k).await, Some(shard_of(k)));
+    }
+    // The same with bound parameters (extended protocol, Bind decides).
+    let n = client
+        .execute(
+            "INSERT INTO users (id, name) VALUES ($1, 'p'), ($2, 'q')",
+            &[&(a + 3000), &(b + 3000)],
+        )
+        .await
+        .expect("split insert with parameters");
+    assert_eq!(n, 2);
+    assert_eq!(shard_holding(&db, a + 3000).await, Some(shard_of(a + 3000)));
+
+    // Atomic: a duplicate on one shard leaves nothing on the others.
+    let error = client
+        .simple_query(&format!(
+            "INSERT INTO users (id, name) VALUES ({}, 'new'), ({b}, 'duplicate')",
+            a + 5000
+        ))
+        .await
+        .expect_err("duplicate key on one shard");
+    assert_eq!(code(&error), "23505", "{error:?}");
+    assert_eq!(
+        shard_holding(&db, a + 5000).await,
+        None,
+        "nothing committed anywhere"
+    );
+    assert_eq!(prepared_xacts(&db).await, 0);
+
+    // Keyless UPDATE: the tag counts every shard's rows; a keyless SELECT
+    // sees every row.
+    let updated = client
+        .simple_query("UPDATE users SET score = 7")
+        .await
+        .expect("keyless update");
+    assert_eq!(command_tags(&updated), vec![5]);
+    let all = client
+        .simple_query("SELECT id, score FROM users")
+        .await
+        .expect("keyless select");
+    assert_eq!(rows_text(&all).len(), 5);
+    assert!(sorted(&all).iter().all(|r| r[1].as_deref() == Some("7")));
+    let counted: i64 = client
+        .query_one("SELECT count(*) FROM users", &[])
+        .await
+        .expect("count(*) over shards (extended)")
+        .get(0);
+    assert_eq!(counted, 5);
+
+    // DDL reaches every shard; in a transaction block it is atomic.
+    client
+        .simple_query("CREATE TABLE audit (id bigint, what text)")
+        .await
+        .expect("broadcast DDL");
+    client
+        .simple_query("CREATE INDEX CONCURRENTLY audit_id ON audit (id)")
+        .await
+        .expect("non-transactional DDL on every shard");
+    for cluster in &fleet().clusters {
+        let direct = connect(cluster, &db).await;
+        let found: i64 = direct
+            .query_one(
+                "SELECT count(*) FROM pg_indexes WHERE indexname = 'audit_id'",
+                &[],
+            )
+            .await
+            .expect("index")
+            .get(0);
+        assert_eq!(found, 1, "index on every shard");
+    }
+    client.simple_query("BEGIN").await.expect("begin");
+    client
+        .simple_query("CREATE TABLE later (id int)")
+        .await
+        .expect("DDL in a transaction");
+    let error = client
+        .simple_query("CREATE TABLE audit (id int)")
+        .await
+        .expect_err("already exists");
+    assert_eq!(code(&error), "42P07");
+    client
+        .simple_query("COMMIT")
+        .await
+        .expect("commit answers ROLLBACK");
+    for cluster in &fleet().clusters {
+        let exists: bool = connect(cluster, &db)
+            .await
+            .query_one("SELECT to_regclass('later') IS NOT NULL", &[])
+            .await
+            .expect("regclass")
+            .get(0);
+        assert!(!exists, "the rolled-back CREATE TABLE left nothing");
+    }
+    assert_eq!(prepared_xacts(&db).await, 0);
+    server.stop().await;
+}

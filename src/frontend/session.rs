@@ -29,6 +29,7 @@ use crate::protocol::{
 use crate::router::hints::{self, Hint};
 use crate::server::Shared;
 
+mod fanout;
 mod multi;
 mod routing;
 
@@ -96,6 +97,8 @@ pub struct Session {
     transaction_begin: Option<Vec<u8>>,
     /// The statement being attached for may write (for two-phase commit).
     statement_writes: bool,
+    /// A bound portal that runs on several shards at its Execute.
+    pending_portal: Option<fanout::PendingPortal>,
     backend_in: BytesMut,
     backend_out: BytesMut,
     /// Bytes of a large backend message still to pass through unparsed.
@@ -162,6 +165,7 @@ impl Session {
             others: Vec::new(),
             transaction_begin: None,
             statement_writes: false,
+            pending_portal: None,
             backend_in: BytesMut::new(),
             backend_out: BytesMut::new(),
             passthrough: 0,
@@ -369,7 +373,22 @@ impl Session {
             }
             tag::DESCRIBE | tag::CLOSE => {
                 let target = Target::decode(tag, body).map_err(protocol_violation)?;
-                if self.backend.is_none() && self.shared.router.is_some() {
+                if target.kind == b'P'
+                    && self
+                        .pending_portal
+                        .as_ref()
+                        .is_some_and(|p| p.is(target.name))
+                {
+                    if tag == tag::CLOSE {
+                        self.pending_portal = None;
+                        let mut out = BytesMut::new();
+                        synth::close_complete(&mut out);
+                        self.queue.local(out, &mut self.client_out);
+                    } else if let Some(portal) = self.pending_portal.as_mut() {
+                        // Answered with the rows at Execute.
+                        portal.describe();
+                    }
+                } else if self.backend.is_none() && self.shared.router.is_some() {
                     self.target_without_backend(tag, target).await;
                 } else if target.kind == b'S' && !target.name.is_empty() {
                     return Ok(self.statement_target(tag, target).await);
@@ -391,6 +410,10 @@ impl Session {
                 }
             }
             tag::EXECUTE => {
+                if self.pending_portal.is_some() {
+                    self.execute_fanout().await;
+                    return Ok(Step::Next);
+                }
                 if self.backend.is_none() && self.shared.router.is_some() {
                     // Routing mode attaches at Bind: no backend, no portal.
                     self.client_error_in_batch(ProxyError::error(
@@ -404,6 +427,7 @@ impl Session {
             }
             tag::SYNC => {
                 self.skip_until_sync = false;
+                self.pending_portal = None;
                 if self.abort_backend_transaction {
                     self.abort_backend_transaction = false;
                     self.send_transaction_abort();

@@ -91,6 +91,10 @@ pub fn parse_complete(out: &mut BytesMut) {
     out.put_slice(&[b'1', 0, 0, 0, 4]);
 }
 
+pub fn bind_complete(out: &mut BytesMut) {
+    out.put_slice(&[b'2', 0, 0, 0, 4]);
+}
+
 pub fn close_complete(out: &mut BytesMut) {
     out.put_slice(&[b'3', 0, 0, 0, 4]);
 }

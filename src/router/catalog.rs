@@ -21,6 +21,9 @@ use crate::sharding::KeyType;
 pub struct CatalogFacts {
     pub key_types: HashMap<String, KeyType>,
     pub columns: HashMap<String, Vec<String>>,
+    /// The database's default collation compares text bytewise (C, POSIX,
+    /// C.UTF-8): the fan-out merge can order text exactly only then.
+    pub bytewise_collation: Option<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -110,7 +113,20 @@ async fn load_inner(
             .1
             .push((column, u32::try_from(type_oid).unwrap_or_default()));
     }
-    Ok(facts_for(map, &tables))
+    let mut facts = facts_for(map, &tables);
+    let collation = client
+        .query_one(
+            "SELECT datcollate FROM pg_database WHERE datname = current_database()",
+            &[],
+        )
+        .await
+        .map_err(fail)?;
+    let collate: String = collation.get(0);
+    facts.bytewise_collation = Some(matches!(
+        collate.as_str(),
+        "C" | "POSIX" | "C.UTF-8" | "C.utf8" | "C.UTF8" | "ucs_basic"
+    ));
+    Ok(facts)
 }
 
 /// (schema, table) → (visible on the search path, [(column, type OID)] in order).

@@ -242,10 +242,7 @@ impl Session {
                 self.report(error, false);
                 return Attach::Failed;
             }
-            Destination::Shards(route) => {
-                self.report(multi_shard_unavailable(&route), false);
-                return Attach::Failed;
-            }
+            Destination::Shards(route) => return self.fanout_query(router, sql, route).await,
         };
         if attach == Attach::Ready {
             if verb == Some(TxVerb::Begin) {
@@ -332,8 +329,23 @@ impl Session {
             Route::Single(shard) => self.attach_shard(shard, true).await,
             Route::AnyOne | Route::NoShard => self.attach_any(router, true).await,
             other => {
-                self.report(multi_shard_unavailable(&other), true);
-                Attach::Failed
+                let statement = if bind.statement.is_empty() {
+                    self.unnamed_parse
+                        .get(5..)
+                        .and_then(|body| Parse::decode(body).ok())
+                        .map(|p| (p.query.to_string(), p.param_types.to_vec()))
+                } else {
+                    self.statements
+                        .text_of(bind.statement)
+                        .map(|(q, t)| (q.to_string(), t.to_vec()))
+                };
+                match statement {
+                    Some((sql, types)) => self.bind_fanout(bind, other, &sql, &types),
+                    None => {
+                        self.report(multi_shard_unavailable(&other), true);
+                        Attach::Failed
+                    }
+                }
             }
         };
         if attach == Attach::Ready && self.statement_writes && !self.note_write(true) {

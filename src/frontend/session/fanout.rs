@@ -1,0 +1,478 @@
+//! Statements that need several shards: the session gathers one backend per
+//! target shard (the transaction's own where it has them), hands them to
+//! the fan-out executor (`executor::fanout`), and keeps Postgres' semantics
+//! around it:
+//!
+//! * outside a transaction, a statement that may write on several shards
+//!   runs in an implicit transaction on each and commits with two-phase
+//!   commit, so it is atomic like one Postgres statement; its answer is held
+//!   until the commit decided (Postgres, too, reports a failed commit
+//!   instead of the statement's CommandComplete);
+//! * inside a transaction the shards join it (with its BEGIN);
+//! * statements that cannot run in a transaction block (VACUUM, CREATE
+//!   INDEX CONCURRENTLY, …) run on each shard as they are.
+//!
+//! In the extended protocol the decision is made at Bind; the portal is
+//! kept here and run at Execute (BindComplete is answered at once, the
+//! RowDescription of a Describe(portal) comes with the rows).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+
+use super::{Attach, Attached, Session};
+use crate::executor::control;
+use crate::executor::fanout::{self, FanoutProtocol, FanoutRequest, ShardConn};
+use crate::executor::twophase::{self, CommitOutcome, Participant};
+use crate::metrics;
+use crate::protocol::messages::{self, Bind};
+use crate::protocol::synth::{self, ProxyError};
+use crate::router::{Route, Router};
+
+/// An extended-protocol portal whose statement needs several shards,
+/// waiting for its Execute.
+#[derive(Debug)]
+pub(super) struct PendingPortal {
+    name: String,
+    route: Route,
+    sql: String,
+    param_types: Vec<u32>,
+    /// The client's Bind body (portal, statement, formats, values).
+    bind: Vec<u8>,
+    describe: bool,
+}
+
+impl PendingPortal {
+    pub(super) fn is(&self, portal: &str) -> bool {
+        self.name == portal
+    }
+
+    pub(super) fn describe(&mut self) {
+        self.describe = true;
+    }
+}
+
+/// The shards a multi-shard route runs on.
+fn target_shards(route: &Route, shard_count: usize) -> Vec<usize> {
+    match route {
+        Route::Single(s) => vec![*s],
+        Route::Shards(set) => set.iter().copied().collect(),
+        Route::Split { rows_by_shard } => rows_by_shard.keys().copied().collect(),
+        _ => (0..shard_count).collect(),
+    }
+}
+
+/// Statements Postgres refuses inside a transaction block: they run on each
+/// shard on their own.
+fn runs_outside_transactions(sql: &str) -> bool {
+    let mut words = sql
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| !w.is_empty());
+    let first = words.next().unwrap_or("");
+    let second = words.next().unwrap_or("");
+    let is = |w: &str, k: &str| w.eq_ignore_ascii_case(k);
+    is(first, "vacuum")
+        || (is(first, "create") || is(first, "drop"))
+            && (is(second, "database") || is(second, "tablespace"))
+        || (is(first, "alter") && is(second, "system"))
+        || sql
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .any(|w| w.eq_ignore_ascii_case("concurrently"))
+}
+
+impl Session {
+    /// A simple query that needs several shards.
+    pub(super) async fn fanout_query(
+        &mut self,
+        router: &Router,
+        sql: &str,
+        route: Route,
+    ) -> Attach {
+        if !self.queue.is_empty() {
+            // Its answers follow the earlier ones.
+            return Attach::Wait;
+        }
+        if self.status == b'E' {
+            // A failed transaction answers 25P02 from its current backend.
+            return self.attach_for(None, false).await;
+        }
+        self.run_fanout(router, sql, route, None).await;
+        let mut ready = BytesMut::new();
+        synth::ready_for_query(&mut ready, self.status);
+        self.queue.local(ready, &mut self.client_out);
+        Attach::Answered
+    }
+
+    /// Bind of a statement that needs several shards: kept until Execute.
+    pub(super) fn bind_fanout(
+        &mut self,
+        bind: &Bind<'_>,
+        route: Route,
+        sql: &str,
+        param_types: &[u8],
+    ) -> Attach {
+        if !self.others.is_empty() || self.backend.is_some() && !self.queue.is_empty() {
+            // Answers owed by a backend come first; in one batch they cannot.
+            if !self.queue.batch_open() {
+                return Attach::Wait;
+            }
+        }
+        let types = param_types
+            .get(2..)
+            .unwrap_or_default()
+            .chunks_exact(4)
+            .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let mut frame = BytesMut::new();
+        bind.encode_as(bind.statement, &mut frame);
+        self.pending_portal = Some(PendingPortal {
+            name: bind.portal.to_string(),
+            route,
+            sql: sql.to_string(),
+            param_types: types,
+            bind: frame.get(5..).unwrap_or_default().to_vec(),
+            describe: false,
+        });
+        let mut out = BytesMut::new();
+        synth::bind_complete(&mut out);
+        self.queue.local(out, &mut self.client_out);
+        Attach::Answered
+    }
+
+    /// Execute of a kept multi-shard portal.
+    pub(super) async fn execute_fanout(&mut self) {
+        let Some(portal) = self.pending_portal.take() else {
+            return;
+        };
+        if !self.queue.is_empty() {
+            // Every earlier answer of this batch is local (Parse/Bind
+            // answered by shardgate) or from a backend that finished before
+            // the Bind; release them first.
+            self.queue.after(&mut self.client_out);
+        }
+        if self.status == b'E' {
+            self.report(
+                ProxyError::error(
+                    "25P02",
+                    "current transaction is aborted, commands ignored until end of transaction block",
+                ),
+                true,
+            );
+            return;
+        }
+        let Some(router) = self.router() else {
+            return;
+        };
+        self.run_fanout(
+            &router,
+            &portal.sql.clone(),
+            portal.route.clone(),
+            Some(&portal),
+        )
+        .await;
+    }
+
+    /// Gathers the backends, runs the executor, commits an implicit
+    /// multi-shard write, and leaves the answer (or the error) in
+    /// `client_out`. No ReadyForQuery.
+    async fn run_fanout(
+        &mut self,
+        router: &Router,
+        sql: &str,
+        route: Route,
+        portal: Option<&PendingPortal>,
+    ) {
+        let extended = portal.is_some();
+        let shared = Arc::clone(&self.shared);
+        let targets = target_shards(&route, shared.config.shards.len());
+        let writes = Self::may_write(router, sql);
+        let in_transaction = self.status == b'T';
+        let outside = runs_outside_transactions(sql);
+        let implicit = !in_transaction && writes && targets.len() > 1 && !outside;
+        if in_transaction && writes && !shared.twophase.enabled() {
+            let written: Vec<usize> = self
+                .participants()
+                .filter(|a| a.wrote)
+                .map(|a| a.shard)
+                .collect();
+            for &shard in &targets {
+                if let Err(error) = shared.twophase.may_write(&written, shard) {
+                    self.report(error, extended);
+                    return;
+                }
+            }
+        }
+        if implicit && !shared.twophase.enabled() {
+            self.report(
+                ProxyError::error(
+                    "0A000",
+                    format!(
+                        "this statement writes on {} shards, which is atomic only with two-phase \
+                         commit, and two_phase_commit is off in the shard map",
+                        targets.len()
+                    ),
+                )
+                .with_hint("set `two_phase_commit: true`, or add the sharding key so the write stays on one shard"),
+                extended,
+            );
+            return;
+        }
+        let begin = if in_transaction || implicit {
+            Some(self.begin_sql())
+        } else {
+            None
+        };
+        // The transaction's backends, then new ones for the other targets.
+        let current_shard = self.backend.as_ref().map(|a| a.shard);
+        let mut group: Vec<Attached> = Vec::with_capacity(targets.len());
+        group.extend(self.backend.take());
+        group.append(&mut self.others);
+        self.cancel.set(None);
+        let mut failure = None;
+        for &shard in &targets {
+            if group.iter().any(|a| a.shard == shard) {
+                continue;
+            }
+            match self.open_for_fanout(shard, begin.as_deref()).await {
+                Ok(attached) => group.push(attached),
+                Err(error) => {
+                    failure = Some(error);
+                    break;
+                }
+            }
+        }
+        let started = std::time::Instant::now();
+        let mut held = BytesMut::new();
+        let mut spill: Vec<u8> = Vec::new();
+        let result = match failure {
+            Some(error) => Err(error),
+            None => {
+                let wanted: BTreeSet<usize> = targets.iter().copied().collect();
+                let mut conns: Vec<ShardConn<'_>> = group
+                    .iter_mut()
+                    .filter(|a| wanted.contains(&a.shard))
+                    .map(|a| ShardConn {
+                        shard: a.shard,
+                        conn: &mut a.conn,
+                    })
+                    .collect();
+                conns.sort_by_key(|c| c.shard);
+                let bind;
+                let protocol = match portal {
+                    None => FanoutProtocol::Simple,
+                    Some(p) => {
+                        bind = match Bind::decode(&p.bind) {
+                            Ok(bind) => bind,
+                            Err(e) => {
+                                self.report(
+                                    ProxyError::error(
+                                        "08P01",
+                                        format!("invalid Bind message: {e}"),
+                                    ),
+                                    true,
+                                );
+                                self.restore_group(group, current_shard, in_transaction)
+                                    .await;
+                                return;
+                            }
+                        };
+                        FanoutProtocol::Extended {
+                            bind,
+                            param_types: &p.param_types,
+                            describe: p.describe,
+                            max_rows: 0,
+                        }
+                    }
+                };
+                let request = FanoutRequest {
+                    sql,
+                    route: &route,
+                    protocol,
+                };
+                let outcome = if implicit {
+                    fanout::run(&shared.fanout, request, &mut conns, &mut held, &mut spill).await
+                } else {
+                    fanout::run(
+                        &shared.fanout,
+                        request,
+                        &mut conns,
+                        &mut self.client_out,
+                        &mut self.client,
+                    )
+                    .await
+                };
+                let wrote: Vec<(usize, bool)> = match &outcome {
+                    Ok(outcome) => conns
+                        .iter()
+                        .map(|c| c.shard)
+                        .zip(outcome.wrote.iter().copied())
+                        .collect(),
+                    // After an error anything may have been written.
+                    Err(_) => conns.iter().map(|c| (c.shard, writes)).collect(),
+                };
+                drop(conns);
+                for (shard, wrote) in wrote {
+                    if let Some(a) = group.iter_mut().find(|a| a.shard == shard) {
+                        a.wrote |= wrote;
+                    }
+                }
+                outcome.map(|_| ())
+            }
+        };
+        shared.metrics.query_done(
+            targets.first().copied().unwrap_or(0),
+            if matches!(route, Route::Broadcast) {
+                metrics::Route::Broadcast
+            } else {
+                metrics::Route::Fanout
+            },
+            started.elapsed(),
+        );
+        if implicit {
+            let result = match result {
+                Ok(()) => self.commit_group(&mut group).await,
+                Err(error) => {
+                    rollback_group(&mut group).await;
+                    Err(error)
+                }
+            };
+            match result {
+                Ok(()) => {
+                    self.client_out.extend_from_slice(&spill);
+                    self.client_out.extend_from_slice(&held);
+                }
+                Err(error) => self.report_fanout_error(error, extended),
+            }
+            self.restore_group(group, current_shard, false).await;
+            return;
+        }
+        if let Err(error) = result {
+            self.report_fanout_error(error, extended);
+            if in_transaction {
+                self.status = b'E';
+                self.batch_status_before = b'E';
+            }
+        }
+        self.restore_group(group, current_shard, in_transaction)
+            .await;
+    }
+
+    /// Two-phase (or plain) commit of an implicit multi-shard write.
+    async fn commit_group(&mut self, group: &mut [Attached]) -> Result<(), ProxyError> {
+        let mut participants: Vec<Participant<'_>> = group
+            .iter_mut()
+            .filter(|a| a.conn.transaction_status() != b'I')
+            .map(|a| Participant {
+                shard: a.shard,
+                wrote: a.wrote,
+                conn: &mut a.conn,
+            })
+            .collect();
+        match twophase::commit(&self.shared.twophase, &mut participants).await? {
+            CommitOutcome::Committed { .. } => Ok(()),
+            CommitOutcome::RolledBack => Err(ProxyError::error(
+                "40000",
+                "the statement's implicit transaction was rolled back on every shard",
+            )),
+        }
+    }
+
+    /// An error of a multi-shard statement, in protocol order: the simple
+    /// protocol's ReadyForQuery is added by the caller.
+    fn report_fanout_error(&mut self, error: ProxyError, extended: bool) {
+        self.shared.metrics.error(None, error.code);
+        error.encode(&mut self.client_out);
+        if extended {
+            self.skip_until_sync = true;
+        }
+    }
+
+    /// Puts the backends back: inside a transaction they stay (the one that
+    /// was current stays current); otherwise they go back to their pools,
+    /// except a session-mode or pinned backend.
+    async fn restore_group(
+        &mut self,
+        mut group: Vec<Attached>,
+        current_shard: Option<usize>,
+        in_transaction: bool,
+    ) {
+        let keep_current =
+            in_transaction || self.tainted || self.mode == crate::config::PoolMode::Session;
+        if keep_current && !group.is_empty() {
+            let position = current_shard
+                .and_then(|s| group.iter().position(|a| a.shard == s))
+                .unwrap_or(0);
+            let current = group.swap_remove(position);
+            let (pid, secret) = current.conn.cancel_key();
+            self.cancel.set(Some((current.shard, pid, secret)));
+            self.backend = Some(current);
+            self.unnamed_on_backend = false;
+        }
+        if in_transaction {
+            self.others = group;
+        } else {
+            for attached in group {
+                match self.shared.pools.get(attached.shard) {
+                    Some(pool) => pool.release(attached.conn).await,
+                    None => crate::backend::release(attached.conn).await,
+                }
+            }
+        }
+    }
+
+    /// A backend of `shard` for a fan-out: the session's settings applied
+    /// and, when given, the transaction's BEGIN run.
+    async fn open_for_fanout(
+        &mut self,
+        shard: usize,
+        begin: Option<&str>,
+    ) -> Result<Attached, ProxyError> {
+        let pool = self.shared.pools.get(shard).ok_or_else(|| {
+            ProxyError::error("XX000", format!("shard #{shard} is not in the pool set"))
+        })?;
+        let mut conn = pool
+            .checkout()
+            .await
+            .map_err(|e| ProxyError::error(e.sqlstate(), e.to_string()))?;
+        if conn.settings_signature() != self.settings.signature() {
+            let sql = self.settings.replay_sql();
+            control::run(&mut conn, &sql)
+                .await
+                .map_err(|e| e.to_proxy_error())?;
+            conn.set_settings_signature(self.settings.signature());
+        }
+        if let Some(begin) = begin {
+            control::run(&mut conn, begin)
+                .await
+                .map_err(|e| e.to_proxy_error())?;
+        }
+        Ok(Attached {
+            conn,
+            shard,
+            wrote: false,
+        })
+    }
+
+    /// The SQL of the client's BEGIN (for shards joining its transaction).
+    fn begin_sql(&self) -> String {
+        self.transaction_begin
+            .as_deref()
+            .and_then(|frame| frame.get(5..))
+            .and_then(|body| messages::query_text(body).ok())
+            .unwrap_or("BEGIN")
+            .to_string()
+    }
+}
+
+async fn rollback_group(group: &mut [Attached]) {
+    let mut participants: Vec<Participant<'_>> = group
+        .iter_mut()
+        .map(|a| Participant {
+            shard: a.shard,
+            wrote: a.wrote,
+            conn: &mut a.conn,
+        })
+        .collect();
+    twophase::rollback(&mut participants).await;
+}
