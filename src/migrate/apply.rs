@@ -26,7 +26,7 @@ use super::graph::{Graph, Target};
 use super::ledger::{self, GID_PREFIX};
 use super::plan::{self, Direction, Plan, Step};
 use super::{MigrateError, Result};
-use crate::config::{Config, ShardConfig};
+use crate::config::{Config, FunctionKind, ShardConfig, TenantMode};
 
 /// Advisory-lock key of the migrator ("shardgate.migrate" as 8 bytes).
 pub const LOCK_KEY: i64 = 0x7368_6172_6467_6d69;
@@ -49,6 +49,10 @@ pub struct ApplyOptions {
     /// group instead of hanging the whole fleet.
     pub lock_timeout: Duration,
     pub connect_timeout: Duration,
+    /// When the selected shards are at different revisions, bring each
+    /// group of shards at the same revisions from there to the target
+    /// (instead of refusing). Each group moves in its own atomic groups.
+    pub allow_divergent: bool,
 }
 
 impl Default for ApplyOptions {
@@ -59,6 +63,7 @@ impl Default for ApplyOptions {
             lock_wait: Duration::from_secs(30),
             lock_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
+            allow_divergent: false,
         }
     }
 }
@@ -75,6 +80,32 @@ pub struct ApplyReport {
     pub heads: Vec<String>,
     /// In-doubt transactions resolved before the run.
     pub recovered: RecoverReport,
+    /// What happened on each participant, in map order (the authoritative
+    /// per-shard answer; `steps`/`heads` above are the first shard's).
+    pub per_shard: Vec<ShardResult>,
+}
+
+/// One shard's part of a run.
+#[derive(Debug, Clone, Default)]
+pub struct ShardResult {
+    pub shard: String,
+    /// Version rows before the run.
+    pub from: Vec<String>,
+    /// Steps applied here: (revision, direction).
+    pub steps: Vec<(String, &'static str)>,
+    /// Version rows after the run.
+    pub heads: Vec<String>,
+    /// Batched steps (data, tenants): revision and what this shard did.
+    pub batches: Vec<(String, super::batch::BatchOutcome)>,
+}
+
+/// The offline plan of one shard (`plan --sql`).
+#[derive(Debug, Clone)]
+pub struct ShardPlan {
+    pub shard: String,
+    pub plan: Plan,
+    /// Tenant schemas found on the shard (for `scope: tenants` steps).
+    pub tenant_schemas: Vec<String>,
 }
 
 /// Prepared transactions resolved by `recover`: (shard, gid).
@@ -114,6 +145,9 @@ pub struct Migrator {
     shards: Vec<ShardConfig>,
     dir: PathBuf,
     graph: Graph,
+    /// `schema_template`s of the map's schema-mode tenant functions: which
+    /// schemas a `scope: tenants` revision runs in.
+    tenant_templates: Vec<String>,
 }
 
 impl Migrator {
@@ -126,12 +160,36 @@ impl Migrator {
             graph: Graph::load(dir)?,
             shards,
             dir: dir.to_path_buf(),
+            tenant_templates: Vec::new(),
         })
     }
 
-    /// The shards and `migrations.dir` of a loaded shard map.
+    /// The shards, `migrations.dir` and tenant schema templates of a loaded
+    /// shard map.
     pub fn from_config(config: &Config) -> Result<Migrator> {
-        Migrator::new(config.shards.clone(), &config.migrations.dir)
+        let templates = config
+            .functions
+            .iter()
+            .filter_map(|f| match &f.kind {
+                FunctionKind::Tenant {
+                    mode: TenantMode::Schema,
+                    schema_template,
+                    ..
+                } => Some(schema_template.clone()),
+                _ => None,
+            })
+            .collect();
+        Ok(
+            Migrator::new(config.shards.clone(), &config.migrations.dir)?
+                .with_tenant_schemas(templates),
+        )
+    }
+
+    /// Sets the tenant schema templates (`tenant_{tenant}`: every schema
+    /// named `tenant_<id>` is a tenant) for `scope: tenants` revisions.
+    pub fn with_tenant_schemas(mut self, templates: Vec<String>) -> Migrator {
+        self.tenant_templates = templates;
+        self
     }
 
     pub fn graph(&self) -> &Graph {
@@ -207,65 +265,132 @@ impl Migrator {
         let selected = self.select(&opts.shards)?;
         let _lock = self.lock(opts).await?;
         let conns = connect_all(&selected, opts.connect_timeout).await?;
-        for c in &conns {
+        let ensured = join_all(conns.iter().map(|c| async move {
             ledger::ensure(&c.client)
                 .await
-                .map_err(|e| shard_error(&c.name, "creating the ledger", &e))?;
-        }
+                .map_err(|e| shard_error(&c.name, "creating the ledger", &e))
+        }))
+        .await;
+        ensured.into_iter().collect::<Result<Vec<()>>>()?;
         let recovered = recover_on(&conns, conns.len() == self.shards.len()).await?;
-        let current = agreed_rows(&conns).await?;
         let run_id = new_run_id();
-        self.check_checksums(&conns, &current, opts.accept_changed, &run_id)
-            .await?;
-        let plan = plan::make(&self.graph, &current, spec, direction)?;
-        preflight(&conns, &plan).await?;
-        let mut report = ApplyReport {
-            run_id: run_id.clone(),
-            shards: conns.iter().map(|c| c.name.clone()).collect(),
-            heads: current,
-            recovered,
-            ..ApplyReport::default()
-        };
-        for (n, step) in plan.steps.iter().enumerate() {
-            tracing::info!(
-                revision = %step.revision,
-                direction = step.direction.as_str(),
-                shards = conns.len(),
-                "migrate: step {} of {}",
-                n + 1,
-                plan.steps.len()
-            );
-            let group = format!("{GID_PREFIX}{run_id}_{}", n + 1);
-            if step.transactional {
-                run_group(&conns, step, &group, &run_id, opts.lock_timeout).await?;
-            } else {
-                // Statements shard by shard (resumable), then the ledger
-                // update as one atomic group, so heads still move together.
-                for c in &conns {
-                    super::nontx::ensure(&c.client)
-                        .await
-                        .map_err(|e| shard_error(&c.name, "creating the progress table", &e))?;
-                }
-                super::nontx::run_step(
-                    &conns,
-                    step,
-                    &run_id,
-                    opts.lock_timeout,
-                    opts.accept_changed,
-                )
-                .await?;
-                let ledger_step = Step {
-                    statements: vec![super::nontx::clear_statement(step)],
-                    ..step.clone()
-                };
-                run_group(&conns, &ledger_step, &group, &run_id, opts.lock_timeout).await?;
-            }
-            report
-                .steps
-                .push((step.revision.clone(), step.direction.as_str()));
-            report.heads = step.rows_after.clone();
+        let names: Vec<String> = conns.iter().map(|c| c.name.clone()).collect();
+        let rows = read_rows(&conns).await?;
+        if !opts.allow_divergent && rows.windows(2).any(|w| w[0] != w[1]) {
+            return Err(MigrateError::Divergent(divergence(&names, &rows)));
         }
-        Ok(report)
+        // Shards at the same revisions form one group (all of them, unless
+        // --allow-divergent found several). Every group is planned and
+        // checked before any group runs.
+        let mut groups: Vec<(Vec<String>, Vec<Conn>)> = Vec::new();
+        for (conn, current) in conns.into_iter().zip(rows) {
+            match groups.iter_mut().find(|(r, _)| *r == current) {
+                Some((_, members)) => members.push(conn),
+                None => groups.push((current, vec![conn])),
+            }
+        }
+        let mut plans = Vec::with_capacity(groups.len());
+        for (current, members) in &groups {
+            self.check_checksums(members, current, opts.accept_changed, &run_id)
+                .await?;
+            let plan = plan::make(&self.graph, current, spec, direction)?;
+            preflight(members, &plan).await?;
+            plans.push(plan);
+        }
+        let mut per_shard: Vec<ShardResult> = Vec::new();
+        let mut group_no = 0usize;
+        for ((current, members), plan) in groups.iter().zip(&plans) {
+            let mut results: Vec<ShardResult> = members
+                .iter()
+                .map(|c| ShardResult {
+                    shard: c.name.clone(),
+                    from: current.clone(),
+                    heads: current.clone(),
+                    ..ShardResult::default()
+                })
+                .collect();
+            for (n, step) in plan.steps.iter().enumerate() {
+                group_no += 1;
+                tracing::info!(
+                    revision = %step.revision,
+                    direction = step.direction.as_str(),
+                    shards = members.len(),
+                    "migrate: step {} of {}",
+                    n + 1,
+                    plan.steps.len()
+                );
+                let group = format!("{GID_PREFIX}{run_id}_{group_no}");
+                let outcomes = self.run_step(members, step, &group, &run_id, opts).await?;
+                for result in &mut results {
+                    result
+                        .steps
+                        .push((step.revision.clone(), step.direction.as_str()));
+                    result.heads = step.rows_after.clone();
+                    if let Some(o) = outcomes.iter().find(|o| o.shard == result.shard) {
+                        result.batches.push((step.revision.clone(), o.clone()));
+                    }
+                }
+            }
+            per_shard.extend(results);
+        }
+        per_shard.sort_by_key(|r| names.iter().position(|n| *n == r.shard));
+        let first = per_shard.first().cloned().unwrap_or_default();
+        Ok(ApplyReport {
+            run_id,
+            shards: names,
+            steps: first.steps,
+            heads: first.heads,
+            recovered,
+            per_shard,
+        })
+    }
+
+    /// One step on a group of shards: an atomic group; or statements shard
+    /// by shard (non-transactional) or checkpointed batches (data, tenants)
+    /// followed by the ledger update as one atomic group, so heads still
+    /// move together.
+    async fn run_step(
+        &self,
+        conns: &[Conn],
+        step: &Step,
+        group: &str,
+        run_id: &str,
+        opts: &ApplyOptions,
+    ) -> Result<Vec<super::batch::BatchOutcome>> {
+        if step.batching.is_some() {
+            let outcomes = super::batch::run_step(
+                conns,
+                step,
+                run_id,
+                opts.lock_timeout,
+                opts.accept_changed,
+                &self.tenant_templates,
+            )
+            .await?;
+            let ledger_step = Step {
+                statements: vec![super::batch::clear_statement(step)],
+                batching: None,
+                ..step.clone()
+            };
+            run_group(conns, &ledger_step, group, run_id, opts.lock_timeout).await?;
+            return Ok(outcomes);
+        }
+        if step.transactional {
+            run_group(conns, step, group, run_id, opts.lock_timeout).await?;
+            return Ok(Vec::new());
+        }
+        for c in conns {
+            super::nontx::ensure(&c.client)
+                .await
+                .map_err(|e| shard_error(&c.name, "creating the progress table", &e))?;
+        }
+        super::nontx::run_step(conns, step, run_id, opts.lock_timeout, opts.accept_changed).await?;
+        let ledger_step = Step {
+            statements: vec![super::nontx::clear_statement(step)],
+            ..step.clone()
+        };
+        run_group(conns, &ledger_step, group, run_id, opts.lock_timeout).await?;
+        Ok(Vec::new())
     }
 
     /// Refuses (or with `accept` records) applied revisions whose file changed.
@@ -321,18 +446,24 @@ impl Migrator {
     ) -> Result<Plan> {
         let selected = self.select(&opts.shards)?;
         let conns = connect_all(&selected, opts.connect_timeout).await?;
-        let current = agreed_rows(&conns).await?;
+        let rows = read_rows(&conns).await?;
+        if rows.windows(2).any(|w| w[0] != w[1]) {
+            let names: Vec<String> = conns.iter().map(|c| c.name.clone()).collect();
+            return Err(MigrateError::Divergent(divergence(&names, &rows)));
+        }
+        let current = rows.into_iter().next().unwrap_or_default();
         plan::make(&self.graph, &current, spec, direction)
     }
 
     /// The plan of each selected shard from its own state (for `plan --sql`,
-    /// which needs no agreement between shards).
+    /// which needs no agreement between shards), with the tenant schemas
+    /// found there.
     pub async fn plan_per_shard(
         &self,
         spec: &str,
         direction: Direction,
         opts: &ApplyOptions,
-    ) -> Result<Vec<(String, Plan)>> {
+    ) -> Result<Vec<ShardPlan>> {
         let selected = self.select(&opts.shards)?;
         let conns = connect_all(&selected, opts.connect_timeout).await?;
         let mut out = Vec::new();
@@ -340,10 +471,41 @@ impl Migrator {
             let current = ledger::rows(&c.client)
                 .await
                 .map_err(|e| shard_error(&c.name, "reading the ledger", &e))?;
-            out.push((
-                c.name.clone(),
-                plan::make(&self.graph, &current, spec, direction)?,
-            ));
+            let plan = plan::make(&self.graph, &current, spec, direction)?;
+            let tenant_schemas = if plan
+                .steps
+                .iter()
+                .any(|s| matches!(s.batching, Some(plan::Batching::Tenants { .. })))
+            {
+                super::batch::tenant_schemas(&c.client, &self.tenant_templates)
+                    .await
+                    .map_err(|e| shard_error(&c.name, "listing tenant schemas", &e))?
+            } else {
+                Vec::new()
+            };
+            out.push(ShardPlan {
+                shard: c.name.clone(),
+                plan,
+                tenant_schemas,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Each selected shard's applied history (the ledger's
+    /// `shardgate.history`, oldest first).
+    pub async fn applied_history(
+        &self,
+        opts: &ApplyOptions,
+    ) -> Result<Vec<(String, Vec<ledger::HistoryRow>)>> {
+        let selected = self.select(&opts.shards)?;
+        let conns = connect_all(&selected, opts.connect_timeout).await?;
+        let mut out = Vec::new();
+        for c in &conns {
+            let rows = ledger::history(&c.client)
+                .await
+                .map_err(|e| shard_error(&c.name, "reading the history", &e))?;
+            out.push((c.name.clone(), rows));
         }
         Ok(out)
     }
@@ -358,7 +520,8 @@ impl Migrator {
             let heads = ledger::rows(&c.client).await.map_err(read)?;
             let in_doubt = ledger::in_doubt(&c.client).await.map_err(read)?;
             let stored = ledger::checksums(&c.client).await.map_err(read)?;
-            let partial = super::nontx::partial(&c.client).await.map_err(read)?;
+            let mut partial = super::nontx::partial(&c.client).await.map_err(read)?;
+            partial.extend(super::batch::partial(&c.client).await.map_err(read)?);
             let mut status = ShardStatus {
                 shard: c.name.clone(),
                 heads: heads.clone(),
@@ -679,34 +842,33 @@ async fn connect_all(shards: &[&ShardConfig], timeout: Duration) -> Result<Vec<C
         .collect()
 }
 
-/// The version rows all participants share; divergent shards stop the run.
-async fn agreed_rows(conns: &[Conn]) -> Result<Vec<String>> {
-    let mut all = Vec::new();
-    for c in conns {
-        let rows = ledger::rows(&c.client)
+/// Every participant's version rows (read concurrently), in `conns` order.
+async fn read_rows(conns: &[Conn]) -> Result<Vec<Vec<String>>> {
+    join_all(conns.iter().map(|c| async move {
+        ledger::rows(&c.client)
             .await
-            .map_err(|e| shard_error(&c.name, "reading the ledger", &e))?;
-        all.push((c.name.clone(), rows));
-    }
-    if all.windows(2).any(|w| w[0].1 != w[1].1) {
-        let text: Vec<String> = all
-            .iter()
-            .map(|(name, rows)| {
-                let rows = if rows.is_empty() {
-                    "base".to_owned()
-                } else {
-                    rows.join(", ")
-                };
-                format!("{name}: {rows}")
-            })
-            .collect();
-        return Err(MigrateError::Divergent(text.join("; ")));
-    }
-    Ok(all
-        .into_iter()
-        .next()
-        .map(|(_, rows)| rows)
-        .unwrap_or_default())
+            .map_err(|e| shard_error(&c.name, "reading the ledger", &e))
+    }))
+    .await
+    .into_iter()
+    .collect()
+}
+
+/// `s0: a, b; s1: base` for the divergence error.
+fn divergence(names: &[String], rows: &[Vec<String>]) -> String {
+    names
+        .iter()
+        .zip(rows)
+        .map(|(name, rows)| {
+            let rows = if rows.is_empty() {
+                "base".to_owned()
+            } else {
+                rows.join(", ")
+            };
+            format!("{name}: {rows}")
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Refuses a fleet that cannot prepare (every step, non-transactional ones

@@ -15,6 +15,7 @@
 //! Rust programs ("running migrations programmatically").
 
 pub mod apply;
+pub mod batch;
 pub mod cli;
 pub mod graph;
 pub mod ledger;
@@ -24,8 +25,13 @@ pub mod revision;
 pub mod statements;
 pub mod verify;
 
-pub use apply::{ApplyOptions, ApplyReport, Migrator, RecoverReport, ShardStatus};
+pub use apply::{
+    ApplyOptions, ApplyReport, Migrator, RecoverReport, ShardPlan, ShardResult, ShardStatus,
+};
+pub use batch::BatchOutcome;
 pub use graph::{Graph, GraphError, Target};
+pub use ledger::HistoryRow;
+pub use plan::{Batching, Direction, Plan, Step};
 pub use revision::{Revision, RevisionError};
 pub use verify::{Drift, Fingerprint, VerifyReport};
 
@@ -55,7 +61,7 @@ pub enum MigrateError {
     },
     #[error("another migrator holds the migration lock on shard {shard}; gave up after {seconds}s (is a migration running? `status` shows in-doubt transactions)")]
     Locked { shard: String, seconds: u64 },
-    #[error("shards disagree on their current revisions ({0}); bring them together with `stamp --shard` or `up --shards`, or check `status`")]
+    #[error("shards disagree on their current revisions ({0}); run `up --allow-divergent` to bring each shard from its own revisions to the target, or align them with `stamp --shard` / `up --shards`; `status` shows each shard")]
     Divergent(String),
     #[error("{0}")]
     Io(String),
