@@ -147,7 +147,7 @@ pub struct Migrator {
     graph: Graph,
     /// `schema_template`s of the map's schema-mode tenant functions: which
     /// schemas a `scope: tenants` revision runs in.
-    tenant_templates: Vec<String>,
+    tenant_templates: super::batch::TenantSchemas,
 }
 
 impl Migrator {
@@ -160,35 +160,39 @@ impl Migrator {
             graph: Graph::load(dir)?,
             shards,
             dir: dir.to_path_buf(),
-            tenant_templates: Vec::new(),
+            tenant_templates: super::batch::TenantSchemas::default(),
         })
     }
 
-    /// The shards, `migrations.dir` and tenant schema templates of a loaded
-    /// shard map.
+    /// The shards, `migrations.dir` and tenant schemas of a loaded shard map.
     pub fn from_config(config: &Config) -> Result<Migrator> {
-        let templates = config
-            .functions
-            .iter()
-            .filter_map(|f| match &f.kind {
-                FunctionKind::Tenant {
-                    mode: TenantMode::Schema,
-                    schema_template,
-                    ..
-                } => Some(schema_template.clone()),
-                _ => None,
-            })
-            .collect();
+        let mut tenants = super::batch::TenantSchemas::default();
+        for f in &config.functions {
+            if let FunctionKind::Tenant {
+                mode: TenantMode::Schema,
+                schema_template,
+                tenants: listed,
+                ..
+            } = &f.kind
+            {
+                tenants.templates.push(schema_template.clone());
+                tenants.listed.extend(
+                    listed
+                        .iter()
+                        .map(|(t, _)| schema_template.replace("{tenant}", t)),
+                );
+            }
+        }
         Ok(
             Migrator::new(config.shards.clone(), &config.migrations.dir)?
-                .with_tenant_schemas(templates),
+                .with_tenant_schemas(tenants),
         )
     }
 
-    /// Sets the tenant schema templates (`tenant_{tenant}`: every schema
-    /// named `tenant_<id>` is a tenant) for `scope: tenants` revisions.
-    pub fn with_tenant_schemas(mut self, templates: Vec<String>) -> Migrator {
-        self.tenant_templates = templates;
+    /// Sets which schemas are tenant schemas for `scope: tenants` revisions
+    /// (`templates: ["tenant_{tenant}"]`: every schema named `tenant_<id>`).
+    pub fn with_tenant_schemas(mut self, tenants: super::batch::TenantSchemas) -> Migrator {
+        self.tenant_templates = tenants;
         self
     }
 

@@ -191,7 +191,7 @@ pub(super) async fn run_step(
     run_id: &str,
     lock_timeout: Duration,
     accept_changed: bool,
-    tenant_templates: &[String],
+    tenant_templates: &TenantSchemas,
 ) -> Result<Vec<BatchOutcome>> {
     for c in conns {
         ensure(&c.client)
@@ -224,7 +224,7 @@ async fn run_shard(
     run_id: &str,
     lock_timeout: Duration,
     accept_changed: bool,
-    tenant_templates: &[String],
+    tenant_templates: &TenantSchemas,
 ) -> Result<BatchOutcome> {
     let mark = history_mark(&c.client)
         .await
@@ -340,7 +340,7 @@ async fn key_batch(
 ) -> Result<Option<(String, i64)>> {
     let lower = after.map(|lo| format!("{key} > {}", literal(lo)));
     let bound_sql = format!(
-        "SELECT k::text FROM (SELECT {key} AS k FROM {table} {} ORDER BY {key} LIMIT {size}) s ORDER BY k DESC LIMIT 1",
+        "SELECT s.k::text AS bound FROM (SELECT {key} AS k FROM {table} {} ORDER BY {key} LIMIT {size}) s ORDER BY s.k DESC LIMIT 1",
         lower.as_ref().map_or(String::new(), |l| format!("WHERE {l}"))
     );
     let row = c.client.query_opt(&bound_sql, &[]).await.map_err(|e| {
@@ -424,11 +424,35 @@ fn literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
-/// The schemas of this database matching any template (`prefix{tenant}suffix`),
-/// sorted by name.
+/// Which schemas are tenant schemas, from the map's schema-mode tenant functions.
+#[derive(Debug, Clone, Default)]
+pub struct TenantSchemas {
+    /// `schema_template`s with a fixed part (`tenant_{tenant}`): every
+    /// schema of that shape is a tenant, listed in the map or not (tenants
+    /// placed by `default` are not listed).
+    pub templates: Vec<String>,
+    /// Schema names of the tenants the map lists (the only way to know with
+    /// the bare template `{tenant}`, which every schema would match).
+    pub listed: Vec<String>,
+}
+
+impl TenantSchemas {
+    pub fn is_empty(&self) -> bool {
+        self.templates.is_empty() && self.listed.is_empty()
+    }
+
+    /// True when `name` is a tenant schema (never `public`).
+    pub fn contains(&self, name: &str) -> bool {
+        name != "public"
+            && (self.listed.iter().any(|l| l == name)
+                || self.templates.iter().any(|t| matches_template(t, name)))
+    }
+}
+
+/// The tenant schemas of this database, sorted by name.
 pub async fn tenant_schemas(
     client: &Client,
-    templates: &[String],
+    tenants: &TenantSchemas,
 ) -> std::result::Result<Vec<String>, tokio_postgres::Error> {
     let rows = client
         .query(
@@ -440,18 +464,22 @@ pub async fn tenant_schemas(
     let mut out = Vec::new();
     for row in rows {
         let name: String = row.try_get(0)?;
-        if templates.iter().any(|t| matches_template(t, &name)) {
+        if tenants.contains(&name) {
             out.push(name);
         }
     }
     Ok(out)
 }
 
-/// True when `name` is `template` with `{tenant}` replaced by a non-empty id.
+/// True when `name` is `template` with `{tenant}` replaced by a non-empty
+/// id; a template without a fixed part matches nothing (see [`TenantSchemas`]).
 pub fn matches_template(template: &str, name: &str) -> bool {
     let Some((prefix, suffix)) = template.split_once("{tenant}") else {
         return template == name;
     };
+    if prefix.is_empty() && suffix.is_empty() {
+        return false;
+    }
     name.len() > prefix.len() + suffix.len() && name.starts_with(prefix) && name.ends_with(suffix)
 }
 
@@ -505,7 +533,18 @@ pub fn clear_statement(step: &Step) -> Statement {
 
 #[cfg(test)]
 mod tests {
-    use super::matches_template;
+    use super::{matches_template, TenantSchemas};
+
+    #[test]
+    fn listed_tenants_and_public() {
+        let t = TenantSchemas {
+            templates: vec!["{tenant}".into()],
+            listed: vec!["acme".into(), "public".into()],
+        };
+        assert!(t.contains("acme"));
+        assert!(!t.contains("public"));
+        assert!(!t.contains("globex"));
+    }
 
     #[test]
     fn templates_match_schema_names() {
@@ -514,5 +553,6 @@ mod tests {
         assert!(!matches_template("tenant_{tenant}", "public"));
         assert!(matches_template("t_{tenant}_app", "t_x_app"));
         assert!(!matches_template("t_{tenant}_app", "t_x_ap"));
+        assert!(!matches_template("{tenant}", "public"));
     }
 }

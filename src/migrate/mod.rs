@@ -28,7 +28,7 @@ pub mod verify;
 pub use apply::{
     ApplyOptions, ApplyReport, Migrator, RecoverReport, ShardPlan, ShardResult, ShardStatus,
 };
-pub use batch::BatchOutcome;
+pub use batch::{BatchOutcome, TenantSchemas};
 pub use graph::{Graph, GraphError, Target};
 pub use ledger::HistoryRow;
 pub use plan::{Batching, Direction, Plan, Step};
