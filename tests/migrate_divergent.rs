@@ -1,0 +1,262 @@
+//! Shards at different revisions (`up` refuses, naming each shard's
+//! revisions; `--allow-divergent` brings each from its own revisions to the
+//! target), the per-shard applied history in the CLI (`history --shard`,
+//! `status --verbose`), and the library API returning per-shard results.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use shardgate::config::Config;
+use shardgate::migrate::{ApplyOptions, Direction, MigrateError, Migrator};
+use tokio_postgres::Client;
+
+const R1: &str = "f10000000001";
+const R2: &str = "f20000000002";
+const R3: &str = "f30000000003";
+
+fn write_revisions(dir: &Path) {
+    let revs = [
+        (R1, "none", "CREATE TABLE t1 (id int);", "DROP TABLE t1;"),
+        (R2, R1, "CREATE TABLE t2 (id int);", "DROP TABLE t2;"),
+        (R3, R2, "CREATE TABLE t3 (id int);", "DROP TABLE t3;"),
+    ];
+    for (id, parent, up, down) in revs {
+        let folder = dir.join(format!("{id}_table"));
+        std::fs::create_dir_all(&folder).unwrap();
+        std::fs::write(
+            folder.join("up.sql"),
+            format!("-- revision: {id}\n-- down_revision: {parent}\n{up}\n"),
+        )
+        .unwrap();
+        std::fs::write(folder.join("down.sql"), format!("{down}\n")).unwrap();
+    }
+}
+
+fn setup(test: &str) -> (String, tempfile::TempDir, PathBuf) {
+    let db = support::fresh_db(test);
+    let tmp = tempfile::tempdir().unwrap();
+    let migrations = tmp.path().join("migrations");
+    write_revisions(&migrations);
+    let map = tmp.path().join("map.yaml");
+    std::fs::write(
+        &map,
+        support::shard_map(
+            &db,
+            &format!("migrations: {{ dir: \"{}\" }}\n", migrations.display()),
+        ),
+    )
+    .unwrap();
+    (db, tmp, map)
+}
+
+fn migrator(map: &Path) -> Migrator {
+    Migrator::from_config(&Config::load(map).unwrap()).unwrap()
+}
+
+fn only(shard: &str) -> ApplyOptions {
+    ApplyOptions {
+        shards: vec![shard.to_string()],
+        ..ApplyOptions::default()
+    }
+}
+
+async fn migrate(map: &Path, args: &[&str]) -> Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_shardgate"))
+        .args(["migrate", "--config"])
+        .arg(map)
+        .args(args)
+        .output()
+        .await
+        .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+async fn clients(db: &str) -> Vec<Client> {
+    let mut out = Vec::new();
+    for cluster in &support::fleet().clusters {
+        out.push(support::connect(cluster, db).await);
+    }
+    out
+}
+
+/// (revision, direction) of the shard's history rows, oldest first.
+async fn history(c: &Client) -> Vec<(String, String)> {
+    c.query(
+        "SELECT revision::text, direction FROM shardgate.history ORDER BY id",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
+}
+
+fn ups(ids: &[&str]) -> Vec<(String, String)> {
+    ids.iter()
+        .map(|i| (i.to_string(), "up".to_string()))
+        .collect()
+}
+
+#[tokio::test]
+async fn divergent_shards_are_refused_unless_allowed() {
+    let (db, _tmp, map) = setup("migrate_divergent");
+    let m = migrator(&map);
+    // s0 at R2, s1 at R1, s2 at base.
+    m.upgrade(R2, &only("s0")).await.unwrap();
+    m.upgrade(R1, &only("s1")).await.unwrap();
+
+    let error = m
+        .upgrade("heads", &ApplyOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(error, MigrateError::Divergent(_)), "{error}");
+    let message = error.to_string();
+    assert!(
+        message.contains(&format!("s0: {R2}; s1: {R1}; s2: base")),
+        "{message}"
+    );
+    assert!(message.contains("--allow-divergent"), "{message}");
+    let out = migrate(&map, &["up"]).await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains(&format!("s0: {R2}; s1: {R1}; s2: base")),
+        "{}",
+        text(&out.stderr)
+    );
+    let shards = clients(&db).await;
+    assert_eq!(history(&shards[2]).await, ups(&[]), "nothing ran on s2");
+
+    // Allowed: each shard from its own revisions to the target.
+    let out = migrate(&map, &["up", "--allow-divergent"]).await;
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    assert!(
+        stdout.contains(&format!("s0: from {R2}: up {R3}")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("s1: from {R1}: up {R2}, up {R3}")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("s2: from base: up {R1}, up {R2}, up {R3}")),
+        "{stdout}"
+    );
+    for (i, c) in shards.iter().enumerate() {
+        assert_eq!(
+            history(c).await,
+            ups(&[R1, R2, R3]),
+            "s{i}: each revision once"
+        );
+        let version: String = c
+            .query_one("SELECT version_num::text FROM shardgate.version", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(version, R3);
+    }
+    // Converged: a plain `up` has nothing to do.
+    let report = m.upgrade("heads", &ApplyOptions::default()).await.unwrap();
+    assert!(report.steps.is_empty());
+
+    // Per-shard applied history in the CLI.
+    let out = migrate(&map, &["history", "--shard", "s1"]).await;
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], "s1:", "{stdout}");
+    assert_eq!(lines.len(), 4, "{stdout}");
+    let checksum = m.graph().get(R2).unwrap().checksum.clone();
+    assert!(lines[2].contains(&format!("{R2} up")), "{stdout}");
+    assert!(
+        lines[2].contains(&format!("checksum {checksum}")),
+        "{stdout}"
+    );
+    assert!(
+        lines[2].contains(" run ") && lines[2].contains(" started 20"),
+        "{stdout}"
+    );
+    assert!(lines[2].contains(" by postgres"), "{stdout}");
+    let out = migrate(&map, &["status", "--verbose"]).await;
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    for shard in ["s0", "s1", "s2"] {
+        assert!(stdout.contains(&format!("{shard} history:")), "{stdout}");
+    }
+    assert_eq!(stdout.matches(&format!("{R3} up")).count(), 3, "{stdout}");
+}
+
+/// The library API (`shardgate::migrate`): the operations the CLI runs,
+/// with per-shard results.
+#[tokio::test]
+async fn library_api_returns_per_shard_results() {
+    let (db, _tmp, map) = setup("migrate_library");
+    let m = migrator(&map);
+    let opts = ApplyOptions::default();
+
+    let plan = m.plan("heads", Direction::Up, &opts).await.unwrap();
+    assert_eq!(plan.steps.len(), 3);
+    let statuses = m.status(&opts).await.unwrap();
+    assert_eq!(statuses.len(), 3);
+    assert!(statuses
+        .iter()
+        .all(|s| s.pending.len() == 3 && s.heads.is_empty()));
+
+    let report = m.upgrade(R2, &opts).await.unwrap();
+    assert_eq!(report.per_shard.len(), 3);
+    for (i, shard) in report.per_shard.iter().enumerate() {
+        assert_eq!(shard.shard, format!("s{i}"));
+        assert!(shard.from.is_empty());
+        assert_eq!(
+            shard.steps,
+            vec![(R1.to_string(), "up"), (R2.to_string(), "up")]
+        );
+        assert_eq!(shard.heads, vec![R2.to_string()]);
+    }
+
+    let history = m.applied_history(&opts).await.unwrap();
+    let shards = clients(&db).await;
+    for ((name, rows), c) in history.iter().zip(&shards) {
+        assert_eq!(rows.len(), 2, "{name}");
+        assert!(rows.iter().all(|r| r.run_id == report.run_id));
+        assert_eq!(
+            rows.iter()
+                .map(|r| (r.revision.clone(), r.direction.clone()))
+                .collect::<Vec<_>>(),
+            history(c).await
+        );
+    }
+
+    let verify = m.verify(&opts).await.unwrap();
+    assert!(verify.agrees());
+    assert!(verify
+        .heads
+        .iter()
+        .all(|(_, heads)| heads == &vec![R2.to_string()]));
+
+    let report = m.downgrade("base", &opts).await.unwrap();
+    for shard in &report.per_shard {
+        assert_eq!(
+            shard.steps,
+            vec![(R2.to_string(), "down"), (R1.to_string(), "down")]
+        );
+        assert!(shard.heads.is_empty());
+    }
+    for c in &shards {
+        let tables: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_tables WHERE tablename IN ('t1', 't2', 't3')",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(tables, 0);
+    }
+}
