@@ -220,9 +220,9 @@ async fn library_api_returns_per_shard_results() {
         assert_eq!(shard.heads, vec![R2.to_string()]);
     }
 
-    let history = m.applied_history(&opts).await.unwrap();
+    let applied = m.applied_history(&opts).await.unwrap();
     let shards = clients(&db).await;
-    for ((name, rows), c) in history.iter().zip(&shards) {
+    for ((name, rows), c) in applied.iter().zip(&shards) {
         assert_eq!(rows.len(), 2, "{name}");
         assert!(rows.iter().all(|r| r.run_id == report.run_id));
         assert_eq!(
