@@ -406,10 +406,14 @@ impl Migrator {
         run_id: &str,
     ) -> Result<()> {
         let applied = self.graph.applied(current)?;
-        for c in conns {
-            let stored = ledger::checksums(&c.client)
+        let all_stored = join_all(conns.iter().map(|c| async move {
+            ledger::checksums(&c.client)
                 .await
-                .map_err(|e| shard_error(&c.name, "reading the ledger", &e))?;
+                .map_err(|e| shard_error(&c.name, "reading the ledger", &e))
+        }))
+        .await;
+        for (c, stored) in conns.iter().zip(all_stored) {
+            let stored = stored?;
             for (revision, sum) in &stored {
                 let Some(file) = self.graph.get(revision) else {
                     continue;
@@ -518,42 +522,46 @@ impl Migrator {
     pub async fn status(&self, opts: &ApplyOptions) -> Result<Vec<ShardStatus>> {
         let selected = self.select(&opts.shards)?;
         let conns = connect_all(&selected, opts.connect_timeout).await?;
-        let mut out = Vec::new();
-        for c in &conns {
-            let read = |e: tokio_postgres::Error| shard_error(&c.name, "reading the ledger", &e);
-            let heads = ledger::rows(&c.client).await.map_err(read)?;
-            let in_doubt = ledger::in_doubt(&c.client).await.map_err(read)?;
-            let stored = ledger::checksums(&c.client).await.map_err(read)?;
-            let mut partial = super::nontx::partial(&c.client).await.map_err(read)?;
-            partial.extend(super::batch::partial(&c.client).await.map_err(read)?);
-            let mut status = ShardStatus {
-                shard: c.name.clone(),
-                heads: heads.clone(),
-                pending: Vec::new(),
-                in_doubt,
-                changed: Vec::new(),
-                problem: None,
-                partial,
-            };
-            match self.graph.applied(&heads) {
-                Ok(applied) => {
-                    let all = Target::Revisions(self.graph.heads().to_vec());
-                    status.pending = self.graph.upgrade_steps(&heads, &all)?;
-                    status.changed = stored
-                        .iter()
-                        .filter(|(r, sum)| {
-                            applied.contains(*r)
-                                && self.graph.get(r).is_some_and(|f| &f.checksum != *sum)
-                        })
-                        .map(|(r, _)| r.clone())
-                        .collect();
-                    status.changed.sort();
-                }
-                Err(e) => status.problem = Some(e.to_string()),
+        // Shards are read concurrently: status must stay fast on many shards.
+        join_all(conns.iter().map(|c| self.shard_status(c)))
+            .await
+            .into_iter()
+            .collect()
+    }
+
+    async fn shard_status(&self, c: &Conn) -> Result<ShardStatus> {
+        let read = |e: tokio_postgres::Error| shard_error(&c.name, "reading the ledger", &e);
+        let heads = ledger::rows(&c.client).await.map_err(read)?;
+        let in_doubt = ledger::in_doubt(&c.client).await.map_err(read)?;
+        let stored = ledger::checksums(&c.client).await.map_err(read)?;
+        let mut partial = super::nontx::partial(&c.client).await.map_err(read)?;
+        partial.extend(super::batch::partial(&c.client).await.map_err(read)?);
+        let mut status = ShardStatus {
+            shard: c.name.clone(),
+            heads: heads.clone(),
+            pending: Vec::new(),
+            in_doubt,
+            changed: Vec::new(),
+            problem: None,
+            partial,
+        };
+        match self.graph.applied(&heads) {
+            Ok(applied) => {
+                let all = Target::Revisions(self.graph.heads().to_vec());
+                status.pending = self.graph.upgrade_steps(&heads, &all)?;
+                status.changed = stored
+                    .iter()
+                    .filter(|(r, sum)| {
+                        applied.contains(*r)
+                            && self.graph.get(r).is_some_and(|f| &f.checksum != *sum)
+                    })
+                    .map(|(r, _)| r.clone())
+                    .collect();
+                status.changed.sort();
             }
-            out.push(status);
+            Err(e) => status.problem = Some(e.to_string()),
         }
-        Ok(out)
+        Ok(status)
     }
 
     /// Sets the version rows to `target` without running SQL (Alembic's
@@ -1092,19 +1100,27 @@ async fn abort_group(conns: &[Conn], states: &[TxState], gids: &[String]) {
 /// coordinator is the first shard of whatever selection ran. With `all`
 /// (every shard of the map connected), spent decision rows are deleted.
 async fn recover_on(conns: &[Conn], all: bool) -> Result<RecoverReport> {
-    let mut decided: HashSet<String> = HashSet::new();
-    for c in conns {
-        decided.extend(
-            ledger::decisions(&c.client)
-                .await
-                .map_err(|e| shard_error(&c.name, "reading decisions", &e))?,
-        );
-    }
-    let mut report = RecoverReport::default();
-    for c in conns {
+    // Read every shard concurrently (this runs before every `up`/`down`).
+    let read = join_all(conns.iter().map(|c| async move {
+        let decisions = ledger::decisions(&c.client)
+            .await
+            .map_err(|e| shard_error(&c.name, "reading decisions", &e))?;
         let gids = ledger::in_doubt(&c.client)
             .await
             .map_err(|e| shard_error(&c.name, "reading pg_prepared_xacts", &e))?;
+        Ok::<_, MigrateError>((decisions, gids))
+    }))
+    .await
+    .into_iter()
+    .collect::<Result<Vec<_>>>()?;
+    let mut decided: HashSet<String> = HashSet::new();
+    let mut has_decisions = Vec::with_capacity(read.len());
+    for (decisions, _) in &read {
+        decided.extend(decisions.iter().cloned());
+        has_decisions.push(!decisions.is_empty());
+    }
+    let mut report = RecoverReport::default();
+    for (c, (_, gids)) in conns.iter().zip(read) {
         for gid in gids {
             let commit = ledger::group_of(&gid).is_some_and(|g| decided.contains(&g));
             let sql = if commit {
@@ -1126,17 +1142,12 @@ async fn recover_on(conns: &[Conn], all: bool) -> Result<RecoverReport> {
         }
     }
     if all {
-        for c in conns {
-            if !ledger::decisions(&c.client)
+        // Under the migration lock no decision is added meanwhile.
+        for (c, _) in conns.iter().zip(has_decisions).filter(|(_, has)| *has) {
+            c.client
+                .execute("DELETE FROM shardgate.decisions", &[])
                 .await
-                .map_err(|e| shard_error(&c.name, "reading decisions", &e))?
-                .is_empty()
-            {
-                c.client
-                    .execute("DELETE FROM shardgate.decisions", &[])
-                    .await
-                    .map_err(|e| shard_error(&c.name, "deleting spent decisions", &e))?;
-            }
+                .map_err(|e| shard_error(&c.name, "deleting spent decisions", &e))?;
         }
     }
     Ok(report)
