@@ -260,3 +260,62 @@ async fn library_api_returns_per_shard_results() {
         assert_eq!(tables, 0);
     }
 }
+
+/// Several migration sets (the "versioning multiple databases"),
+/// through the library: one set for the shards, one for a separate
+/// unsharded database, each with its own ledger and lock. (The map has a
+/// single `migrations.dir`, so the CLI runs one set per map.)
+#[tokio::test]
+async fn two_migration_sets_on_disjoint_databases_keep_their_own_ledgers() {
+    let (db, tmp, map) = setup("migrate_sets_shards");
+    let shards_set = migrator(&map);
+    let other_db = support::fresh_db("migrate_sets_reporting");
+    let cluster = &support::fleet().clusters[0];
+    let reporting = shardgate::config::ShardConfig {
+        name: "reporting".into(),
+        url: cluster.url(&other_db),
+        host: cluster.host().to_string(),
+        port: cluster.port(),
+        user: "postgres".into(),
+        password: None,
+        database: other_db.clone(),
+    };
+    let reporting_dir = tmp.path().join("reporting");
+    let folder = reporting_dir.join("e10000000001_daily");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(
+        folder.join("up.sql"),
+        "-- revision: e10000000001\nCREATE TABLE daily (day date PRIMARY KEY, total numeric);\n",
+    )
+    .unwrap();
+    let reporting_set = Migrator::new(vec![reporting], &reporting_dir).unwrap();
+
+    let opts = ApplyOptions::default();
+    let (a, b) = tokio::join!(
+        shards_set.upgrade("heads", &opts),
+        reporting_set.upgrade("heads", &opts)
+    );
+    assert_eq!(a.unwrap().per_shard.len(), 3);
+    let b = b.unwrap();
+    assert_eq!(b.per_shard[0].shard, "reporting");
+    assert_eq!(b.heads, vec!["e10000000001".to_string()]);
+
+    let shards = clients(&db).await;
+    for c in &shards {
+        assert_eq!(history(c).await, ups(&[R1, R2, R3]));
+    }
+    let other = support::connect(cluster, &other_db).await;
+    assert_eq!(history(&other).await, ups(&["e10000000001"]));
+    assert!(shards_set
+        .status(&ApplyOptions::default())
+        .await
+        .unwrap()
+        .iter()
+        .all(|s| s.pending.is_empty()));
+    assert!(reporting_set
+        .status(&ApplyOptions::default())
+        .await
+        .unwrap()[0]
+        .pending
+        .is_empty());
+}

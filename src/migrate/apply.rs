@@ -33,7 +33,8 @@ pub const LOCK_KEY: i64 = 0x7368_6172_6467_6d69;
 
 /// Environment variable that makes the migrator abort at a two-phase-commit
 /// point (`prepare`: after the PREPAREs of the first group, before the
-/// decision; `decision`: right after the decision commit). For crash tests.
+/// decision; `decision`: right after the decision commit) or after the N-th
+/// committed batch of a batched step (`batch:N`). For crash tests.
 pub const CRASH_ENV: &str = "SHARDGATE_MIGRATE_CRASH_AFTER";
 
 /// Knobs of a run.

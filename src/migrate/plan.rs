@@ -329,7 +329,119 @@ fn down_sql(revision: &Revision) -> Result<(String, &str)> {
 
 #[cfg(test)]
 mod tests {
-    use super::{controls_transaction, offline_sql, target_table, Direction, Plan, Step};
+    use super::{
+        batching_of, controls_transaction, offline_sql, target_table, Batching, Direction, Plan,
+        Revision, Scope, Step,
+    };
+
+    fn revision(up: &str, batch: Option<super::super::revision::Batch>) -> Revision {
+        Revision {
+            id: "aaaaaaaaaaaa".into(),
+            slug: "x".into(),
+            message: "x".into(),
+            dir: "m/aaaaaaaaaaaa_x".into(),
+            up_path: "m/aaaaaaaaaaaa_x/up.sql".into(),
+            down_path: None,
+            down_revisions: Vec::new(),
+            branch_labels: Vec::new(),
+            depends_on: Vec::new(),
+            transactional: true,
+            kind: super::super::revision::Kind::Data,
+            irreversible: false,
+            batch,
+            scope: Scope::Shard,
+            up_sql: up.into(),
+            down_sql: None,
+            checksum: String::new(),
+        }
+    }
+
+    fn key_batch(table: Option<&str>) -> Option<super::super::revision::Batch> {
+        Some(super::super::revision::Batch {
+            key: Some("id".into()),
+            table: table.map(str::to_owned),
+            size: 10,
+        })
+    }
+
+    fn batching(
+        up: &str,
+        batch: Option<super::super::revision::Batch>,
+    ) -> Result<Option<Batching>, String> {
+        let r = revision(up, batch);
+        let statements = crate::migrate::statements::split(up).unwrap();
+        batching_of(&r, &statements, "up.sql").map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn batched_directions_are_checked() {
+        assert_eq!(
+            batching("UPDATE t SET x = 1 WHERE {{batch}};", key_batch(None)),
+            Ok(Some(Batching::Keys {
+                table: "t".into(),
+                key: "id".into(),
+                size: 10
+            }))
+        );
+        // No marker: one ordinary group (e.g. a down.sql).
+        assert_eq!(batching("UPDATE t SET x = 0;", key_batch(None)), Ok(None));
+        let mixed = batching(
+            "UPDATE t SET x = 1 WHERE {{batch}};\nINSERT INTO log VALUES (1);",
+            key_batch(None),
+        )
+        .unwrap_err();
+        assert!(
+            mixed.contains("up.sql:2") && mixed.contains("once per batch"),
+            "{mixed}"
+        );
+        let no_table = batching(
+            "INSERT INTO t SELECT * FROM s WHERE {{batch}};",
+            key_batch(None),
+        )
+        .unwrap_err();
+        assert!(no_table.contains("table=<name>"), "{no_table}");
+        assert_eq!(
+            batching(
+                "INSERT INTO t SELECT * FROM s WHERE {{batch}};",
+                key_batch(Some("s"))
+            ),
+            Ok(Some(Batching::Keys {
+                table: "s".into(),
+                key: "id".into(),
+                size: 10
+            }))
+        );
+        let no_header = batching("UPDATE t SET x = 1 WHERE {{batch}};", None).unwrap_err();
+        assert!(no_header.contains("batch: key="), "{no_header}");
+    }
+
+    #[test]
+    fn offline_sql_runs_key_batches_as_one_transaction() {
+        let plan = Plan {
+            from: Vec::new(),
+            target: super::super::graph::Target::Base,
+            steps: vec![Step {
+                revision: "aaaaaaaaaaaa".to_string(),
+                direction: Direction::Up,
+                file: "x/up.sql".to_string(),
+                statements: vec![super::super::statements::Statement {
+                    sql: "UPDATE t SET x = 1 WHERE {{batch}}".to_string(),
+                    line: 1,
+                }],
+                checksum: "c".to_string(),
+                rows_after: vec!["aaaaaaaaaaaa".to_string()],
+                transactional: true,
+                batching: Some(Batching::Keys {
+                    table: "t".into(),
+                    key: "id".into(),
+                    size: 10,
+                }),
+            }],
+        };
+        let sql = offline_sql("s0", &plan, &[]);
+        assert!(sql.contains("UPDATE t SET x = 1 WHERE true;"), "{sql}");
+        assert!(!sql.contains("{{batch}}"), "{sql}");
+    }
 
     #[test]
     fn batch_tables_are_inferred() {
