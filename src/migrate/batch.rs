@@ -119,6 +119,13 @@ async fn checkpoint(
     let done: i32 = row.try_get(4).map_err(read)?;
     if history_id != mark {
         tracing::warn!(shard = %c.name, revision = %step.revision, "stale batch checkpoint (other steps ran since): starting over");
+        c.client
+            .execute(
+                "DELETE FROM shardgate.batch_progress WHERE revision = $1 AND direction = $2",
+                &[&step.revision, &step.direction.as_str()],
+            )
+            .await
+            .map_err(|e| shard_error(&c.name, "dropping a stale batch checkpoint", &e))?;
         return Ok(None);
     }
     if checksum != step.checksum && !accept_changed {
@@ -468,6 +475,9 @@ pub async fn tenant_schemas(
             out.push(name);
         }
     }
+    // Byte order, whatever the database's collation: the checkpoint (the
+    // last schema done) is compared with `>` in Rust.
+    out.sort();
     Ok(out)
 }
 
