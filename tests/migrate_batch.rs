@@ -182,7 +182,13 @@ async fn data_revision_runs_in_batches_and_resumes_after_an_interruption() {
             }
         }
     }
-    assert_eq!(batches_total, 7, "seven batches committed before the abort");
+    // The abort follows the 7th batch this process saw committed; another
+    // shard's COMMIT may already have reached its server (at most one per
+    // other shard).
+    assert!(
+        (7..=9).contains(&batches_total),
+        "seven batches (plus in-flight commits) before the abort: {batches_total}"
+    );
 
     // `status` shows the interrupted step.
     let out = migrate(&map, &["status"], None).await;
@@ -208,7 +214,7 @@ async fn data_revision_runs_in_batches_and_resumes_after_an_interruption() {
         resumed_batches += n;
     }
     // 5 + 5 + 6 batches in all (the last batch of each shard is partial).
-    assert_eq!(resumed_batches + 7, 16, "{stdout}");
+    assert_eq!(resumed_batches + batches_total as usize, 16, "{stdout}");
     for (i, (c, size)) in shards.iter().zip(sizes).enumerate() {
         assert_eq!(version_rows(c).await, [D1], "s{i}");
         assert_eq!(
@@ -310,13 +316,23 @@ async fn tenant_revisions_run_in_every_tenant_schema_in_batches() {
     let out = migrate(&map, &["up", T1], Some("batch:3")).await;
     assert!(!out.status.success(), "{}", text(&out.stdout));
     let mut migrated = 0;
-    for c in &shards {
+    for (i, c) in shards.iter().enumerate() {
         assert_eq!(version_rows(c).await, Vec::<String>::new());
-        migrated += tables_in(c, "notes").await.len();
+        let here = tables_in(c, "notes").await.len() as i64;
+        // Schemas migrated = schemas checkpointed: a batch commits with its checkpoint.
+        let checkpointed = count(
+            c,
+            "SELECT coalesce(sum(units_done), 0)::bigint FROM shardgate.batch_progress",
+        )
+        .await;
+        assert_eq!(here, checkpointed, "s{i}");
+        migrated += here;
     }
+    // 6 batches in all (2 + 1 + 3); the abort came after the 3rd (at most two
+    // more in flight on other shards).
     assert!(
-        (3..=6).contains(&migrated),
-        "3 batches of up to 2 schemas: {migrated}"
+        (3..10).contains(&migrated),
+        "interrupted part-way: {migrated}"
     );
 
     let out = migrate(&map, &["up"], None).await;
