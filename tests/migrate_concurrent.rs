@@ -126,11 +126,26 @@ async fn two_concurrent_ups_one_applies_the_other_waits() {
             text(&out.stderr)
         );
     }
-    let (applied, waited) = if text(&a.stdout).contains(&format!("up {R1}")) {
-        (text(&a.stdout), text(&b.stdout))
+    let ((applied, _), (waited, waited_err)) = if text(&a.stdout).contains(&format!("up {R1}")) {
+        (
+            (text(&a.stdout), text(&a.stderr)),
+            (text(&b.stdout), text(&b.stderr)),
+        )
     } else {
-        (text(&b.stdout), text(&a.stdout))
+        (
+            (text(&b.stdout), text(&b.stderr)),
+            (text(&a.stdout), text(&a.stderr)),
+        )
     };
+    assert!(
+        waited_err.contains("another migrator holds the migration lock: waiting up to 30s"),
+        "the second run says it waits: {waited_err}"
+    );
+    assert_eq!(
+        waited_err.matches("waiting up to").count(),
+        1,
+        "said once, not on every retry: {waited_err}"
+    );
     assert!(applied.contains(&format!("up {R3}")), "{applied}");
     assert!(
         waited.contains("nothing to do") && !waited.contains(&format!("up {R1}")),

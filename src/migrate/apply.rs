@@ -230,6 +230,7 @@ impl Migrator {
         let shard = &self.shards[0];
         let conn = connect(shard, opts.connect_timeout).await?;
         let deadline = Instant::now() + opts.lock_wait;
+        let mut last_note: Option<Instant> = None;
         loop {
             let got: bool = conn
                 .client
@@ -246,7 +247,11 @@ impl Migrator {
                     seconds: opts.lock_wait.as_secs(),
                 });
             }
-            tracing::info!(shard = %shard.name, "waiting for another migrator to finish");
+            // Say so once, then every few seconds, not on every retry.
+            if last_note.is_none_or(|at: Instant| at.elapsed() >= Duration::from_secs(5)) {
+                tracing::info!(shard = %shard.name, "another migrator holds the migration lock: waiting up to {}s", opts.lock_wait.as_secs());
+                last_note = Some(Instant::now());
+            }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
