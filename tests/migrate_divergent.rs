@@ -132,6 +132,23 @@ async fn divergent_shards_are_refused_unless_allowed() {
     let shards = clients(&db).await;
     assert_eq!(history(&shards[2]).await, ups(&[]), "nothing ran on s2");
 
+    // The plan of each group of shards.
+    let out = migrate(&map, &["plan", "--allow-divergent"]).await;
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    let groups: Vec<&str> = stdout.split("shards ").skip(1).collect();
+    assert_eq!(groups.len(), 3, "{stdout}");
+    assert!(
+        groups[0].starts_with(&format!("s0:\nfrom: {R2}")),
+        "{stdout}"
+    );
+    assert_eq!(groups[0].matches("-- step").count(), 1, "{stdout}");
+    assert!(groups[2].starts_with("s2:\nfrom: base"), "{stdout}");
+    assert_eq!(groups[2].matches("-- step").count(), 3, "{stdout}");
+    let out = migrate(&map, &["plan"]).await;
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("--allow-divergent"));
+
     // Allowed: each shard from its own revisions to the target.
     let out = migrate(&map, &["up", "--allow-divergent"]).await;
     let stdout = text(&out.stdout);

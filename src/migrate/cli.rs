@@ -112,6 +112,10 @@ pub enum MigrateCommand {
         /// Write one psql script per shard (`<shard>.sql`) into this folder.
         #[arg(long, value_name = "DIR")]
         sql: Option<PathBuf>,
+        /// Shards at different revisions: plan each group of shards from
+        /// its own revisions (what `up --allow-divergent` would run).
+        #[arg(long)]
+        allow_divergent: bool,
     },
     /// Resolve in-doubt prepared transactions left by a crashed migrator.
     Recover,
@@ -367,6 +371,7 @@ async fn execute(args: MigrateArgs) -> Result<ExitCode, MigrateError> {
             target,
             down,
             sql: Some(dir),
+            ..
         } => {
             let direction = if down { Direction::Down } else { Direction::Up };
             std::fs::create_dir_all(&dir)
@@ -388,36 +393,24 @@ async fn execute(args: MigrateArgs) -> Result<ExitCode, MigrateError> {
             target,
             down,
             sql: None,
+            allow_divergent,
         } => {
             let direction = if down { Direction::Down } else { Direction::Up };
-            let plan = migrator.plan(&target, direction, &opts).await?;
-            println!("from: {}", rows_text(&plan.from));
-            println!("to: {}", plan.target);
-            if plan.steps.is_empty() {
-                println!("nothing to do");
-            }
-            for (n, step) in plan.steps.iter().enumerate() {
-                let how = match (&step.batching, step.transactional) {
-                    (Some(super::plan::Batching::Keys { table, key, size }), _) => format!(
-                        "data batches of {size} rows of {table} by {key}, each its own transaction, checkpointed and resumable, shards in parallel; then the ledger as one atomic group"
-                    ),
-                    (Some(super::plan::Batching::Tenants { size }), _) => format!(
-                        "in every tenant schema ({size} schemas per transaction, search_path set to each), checkpointed and resumable; then the ledger as one atomic group"
-                    ),
-                    (None, true) => "one atomic group on every shard".to_owned(),
-                    (None, false) => "non-transactional: shard by shard, statement by statement, resumable; then the ledger as one atomic group".to_owned(),
-                };
-                println!(
-                    "-- step {} ({how}): {} {} ({})",
-                    n + 1,
-                    step.direction.as_str(),
-                    step.revision,
-                    step.file
-                );
-                for statement in &step.statements {
-                    println!("{};", statement.sql);
+            if allow_divergent {
+                // One plan per group of shards at the same revisions.
+                let mut groups: Vec<(Vec<String>, super::plan::Plan)> = Vec::new();
+                for p in migrator.plan_per_shard(&target, direction, &opts).await? {
+                    match groups.iter_mut().find(|(_, plan)| plan.from == p.plan.from) {
+                        Some((shards, _)) => shards.push(p.shard),
+                        None => groups.push((vec![p.shard], p.plan)),
+                    }
                 }
-                println!("-- version rows after: {}", rows_text(&step.rows_after));
+                for (shards, plan) in &groups {
+                    println!("shards {}:", shards.join(", "));
+                    print_plan(plan);
+                }
+            } else {
+                print_plan(&migrator.plan(&target, direction, &opts).await?);
             }
         }
         MigrateCommand::Verify => {
@@ -455,6 +448,38 @@ async fn execute(args: MigrateArgs) -> Result<ExitCode, MigrateError> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A plan as `plan` prints it: where from, each step with how it runs and its SQL.
+fn print_plan(plan: &super::plan::Plan) {
+    println!("from: {}", rows_text(&plan.from));
+    println!("to: {}", plan.target);
+    if plan.steps.is_empty() {
+        println!("nothing to do");
+    }
+    for (n, step) in plan.steps.iter().enumerate() {
+        let how = match (&step.batching, step.transactional) {
+            (Some(super::plan::Batching::Keys { table, key, size }), _) => format!(
+                "data batches of {size} rows of {table} by {key}, each its own transaction, checkpointed and resumable, shards in parallel; then the ledger as one atomic group"
+            ),
+            (Some(super::plan::Batching::Tenants { size }), _) => format!(
+                "in every tenant schema ({size} schemas per transaction, search_path set to each), checkpointed and resumable; then the ledger as one atomic group"
+            ),
+            (None, true) => "one atomic group on every shard".to_owned(),
+            (None, false) => "non-transactional: shard by shard, statement by statement, resumable; then the ledger as one atomic group".to_owned(),
+        };
+        println!(
+            "-- step {} ({how}): {} {} ({})",
+            n + 1,
+            step.direction.as_str(),
+            step.revision,
+            step.file
+        );
+        for statement in &step.statements {
+            println!("{};", statement.sql);
+        }
+        println!("-- version rows after: {}", rows_text(&step.rows_after));
+    }
 }
 
 /// One line per ledger history row, oldest first.
