@@ -1,5 +1,6 @@
 //! `plan` and `plan --sql`: the offline scripts, applied with psql to fresh
-//! shards, give the same schema and ledger as `up`.
+//! shards, give the same schema (the same `verify` fingerprint) and ledger
+//! as `up`.
 
 mod support;
 
@@ -52,11 +53,12 @@ async fn offline_sql_matches_up() {
         .unwrap();
 
     let map = write_map(tmp.path(), &offline);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_shardgate"))
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_shardgate"))
         .args(["migrate", "--config"])
         .arg(&map)
         .args(["plan", "heads"])
         .output()
+        .await
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -71,12 +73,13 @@ async fn offline_sql_matches_up() {
     assert!(text.contains("CREATE TABLE users"), "{text}");
 
     let scripts = tmp.path().join("sql");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_shardgate"))
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_shardgate"))
         .args(["migrate", "--config"])
         .arg(&map)
         .args(["plan", "heads", "--sql"])
         .arg(&scripts)
         .output()
+        .await
         .unwrap();
     assert!(
         out.status.success(),
@@ -84,11 +87,40 @@ async fn offline_sql_matches_up() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    for (i, cluster) in support::fleet().clusters.iter().enumerate() {
+    for i in 0..support::fleet().clusters.len() {
         let script = std::fs::read_to_string(scripts.join(format!("s{i}.sql"))).unwrap();
-        cluster
-            .psql(&offline, &script)
-            .unwrap_or_else(|e| panic!("s{i}.sql: {e}"));
+        let db = offline.clone();
+        tokio::task::spawn_blocking(move || {
+            support::fleet().clusters[i]
+                .psql(&db, &script)
+                .unwrap_or_else(|e| panic!("s{i}.sql: {e}"))
+        })
+        .await
+        .unwrap();
+    }
+    // The catalog fingerprint `verify` computes (columns, types, defaults,
+    // constraints, indexes, views, functions…), shard by shard.
+    let online_fp = Migrator::from_config(&config)
+        .unwrap()
+        .verify(&ApplyOptions::default())
+        .await
+        .unwrap();
+    let offline_fp = Migrator::from_config(&Config::load(&map).unwrap())
+        .unwrap()
+        .verify(&ApplyOptions::default())
+        .await
+        .unwrap();
+    assert!(online_fp.agrees() && offline_fp.agrees());
+    assert_eq!(online_fp.fingerprints.len(), 3);
+    for ((shard, a), (shard_b, b)) in online_fp.fingerprints.iter().zip(&offline_fp.fingerprints) {
+        assert_eq!(shard, shard_b);
+        assert!(a.objects.len() > 5, "{shard}: {:?}", a.objects.keys());
+        assert_eq!(a.objects, b.objects, "{shard}");
+        assert_eq!(a.digest(), b.digest(), "{shard}");
+    }
+    assert_eq!(online_fp.heads, offline_fp.heads);
+
+    for (i, cluster) in support::fleet().clusters.iter().enumerate() {
         let a = fingerprint(&support::connect(cluster, &online).await).await;
         let b = fingerprint(&support::connect(cluster, &offline).await).await;
         assert!(

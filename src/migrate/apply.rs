@@ -26,14 +26,15 @@ use super::graph::{Graph, Target};
 use super::ledger::{self, GID_PREFIX};
 use super::plan::{self, Direction, Plan, Step};
 use super::{MigrateError, Result};
-use crate::config::{Config, ShardConfig};
+use crate::config::{Config, FunctionKind, ShardConfig, TenantMode};
 
 /// Advisory-lock key of the migrator ("shardgate.migrate" as 8 bytes).
 pub const LOCK_KEY: i64 = 0x7368_6172_6467_6d69;
 
 /// Environment variable that makes the migrator abort at a two-phase-commit
 /// point (`prepare`: after the PREPAREs of the first group, before the
-/// decision; `decision`: right after the decision commit). For crash tests.
+/// decision; `decision`: right after the decision commit) or after the N-th
+/// committed batch of a batched step (`batch:N`). For crash tests.
 pub const CRASH_ENV: &str = "SHARDGATE_MIGRATE_CRASH_AFTER";
 
 /// Knobs of a run.
@@ -49,6 +50,10 @@ pub struct ApplyOptions {
     /// group instead of hanging the whole fleet.
     pub lock_timeout: Duration,
     pub connect_timeout: Duration,
+    /// When the selected shards are at different revisions, bring each
+    /// group of shards at the same revisions from there to the target
+    /// (instead of refusing). Each group moves in its own atomic groups.
+    pub allow_divergent: bool,
 }
 
 impl Default for ApplyOptions {
@@ -59,6 +64,7 @@ impl Default for ApplyOptions {
             lock_wait: Duration::from_secs(30),
             lock_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
+            allow_divergent: false,
         }
     }
 }
@@ -75,6 +81,32 @@ pub struct ApplyReport {
     pub heads: Vec<String>,
     /// In-doubt transactions resolved before the run.
     pub recovered: RecoverReport,
+    /// What happened on each participant, in map order (the authoritative
+    /// per-shard answer; `steps`/`heads` above are the first shard's).
+    pub per_shard: Vec<ShardResult>,
+}
+
+/// One shard's part of a run.
+#[derive(Debug, Clone, Default)]
+pub struct ShardResult {
+    pub shard: String,
+    /// Version rows before the run.
+    pub from: Vec<String>,
+    /// Steps applied here: (revision, direction).
+    pub steps: Vec<(String, &'static str)>,
+    /// Version rows after the run.
+    pub heads: Vec<String>,
+    /// Batched steps (data, tenants): revision and what this shard did.
+    pub batches: Vec<(String, super::batch::BatchOutcome)>,
+}
+
+/// The offline plan of one shard (`plan --sql`).
+#[derive(Debug, Clone)]
+pub struct ShardPlan {
+    pub shard: String,
+    pub plan: Plan,
+    /// Tenant schemas found on the shard (for `scope: tenants` steps).
+    pub tenant_schemas: Vec<String>,
 }
 
 /// Prepared transactions resolved by `recover`: (shard, gid).
@@ -114,6 +146,9 @@ pub struct Migrator {
     shards: Vec<ShardConfig>,
     dir: PathBuf,
     graph: Graph,
+    /// `schema_template`s of the map's schema-mode tenant functions: which
+    /// schemas a `scope: tenants` revision runs in.
+    tenant_templates: super::batch::TenantSchemas,
 }
 
 impl Migrator {
@@ -126,12 +161,40 @@ impl Migrator {
             graph: Graph::load(dir)?,
             shards,
             dir: dir.to_path_buf(),
+            tenant_templates: super::batch::TenantSchemas::default(),
         })
     }
 
-    /// The shards and `migrations.dir` of a loaded shard map.
+    /// The shards, `migrations.dir` and tenant schemas of a loaded shard map.
     pub fn from_config(config: &Config) -> Result<Migrator> {
-        Migrator::new(config.shards.clone(), &config.migrations.dir)
+        let mut tenants = super::batch::TenantSchemas::default();
+        for f in &config.functions {
+            if let FunctionKind::Tenant {
+                mode: TenantMode::Schema,
+                schema_template,
+                tenants: listed,
+                ..
+            } = &f.kind
+            {
+                tenants.templates.push(schema_template.clone());
+                tenants.listed.extend(
+                    listed
+                        .iter()
+                        .map(|(t, _)| schema_template.replace("{tenant}", t)),
+                );
+            }
+        }
+        Ok(
+            Migrator::new(config.shards.clone(), &config.migrations.dir)?
+                .with_tenant_schemas(tenants),
+        )
+    }
+
+    /// Sets which schemas are tenant schemas for `scope: tenants` revisions
+    /// (`templates: ["tenant_{tenant}"]`: every schema named `tenant_<id>`).
+    pub fn with_tenant_schemas(mut self, tenants: super::batch::TenantSchemas) -> Migrator {
+        self.tenant_templates = tenants;
+        self
     }
 
     pub fn graph(&self) -> &Graph {
@@ -167,6 +230,7 @@ impl Migrator {
         let shard = &self.shards[0];
         let conn = connect(shard, opts.connect_timeout).await?;
         let deadline = Instant::now() + opts.lock_wait;
+        let mut last_note: Option<Instant> = None;
         loop {
             let got: bool = conn
                 .client
@@ -183,7 +247,11 @@ impl Migrator {
                     seconds: opts.lock_wait.as_secs(),
                 });
             }
-            tracing::info!(shard = %shard.name, "waiting for another migrator to finish");
+            // Say so once, then every few seconds, not on every retry.
+            if last_note.is_none_or(|at: Instant| at.elapsed() >= Duration::from_secs(5)) {
+                tracing::info!(shard = %shard.name, "another migrator holds the migration lock: waiting up to {}s", opts.lock_wait.as_secs());
+                last_note = Some(Instant::now());
+            }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
@@ -207,65 +275,132 @@ impl Migrator {
         let selected = self.select(&opts.shards)?;
         let _lock = self.lock(opts).await?;
         let conns = connect_all(&selected, opts.connect_timeout).await?;
-        for c in &conns {
+        let ensured = join_all(conns.iter().map(|c| async move {
             ledger::ensure(&c.client)
                 .await
-                .map_err(|e| shard_error(&c.name, "creating the ledger", &e))?;
-        }
+                .map_err(|e| shard_error(&c.name, "creating the ledger", &e))
+        }))
+        .await;
+        ensured.into_iter().collect::<Result<Vec<()>>>()?;
         let recovered = recover_on(&conns, conns.len() == self.shards.len()).await?;
-        let current = agreed_rows(&conns).await?;
         let run_id = new_run_id();
-        self.check_checksums(&conns, &current, opts.accept_changed, &run_id)
-            .await?;
-        let plan = plan::make(&self.graph, &current, spec, direction)?;
-        preflight(&conns, &plan).await?;
-        let mut report = ApplyReport {
-            run_id: run_id.clone(),
-            shards: conns.iter().map(|c| c.name.clone()).collect(),
-            heads: current,
-            recovered,
-            ..ApplyReport::default()
-        };
-        for (n, step) in plan.steps.iter().enumerate() {
-            tracing::info!(
-                revision = %step.revision,
-                direction = step.direction.as_str(),
-                shards = conns.len(),
-                "migrate: step {} of {}",
-                n + 1,
-                plan.steps.len()
-            );
-            let group = format!("{GID_PREFIX}{run_id}_{}", n + 1);
-            if step.transactional {
-                run_group(&conns, step, &group, &run_id, opts.lock_timeout).await?;
-            } else {
-                // Statements shard by shard (resumable), then the ledger
-                // update as one atomic group, so heads still move together.
-                for c in &conns {
-                    super::nontx::ensure(&c.client)
-                        .await
-                        .map_err(|e| shard_error(&c.name, "creating the progress table", &e))?;
-                }
-                super::nontx::run_step(
-                    &conns,
-                    step,
-                    &run_id,
-                    opts.lock_timeout,
-                    opts.accept_changed,
-                )
-                .await?;
-                let ledger_step = Step {
-                    statements: vec![super::nontx::clear_statement(step)],
-                    ..step.clone()
-                };
-                run_group(&conns, &ledger_step, &group, &run_id, opts.lock_timeout).await?;
-            }
-            report
-                .steps
-                .push((step.revision.clone(), step.direction.as_str()));
-            report.heads = step.rows_after.clone();
+        let names: Vec<String> = conns.iter().map(|c| c.name.clone()).collect();
+        let rows = read_rows(&conns).await?;
+        if !opts.allow_divergent && rows.windows(2).any(|w| w[0] != w[1]) {
+            return Err(MigrateError::Divergent(divergence(&names, &rows)));
         }
-        Ok(report)
+        // Shards at the same revisions form one group (all of them, unless
+        // --allow-divergent found several). Every group is planned and
+        // checked before any group runs.
+        let mut groups: Vec<(Vec<String>, Vec<Conn>)> = Vec::new();
+        for (conn, current) in conns.into_iter().zip(rows) {
+            match groups.iter_mut().find(|(r, _)| *r == current) {
+                Some((_, members)) => members.push(conn),
+                None => groups.push((current, vec![conn])),
+            }
+        }
+        let mut plans = Vec::with_capacity(groups.len());
+        for (current, members) in &groups {
+            self.check_checksums(members, current, opts.accept_changed, &run_id)
+                .await?;
+            let plan = plan::make(&self.graph, current, spec, direction)?;
+            preflight(members, &plan).await?;
+            plans.push(plan);
+        }
+        let mut per_shard: Vec<ShardResult> = Vec::new();
+        let mut group_no = 0usize;
+        for ((current, members), plan) in groups.iter().zip(&plans) {
+            let mut results: Vec<ShardResult> = members
+                .iter()
+                .map(|c| ShardResult {
+                    shard: c.name.clone(),
+                    from: current.clone(),
+                    heads: current.clone(),
+                    ..ShardResult::default()
+                })
+                .collect();
+            for (n, step) in plan.steps.iter().enumerate() {
+                group_no += 1;
+                tracing::info!(
+                    revision = %step.revision,
+                    direction = step.direction.as_str(),
+                    shards = members.len(),
+                    "migrate: step {} of {}",
+                    n + 1,
+                    plan.steps.len()
+                );
+                let group = format!("{GID_PREFIX}{run_id}_{group_no}");
+                let outcomes = self.run_step(members, step, &group, &run_id, opts).await?;
+                for result in &mut results {
+                    result
+                        .steps
+                        .push((step.revision.clone(), step.direction.as_str()));
+                    result.heads = step.rows_after.clone();
+                    if let Some(o) = outcomes.iter().find(|o| o.shard == result.shard) {
+                        result.batches.push((step.revision.clone(), o.clone()));
+                    }
+                }
+            }
+            per_shard.extend(results);
+        }
+        per_shard.sort_by_key(|r| names.iter().position(|n| *n == r.shard));
+        let first = per_shard.first().cloned().unwrap_or_default();
+        Ok(ApplyReport {
+            run_id,
+            shards: names,
+            steps: first.steps,
+            heads: first.heads,
+            recovered,
+            per_shard,
+        })
+    }
+
+    /// One step on a group of shards: an atomic group; or statements shard
+    /// by shard (non-transactional) or checkpointed batches (data, tenants)
+    /// followed by the ledger update as one atomic group, so heads still
+    /// move together.
+    async fn run_step(
+        &self,
+        conns: &[Conn],
+        step: &Step,
+        group: &str,
+        run_id: &str,
+        opts: &ApplyOptions,
+    ) -> Result<Vec<super::batch::BatchOutcome>> {
+        if step.batching.is_some() {
+            let outcomes = super::batch::run_step(
+                conns,
+                step,
+                run_id,
+                opts.lock_timeout,
+                opts.accept_changed,
+                &self.tenant_templates,
+            )
+            .await?;
+            let ledger_step = Step {
+                statements: vec![super::batch::clear_statement(step)],
+                batching: None,
+                ..step.clone()
+            };
+            run_group(conns, &ledger_step, group, run_id, opts.lock_timeout).await?;
+            return Ok(outcomes);
+        }
+        if step.transactional {
+            run_group(conns, step, group, run_id, opts.lock_timeout).await?;
+            return Ok(Vec::new());
+        }
+        for c in conns {
+            super::nontx::ensure(&c.client)
+                .await
+                .map_err(|e| shard_error(&c.name, "creating the progress table", &e))?;
+        }
+        super::nontx::run_step(conns, step, run_id, opts.lock_timeout, opts.accept_changed).await?;
+        let ledger_step = Step {
+            statements: vec![super::nontx::clear_statement(step)],
+            ..step.clone()
+        };
+        run_group(conns, &ledger_step, group, run_id, opts.lock_timeout).await?;
+        Ok(Vec::new())
     }
 
     /// Refuses (or with `accept` records) applied revisions whose file changed.
@@ -277,10 +412,14 @@ impl Migrator {
         run_id: &str,
     ) -> Result<()> {
         let applied = self.graph.applied(current)?;
-        for c in conns {
-            let stored = ledger::checksums(&c.client)
+        let all_stored = join_all(conns.iter().map(|c| async move {
+            ledger::checksums(&c.client)
                 .await
-                .map_err(|e| shard_error(&c.name, "reading the ledger", &e))?;
+                .map_err(|e| shard_error(&c.name, "reading the ledger", &e))
+        }))
+        .await;
+        for (c, stored) in conns.iter().zip(all_stored) {
+            let stored = stored?;
             for (revision, sum) in &stored {
                 let Some(file) = self.graph.get(revision) else {
                     continue;
@@ -321,18 +460,24 @@ impl Migrator {
     ) -> Result<Plan> {
         let selected = self.select(&opts.shards)?;
         let conns = connect_all(&selected, opts.connect_timeout).await?;
-        let current = agreed_rows(&conns).await?;
+        let rows = read_rows(&conns).await?;
+        if rows.windows(2).any(|w| w[0] != w[1]) {
+            let names: Vec<String> = conns.iter().map(|c| c.name.clone()).collect();
+            return Err(MigrateError::Divergent(divergence(&names, &rows)));
+        }
+        let current = rows.into_iter().next().unwrap_or_default();
         plan::make(&self.graph, &current, spec, direction)
     }
 
     /// The plan of each selected shard from its own state (for `plan --sql`,
-    /// which needs no agreement between shards).
+    /// which needs no agreement between shards), with the tenant schemas
+    /// found there.
     pub async fn plan_per_shard(
         &self,
         spec: &str,
         direction: Direction,
         opts: &ApplyOptions,
-    ) -> Result<Vec<(String, Plan)>> {
+    ) -> Result<Vec<ShardPlan>> {
         let selected = self.select(&opts.shards)?;
         let conns = connect_all(&selected, opts.connect_timeout).await?;
         let mut out = Vec::new();
@@ -340,10 +485,41 @@ impl Migrator {
             let current = ledger::rows(&c.client)
                 .await
                 .map_err(|e| shard_error(&c.name, "reading the ledger", &e))?;
-            out.push((
-                c.name.clone(),
-                plan::make(&self.graph, &current, spec, direction)?,
-            ));
+            let plan = plan::make(&self.graph, &current, spec, direction)?;
+            let tenant_schemas = if plan
+                .steps
+                .iter()
+                .any(|s| matches!(s.batching, Some(plan::Batching::Tenants { .. })))
+            {
+                super::batch::tenant_schemas(&c.client, &self.tenant_templates)
+                    .await
+                    .map_err(|e| shard_error(&c.name, "listing tenant schemas", &e))?
+            } else {
+                Vec::new()
+            };
+            out.push(ShardPlan {
+                shard: c.name.clone(),
+                plan,
+                tenant_schemas,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Each selected shard's applied history (the ledger's
+    /// `shardgate.history`, oldest first).
+    pub async fn applied_history(
+        &self,
+        opts: &ApplyOptions,
+    ) -> Result<Vec<(String, Vec<ledger::HistoryRow>)>> {
+        let selected = self.select(&opts.shards)?;
+        let conns = connect_all(&selected, opts.connect_timeout).await?;
+        let mut out = Vec::new();
+        for c in &conns {
+            let rows = ledger::history(&c.client)
+                .await
+                .map_err(|e| shard_error(&c.name, "reading the history", &e))?;
+            out.push((c.name.clone(), rows));
         }
         Ok(out)
     }
@@ -352,41 +528,46 @@ impl Migrator {
     pub async fn status(&self, opts: &ApplyOptions) -> Result<Vec<ShardStatus>> {
         let selected = self.select(&opts.shards)?;
         let conns = connect_all(&selected, opts.connect_timeout).await?;
-        let mut out = Vec::new();
-        for c in &conns {
-            let read = |e: tokio_postgres::Error| shard_error(&c.name, "reading the ledger", &e);
-            let heads = ledger::rows(&c.client).await.map_err(read)?;
-            let in_doubt = ledger::in_doubt(&c.client).await.map_err(read)?;
-            let stored = ledger::checksums(&c.client).await.map_err(read)?;
-            let partial = super::nontx::partial(&c.client).await.map_err(read)?;
-            let mut status = ShardStatus {
-                shard: c.name.clone(),
-                heads: heads.clone(),
-                pending: Vec::new(),
-                in_doubt,
-                changed: Vec::new(),
-                problem: None,
-                partial,
-            };
-            match self.graph.applied(&heads) {
-                Ok(applied) => {
-                    let all = Target::Revisions(self.graph.heads().to_vec());
-                    status.pending = self.graph.upgrade_steps(&heads, &all)?;
-                    status.changed = stored
-                        .iter()
-                        .filter(|(r, sum)| {
-                            applied.contains(*r)
-                                && self.graph.get(r).is_some_and(|f| &f.checksum != *sum)
-                        })
-                        .map(|(r, _)| r.clone())
-                        .collect();
-                    status.changed.sort();
-                }
-                Err(e) => status.problem = Some(e.to_string()),
+        // Shards are read concurrently: status must stay fast on many shards.
+        join_all(conns.iter().map(|c| self.shard_status(c)))
+            .await
+            .into_iter()
+            .collect()
+    }
+
+    async fn shard_status(&self, c: &Conn) -> Result<ShardStatus> {
+        let read = |e: tokio_postgres::Error| shard_error(&c.name, "reading the ledger", &e);
+        let heads = ledger::rows(&c.client).await.map_err(read)?;
+        let in_doubt = ledger::in_doubt(&c.client).await.map_err(read)?;
+        let stored = ledger::checksums(&c.client).await.map_err(read)?;
+        let mut partial = super::nontx::partial(&c.client).await.map_err(read)?;
+        partial.extend(super::batch::partial(&c.client).await.map_err(read)?);
+        let mut status = ShardStatus {
+            shard: c.name.clone(),
+            heads: heads.clone(),
+            pending: Vec::new(),
+            in_doubt,
+            changed: Vec::new(),
+            problem: None,
+            partial,
+        };
+        match self.graph.applied(&heads) {
+            Ok(applied) => {
+                let all = Target::Revisions(self.graph.heads().to_vec());
+                status.pending = self.graph.upgrade_steps(&heads, &all)?;
+                status.changed = stored
+                    .iter()
+                    .filter(|(r, sum)| {
+                        applied.contains(*r)
+                            && self.graph.get(r).is_some_and(|f| &f.checksum != *sum)
+                    })
+                    .map(|(r, _)| r.clone())
+                    .collect();
+                status.changed.sort();
             }
-            out.push(status);
+            Err(e) => status.problem = Some(e.to_string()),
         }
-        Ok(out)
+        Ok(status)
     }
 
     /// Sets the version rows to `target` without running SQL (Alembic's
@@ -679,34 +860,33 @@ async fn connect_all(shards: &[&ShardConfig], timeout: Duration) -> Result<Vec<C
         .collect()
 }
 
-/// The version rows all participants share; divergent shards stop the run.
-async fn agreed_rows(conns: &[Conn]) -> Result<Vec<String>> {
-    let mut all = Vec::new();
-    for c in conns {
-        let rows = ledger::rows(&c.client)
+/// Every participant's version rows (read concurrently), in `conns` order.
+async fn read_rows(conns: &[Conn]) -> Result<Vec<Vec<String>>> {
+    join_all(conns.iter().map(|c| async move {
+        ledger::rows(&c.client)
             .await
-            .map_err(|e| shard_error(&c.name, "reading the ledger", &e))?;
-        all.push((c.name.clone(), rows));
-    }
-    if all.windows(2).any(|w| w[0].1 != w[1].1) {
-        let text: Vec<String> = all
-            .iter()
-            .map(|(name, rows)| {
-                let rows = if rows.is_empty() {
-                    "base".to_owned()
-                } else {
-                    rows.join(", ")
-                };
-                format!("{name}: {rows}")
-            })
-            .collect();
-        return Err(MigrateError::Divergent(text.join("; ")));
-    }
-    Ok(all
-        .into_iter()
-        .next()
-        .map(|(_, rows)| rows)
-        .unwrap_or_default())
+            .map_err(|e| shard_error(&c.name, "reading the ledger", &e))
+    }))
+    .await
+    .into_iter()
+    .collect()
+}
+
+/// `s0: a, b; s1: base` for the divergence error.
+fn divergence(names: &[String], rows: &[Vec<String>]) -> String {
+    names
+        .iter()
+        .zip(rows)
+        .map(|(name, rows)| {
+            let rows = if rows.is_empty() {
+                "base".to_owned()
+            } else {
+                rows.join(", ")
+            };
+            format!("{name}: {rows}")
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Refuses a fleet that cannot prepare (every step, non-transactional ones
@@ -926,19 +1106,27 @@ async fn abort_group(conns: &[Conn], states: &[TxState], gids: &[String]) {
 /// coordinator is the first shard of whatever selection ran. With `all`
 /// (every shard of the map connected), spent decision rows are deleted.
 async fn recover_on(conns: &[Conn], all: bool) -> Result<RecoverReport> {
-    let mut decided: HashSet<String> = HashSet::new();
-    for c in conns {
-        decided.extend(
-            ledger::decisions(&c.client)
-                .await
-                .map_err(|e| shard_error(&c.name, "reading decisions", &e))?,
-        );
-    }
-    let mut report = RecoverReport::default();
-    for c in conns {
+    // Read every shard concurrently (this runs before every `up`/`down`).
+    let read = join_all(conns.iter().map(|c| async move {
+        let decisions = ledger::decisions(&c.client)
+            .await
+            .map_err(|e| shard_error(&c.name, "reading decisions", &e))?;
         let gids = ledger::in_doubt(&c.client)
             .await
             .map_err(|e| shard_error(&c.name, "reading pg_prepared_xacts", &e))?;
+        Ok::<_, MigrateError>((decisions, gids))
+    }))
+    .await
+    .into_iter()
+    .collect::<Result<Vec<_>>>()?;
+    let mut decided: HashSet<String> = HashSet::new();
+    let mut has_decisions = Vec::with_capacity(read.len());
+    for (decisions, _) in &read {
+        decided.extend(decisions.iter().cloned());
+        has_decisions.push(!decisions.is_empty());
+    }
+    let mut report = RecoverReport::default();
+    for (c, (_, gids)) in conns.iter().zip(read) {
         for gid in gids {
             let commit = ledger::group_of(&gid).is_some_and(|g| decided.contains(&g));
             let sql = if commit {
@@ -960,17 +1148,12 @@ async fn recover_on(conns: &[Conn], all: bool) -> Result<RecoverReport> {
         }
     }
     if all {
-        for c in conns {
-            if !ledger::decisions(&c.client)
+        // Under the migration lock no decision is added meanwhile.
+        for (c, _) in conns.iter().zip(has_decisions).filter(|(_, has)| *has) {
+            c.client
+                .execute("DELETE FROM shardgate.decisions", &[])
                 .await
-                .map_err(|e| shard_error(&c.name, "reading decisions", &e))?
-                .is_empty()
-            {
-                c.client
-                    .execute("DELETE FROM shardgate.decisions", &[])
-                    .await
-                    .map_err(|e| shard_error(&c.name, "deleting spent decisions", &e))?;
-            }
+                .map_err(|e| shard_error(&c.name, "deleting spent decisions", &e))?;
         }
     }
     Ok(report)

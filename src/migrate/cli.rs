@@ -53,19 +53,38 @@ pub enum MigrateCommand {
         /// Accept applied revisions whose file changed since.
         #[arg(long)]
         accept_changed: bool,
+        /// Shards at different revisions: bring each from its own revisions
+        /// to TARGET (default: refuse and name each shard's revisions).
+        #[arg(long)]
+        allow_divergent: bool,
     },
     /// Downgrade every shard to TARGET.
     Down {
         target: String,
         #[arg(long)]
         accept_changed: bool,
+        /// Shards at different revisions: bring each from its own revisions to TARGET.
+        #[arg(long)]
+        allow_divergent: bool,
     },
-    /// Per shard: current heads, pending revisions, in-doubt transactions.
-    Status,
-    /// The revision history (newest first); `-r A:B` limits it.
+    /// Per shard: current heads, pending revisions, in-doubt transactions
+    /// (`--verbose`: also each shard's applied history).
+    Status {
+        #[arg(long, short)]
+        verbose: bool,
+    },
+    /// The revision history (newest first); `-r A:B` limits it. With
+    /// `--shard S` (or `--applied`, every selected shard): what was applied
+    /// there, from its ledger (revision, direction, checksum, run, times, who).
     History {
         #[arg(short = 'r', long = "rev-range")]
         range: Option<String>,
+        /// The applied history of this shard.
+        #[arg(long, conflicts_with = "range")]
+        shard: Option<String>,
+        /// The applied history of every selected shard.
+        #[arg(long, conflicts_with = "range")]
+        applied: bool,
     },
     /// The head revisions of the migrations folder.
     Heads,
@@ -93,6 +112,10 @@ pub enum MigrateCommand {
         /// Write one psql script per shard (`<shard>.sql`) into this folder.
         #[arg(long, value_name = "DIR")]
         sql: Option<PathBuf>,
+        /// Shards at different revisions: plan each group of shards from
+        /// its own revisions (what `up --allow-divergent` would run).
+        #[arg(long)]
+        allow_divergent: bool,
     },
     /// Resolve in-doubt prepared transactions left by a crashed migrator.
     Recover,
@@ -173,12 +196,15 @@ async fn execute(args: MigrateArgs) -> Result<ExitCode, MigrateError> {
         MigrateCommand::Up {
             target,
             accept_changed,
+            allow_divergent,
         }
         | MigrateCommand::Down {
             target,
             accept_changed,
+            allow_divergent,
         } => {
             opts.accept_changed = accept_changed;
+            opts.allow_divergent = allow_divergent;
             let report = if up {
                 migrator.upgrade(&target, &opts).await?
             } else {
@@ -190,21 +216,66 @@ async fn execute(args: MigrateArgs) -> Result<ExitCode, MigrateError> {
             for (shard, gid) in &report.recovered.rolled_back {
                 println!("recovered: rolled back {gid} on {shard}");
             }
-            for (revision, direction) in &report.steps {
-                let described = graph
-                    .get(revision)
-                    .map_or(String::new(), |r| r.message.clone());
-                println!(
-                    "{direction} {revision} on {}: {described}",
-                    report.shards.join(", ")
-                );
+            let uniform = report
+                .per_shard
+                .windows(2)
+                .all(|w| w[0].from == w[1].from && w[0].heads == w[1].heads);
+            if uniform {
+                for (revision, direction) in &report.steps {
+                    let described = graph
+                        .get(revision)
+                        .map_or(String::new(), |r| r.message.clone());
+                    println!(
+                        "{direction} {revision} on {}: {described}",
+                        report.shards.join(", ")
+                    );
+                }
+                if report.steps.is_empty() {
+                    println!("nothing to do");
+                }
+            } else {
+                for shard in &report.per_shard {
+                    let steps: Vec<String> = shard
+                        .steps
+                        .iter()
+                        .map(|(r, d)| format!("{d} {r}"))
+                        .collect();
+                    println!(
+                        "{}: from {}: {}",
+                        shard.shard,
+                        rows_text(&shard.from),
+                        if steps.is_empty() {
+                            "nothing to do".to_owned()
+                        } else {
+                            steps.join(", ")
+                        }
+                    );
+                }
             }
-            if report.steps.is_empty() {
-                println!("nothing to do");
+            for shard in &report.per_shard {
+                for (revision, batch) in &shard.batches {
+                    println!(
+                        "  {}: {revision}: {} batch(es), {} row(s)/schema(s){}",
+                        shard.shard,
+                        batch.batches,
+                        batch.units,
+                        if batch.resumed {
+                            " (resumed from a checkpoint)"
+                        } else {
+                            ""
+                        }
+                    );
+                }
             }
-            println!("heads: {}", rows_text(&report.heads));
+            if uniform {
+                println!("heads: {}", rows_text(&report.heads));
+            } else {
+                for shard in &report.per_shard {
+                    println!("{} heads: {}", shard.shard, rows_text(&shard.heads));
+                }
+            }
         }
-        MigrateCommand::Status => {
+        MigrateCommand::Status { verbose } => {
             let mut drift = false;
             let statuses = migrator.status(&opts).await?;
             for s in &statuses {
@@ -234,6 +305,12 @@ async fn execute(args: MigrateArgs) -> Result<ExitCode, MigrateError> {
                     println!("  changed since applied: {}", s.changed.join(", "));
                 }
             }
+            if verbose {
+                for (shard, rows) in migrator.applied_history(&opts).await? {
+                    println!("{shard} history:");
+                    print_history(&rows);
+                }
+            }
             if statuses.windows(2).any(|w| w[0].heads != w[1].heads) {
                 println!("shards disagree on their current revisions");
                 drift = true;
@@ -242,7 +319,16 @@ async fn execute(args: MigrateArgs) -> Result<ExitCode, MigrateError> {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        MigrateCommand::History { range } => {
+        MigrateCommand::History { shard, applied, .. } if shard.is_some() || applied => {
+            if let Some(shard) = shard {
+                opts.shards = vec![shard];
+            }
+            for (shard, rows) in migrator.applied_history(&opts).await? {
+                println!("{shard}:");
+                print_history(&rows);
+            }
+        }
+        MigrateCommand::History { range, .. } => {
             let current = if range.as_deref().is_some_and(|r| r.contains("current")) {
                 let statuses = migrator.status(&opts).await?;
                 statuses
@@ -285,17 +371,20 @@ async fn execute(args: MigrateArgs) -> Result<ExitCode, MigrateError> {
             target,
             down,
             sql: Some(dir),
+            ..
         } => {
             let direction = if down { Direction::Down } else { Direction::Up };
             std::fs::create_dir_all(&dir)
                 .map_err(|e| MigrateError::Io(format!("{}: {e}", dir.display())))?;
-            for (shard, plan) in migrator.plan_per_shard(&target, direction, &opts).await? {
-                let path = dir.join(format!("{shard}.sql"));
-                std::fs::write(&path, super::plan::offline_sql(&shard, &plan))
+            for p in migrator.plan_per_shard(&target, direction, &opts).await? {
+                let path = dir.join(format!("{}.sql", p.shard));
+                let script = super::plan::offline_sql(&p.shard, &p.plan, &p.tenant_schemas);
+                std::fs::write(&path, script)
                     .map_err(|e| MigrateError::Io(format!("{}: {e}", path.display())))?;
                 println!(
-                    "{shard}: {} step(s) -> {}",
-                    plan.steps.len(),
+                    "{}: {} step(s) -> {}",
+                    p.shard,
+                    p.plan.steps.len(),
                     path.display()
                 );
             }
@@ -304,31 +393,24 @@ async fn execute(args: MigrateArgs) -> Result<ExitCode, MigrateError> {
             target,
             down,
             sql: None,
+            allow_divergent,
         } => {
             let direction = if down { Direction::Down } else { Direction::Up };
-            let plan = migrator.plan(&target, direction, &opts).await?;
-            println!("from: {}", rows_text(&plan.from));
-            println!("to: {}", plan.target);
-            if plan.steps.is_empty() {
-                println!("nothing to do");
-            }
-            for (n, step) in plan.steps.iter().enumerate() {
-                let how = if step.transactional {
-                    "one atomic group on every shard"
-                } else {
-                    "non-transactional: shard by shard, statement by statement, resumable; then the ledger as one atomic group"
-                };
-                println!(
-                    "-- step {} ({how}): {} {} ({})",
-                    n + 1,
-                    step.direction.as_str(),
-                    step.revision,
-                    step.file
-                );
-                for statement in &step.statements {
-                    println!("{};", statement.sql);
+            if allow_divergent {
+                // One plan per group of shards at the same revisions.
+                let mut groups: Vec<(Vec<String>, super::plan::Plan)> = Vec::new();
+                for p in migrator.plan_per_shard(&target, direction, &opts).await? {
+                    match groups.iter_mut().find(|(_, plan)| plan.from == p.plan.from) {
+                        Some((shards, _)) => shards.push(p.shard),
+                        None => groups.push((vec![p.shard], p.plan)),
+                    }
                 }
-                println!("-- version rows after: {}", rows_text(&step.rows_after));
+                for (shards, plan) in &groups {
+                    println!("shards {}:", shards.join(", "));
+                    print_plan(plan);
+                }
+            } else {
+                print_plan(&migrator.plan(&target, direction, &opts).await?);
             }
         }
         MigrateCommand::Verify => {
@@ -366,6 +448,86 @@ async fn execute(args: MigrateArgs) -> Result<ExitCode, MigrateError> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A plan as `plan` prints it: where from, each step with how it runs and its SQL.
+fn print_plan(plan: &super::plan::Plan) {
+    println!("from: {}", rows_text(&plan.from));
+    println!("to: {}", plan.target);
+    if plan.steps.is_empty() {
+        println!("nothing to do");
+    }
+    for (n, step) in plan.steps.iter().enumerate() {
+        let how = match (&step.batching, step.transactional) {
+            (Some(super::plan::Batching::Keys { table, key, size }), _) => format!(
+                "data batches of {size} rows of {table} by {key}, each its own transaction, checkpointed and resumable, shards in parallel; then the ledger as one atomic group"
+            ),
+            (Some(super::plan::Batching::Tenants { size }), _) => format!(
+                "in every tenant schema ({size} schemas per transaction, search_path set to each), checkpointed and resumable; then the ledger as one atomic group"
+            ),
+            (None, true) => "one atomic group on every shard".to_owned(),
+            (None, false) => "non-transactional: shard by shard, statement by statement, resumable; then the ledger as one atomic group".to_owned(),
+        };
+        println!(
+            "-- step {} ({how}): {} {} ({})",
+            n + 1,
+            step.direction.as_str(),
+            step.revision,
+            step.file
+        );
+        for statement in &step.statements {
+            println!("{};", statement.sql);
+        }
+        println!("-- version rows after: {}", rows_text(&step.rows_after));
+    }
+}
+
+/// One line per ledger history row, oldest first.
+fn print_history(rows: &[ledger::HistoryRow]) {
+    if rows.is_empty() {
+        println!("  (nothing applied)");
+    }
+    for row in rows {
+        let started = chrono_text(row.started_at);
+        let finished = chrono_text(row.finished_at);
+        println!(
+            "  {} {:<6} checksum {} run {} started {started} finished {finished} by {}{}",
+            row.revision,
+            row.direction,
+            row.checksum.as_deref().unwrap_or("-"),
+            row.run_id,
+            row.applied_by,
+            row.client
+                .as_deref()
+                .map_or(String::new(), |c| format!(" ({c})"))
+        );
+    }
+}
+
+/// UTC `YYYY-MM-DD HH:MM:SS.mmm` without a date crate.
+fn chrono_text(at: std::time::SystemTime) -> String {
+    let Ok(since) = at.duration_since(std::time::UNIX_EPOCH) else {
+        return "before 1970".into();
+    };
+    let secs = since.as_secs();
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}.{:03}",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60,
+        since.subsec_millis()
+    )
 }
 
 fn rows_text(rows: &[String]) -> String {

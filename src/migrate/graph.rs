@@ -839,6 +839,8 @@ mod tests {
             transactional: true,
             kind: Kind::Schema,
             irreversible: false,
+            batch: None,
+            scope: Default::default(),
             up_sql: String::new(),
             down_sql: None,
             checksum: String::new(),

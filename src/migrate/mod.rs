@@ -8,13 +8,47 @@
 //! - [`plan`]: what `up`/`down` will do on each shard;
 //! - [`apply`]: running a plan as two-phase-commit groups, locking, recovery;
 //! - [`nontx`]: `transactional: false` revisions, shard by shard, resumable;
+//! - [`batch`]: batched data revisions (`batch: key=id size=5000`) and
+//!   tenant-schema revisions (`scope: tenants`), checkpointed per shard;
 //! - [`verify`]: schema fingerprints per shard and the objects that differ;
 //! - [`cli`]: the `shardgate migrate` subcommands.
 //!
-//! The library API is [`Migrator`]: the same operations the CLI runs, for
-//! Rust programs ("running migrations programmatically").
+//! # Library API ("running migrations programmatically")
+//!
+//! [`Migrator`] offers the CLI's operations to Rust programs. Build it from
+//! a loaded shard map ([`Migrator::from_config`]) or from shards and a
+//! folder ([`Migrator::new`]); every call takes [`ApplyOptions`] (shard
+//! selection, lock wait, `lock_timeout`, `accept_changed`,
+//! `allow_divergent`) and answers per shard:
+//!
+//! | call | returns |
+//! |---|---|
+//! | [`Migrator::upgrade`] / [`Migrator::downgrade`] | [`ApplyReport`]: run id, in-doubt transactions resolved first, and [`ShardResult`] per shard (from, steps, heads, [`BatchOutcome`]s) |
+//! | [`Migrator::status`] | [`ShardStatus`] per shard: heads, pending, in doubt, changed files, partly applied steps |
+//! | [`Migrator::applied_history`] | each shard's ledger history ([`HistoryRow`]: revision, direction, checksum, run id, times, who) |
+//! | [`Migrator::plan`] / [`Migrator::plan_per_shard`] | the [`Plan`] (steps with their SQL); per shard with its tenant schemas |
+//! | [`Migrator::verify`] | [`VerifyReport`]: catalog [`Fingerprint`] and heads per shard, the [`Drift`] between them |
+//! | [`Migrator::stamp`] | each shard's version rows after the stamp |
+//! | [`Migrator::recover`] | [`RecoverReport`]: prepared transactions committed / rolled back, per shard |
+//! | [`Migrator::new_revision`] / [`Migrator::merge`] | the folder written |
+//!
+//! Errors are [`MigrateError`]; those about one shard name it (and the
+//! statement, file and line when a statement failed). For example:
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use shardgate::migrate::{ApplyOptions, Migrator};
+//! let config = shardgate::config::Config::load(std::path::Path::new("shardgate.yaml"))?;
+//! let migrator = Migrator::from_config(&config)?;
+//! let report = migrator.upgrade("heads", &ApplyOptions::default()).await?;
+//! for shard in &report.per_shard {
+//!     println!("{}: {} step(s), now at {:?}", shard.shard, shard.steps.len(), shard.heads);
+//! }
+//! # Ok(()) }
+//! ```
 
 pub mod apply;
+pub mod batch;
 pub mod cli;
 pub mod graph;
 pub mod ledger;
@@ -24,8 +58,13 @@ pub mod revision;
 pub mod statements;
 pub mod verify;
 
-pub use apply::{ApplyOptions, ApplyReport, Migrator, RecoverReport, ShardStatus};
+pub use apply::{
+    ApplyOptions, ApplyReport, Migrator, RecoverReport, ShardPlan, ShardResult, ShardStatus,
+};
+pub use batch::{BatchOutcome, TenantSchemas};
 pub use graph::{Graph, GraphError, Target};
+pub use ledger::HistoryRow;
+pub use plan::{Batching, Direction, Plan, Step};
 pub use revision::{Revision, RevisionError};
 pub use verify::{Drift, Fingerprint, VerifyReport};
 
@@ -55,7 +94,7 @@ pub enum MigrateError {
     },
     #[error("another migrator holds the migration lock on shard {shard}; gave up after {seconds}s (is a migration running? `status` shows in-doubt transactions)")]
     Locked { shard: String, seconds: u64 },
-    #[error("shards disagree on their current revisions ({0}); bring them together with `stamp --shard` or `up --shards`, or check `status`")]
+    #[error("shards disagree on their current revisions ({0}); run `up --allow-divergent` to bring each shard from its own revisions to the target, or align them with `stamp --shard` / `up --shards`; `status` shows each shard")]
     Divergent(String),
     #[error("{0}")]
     Io(String),

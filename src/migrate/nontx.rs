@@ -343,7 +343,7 @@ fn identifier(word: &str) -> String {
 
 /// Whitespace-separated words, skipping comments; `(` ends a word (so
 /// `t(col)` gives `t`), quoted identifiers stay whole (with their dots).
-fn tokens(sql: &str) -> Vec<String> {
+pub(super) fn tokens(sql: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut current = String::new();
     let mut chars = sql.chars().peekable();

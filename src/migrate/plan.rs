@@ -2,7 +2,7 @@
 //! every participating shard, with the exact statements.
 
 use super::graph::{Graph, Target};
-use super::revision::Revision;
+use super::revision::{Revision, Scope, DEFAULT_TENANT_BATCH};
 use super::statements::{self, Statement};
 use super::{MigrateError, Result};
 
@@ -37,6 +37,27 @@ pub struct Step {
     /// Version rows after this step.
     pub rows_after: Vec<String>,
     pub transactional: bool,
+    /// Checkpointed batches instead of one atomic group (data and tenant
+    /// revisions); the version rows still move in one atomic group at the end.
+    pub batching: Option<Batching>,
+}
+
+/// The placeholder a batched data revision's statements contain; each batch
+/// replaces it with its key-range predicate.
+pub const BATCH_MARK: &str = "{{batch}}";
+
+/// How a batched step is cut into transactions on each shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Batching {
+    /// Ranges of `key` in `table`, `size` rows per transaction.
+    Keys {
+        table: String,
+        key: String,
+        size: usize,
+    },
+    /// Every tenant schema of the shard, `size` schemas per transaction,
+    /// `search_path` set to each schema in turn.
+    Tenants { size: usize },
 }
 
 /// The steps from `current` rows to `target`.
@@ -80,6 +101,7 @@ pub fn make(graph: &Graph, current: &[String], spec: &str, direction: Direction)
                 )));
             }
         }
+        let batching = batching_of(revision, &statements, &file)?;
         match direction {
             Direction::Up => applied.insert(id.clone()),
             Direction::Down => applied.remove(&id),
@@ -92,6 +114,7 @@ pub fn make(graph: &Graph, current: &[String], spec: &str, direction: Direction)
             checksum: revision.checksum.clone(),
             rows_after: graph.heads_of(&applied),
             transactional: revision.transactional,
+            batching,
         });
     }
     Ok(Plan {
@@ -99,6 +122,91 @@ pub fn make(graph: &Graph, current: &[String], spec: &str, direction: Direction)
         target,
         steps,
     })
+}
+
+/// The batching of one direction of a revision. A data revision's direction
+/// whose statements contain no `{{batch}}` (often `down.sql`) runs as one
+/// ordinary atomic group; a mix of marked and unmarked statements is refused
+/// (the unmarked ones would run once per batch).
+fn batching_of(
+    revision: &Revision,
+    statements: &[Statement],
+    file: &str,
+) -> Result<Option<Batching>> {
+    let marked = statements
+        .iter()
+        .filter(|s| s.sql.contains(BATCH_MARK))
+        .count();
+    if revision.scope == Scope::Tenants {
+        if let Some(s) = statements.iter().find(|s| s.sql.contains(BATCH_MARK)) {
+            return Err(MigrateError::Invalid(format!(
+                "{file}:{}: {BATCH_MARK} is for key-batched data revisions, not scope: tenants",
+                s.line
+            )));
+        }
+        let size = revision
+            .batch
+            .as_ref()
+            .map_or(DEFAULT_TENANT_BATCH, |b| b.size);
+        return Ok(Some(Batching::Tenants { size }));
+    }
+    let key_batch = revision
+        .batch
+        .as_ref()
+        .and_then(|b| b.key.as_ref().map(|k| (b, k)));
+    let Some((batch, key)) = key_batch else {
+        if let Some(s) = statements.iter().find(|s| s.sql.contains(BATCH_MARK)) {
+            return Err(MigrateError::Invalid(format!(
+                "{file}:{}: {BATCH_MARK} needs a `-- batch: key=<column> size=<rows>` header",
+                s.line
+            )));
+        }
+        return Ok(None);
+    };
+    if marked == 0 {
+        return Ok(None);
+    }
+    if let Some(s) = statements.iter().find(|s| !s.sql.contains(BATCH_MARK)) {
+        return Err(MigrateError::Invalid(format!(
+            "{file}:{}: every statement of a batched direction must contain {BATCH_MARK} (this one would run once per batch): {}",
+            s.line, s.sql
+        )));
+    }
+    let table = match &batch.table {
+        Some(table) => table.clone(),
+        None => target_table(&statements[0].sql).ok_or_else(|| {
+            MigrateError::Invalid(format!(
+                "{file}:{}: cannot tell which table to walk by `{key}`; add table=<name> to the batch header",
+                statements[0].line
+            ))
+        })?,
+    };
+    Ok(Some(Batching::Keys {
+        table,
+        key: key.clone(),
+        size: batch.size,
+    }))
+}
+
+/// The table of `UPDATE [ONLY] t …` or `DELETE FROM [ONLY] t …`.
+fn target_table(sql: &str) -> Option<String> {
+    let words = super::nontx::tokens(sql);
+    let mut it = words.iter().map(String::as_str);
+    let first = it.next()?.to_ascii_uppercase();
+    let mut table = match first.as_str() {
+        "UPDATE" => it.next()?,
+        "DELETE" if it.next()?.eq_ignore_ascii_case("FROM") => it.next()?,
+        _ => return None,
+    };
+    if table.eq_ignore_ascii_case("ONLY") {
+        table = it.next()?;
+    }
+    Some(table.to_owned())
+}
+
+/// A quoted identifier (for schema names found in the catalog).
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// True for statements that end or start a transaction (or prepare one).
@@ -118,8 +226,10 @@ fn controls_transaction(sql: &str) -> bool {
 
 /// The plan as a psql script for one shard: each step in its own
 /// transaction with the same ledger updates `up` makes (history rows carry
-/// run id `offline`), for review or for applying by hand.
-pub fn offline_sql(shard: &str, plan: &Plan) -> String {
+/// run id `offline`), for review or for applying by hand. Batched data
+/// steps run as one transaction (`{{batch}}` becomes `true`); tenant steps
+/// run once per schema in `tenant_schemas` (those found on the shard).
+pub fn offline_sql(shard: &str, plan: &Plan, tenant_schemas: &[String]) -> String {
     let rows = |rows: &[String]| {
         if rows.is_empty() {
             "base".to_owned()
@@ -151,9 +261,33 @@ pub fn offline_sql(shard: &str, plan: &Plan) -> String {
         if step.transactional {
             out.push_str("BEGIN;\n");
         }
-        for statement in &step.statements {
-            out.push_str(&statement.sql);
-            out.push_str(";\n");
+        match &step.batching {
+            Some(Batching::Tenants { .. }) => {
+                for schema in tenant_schemas {
+                    out.push_str(&format!(
+                        "SET LOCAL search_path = {};\n",
+                        quote_ident(schema)
+                    ));
+                    for statement in &step.statements {
+                        out.push_str(&statement.sql);
+                        out.push_str(";\n");
+                    }
+                }
+                out.push_str("RESET search_path;\n");
+            }
+            Some(Batching::Keys { .. }) => {
+                out.push_str("-- batched online; here every row in one transaction\n");
+                for statement in &step.statements {
+                    out.push_str(&statement.sql.replace(BATCH_MARK, "true"));
+                    out.push_str(";\n");
+                }
+            }
+            None => {
+                for statement in &step.statements {
+                    out.push_str(&statement.sql);
+                    out.push_str(";\n");
+                }
+            }
         }
         if !step.transactional {
             out.push_str("BEGIN;\n");
@@ -195,7 +329,132 @@ fn down_sql(revision: &Revision) -> Result<(String, &str)> {
 
 #[cfg(test)]
 mod tests {
-    use super::{controls_transaction, offline_sql, Direction, Plan, Step};
+    use super::{
+        batching_of, controls_transaction, offline_sql, target_table, Batching, Direction, Plan,
+        Revision, Scope, Step,
+    };
+
+    fn revision(up: &str, batch: Option<super::super::revision::Batch>) -> Revision {
+        Revision {
+            id: "aaaaaaaaaaaa".into(),
+            slug: "x".into(),
+            message: "x".into(),
+            dir: "m/aaaaaaaaaaaa_x".into(),
+            up_path: "m/aaaaaaaaaaaa_x/up.sql".into(),
+            down_path: None,
+            down_revisions: Vec::new(),
+            branch_labels: Vec::new(),
+            depends_on: Vec::new(),
+            transactional: true,
+            kind: super::super::revision::Kind::Data,
+            irreversible: false,
+            batch,
+            scope: Scope::Shard,
+            up_sql: up.into(),
+            down_sql: None,
+            checksum: String::new(),
+        }
+    }
+
+    fn key_batch(table: Option<&str>) -> Option<super::super::revision::Batch> {
+        Some(super::super::revision::Batch {
+            key: Some("id".into()),
+            table: table.map(str::to_owned),
+            size: 10,
+        })
+    }
+
+    fn batching(
+        up: &str,
+        batch: Option<super::super::revision::Batch>,
+    ) -> Result<Option<Batching>, String> {
+        let r = revision(up, batch);
+        let statements = crate::migrate::statements::split(up).unwrap();
+        batching_of(&r, &statements, "up.sql").map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn batched_directions_are_checked() {
+        assert_eq!(
+            batching("UPDATE t SET x = 1 WHERE {{batch}};", key_batch(None)),
+            Ok(Some(Batching::Keys {
+                table: "t".into(),
+                key: "id".into(),
+                size: 10
+            }))
+        );
+        // No marker: one ordinary group (e.g. a down.sql).
+        assert_eq!(batching("UPDATE t SET x = 0;", key_batch(None)), Ok(None));
+        let mixed = batching(
+            "UPDATE t SET x = 1 WHERE {{batch}};\nINSERT INTO log VALUES (1);",
+            key_batch(None),
+        )
+        .unwrap_err();
+        assert!(
+            mixed.contains("up.sql:2") && mixed.contains("once per batch"),
+            "{mixed}"
+        );
+        let no_table = batching(
+            "INSERT INTO t SELECT * FROM s WHERE {{batch}};",
+            key_batch(None),
+        )
+        .unwrap_err();
+        assert!(no_table.contains("table=<name>"), "{no_table}");
+        assert_eq!(
+            batching(
+                "INSERT INTO t SELECT * FROM s WHERE {{batch}};",
+                key_batch(Some("s"))
+            ),
+            Ok(Some(Batching::Keys {
+                table: "s".into(),
+                key: "id".into(),
+                size: 10
+            }))
+        );
+        let no_header = batching("UPDATE t SET x = 1 WHERE {{batch}};", None).unwrap_err();
+        assert!(no_header.contains("batch: key="), "{no_header}");
+    }
+
+    #[test]
+    fn offline_sql_runs_key_batches_as_one_transaction() {
+        let plan = Plan {
+            from: Vec::new(),
+            target: super::super::graph::Target::Base,
+            steps: vec![Step {
+                revision: "aaaaaaaaaaaa".to_string(),
+                direction: Direction::Up,
+                file: "x/up.sql".to_string(),
+                statements: vec![super::super::statements::Statement {
+                    sql: "UPDATE t SET x = 1 WHERE {{batch}}".to_string(),
+                    line: 1,
+                }],
+                checksum: "c".to_string(),
+                rows_after: vec!["aaaaaaaaaaaa".to_string()],
+                transactional: true,
+                batching: Some(Batching::Keys {
+                    table: "t".into(),
+                    key: "id".into(),
+                    size: 10,
+                }),
+            }],
+        };
+        let sql = offline_sql("s0", &plan, &[]);
+        assert!(sql.contains("UPDATE t SET x = 1 WHERE true;"), "{sql}");
+        assert!(!sql.contains("{{batch}}"), "{sql}");
+    }
+
+    #[test]
+    fn batch_tables_are_inferred() {
+        assert_eq!(
+            target_table("UPDATE ONLY app.users SET x = 1 WHERE {{batch}}").as_deref(),
+            Some("app.users")
+        );
+        assert_eq!(
+            target_table("delete from t where {{batch}}").as_deref(),
+            Some("t")
+        );
+        assert_eq!(target_table("INSERT INTO t SELECT 1"), None);
+    }
 
     #[test]
     fn transaction_control_is_recognised() {
@@ -236,9 +495,10 @@ mod tests {
                 checksum: "c".to_string(),
                 rows_after: vec!["aaaaaaaaaaaa".to_string()],
                 transactional: false,
+                batching: None,
             }],
         };
-        let sql = offline_sql("s0", &plan);
+        let sql = offline_sql("s0", &plan, &[]);
         let create = sql.find("CREATE INDEX CONCURRENTLY").expect("statement");
         let begin = sql.find("BEGIN;").expect("ledger transaction");
         assert!(

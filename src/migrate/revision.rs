@@ -32,6 +32,8 @@ const KEYS: &[&str] = &[
     "kind",
     "irreversible",
     "message",
+    "batch",
+    "scope",
 ];
 
 /// What a revision changes: the schema, or rows (data migrations).
@@ -41,6 +43,36 @@ pub enum Kind {
     Schema,
     Data,
 }
+
+/// How a revision is cut into transactions on each shard (header `batch`).
+///
+/// - `batch: key=id size=5000 [table=users]` (a `kind: data` revision): the
+///   statements contain `{{batch}}`, replaced for each batch by a key-range
+///   predicate; each batch is its own transaction with its checkpoint;
+/// - `batch: size=20` with `scope: tenants`: tenant schemas per transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    /// The ordered key column (data batches); `None` for tenant batches.
+    pub key: Option<String>,
+    /// The table whose key is walked; inferred from the first statement
+    /// (`UPDATE t` / `DELETE FROM t`) when not given.
+    pub table: Option<String>,
+    /// Rows (data) or schemas (tenants) per transaction.
+    pub size: usize,
+}
+
+/// Where a revision runs on each shard (header `scope`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Scope {
+    /// Once per shard database (the default).
+    #[default]
+    Shard,
+    /// Once per tenant schema found on the shard, with `search_path` set to it.
+    Tenants,
+}
+
+/// Tenant schemas per transaction when a `scope: tenants` revision gives no `batch`.
+pub const DEFAULT_TENANT_BATCH: usize = 50;
 
 /// A parsed revision folder.
 #[derive(Debug, Clone)]
@@ -62,6 +94,9 @@ pub struct Revision {
     pub transactional: bool,
     pub kind: Kind,
     pub irreversible: bool,
+    /// `batch` header: run in checkpointed batches (see [`Batch`]).
+    pub batch: Option<Batch>,
+    pub scope: Scope,
     pub up_sql: String,
     pub down_sql: Option<String>,
     /// md5 (hex) of `up.sql` with CRLF normalised to LF; see [`checksum`].
@@ -192,6 +227,8 @@ pub fn load(dir: &Path) -> Result<Revision, RevisionError> {
         transactional: header.transactional,
         kind: header.kind,
         irreversible: header.irreversible,
+        batch: header.batch,
+        scope: header.scope,
         up_sql,
         down_sql,
         checksum,
@@ -210,6 +247,10 @@ struct Header {
     kind: Kind,
     irreversible: bool,
     message: Option<String>,
+    batch: Option<Batch>,
+    batch_line: usize,
+    scope: Scope,
+    scope_line: usize,
 }
 
 /// Parses the leading `--` comment block; `Err((line, message))`.
@@ -316,10 +357,123 @@ fn parse_header(text: &str) -> Result<Header, (usize, String)> {
                 }
             }
             "message" => header.message = Some(unquote(value)),
+            "batch" => {
+                header.batch = Some(parse_batch(value).map_err(|m| (line_no, m))?);
+                header.batch_line = line_no;
+            }
+            "scope" => {
+                header.scope = match unquote(value).as_str() {
+                    "shard" => Scope::Shard,
+                    "tenants" => Scope::Tenants,
+                    other => {
+                        return Err((
+                            line_no,
+                            format!("scope `{other}` is not allowed; use shard or tenants"),
+                        ))
+                    }
+                };
+                header.scope_line = line_no;
+            }
             _ => {}
         }
     }
+    check_combinations(&header)?;
     Ok(header)
+}
+
+/// Header keys that only make sense together (or not at all together).
+fn check_combinations(h: &Header) -> Result<(), (usize, String)> {
+    if h.scope == Scope::Tenants && !h.transactional {
+        return Err((
+            h.scope_line,
+            "scope: tenants needs transactional: true (tenant schemas are migrated in transactions of `batch: size=N` schemas)".into(),
+        ));
+    }
+    if let Some(batch) = &h.batch {
+        if !h.transactional {
+            return Err((
+                h.batch_line,
+                "batch needs transactional: true (each batch is one transaction)".into(),
+            ));
+        }
+        match (h.scope, &batch.key) {
+            (Scope::Tenants, Some(_)) => {
+                return Err((
+                    h.batch_line,
+                    "key batching inside tenant schemas is not supported; with scope: tenants use `batch: size=N` (schemas per transaction)".into(),
+                ))
+            }
+            (Scope::Shard, None) => {
+                return Err((
+                    h.batch_line,
+                    "batch needs key=<column> (e.g. `batch: key=id size=5000`); `batch: size=N` alone is for scope: tenants".into(),
+                ))
+            }
+            (Scope::Shard, Some(_)) if h.kind != Kind::Data => {
+                return Err((
+                    h.batch_line,
+                    "key batching is for data revisions; add `-- kind: data`".into(),
+                ))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// `key=id size=5000 table=users` (any order, `size` defaults to 5000 for
+/// keys and [`DEFAULT_TENANT_BATCH`] otherwise).
+fn parse_batch(value: &str) -> Result<Batch, String> {
+    let mut batch = Batch {
+        key: None,
+        table: None,
+        size: 0,
+    };
+    for word in value.split_whitespace() {
+        let Some((name, v)) = word.split_once('=') else {
+            return Err(format!(
+                "batch: `{word}` is not name=value (expected e.g. `key=id size=5000`)"
+            ));
+        };
+        let v = unquote(v);
+        let identifier = |v: &str| {
+            !v.is_empty()
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'"' | b'$'))
+        };
+        match name {
+            "key" | "table" if !identifier(&v) => {
+                return Err(format!("batch: {name} `{v}` is not an identifier"))
+            }
+            "key" => batch.key = Some(v),
+            "table" => batch.table = Some(v),
+            "size" => {
+                batch.size = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=10_000_000).contains(n))
+                    .ok_or_else(|| {
+                        format!("batch: size `{v}` must be a whole number from 1 to 10000000")
+                    })?
+            }
+            other => {
+                return Err(format!(
+                    "batch: unknown setting `{other}`; use key, size and table"
+                ))
+            }
+        }
+    }
+    if batch.size == 0 {
+        batch.size = if batch.key.is_some() {
+            5000
+        } else {
+            DEFAULT_TENANT_BATCH
+        };
+    }
+    if batch.table.is_some() && batch.key.is_none() {
+        return Err("batch: table= needs key=".into());
+    }
+    Ok(batch)
 }
 
 /// `none`/`null`/`~`/empty → [], `x` → [x], `[a, b]` or `a, b` → [a, b].
@@ -484,6 +638,31 @@ mod tests {
                 2,
                 "not allowed",
             ),
+            (
+                "-- revision: aaaaaaaaaaaa\n-- batch: key=id size=5000\n",
+                2,
+                "add `-- kind: data`",
+            ),
+            (
+                "-- revision: aaaaaaaaaaaa\n-- kind: data\n-- batch: key=id size=0\n",
+                3,
+                "from 1 to",
+            ),
+            (
+                "-- revision: aaaaaaaaaaaa\n-- kind: data\n-- batch: key=id rows=5\n",
+                3,
+                "unknown setting `rows`",
+            ),
+            (
+                "-- revision: aaaaaaaaaaaa\n-- scope: tenants\n-- transactional: false\n",
+                2,
+                "needs transactional: true",
+            ),
+            (
+                "-- revision: aaaaaaaaaaaa\n-- scope: everywhere\n",
+                2,
+                "scope `everywhere`",
+            ),
         ];
         for (i, (text, line, needle)) in cases.iter().enumerate() {
             let folder = write(
@@ -507,6 +686,27 @@ mod tests {
         assert!(e.to_string().contains("<revision>_<slug>"), "{e}");
         let errors = load_dir(tmp.path()).unwrap_err();
         assert_eq!(errors.len(), 1);
+    }
+
+    #[test]
+    fn batch_headers() {
+        let h =
+            parse_header("-- revision: aaaaaaaaaaaa\n-- kind: data\n-- batch: key=id size=5000\n")
+                .unwrap();
+        assert_eq!(
+            h.batch,
+            Some(Batch {
+                key: Some("id".into()),
+                table: None,
+                size: 5000
+            })
+        );
+        let h = parse_header("-- revision: aaaaaaaaaaaa\n-- scope: tenants\n-- batch: size=2\n")
+            .unwrap();
+        assert_eq!(h.scope, Scope::Tenants);
+        assert_eq!(h.batch.map(|b| b.size), Some(2));
+        let h = parse_header("-- revision: aaaaaaaaaaaa\n-- scope: tenants\n").unwrap();
+        assert!(h.batch.is_none());
     }
 
     #[test]
