@@ -29,6 +29,7 @@ use crate::protocol::{
 use crate::router::hints::{self, Hint};
 use crate::server::Shared;
 
+mod copy;
 mod fanout;
 mod multi;
 mod routing;
@@ -99,6 +100,8 @@ pub struct Session {
     statement_writes: bool,
     /// A bound portal that runs on several shards at its Execute.
     pending_portal: Option<fanout::PendingPortal>,
+    /// A COPY FROM STDIN whose rows shardgate routes to their shards.
+    copy_in: Option<Box<copy::CopyIn>>,
     backend_in: BytesMut,
     backend_out: BytesMut,
     /// Bytes of a large backend message still to pass through unparsed.
@@ -166,6 +169,7 @@ impl Session {
             transaction_begin: None,
             statement_writes: false,
             pending_portal: None,
+            copy_in: None,
             backend_in: BytesMut::new(),
             backend_out: BytesMut::new(),
             passthrough: 0,
@@ -292,6 +296,13 @@ impl Session {
         let tag = frame[0];
         let body = &frame[5..];
         if self.skip_until_sync && tag != tag::SYNC && tag != tag::TERMINATE {
+            return Ok(Step::Next);
+        }
+        if self.copy_in.is_some() && tag != tag::TERMINATE {
+            // Postgres ignores Flush and Sync during COPY FROM STDIN.
+            if matches!(tag, tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL) {
+                self.copy_in_message(tag, frame).await;
+            }
             return Ok(Step::Next);
         }
         match tag {
