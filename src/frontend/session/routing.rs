@@ -209,6 +209,9 @@ impl Session {
         frame: &[u8],
         sql: &str,
     ) -> Attach {
+        if let Some(handled) = self.routed_copy_in(router, frame, sql).await {
+            return handled;
+        }
         let route = match self.route(router, sql, &[]).await {
             Ok(route) => route,
             Err(error) => {
