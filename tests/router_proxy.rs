@@ -750,3 +750,98 @@ async fn statements_on_several_shards_are_atomic_and_complete() {
     assert_eq!(prepared_xacts(&db).await, 0);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn schema_per_tenant_sessions_and_explain_shards() {
+    let db = fresh_db("tenants");
+    let map = "\
+functions:
+  by_tenant:
+    kind: tenant
+    mode: schema
+    schema_template: \"tenant_{tenant}\"
+    tenants: { acme: s1, globex: s2 }
+    default: s0
+tables:
+  plans: { replicated: true }
+";
+    // Each tenant's schema on its shard (and a decoy of the same name
+    // elsewhere, which must stay empty).
+    for (i, cluster) in fleet().clusters.iter().enumerate() {
+        let direct = connect(cluster, &db).await;
+        direct
+            .batch_execute(
+                "CREATE SCHEMA tenant_acme; CREATE TABLE tenant_acme.items (id int, what text);\
+                 CREATE SCHEMA tenant_globex; CREATE TABLE tenant_globex.items (id int, what text);\
+                 CREATE SCHEMA tenant_newco; CREATE TABLE tenant_newco.items (id int, what text);\
+                 CREATE TABLE plans (id int primary key);",
+            )
+            .await
+            .unwrap_or_else(|e| panic!("tenant schemas on s{i}: {e}"));
+    }
+    let server = start_proxy(&shard_map(&db, map)).await;
+    let client = connect_proxy(&server, "app", None).await;
+    for (tenant, expected_shard) in [("acme", 1usize), ("globex", 2), ("newco", 0)] {
+        client
+            .simple_query(&format!("SET shardgate.tenant = '{tenant}'"))
+            .await
+            .expect("set tenant");
+        // Several transactions: the backend may change; search_path follows.
+        for i in 0..3 {
+            client
+                .execute("INSERT INTO items VALUES ($1, $2)", &[&i, &tenant])
+                .await
+                .unwrap_or_else(|e| panic!("insert for {tenant}: {e}"));
+        }
+        let n: i64 = client
+            .query_one("SELECT count(*) FROM items", &[])
+            .await
+            .expect("count")
+            .get(0);
+        assert_eq!(n, 3, "{tenant} sees its own rows");
+        for (i, cluster) in fleet().clusters.iter().enumerate() {
+            let n: i64 = connect(cluster, &db)
+                .await
+                .query_one(&format!("SELECT count(*) FROM tenant_{tenant}.items"), &[])
+                .await
+                .expect("direct count")
+                .get(0);
+            let expected = if i == expected_shard { 3 } else { 0 };
+            assert_eq!(n, expected, "tenant {tenant} rows on s{i}");
+        }
+    }
+    // Inside a transaction block the tenant cannot change.
+    client.simple_query("BEGIN").await.expect("begin");
+    let error = client
+        .simple_query("SET shardgate.tenant = 'acme'")
+        .await
+        .expect_err("tenant change inside a transaction");
+    assert_eq!(code(&error), "25001");
+    client.simple_query("ROLLBACK").await.expect("rollback");
+    client
+        .simple_query("RESET shardgate.tenant")
+        .await
+        .expect("reset tenant");
+    let path: String = client
+        .query_one("SHOW search_path", &[])
+        .await
+        .expect("search_path after reset")
+        .get(0);
+    assert_eq!(path, "\"$user\", public");
+
+    // EXPLAIN (SHARDS) answers with the routing decision.
+    let plan = client
+        .simple_query("EXPLAIN (SHARDS) SELECT * FROM plans")
+        .await
+        .expect("explain shards");
+    let text: Vec<String> = rows_text(&plan)
+        .into_iter()
+        .filter_map(|r| r.into_iter().next().flatten())
+        .collect();
+    assert!(
+        text.iter()
+            .any(|l| l.contains("any-one") || l.contains("one shard")),
+        "{text:?}"
+    );
+    server.stop().await;
+}

@@ -561,12 +561,19 @@ impl Session {
                 .encode(&mut out);
             }
             ("sharding_key", value) => self.session_key = value,
+            ("tenant", value) => {
+                if let Err(error) = self.set_tenant(value) {
+                    error.encode(&mut out);
+                }
+            }
             (other, _) => {
                 ProxyError::error(
                     "42704",
                     format!("unrecognized configuration parameter \"shardgate.{other}\""),
                 )
-                .with_hint("shardgate settings: shardgate.shard, shardgate.sharding_key")
+                .with_hint(
+                    "shardgate settings: shardgate.shard, shardgate.sharding_key, shardgate.tenant",
+                )
                 .encode(&mut out);
             }
         }

@@ -60,6 +60,23 @@ impl SessionSettings {
         sql
     }
 
+    /// Sets (or with `None`, resets) a setting for the session at once, for
+    /// settings shardgate makes itself (a tenant's `search_path`).
+    /// `value` is SQL text (a quoted literal or identifier).
+    pub fn set_now(&mut self, name: &str, value: Option<String>) {
+        let change = match value {
+            Some(value) => Change::Set {
+                name: name.to_string(),
+                value,
+            },
+            None => Change::Reset {
+                name: name.to_string(),
+            },
+        };
+        self.apply(&change);
+        self.recompute();
+    }
+
     /// Notes the SETs a statement about to run contains.
     pub fn statement_sent(&mut self, sql: &str) {
         if !mentions_set(sql) {

@@ -119,6 +119,30 @@ pub fn query(out: &mut BytesMut, sql: &str) {
     put_cstr(out, sql);
 }
 
+/// A one-column text result (RowDescription, one DataRow per line,
+/// CommandComplete `tag`), for answers shardgate makes itself.
+pub fn text_result(out: &mut BytesMut, column: &str, lines: &[&str], tag: &str) {
+    // RowDescription: one field, type text (25), text format.
+    out.put_u8(b'T');
+    out.put_i32((4 + 2 + column.len() + 1 + 18) as i32);
+    out.put_i16(1);
+    put_cstr(out, column);
+    out.put_i32(0); // table OID
+    out.put_i16(0); // column number
+    out.put_i32(25); // type OID: text
+    out.put_i16(-1); // type size
+    out.put_i32(-1); // type modifier
+    out.put_i16(0); // text format
+    for line in lines {
+        out.put_u8(b'D');
+        out.put_i32((4 + 2 + 4 + line.len()) as i32);
+        out.put_i16(1);
+        out.put_i32(line.len() as i32);
+        out.put_slice(line.as_bytes());
+    }
+    command_complete(out, tag);
+}
+
 pub fn sync(out: &mut BytesMut) {
     out.put_slice(&[b'S', 0, 0, 0, 4]);
 }

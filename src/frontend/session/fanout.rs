@@ -337,6 +337,7 @@ impl Session {
                     Err(error)
                 }
             };
+            let committed = result.is_ok();
             match result {
                 Ok(()) => {
                     self.client_out.extend_from_slice(&spill);
@@ -345,8 +346,13 @@ impl Session {
                 Err(error) => self.report_fanout_error(error, extended),
             }
             self.restore_group(group, current_shard, false).await;
+            if committed && is_ddl(router, sql) {
+                // Key types and column orders may have changed with it.
+                shared.refresh_catalog().await;
+            }
             return;
         }
+        let succeeded = result.is_ok();
         if let Err(error) = result {
             self.report_fanout_error(error, extended);
             if in_transaction {
@@ -356,6 +362,10 @@ impl Session {
         }
         self.restore_group(group, current_shard, in_transaction)
             .await;
+        if succeeded && !in_transaction && is_ddl(router, sql) {
+            // Key types and column orders may have changed with it.
+            shared.refresh_catalog().await;
+        }
     }
 
     /// Two-phase (or plain) commit of an implicit multi-shard write.
@@ -463,6 +473,12 @@ impl Session {
             .unwrap_or("BEGIN")
             .to_string()
     }
+}
+
+fn is_ddl(router: &Router, sql: &str) -> bool {
+    router
+        .analyze(sql)
+        .is_ok_and(|a| a.kind == crate::router::StatementKind::Ddl)
 }
 
 async fn rollback_group(group: &mut [Attached]) {

@@ -76,6 +76,20 @@ pub(super) fn tx_verb(sql: &str) -> Option<TxVerb> {
     None
 }
 
+/// The statement of `EXPLAIN (SHARDS) statement`, answered by shardgate
+/// with the routing decision (the same text as `shardgate route`).
+fn explain_shards(sql: &str) -> Option<&str> {
+    let text = sql.trim_start();
+    text.get(..7)
+        .filter(|h| h.eq_ignore_ascii_case("explain"))?;
+    let rest = text[7..].trim_start().strip_prefix('(')?;
+    let close = rest.find(')')?;
+    if !rest[..close].trim().eq_ignore_ascii_case("shards") {
+        return None;
+    }
+    Some(rest[close + 1..].trim())
+}
+
 /// Decodes a Bind's parameters for routing, with the types from the Parse
 /// (`param_types`: count, then OIDs).
 pub(super) fn bind_params(
@@ -169,6 +183,68 @@ impl Session {
         }
     }
 
+    /// `SET shardgate.tenant = 'name'` (schema-per-tenant maps): every
+    /// statement goes to the tenant's shard with `search_path` set to the
+    /// tenant's schema; `RESET shardgate.tenant` undoes both.
+    pub(super) fn set_tenant(&mut self, tenant: Option<String>) -> Result<(), ProxyError> {
+        if self.status != b'I' {
+            return Err(ProxyError::error(
+                "25001",
+                "shardgate.tenant cannot change inside a transaction block",
+            ));
+        }
+        let Some(tenant) = tenant else {
+            self.session_shard = None;
+            self.settings.set_now("search_path", None);
+            return self.apply_search_path_now();
+        };
+        let Some(router) = self.router() else {
+            return Err(ProxyError::error(
+                "0A000",
+                "shardgate.tenant needs a shard map with a tenant function in schema mode",
+            ));
+        };
+        let map = router.map();
+        let Some(function) = map.functions.iter().find(|f| f.schema_template.is_some()) else {
+            return Err(ProxyError::error(
+                "0A000",
+                "shardgate.tenant needs a tenant function with `mode: schema` in the shard map",
+            ));
+        };
+        let shard = function
+            .function
+            .shard_for(&crate::sharding::KeyValue::Text(tenant.clone()))
+            .map_err(|e| ProxyError::error("22023", format!("tenant \"{tenant}\": {e}")))?;
+        let schema = function
+            .schema_template
+            .as_deref()
+            .unwrap_or("{tenant}")
+            .replace("{tenant}", &tenant);
+        self.session_shard = Some(shard);
+        self.settings.set_now(
+            "search_path",
+            Some(format!("\"{}\"", schema.replace('"', "\"\""))),
+        );
+        self.apply_search_path_now()
+    }
+
+    /// An attached backend gets the session's settings now (the next
+    /// checkout would replay them anyway).
+    fn apply_search_path_now(&mut self) -> Result<(), ProxyError> {
+        if let Some(attached) = self.backend.as_mut() {
+            if attached.shard != self.session_shard.unwrap_or(attached.shard) {
+                return Ok(());
+            }
+            let sql = self.settings.replay_sql();
+            synth::query(&mut self.backend_out, &sql);
+            self.queue.sent(super::Expect::HiddenQuery);
+            attached
+                .conn
+                .set_settings_signature(self.settings.signature());
+        }
+        Ok(())
+    }
+
     /// What to do with a routed simple query.
     pub(super) fn destination(&self, sql: &str, route: Route) -> Destination {
         match route {
@@ -211,6 +287,15 @@ impl Session {
     ) -> Attach {
         if let Some(handled) = self.routed_copy_in(router, frame, sql).await {
             return handled;
+        }
+        if let Some(statement) = explain_shards(sql) {
+            let explanation = crate::router::explain::explain(router, statement, &[]);
+            let lines: Vec<&str> = explanation.lines().collect();
+            let mut out = BytesMut::new();
+            synth::text_result(&mut out, "SHARD PLAN", &lines, "EXPLAIN");
+            synth::ready_for_query(&mut out, self.status);
+            self.queue.local(out, &mut self.client_out);
+            return Attach::Answered;
         }
         let route = match self.route(router, sql, &[]).await {
             Ok(route) => route,
@@ -397,6 +482,18 @@ impl Session {
         };
         let answer = match pool.checkout().await {
             Ok(mut conn) => {
+                // The statement must resolve names as the session would.
+                if conn.settings_signature() != self.settings.signature() {
+                    let sql = self.settings.replay_sql();
+                    match crate::executor::control::run(&mut conn, &sql).await {
+                        Ok(_) => conn.set_settings_signature(self.settings.signature()),
+                        Err(error) => {
+                            pool.release(conn).await;
+                            self.report(error.to_proxy_error(), true);
+                            return;
+                        }
+                    }
+                }
                 let mut request = BytesMut::new();
                 Parse {
                     name: "",
@@ -498,6 +595,21 @@ pub(super) fn multi_shard_unavailable(route: &Route) -> ProxyError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn explain_shards_is_recognised() {
+        assert_eq!(
+            explain_shards("EXPLAIN (SHARDS) SELECT 1"),
+            Some("SELECT 1")
+        );
+        assert_eq!(
+            explain_shards("  explain ( shards )select 1"),
+            Some("select 1")
+        );
+        assert_eq!(explain_shards("EXPLAIN (ANALYZE) SELECT 1"), None);
+        assert_eq!(explain_shards("EXPLAIN SELECT 1"), None);
+        assert_eq!(explain_shards("EXPLAİN (SHARDS) x"), None);
+    }
 
     #[test]
     fn transaction_verbs() {
