@@ -39,6 +39,10 @@ async fn child_transaction() {
         return;
     };
     let tx: i32 = tx.parse().unwrap();
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter("shardgate=info")
+        .try_init();
     let config = config_for(&map);
     let tp = TwoPhase::new(&config, None);
     let mut conns = Vec::new();
@@ -66,25 +70,33 @@ async fn child_transaction() {
         .collect();
     let outcome = twophase::commit(&tp, &mut participants).await;
     println!("CHILD_OUTCOME {outcome:?}");
-    // Let background COMMIT PREPARED retries finish before exiting.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    for (i, shard) in config.shards.iter().enumerate() {
-        let client = recovery_client(shard).await;
-        while pending(&client).await > 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+    // Let background resolution finish before exiting (shards may be down
+    // for a while: keep trying).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut clean = false;
+    while !clean && Instant::now() < deadline {
+        clean = true;
+        for shard in &config.shards {
+            match recovery_client(shard).await {
+                Some(client) => clean &= pending(&client).await == 0,
+                None => clean = false,
+            }
         }
-        println!("CHILD_CLEAN {i} {}", pending(&client).await == 0);
+        if !clean {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
+    println!("CHILD_CLEAN {clean}");
 }
 
-async fn recovery_client(shard: &shardgate::config::ShardConfig) -> tokio_postgres::Client {
+async fn recovery_client(shard: &shardgate::config::ShardConfig) -> Option<tokio_postgres::Client> {
     let (client, connection) = tokio_postgres::connect(&shard.url, tokio_postgres::NoTls)
         .await
-        .unwrap();
+        .ok()?;
     tokio::spawn(async move {
         let _ = connection.await;
     });
-    client
+    Some(client)
 }
 
 async fn pending(client: &tokio_postgres::Client) -> i64 {
@@ -376,7 +388,7 @@ async fn lost_commit_prepared_is_finished_in_the_background() {
         stdout.contains("CHILD_OUTCOME Ok(Committed { prepared: 2, background: 1 })"),
         "{stdout}"
     );
-    assert!(stdout.contains("CHILD_CLEAN 2 true"), "{stdout}");
+    assert!(stdout.contains("CHILD_CLEAN true"), "{stdout}");
     assert_eq!(f.state(31).await, VISIBLE);
 }
 
@@ -407,4 +419,60 @@ async fn other_gid_families_are_left_alone() {
             .await
             .unwrap();
     }
+}
+
+#[tokio::test]
+async fn coordinator_lost_during_commit_is_resolved_by_asking_it() {
+    let f = setup("twophase_unknown").await;
+    let db = f.config.shards[0].database.clone();
+    let mut cluster = {
+        let db = db.clone();
+        tokio::task::spawn_blocking(move || {
+            let cluster = shardgate::devcluster::DevCluster::start("twophase-coord").unwrap();
+            cluster.create_database(&db).unwrap();
+            cluster.psql(&db, SCHEMA).unwrap();
+            cluster
+        })
+        .await
+        .unwrap()
+    };
+    // s0, the coordinator, is our own cluster.
+    let fleet = &support::fleet().clusters;
+    let map = f.map.replace(&fleet[0].url(&db), &cluster.url(&db));
+    let running = child(&map, 41, &[(PAUSE_ENV, "prepare:3000")])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while f.state(41).await[1..] != [(0, 1), (0, 1)] {
+        assert!(Instant::now() < deadline, "child never prepared");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The coordinator shard crashes while the coordinator is about to COMMIT.
+    cluster = tokio::task::spawn_blocking(move || {
+        cluster.kill().unwrap();
+        std::thread::sleep(Duration::from_secs(4));
+        cluster.restart().unwrap();
+        cluster
+    })
+    .await
+    .unwrap();
+    let out = running.wait_with_output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("CHILD_OUTCOME Err") && stdout.contains("08007"),
+        "{stdout}"
+    );
+    // The child's background task asked the restarted coordinator: no
+    // decision survived the crash, so the prepared parts were rolled back.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stdout.contains("CHILD_CLEAN true"), "{stdout}\n{stderr}");
+    assert_eq!(f.state(41).await[1..], [(0, 0), (0, 0)]);
+    let c0 = support::connect(&cluster, &db).await;
+    let rows: i64 = c0
+        .query_one("SELECT count(*) FROM t WHERE tx = 41", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 0);
 }

@@ -34,6 +34,10 @@ pub enum ControlError {
         message: String,
         detail: Option<String>,
         hint: Option<String>,
+        /// FATAL/PANIC, or the connection closed after it: the session is
+        /// gone, and the error may predate the statement (e.g. 57P01 queued
+        /// when the server died), so whether it ran is unknown.
+        fatal: bool,
     },
     /// The connection failed (EOF, reset, write error).
     #[error("shard {shard}: connection lost: {reason}")]
@@ -68,7 +72,7 @@ impl ControlError {
     /// True when the connection is gone or unusable, so whether the
     /// statement took effect is unknown.
     pub fn outcome_unknown(&self) -> bool {
-        !matches!(self, ControlError::Server { .. })
+        !matches!(self, ControlError::Server { fatal: false, .. })
     }
 
     /// The error for a client, naming the shard (the server's detail and
@@ -138,7 +142,24 @@ pub async fn run(conn: &mut BackendConnection, sql: &str) -> Result<Vec<String>,
         match conn.read_buf(&mut buf).await {
             Ok(0) => {
                 // A FATAL error (e.g. 57P01 at shutdown) says more than EOF.
-                return Err(error.unwrap_or_else(|| lost(conn, "the server closed the connection")));
+                return Err(match error {
+                    Some(ControlError::Server {
+                        shard,
+                        sqlstate,
+                        message,
+                        detail,
+                        hint,
+                        ..
+                    }) => ControlError::Server {
+                        shard,
+                        sqlstate,
+                        message,
+                        detail,
+                        hint,
+                        fatal: true,
+                    },
+                    _ => lost(conn, "the server closed the connection"),
+                });
             }
             Ok(_) => {}
             Err(e) => return Err(lost(conn, &e.to_string())),
@@ -198,6 +219,7 @@ fn copy_fail(message: &str) -> Vec<u8> {
 /// The fields of an ErrorResponse body that a client needs.
 fn server_error(shard: &str, body: &[u8]) -> ControlError {
     let mut code = "";
+    let mut severity = "";
     let mut message = String::new();
     let mut detail = None;
     let mut hint = None;
@@ -209,6 +231,8 @@ fn server_error(shard: &str, body: &[u8]) -> ControlError {
         let Ok(value) = cursor.cstr() else { break };
         match kind {
             b'C' => code = value,
+            b'V' => severity = value,
+            b'S' if severity.is_empty() => severity = value,
             b'M' => message = value.to_owned(),
             b'D' => detail = Some(value.to_owned()),
             b'H' => hint = Some(value.to_owned()),
@@ -221,6 +245,7 @@ fn server_error(shard: &str, body: &[u8]) -> ControlError {
         message,
         detail,
         hint,
+        fatal: matches!(severity, "FATAL" | "PANIC"),
     }
 }
 
@@ -273,8 +298,10 @@ mod tests {
                 message,
                 detail,
                 hint,
+                fatal,
                 ..
             } => {
+                assert!(!fatal);
                 assert_eq!(sqlstate, "40001");
                 assert_eq!(message, "could not serialize");
                 assert_eq!(detail.as_deref(), Some("some detail"));
@@ -282,6 +309,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        assert!(server_error("s1", b"SFATAL\0C57P01\0\0").outcome_unknown());
         assert_eq!(server_error("s1", b"C4").sqlstate(), "XX000");
         assert_eq!(server_error("s1", b"").sqlstate(), "XX000");
     }

@@ -71,8 +71,11 @@ use crate::config::ShardConfig;
 
 /// Creates the decision table. The advisory transaction lock serialises
 /// concurrent creators (two `CREATE … IF NOT EXISTS` can still collide).
+/// Committed synchronously: a table lost in a crash would turn prepared
+/// parts into "no decision table, cannot decide" (see [`Probe::NoTable`]).
 const DECISION_TABLE_SQL: &str = "
 BEGIN;
+SET LOCAL synchronous_commit = on;
 SELECT pg_advisory_xact_lock(7526752186389689716);
 CREATE SCHEMA IF NOT EXISTS shardgate;
 CREATE TABLE IF NOT EXISTS shardgate.tx_decisions (
@@ -125,6 +128,8 @@ pub struct RecoveryReport {
     pub prepare_disabled: Vec<usize>,
     /// Shard indexes whose setting was read (the others are unknown).
     pub settings_read: Vec<usize>,
+    /// Shard indexes where `shardgate.tx_decisions` was created or found.
+    pub tables_ready: Vec<usize>,
     pub decisions_deleted: u64,
     /// Spent decision rows handed in that could not be deleted yet.
     pub spent_left: Vec<(usize, String)>,
@@ -145,7 +150,10 @@ pub(crate) enum Probe {
     Absent,
     /// The coordinator's transaction is still open.
     InFlight,
-    /// The coordinator has no decision table: nothing can be concluded.
+    /// The coordinator has no decision table. Its transaction cannot be
+    /// open (it would hold a lock that blocks DROP TABLE), but a decision it
+    /// committed may have been dropped with the table: nothing is concluded,
+    /// the parts stay prepared for an operator.
     NoTable,
 }
 
@@ -355,10 +363,15 @@ pub async fn recover_once(
             if opts.create_tables {
                 ensure_table(client).await?;
             }
-            decisions(client).await
+            Ok((table_exists(client).await?, decisions(client).await?))
         };
         match step.await {
-            Ok(set) => decided[i] = Some(set),
+            Ok((table, set)) => {
+                if table {
+                    report.tables_ready.push(i);
+                }
+                decided[i] = Some(set);
+            }
             Err(e) => report.errors.push((shards[i].name.clone(), describe(&e))),
         }
     }

@@ -281,13 +281,9 @@ impl TwoPhase {
                 metrics.set_prepared_transactions_disabled(i, disabled && self.inner.enabled);
             }
         }
-        for &i in report.settings_read.iter() {
-            if !report
-                .errors
-                .iter()
-                .any(|(s, _)| *s == self.inner.shards[i].name)
-            {
-                self.inner.table_ready[i].store(true, Ordering::Relaxed);
+        for &i in &report.tables_ready {
+            if let Some(flag) = self.inner.table_ready.get(i) {
+                flag.store(true, Ordering::Relaxed);
             }
         }
         for (shard, group) in &report.spent_left {
@@ -681,8 +677,12 @@ async fn two_phase_commit(
 
     // 1. The decision row (uncommitted: the coordinator's lease) and the
     //    readers' commits.
+    // The decision must be durable before any COMMIT PREPARED: a client
+    // (or server default) `synchronous_commit = off` is raised to `on` for
+    // this one transaction (PREPARE and COMMIT PREPARED always flush).
     let insert = format!(
-        "INSERT INTO shardgate.tx_decisions (gid_prefix) VALUES ({})",
+        "INSERT INTO shardgate.tx_decisions (gid_prefix) VALUES ({}); \
+         SELECT set_config('synchronous_commit', 'on', true) WHERE current_setting('synchronous_commit') = 'off'",
         literal(&group)
     );
     let results = run_each(participants, timeout, |i, p| {
@@ -698,12 +698,24 @@ async fn two_phase_commit(
     let mut failure = None;
     for (i, result) in results {
         let ok = if i == coord {
-            matches!(&result, Ok(tags) if tags.last().is_some_and(|t| t == "INSERT 0 1"))
+            matches!(&result, Ok(tags) if tags.first().is_some_and(|t| t == "INSERT 0 1"))
         } else {
             committed(&result, "COMMIT")
         };
         if i != coord || !ok {
             state[i] = after(&result, participants[i].conn);
+        }
+        if i == coord
+            && matches!(
+                &result,
+                Err(ControlError::Server {
+                    sqlstate: "42P01",
+                    ..
+                })
+            )
+        {
+            // Someone dropped the decision table: create it again next time.
+            tp.inner.table_ready[coord_shard].store(false, Ordering::Relaxed);
         }
         if !ok && failure.is_none() {
             let shard = participants[i].conn.shard_name().to_owned();
