@@ -225,6 +225,7 @@ impl Fixture {
             all.committed.extend(report.committed);
             all.rolled_back.extend(report.rolled_back);
             all.decisions_deleted += report.decisions_deleted;
+            assert!(report.young.is_empty(), "min_age is 0");
             if report.in_flight.is_empty() {
                 return all;
             }

@@ -118,8 +118,11 @@ impl Default for RecoveryOptions {
 pub struct RecoveryReport {
     pub committed: Vec<(String, String)>,
     pub rolled_back: Vec<(String, String)>,
-    /// Left alone: younger than `min_age`, or the coordinator is still open.
+    /// Left alone: the coordinator's transaction is still open, or another
+    /// session is finishing the gid right now.
     pub in_flight: Vec<(String, String)>,
+    /// Left alone: prepared less than `min_age` ago.
+    pub young: Vec<(String, String)>,
     /// Not decidable now (coordinator unreachable or unknown, errors).
     pub unresolved: Vec<(String, String, String)>,
     /// Shards that could not be reached or read: (shard, message).
@@ -405,7 +408,7 @@ pub async fn recover_once(
             let group = parsed.group.to_owned();
             if age < min_age {
                 remaining.insert(group);
-                report.in_flight.push((participant, gid));
+                report.young.push((participant, gid));
                 continue;
             }
             let Some(coordinator) = shards.iter().position(|s| s.name == parsed.coordinator) else {
