@@ -21,10 +21,13 @@
 //! PREPARED`) and reports the cause's SQLSTATE naming its shard. Losing the
 //! coordinator during 3 leaves the outcome unknown: the client gets 08007
 //! and the prepared parts are resolved by asking the coordinator shard
-//! (never guessed). Step 1 comes before any PREPARE so that an open
-//! coordinator transaction always holds the decision row's lock: that is
-//! how [`super::recovery`] tells a live coordinator from a dead one, with
-//! any number of shardgate instances (see its module doc).
+//! (never guessed). Step 1 is answered before any PREPARE is sent, so that
+//! an open coordinator transaction always holds the decision row's lock:
+//! that is how [`super::recovery`] tells a live coordinator from a dead one,
+//! with any number of shardgate instances (see its module doc). Do not
+//! pipeline the INSERT with the PREPAREs or move it into the COMMIT: a
+//! recovery could then roll back parts of a transaction whose decision is
+//! still to be committed.
 //!
 //! ## gids
 //!
