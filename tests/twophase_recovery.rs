@@ -266,12 +266,27 @@ async fn coordinator_killed_after_decision_is_committed() {
     assert_eq!(f.state(2).await, vec![(1, 0), (0, 1), (0, 1)]);
     assert_eq!(f.decisions().await, 1);
 
-    let report = f.recover().await;
-    assert_eq!(report.committed.len(), 2, "{report:?}");
-    assert!(report.rolled_back.is_empty());
-    assert_eq!(f.state(2).await, VISIBLE);
-    // The same pass saw no prepared part left and deleted the decision.
-    assert_eq!(f.decisions().await, 0);
+    // The periodic task a restarted proxy runs (here with a short interval).
+    let metrics = shardgate::metrics::Metrics::new(&["s0", "s1", "s2"]);
+    let tp = TwoPhase::new(&f.config, Some(metrics.clone()));
+    let task = recovery::spawn(
+        tp,
+        RecoveryOptions {
+            interval: Duration::from_millis(100),
+            min_age: Duration::ZERO,
+            ..RecoveryOptions::default()
+        },
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while f.state(2).await != VISIBLE || f.decisions().await != 0 {
+        assert!(Instant::now() < deadline, "recovery did not finish");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    task.abort();
+    let text = metrics.render();
+    assert!(text.contains("shardgate_twophase_in_doubt 0"), "{text}");
+    assert!(text.contains("shardgate_prepared_transactions_disabled{shard=\"s1\"} 0"));
 }
 
 #[tokio::test]
