@@ -44,32 +44,40 @@ async fn child_transaction() {
         .with_env_filter("shardgate=info")
         .try_init();
     let config = config_for(&map);
+    let count: i32 = std::env::var("TWOPHASE_CHILD_COUNT")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(1);
     let tp = TwoPhase::new(&config, None);
     let mut conns = Vec::new();
     for (i, shard) in config.shards.iter().enumerate() {
-        let mut conn = BackendConnection::connect(shard, i, Duration::from_secs(5))
+        conns.push(
+            BackendConnection::connect(shard, i, Duration::from_secs(5))
+                .await
+                .unwrap(),
+        );
+    }
+    for tx in tx..tx + count {
+        for (i, conn) in conns.iter_mut().enumerate() {
+            control::run(
+                conn,
+                &format!("BEGIN; INSERT INTO t VALUES ({}, {tx})", tx * 10 + i as i32),
+            )
             .await
             .unwrap();
-        control::run(&mut conn, "BEGIN").await.unwrap();
-        control::run(
-            &mut conn,
-            &format!("INSERT INTO t VALUES ({}, {tx})", tx * 10 + i as i32),
-        )
-        .await
-        .unwrap();
-        conns.push(conn);
+        }
+        let mut participants: Vec<Participant<'_>> = conns
+            .iter_mut()
+            .enumerate()
+            .map(|(shard, conn)| Participant {
+                shard,
+                conn,
+                wrote: true,
+            })
+            .collect();
+        let outcome = twophase::commit(&tp, &mut participants).await;
+        println!("CHILD_OUTCOME {outcome:?}");
     }
-    let mut participants: Vec<Participant<'_>> = conns
-        .iter_mut()
-        .enumerate()
-        .map(|(shard, conn)| Participant {
-            shard,
-            conn,
-            wrote: true,
-        })
-        .collect();
-    let outcome = twophase::commit(&tp, &mut participants).await;
-    println!("CHILD_OUTCOME {outcome:?}");
     // Let background resolution finish before exiting (shards may be down
     // for a while: keep trying).
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -491,4 +499,73 @@ async fn coordinator_lost_during_commit_is_resolved_by_asking_it() {
         .unwrap()
         .get(0);
     assert_eq!(rows, 0);
+}
+
+/// Coordinators that pause 30 ms between PREPARE and their decision, while
+/// two other "instances" run recovery back to back with `min_age` 0: every
+/// commit succeeds and is complete on every shard (the probe waits for the
+/// live coordinator instead of rolling its prepared parts back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_under_aggressive_recovery_stay_atomic() {
+    let f = setup("twophase_stress").await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let recovering: Vec<_> = (0..2)
+        .map(|_| {
+            let stop = stop.clone();
+            let shards = f.config.shards.clone();
+            tokio::spawn(async move {
+                let opts = RecoveryOptions {
+                    min_age: Duration::ZERO,
+                    lock_timeout: Duration::from_secs(5),
+                    ..RecoveryOptions::default()
+                };
+                let (mut passes, mut rolled_back, mut seen) = (0, 0, 0);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let report = recovery::recover_once(&shards, &opts, vec![]).await;
+                    assert!(report.errors.is_empty(), "{:?}", report.errors);
+                    rolled_back += report.rolled_back.len();
+                    seen += report.committed.len() + report.in_flight.len();
+                    passes += 1;
+                }
+                (passes, rolled_back, seen)
+            })
+        })
+        .collect();
+    let children: Vec<_> = (0..2)
+        .map(|c| {
+            let mut command = child(&f.map, 1000 + c * 1000, &[(PAUSE_ENV, "prepare:30")]);
+            command.env("TWOPHASE_CHILD_COUNT", "25");
+            command.output()
+        })
+        .collect();
+    for out in futures::future::join_all(children).await {
+        let out = out.unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{stdout}");
+        assert_eq!(
+            stdout.matches("CHILD_OUTCOME Ok(Committed").count(),
+            25,
+            "{stdout}"
+        );
+        assert!(stdout.contains("CHILD_CLEAN true"), "{stdout}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut passes, mut seen) = (0, 0);
+    for r in futures::future::join_all(recovering).await {
+        let (p, rolled_back, s) = r.unwrap();
+        assert_eq!(rolled_back, 0, "a live transaction was rolled back");
+        passes += p;
+        seen += s;
+    }
+    println!("{passes} recovery passes met {seen} prepared parts of live transactions");
+    assert!(seen > 0, "the race was not exercised ({passes} passes)");
+    for c in &f.clients {
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM t WHERE tx >= 1000", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 50);
+        assert_eq!(pending(c).await, 0);
+    }
 }
