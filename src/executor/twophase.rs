@@ -255,10 +255,17 @@ impl TwoPhase {
         }
     }
 
+    /// Queues a decision row for deletion. Bounded: without a recovery
+    /// task draining the queue, rows past the bound are left to recovery's
+    /// sweep (it deletes decisions that no prepared part needs).
     fn push_spent(&self, shard: usize, group: String) {
-        match self.inner.spent.lock() {
-            Ok(mut guard) => guard.push((shard, group)),
-            Err(poisoned) => poisoned.into_inner().push((shard, group)),
+        const MAX_SPENT: usize = 100_000;
+        let mut guard = match self.inner.spent.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if guard.len() < MAX_SPENT {
+            guard.push((shard, group));
         }
     }
 
