@@ -431,6 +431,25 @@ async fn max_prepared_transactions_zero_is_reported_and_refused() {
     let c2 = support::connect(&cluster, &db).await;
     assert_eq!(rows(&clients[0], 11).await, 0);
     assert_eq!(rows(&c2, 11).await, 0);
+    // Also when that shard would be the coordinator (the lowest index
+    // written): the rule is "multi-shard writes on it fail".
+    let mut swapped = config.clone();
+    swapped.shards.swap(0, 2);
+    let tp_swapped = TwoPhase::new(&swapped, None);
+    let report = recovery::recover_once(&swapped.shards, &RecoveryOptions::default(), vec![]).await;
+    assert_eq!(report.prepare_disabled, vec![0]);
+    tp_swapped.after_recovery(&report);
+    let mut swapped_conns = open_all(&swapped).await;
+    write(&mut swapped_conns, &[0, 2], 13).await;
+    let error = twophase::commit(
+        &tp_swapped,
+        &mut participants(&mut swapped_conns, &[true, false, true]),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(error.code, "55000");
+    assert_eq!(rows(&clients[0], 13).await, 0);
+    assert_eq!(rows(&c2, 13).await, 0);
     // Writes on that shard alone still work.
     write(&mut conns, &[2], 12).await;
     twophase::commit(&tp, &mut participants(&mut conns, &[false, false, true]))

@@ -278,7 +278,9 @@ impl TwoPhase {
                 continue;
             };
             let was = flag.swap(disabled, Ordering::Relaxed);
-            let name = &self.inner.shards[i].name;
+            let Some(name) = self.inner.shards.get(i).map(|s| &s.name) else {
+                continue;
+            };
             if disabled && !was && self.inner.enabled {
                 tracing::warn!(
                     shard = %name,
@@ -360,7 +362,9 @@ impl TwoPhase {
         recovery::ensure_table(&client)
             .await
             .map_err(|e| fail(&e))?;
-        self.inner.table_ready[shard].store(true, Ordering::Relaxed);
+        if let Some(flag) = self.inner.table_ready.get(shard) {
+            flag.store(true, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -664,7 +668,10 @@ async fn two_phase_commit(
             format!("shard name {coord_name:?} is too long for a two-phase commit identifier"),
         ))
     } else {
-        preparing
+        // Any written shard known to be unable to prepare, the coordinator
+        // included (it would not need to prepare, but "multi-shard writes
+        // on that shard fail" is the rule users can predict).
+        writers
             .iter()
             .map(|&i| participants[i].shard)
             .find(|&s| {
@@ -725,7 +732,9 @@ async fn two_phase_commit(
             )
         {
             // Someone dropped the decision table: create it again next time.
-            tp.inner.table_ready[coord_shard].store(false, Ordering::Relaxed);
+            if let Some(flag) = tp.inner.table_ready.get(coord_shard) {
+                flag.store(false, Ordering::Relaxed);
+            }
         }
         if !ok && failure.is_none() {
             let shard = participants[i].conn.shard_name().to_owned();
