@@ -643,7 +643,7 @@ async fn two_phase_commit(
         .min_by_key(|&i| participants[i].shard)
         .unwrap_or(writers[0]);
     let coord_shard = participants[coord].shard;
-    let coord_name = tp.shard_name(coord_shard).to_owned();
+    let coord_name = participants[coord].conn.shard_name().to_owned();
     let group = tp.next_group();
     let gids: Vec<String> = participants
         .iter()
