@@ -197,7 +197,7 @@ class Bench:
                        check=True, stdout=subprocess.DEVNULL)
 
     # --- shardgate --------------------------------------------------------
-    def start_shardgate(self, binary, pool_size, pool_mode="transaction", wrapper=()):
+    def start_shardgate(self, binary, pool_size, pool_mode="transaction", wrapper=(), routed=False):
         self.sg_port = free_port()
         config = os.path.join(self.dir, "shardgate.yaml")
         with open(config, "w") as f:
@@ -211,6 +211,14 @@ pool: {{ mode: {pool_mode}, size: {pool_size} }}
 shards:
   - {{ name: s0, url: "postgres://{PG_USER}@127.0.0.1:{self.pg_port}/{DB}" }}
 default_table: replicated
+""")
+            if routed:
+                # SQL routing on: every statement is analysed (cache hit) and
+                # its key evaluated, as with a real sharded map.
+                f.write("""functions:
+  by_aid: { kind: hash }
+tables:
+  pgbench_accounts: { key: aid, function: by_aid }
 """)
         env = {**os.environ, "SHARDGATE_LOG": os.environ.get("SHARDGATE_LOG", "warn")}
         self.sg = self._spawn("shardgate", list(wrapper) + [binary, "serve", "--config", config],

@@ -33,6 +33,8 @@ def parse_args():
     p.add_argument("--modes", default="simple,extended,prepared")
     p.add_argument("--scale", type=int, default=10, help="pgbench -i -s (default 10)")
     p.add_argument("--no-pgbouncer", action="store_true")
+    p.add_argument("--routed", action="store_true",
+                   help="shardgate with SQL routing on (pgbench_accounts sharded by aid; one shard)")
     p.add_argument("--out", help="markdown file (default bench/results/pgbench-<date>.md)")
     a = p.parse_args()
     a.secs = a.secs or (3 if a.quick else 10)
@@ -87,7 +89,7 @@ def main():
     subprocess.run(["pgbench", "-i", "-q", "-s", str(a.scale), "-h", "127.0.0.1", "-p", str(b.pg_port),
                     "-U", PG_USER, DB], check=True, capture_output=True)
     b.psql(DB, "VACUUM ANALYZE")
-    sg = b.start_shardgate(binary, a.pool)
+    sg = b.start_shardgate(binary, a.pool, routed=a.routed)
     pb = b.start_pgbouncer(pb_path, a.pool, 200 if pb_prepared_ok else None) if pb_path else None
     ports = {"direct": b.pg_port, "shardgate": b.sg_port, "pgbouncer": b.pb_port}
     pids = {"shardgate": sg.pid, "pgbouncer": pb.pid if pb else None}
@@ -165,7 +167,8 @@ def main():
     for r in runs:
         raw.append(f"| {r['round']} | {r['mode']} | {r['clients']} | {r['target']} | {r['tps']:,.0f} | "
                    f"{r['txns']:,} | {fmt(r['cpu'], '.1f')} |")
-    out = a.out or os.path.join(harness.RESULTS, f"pgbench-{started:%Y-%m-%d}.md")
+    suffix = "-routed" if a.routed else ""
+    out = a.out or os.path.join(harness.RESULTS, f"pgbench{suffix}-{started:%Y-%m-%d}.md")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         f.write(f"""# pgbench -S: direct vs shardgate vs PgBouncer ({started:%Y-%m-%d %H:%M})
@@ -174,6 +177,7 @@ Command: `bench/pgbench.sh {' '.join(sys.argv[1:])}`
 shardgate `{commit}`, {pgb_v}, {pb_v}, {platform.node()} ({os.cpu_count()} CPUs, {cpu_model}).  
 `pgbench -i -s {a.scale}`; each cell: `pgbench -n -S -M <mode> -c <clients> [-j 2] -T {a.secs}`,
 mean of {a.rounds} round(s), targets interleaved direct → shardgate → pgbouncer within each round.
+shardgate SQL routing: {'on (pgbench_accounts sharded by aid, hash, one shard: every statement analysed)' if a.routed else 'off (no tables in the map: pooling only)'}.
 Both proxies: transaction pooling, pool size {a.pool}, one Postgres (fsync=off, max_connections=300,
 shared_buffers=128MB). pgbench, the proxy and Postgres share the same {os.cpu_count()} cores.
 Load average before/after: {' '.join(load_before)} / {' '.join(load_after)} (machine shared with other work).
