@@ -217,7 +217,9 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         shared.refresh_catalog().await;
     }
     let mut background = Vec::new();
-    if shared.router.is_some() && shared.config.shards.len() > 1 && shared.config.two_phase_commit {
+    // Also with two_phase_commit off: a map switched off may still have
+    // prepared transactions left from before.
+    if shared.router.is_some() && shared.config.shards.len() > 1 {
         // Resolves prepared transactions left by crashed coordinators (of
         // any shardgate instance) and checks each shard can prepare.
         background.push(recovery::spawn(
