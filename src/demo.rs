@@ -86,7 +86,8 @@ pub fn run(shards: usize) -> anyhow::Result<()> {
         }
         println!("\nshardgate is listening on {}. Connect with:\n", server.address);
         println!("  psql -h 127.0.0.1 -p {} -U app {DEMO_DATABASE}\n", server.address.port());
-        println!("Statements go to shard s0 unless a hint says otherwise: /* shardgate: shard=s1 */ SELECT …");
+        println!("Try: INSERT INTO users (id, name) VALUES (1, 'ann'), (2, 'bob');  (each row goes to its shard)");
+        println!("     SELECT * FROM users WHERE id = 1;   EXPLAIN (SHARDS) SELECT count(*) FROM users;");
         println!("Press Ctrl-C to stop the proxy and delete the clusters.");
         std::io::stdout().flush().ok();
         wait_for_shutdown_async().await;
