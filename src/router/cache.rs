@@ -7,8 +7,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use super::analyze::{analyze, Analysis};
+use super::analyze::{analyze, Analysis, StatementKind};
 use super::hints::{leading_hint, Hint};
+use super::normalize::{extract_literals, max_param};
 use super::route::{Param, Route, RouteError};
 use super::shardmap::ShardMap;
 use crate::sharding::KeyValue;
@@ -92,6 +93,64 @@ impl Router {
         fresh
     }
 
+    /// The analysis of `sql` by its literal-free form when that analyses
+    /// (see [`super::normalize`]), else of the text as written. Returns the
+    /// analysis and the extracted literals (empty when none).
+    fn analysis_of(
+        &self,
+        sql: &str,
+        params: usize,
+    ) -> Result<(Arc<Analysis>, Vec<Param>), RouteError> {
+        if let Some((normalized, literals)) = extract_literals(sql, max_param(sql).max(params)) {
+            if let Ok(analysis) = self.analyze(&normalized) {
+                return Ok((analysis, literals));
+            }
+        }
+        Ok((self.analyze(sql)?, Vec::new()))
+    }
+
+    /// The route of a statement and what kind of statement it is, from one
+    /// cached analysis. A leading hint overrides the route.
+    pub fn route_statement(
+        &self,
+        sql: &str,
+        params: &[Param],
+    ) -> Result<(Route, StatementKind), RouteError> {
+        let hinted = match leading_hint(sql) {
+            Some(Hint::Shard(name)) => Some(self.hinted_shard(name)?),
+            Some(Hint::Key(value)) => Some(self.hinted_key(sql, value)?),
+            None => None,
+        };
+        let analysed = self.analysis_of(sql, params.len());
+        if let Some(shard) = hinted {
+            // A hinted statement need not be analysable; unknown counts as a write.
+            let kind = analysed.map_or(StatementKind::Write, |(a, _)| a.kind);
+            return Ok((Route::Single(shard), kind));
+        }
+        let (analysis, literals) = analysed?;
+        if literals.is_empty() {
+            return Ok((analysis.route(&self.map(), params)?, analysis.kind));
+        }
+        let first = max_param(sql).max(params.len());
+        let mut all = Vec::with_capacity(first + literals.len());
+        all.extend_from_slice(params);
+        all.resize(first, Param::null());
+        all.extend(literals);
+        match analysis.route(&self.map(), &all) {
+            Ok(route) => Ok((route, analysis.kind)),
+            // Errors are worded for the text as written.
+            Err(_) => {
+                let analysis = self.analyze(sql)?;
+                Ok((analysis.route(&self.map(), params)?, analysis.kind))
+            }
+        }
+    }
+
+    /// The kind of a statement (read, write, DDL, …), from the cached analysis.
+    pub fn statement_kind(&self, sql: &str) -> Result<StatementKind, RouteError> {
+        self.analysis_of(sql, 0).map(|(a, _)| a.kind)
+    }
+
     /// The route of a statement without parameters.
     pub fn route(&self, sql: &str) -> Result<Route, RouteError> {
         self.route_with_params(sql, &[])
@@ -123,7 +182,7 @@ impl Router {
     /// known, else as the function's type; a bare integer is an integer key.
     pub fn hinted_key(&self, sql: &str, value: &str) -> Result<usize, RouteError> {
         let map = self.map();
-        let analysis = self.analyze(sql).ok();
+        let analysis = self.analysis_of(sql, 0).ok().map(|(a, _)| a);
         let function = analysis
             .as_ref()
             .and_then(|a| a.function())

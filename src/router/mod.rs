@@ -12,6 +12,7 @@ pub mod cache;
 pub mod catalog;
 pub mod explain;
 pub mod hints;
+pub mod normalize;
 pub mod route;
 pub mod shardmap;
 

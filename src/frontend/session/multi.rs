@@ -20,13 +20,7 @@ impl Session {
     /// Whether `sql` may write (anything but a plain read or session /
     /// transaction control); unknown statements count as writes.
     pub(super) fn may_write(router: &Router, sql: &str) -> bool {
-        match router.analyze(sql) {
-            Ok(analysis) => !matches!(
-                analysis.kind,
-                StatementKind::Read | StatementKind::Transaction | StatementKind::Set
-            ),
-            Err(_) => true,
-        }
+        router.statement_kind(sql).map_or(true, writes)
     }
 
     /// Makes `shard` the current backend of the open transaction, joining
@@ -159,6 +153,14 @@ impl Session {
             }
         }
     }
+}
+
+/// Whether a statement of this kind may write.
+pub(super) fn writes(kind: StatementKind) -> bool {
+    !matches!(
+        kind,
+        StatementKind::Read | StatementKind::Transaction | StatementKind::Set
+    )
 }
 
 /// A `BEGIN` query frame, for shards joining a transaction whose BEGIN went

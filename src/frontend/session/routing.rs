@@ -163,17 +163,24 @@ impl Session {
         router: &Router,
         sql: &str,
         params: &[Param],
-    ) -> Result<Route, ProxyError> {
-        let decide = |session: &Session| -> Result<Route, RouteError> {
+    ) -> Result<(Route, bool), ProxyError> {
+        let decide = |session: &Session| -> Result<(Route, bool), RouteError> {
             if leading_hint(sql).is_none() {
+                let kind = || {
+                    router
+                        .statement_kind(sql)
+                        .map_or(true, super::multi::writes)
+                };
                 if let Some(shard) = session.session_shard {
-                    return Ok(Route::Single(shard));
+                    return Ok((Route::Single(shard), kind()));
                 }
                 if let Some(key) = &session.session_key {
-                    return router.hinted_key(sql, key).map(Route::Single);
+                    return Ok((Route::Single(router.hinted_key(sql, key)?), kind()));
                 }
             }
-            router.route_with_params(sql, params)
+            router
+                .route_statement(sql, params)
+                .map(|(route, kind)| (route, super::multi::writes(kind)))
         };
         match decide(self) {
             Err(error) if error.may_need_catalog() && self.shared.refresh_catalog().await => {
@@ -297,14 +304,13 @@ impl Session {
             self.queue.local(out, &mut self.client_out);
             return Attach::Answered;
         }
-        let route = match self.route(router, sql, &[]).await {
-            Ok(route) => route,
+        let (route, writes) = match self.route(router, sql, &[]).await {
+            Ok(routed) => routed,
             Err(error) => {
                 self.report(error, false);
                 return Attach::Failed;
             }
         };
-        let writes = Self::may_write(router, sql);
         self.statement_writes = writes;
         let verb = tx_verb(sql);
         let attach = match self.destination(sql, route) {
@@ -450,8 +456,7 @@ impl Session {
     ) -> Result<(Route, bool), ProxyError> {
         let params = bind_params(bind, parse.param_types)
             .map_err(|e| ProxyError::error("08P01", format!("invalid Bind message: {e}")))?;
-        let route = self.route(router, parse.query, &params).await?;
-        Ok((route, Self::may_write(router, parse.query)))
+        self.route(router, parse.query, &params).await
     }
 
     /// Attaches the backend for a statement any shard can answer.
