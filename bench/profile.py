@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Where shardgate's CPU goes under `pgbench -S -M simple -c 16`.
+"""Where shardgate's CPU goes under `pgbench -S -M {MODE} -c 16`.
 
 Two views of the same workload (see bench/README.md):
 1. perf (software event cpu-clock, sampling the running release binary, user +
@@ -30,8 +30,12 @@ from harness import DB, PG_USER, log  # noqa: E402
 TOP = 15
 
 
+MODE = "simple"
+ROUTED = False
+
+
 def pgbench(port, secs, clients=16):
-    r = subprocess.run(["pgbench", "-n", "-S", "-M", "simple", "-c", str(clients), "-j", "2",
+    r = subprocess.run(["pgbench", "-n", "-S", "-M", MODE, "-c", str(clients), "-j", "2",
                         "-T", str(secs), "-h", "127.0.0.1", "-p", str(port), "-U", PG_USER, DB],
                        capture_output=True, text=True)
     m = re.search(r"^tps = ([\d.]+)", r.stdout, re.M)
@@ -85,7 +89,7 @@ def perf_profile(b, sg, secs, workdir):
 def callgrind_profile(b, binary, pool, secs, workdir):
     out = os.path.join(workdir, "callgrind.out")
     sg = b.start_shardgate(binary, pool, wrapper=["valgrind", "--tool=callgrind",
-                                                  f"--callgrind-out-file={out}"])
+                                                  f"--callgrind-out-file={out}"], routed=ROUTED)
     time.sleep(1)
     tps, txns = pgbench(b.sg_port, secs)
     b.stop(sg, wait=120)
@@ -121,9 +125,13 @@ def main():
     p.add_argument("--secs", type=int, default=15)
     p.add_argument("--pool", type=int, default=20)
     p.add_argument("--no-perf", action="store_true")
+    p.add_argument("--mode", default="simple", choices=["simple", "extended", "prepared"])
+    p.add_argument("--routed", action="store_true", help="SQL routing on (see pgbench.sh --routed)")
     p.add_argument("--no-callgrind", action="store_true")
     p.add_argument("--out")
     a = p.parse_args()
+    global MODE, ROUTED
+    MODE, ROUTED = a.mode, a.routed
     harness.raise_nofile()
     started = datetime.datetime.now()
     binary = harness.build_shardgate()
@@ -134,18 +142,18 @@ def main():
     b.psql(DB, "VACUUM ANALYZE")
     perf = cg = None
     if not a.no_perf and shutil.which("perf"):
-        sg = b.start_shardgate(binary, a.pool)
+        sg = b.start_shardgate(binary, a.pool, routed=ROUTED)
         pgbench(b.sg_port, 2)  # warm the pool
-        log(f"perf record -e cpu-clock on shardgate during pgbench -S -M simple -c 16 -T {a.secs}")
+        log(f"perf record -e cpu-clock on shardgate during pgbench -S -M {MODE} -c 16 -T {a.secs}")
         perf = perf_profile(b, sg, a.secs, b.dir)
         b.stop(sg)
     if not a.no_callgrind and shutil.which("valgrind"):
-        log(f"shardgate under callgrind during pgbench -S -M simple -c 16 -T {a.secs}")
+        log(f"shardgate under callgrind during pgbench -S -M {MODE} -c 16 -T {a.secs}")
         cg = callgrind_profile(b, binary, a.pool, a.secs, b.dir)
 
     commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=harness.ROOT,
                             capture_output=True, text=True).stdout.strip()
-    md = [f"# Profile: shardgate under `pgbench -S -M simple -c 16 -j 2` ({started:%Y-%m-%d %H:%M})", "",
+    md = [f"# Profile: shardgate under `pgbench -S -M {MODE} -c 16 -j 2` ({started:%Y-%m-%d %H:%M})", "",
           f"Command: `bench/profile.sh {' '.join(sys.argv[1:])}`; shardgate `{commit}`, transaction "
           f"pooling, pool {a.pool}, one local Postgres; everything on the same {os.cpu_count()} cores.", ""]
     if perf:

@@ -109,6 +109,19 @@ impl ResponseQueue {
         self.release_locals(out);
     }
 
+    /// [`ResponseQueue::local`] for a small fixed answer: appended to `out`
+    /// at once when nothing is owed before it (no allocation), else queued.
+    pub fn local_slice(&mut self, bytes: &[u8], out: &mut BytesMut) {
+        if self.backend_skipping {
+            return;
+        }
+        if self.slots.is_empty() {
+            out.extend_from_slice(bytes);
+        } else {
+            self.slots.push_back(Slot::Local(BytesMut::from(bytes)));
+        }
+    }
+
     fn release_locals(&mut self, out: &mut BytesMut) {
         while let Some(Slot::Local(_)) = self.slots.front() {
             if let Some(Slot::Local(bytes)) = self.slots.pop_front() {

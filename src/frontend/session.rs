@@ -140,6 +140,10 @@ pub struct Session {
     /// Describe for it lands on a backend that does not have it (transaction
     /// pooling moved the client between its Parse+Sync and its Bind).
     unnamed_parse: Vec<u8>,
+    /// Text and parameter types of that statement (routing mode), kept
+    /// decoded so every Bind routes it without decoding the frame again.
+    unnamed_text: String,
+    unnamed_types: Vec<u8>,
     /// Whether the attached backend holds that unnamed statement.
     unnamed_on_backend: bool,
     /// The last Parse text and what `scan_statement` found in it.
@@ -191,6 +195,8 @@ impl Session {
             key: startup.key,
             batch_started: None,
             unnamed_parse: Vec::new(),
+            unnamed_text: String::new(),
+            unnamed_types: Vec::new(),
             unnamed_on_backend: false,
             last_scan: None,
         }
@@ -321,7 +327,7 @@ impl Session {
                     attach_or_return!(self.attach_for(route_hint(sql), false).await);
                 }
                 // A simple query replaces the unnamed statement, as in Postgres.
-                self.unnamed_parse.clear();
+                self.forget_unnamed();
                 self.unnamed_on_backend = false;
                 if effects.sets {
                     self.settings.statement_sent(sql);
@@ -355,7 +361,7 @@ impl Session {
                     self.forget_backend_statements();
                 }
                 if parse.name.is_empty() {
-                    self.unnamed_parse.clear();
+                    self.forget_unnamed();
                     if frame.len() <= MAX_REMEMBERED_UNNAMED {
                         self.unnamed_parse.extend_from_slice(frame);
                     }
@@ -412,7 +418,7 @@ impl Session {
                     };
                     if target.kind == b'S' {
                         if tag == tag::CLOSE {
-                            self.unnamed_parse.clear();
+                            self.forget_unnamed();
                         } else {
                             self.ensure_unnamed();
                         }
@@ -498,6 +504,13 @@ impl Session {
             None => self.last_scan = Some((sql.to_string(), effects)),
         }
         effects
+    }
+
+    /// The client's unnamed statement is replaced or closed.
+    fn forget_unnamed(&mut self) {
+        self.unnamed_parse.clear();
+        self.unnamed_text.clear();
+        self.unnamed_types.clear();
     }
 
     /// Re-creates the client's unnamed statement on a backend that lacks it.
@@ -661,16 +674,17 @@ impl Session {
             if frame.len() > MAX_REMEMBERED_UNNAMED {
                 return false;
             }
-            self.unnamed_parse.clear();
+            self.forget_unnamed();
             self.unnamed_parse.extend_from_slice(frame);
+            self.unnamed_text.push_str(parse.query);
+            self.unnamed_types.extend_from_slice(parse.param_types);
             self.unnamed_on_backend = false;
         } else if let Err(error) = self.statements.define_local(parse) {
             self.client_error_in_batch(error);
             return true;
         }
-        let mut out = BytesMut::new();
-        synth::parse_complete(&mut out);
-        self.queue.local(out, &mut self.client_out);
+        self.queue
+            .local_slice(synth::PARSE_COMPLETE, &mut self.client_out);
         true
     }
 

@@ -101,9 +101,13 @@ impl Router {
         sql: &str,
         params: usize,
     ) -> Result<(Arc<Analysis>, Vec<Param>), RouteError> {
-        if let Some((normalized, literals)) = extract_literals(sql, max_param(sql).max(params)) {
-            if let Ok(analysis) = self.analyze(&normalized) {
-                return Ok((analysis, literals));
+        // Statements with bound parameters come from drivers that bind
+        // their values: their text is already stable.
+        if params == 0 {
+            if let Some((normalized, literals)) = extract_literals(sql, max_param(sql)) {
+                if let Ok(analysis) = self.analyze(&normalized) {
+                    return Ok((analysis, literals));
+                }
             }
         }
         Ok((self.analyze(sql)?, Vec::new()))

@@ -385,10 +385,16 @@ impl Session {
     /// false when the client has been sent an error instead.
     pub(super) async fn route_bind(&mut self, router: &Router, bind: &Bind<'_>) -> Attach {
         let decided = if bind.statement.is_empty() {
-            match self.unnamed_parse.get(5..).map(Parse::decode) {
-                Some(Ok(parse)) => Some(self.route_parsed(router, bind, parse).await),
+            if self.unnamed_text.is_empty() {
                 // Nothing remembered (too large): the backend that has it answers.
-                _ => None,
+                None
+            } else {
+                let parse = Parse {
+                    name: "",
+                    query: &self.unnamed_text,
+                    param_types: &self.unnamed_types,
+                };
+                Some(self.route_parsed(router, bind, parse).await)
             }
         } else {
             match self.statements.text_of(bind.statement) {
