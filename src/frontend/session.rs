@@ -646,11 +646,20 @@ impl Session {
             } else {
                 let from = self.shard_name(attached.shard);
                 let to = self.shard_name(shard);
-                let error = ProxyError::error(
-                    "0A000",
-                    format!("this transaction runs on shard \"{from}\"; a statement for shard \"{to}\" cannot join it"),
-                )
-                .with_hint("multi-shard transactions need two-phase commit, which is not available yet; commit first");
+                let error = if self.status == b'I' && !self.queue.batch_open() {
+                    // Session pooling, or a backend pinned by session state.
+                    ProxyError::error(
+                        "0A000",
+                        format!("this session is pinned to a backend of shard \"{from}\" (session pooling, or session state such as LISTEN, temp tables or SQL PREPARE); a statement for shard \"{to}\" cannot run in it"),
+                    )
+                    .with_hint("use pool.mode: transaction for sessions that use several shards, and keep session state out of them")
+                } else {
+                    ProxyError::error(
+                        "0A000",
+                        format!("statements for shard \"{from}\" and shard \"{to}\" were sent in one extended-protocol batch (no Sync between them); shardgate cannot run one implicit transaction on several shards that way"),
+                    )
+                    .with_hint("send a Sync after each statement (most drivers do), or use an explicit BEGIN … COMMIT")
+                };
                 self.report(error, extended);
                 return Attach::Failed;
             }
