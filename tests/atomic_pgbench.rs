@@ -66,7 +66,9 @@ async fn tpcb_db(name: &str) -> String {
     let shards = fleet().clusters.len();
     for (i, cluster) in fleet().clusters.iter().enumerate() {
         let mine = |column: &str| {
-            format!("satisfies_hash_partition('placement_probe'::regclass, {shards}, {i}, {column})")
+            format!(
+                "satisfies_hash_partition('placement_probe'::regclass, {shards}, {i}, {column})"
+            )
         };
         let load = format!(
             "{SCHEMA}\
