@@ -454,11 +454,11 @@ async fn participant_killed_during_prepare_fails_the_commit_and_leaves_nothing()
     let client = support::connect_proxy(&server, "app", None).await;
 
     client.simple_query("BEGIN").await.expect("begin");
-    for shard in 0..SHARDS {
+    for shard_keys in &keys {
         client
             .simple_query(&format!(
                 "INSERT INTO items (id, tx) VALUES ({}, 7)",
-                keys[shard][0]
+                shard_keys[0]
             ))
             .await
             .expect("insert");
@@ -556,11 +556,11 @@ async fn participant_killed_during_prepare_fails_the_commit_and_leaves_nothing()
         support::connect_proxy(&server, "app", None).await
     };
     client.simple_query("BEGIN").await.expect("begin");
-    for shard in 0..SHARDS {
+    for shard_keys in &keys {
         client
             .simple_query(&format!(
                 "INSERT INTO items (id, tx) VALUES ({}, 8)",
-                keys[shard][1]
+                shard_keys[1]
             ))
             .await
             .expect("insert after the restart");

@@ -41,9 +41,27 @@ pub(super) struct PendingPortal {
     /// The client's Bind body (portal, statement, formats, values).
     bind: Vec<u8>,
     describe: bool,
+    /// COMMIT (true) or ROLLBACK (false) of a multi-shard transaction
+    /// instead of a fan-out statement (see `Session::bind_end_multi`).
+    end: Option<bool>,
 }
 
 impl PendingPortal {
+    /// The portal of an extended-protocol COMMIT / ROLLBACK that ends a
+    /// multi-shard transaction at its Execute.
+    #[allow(dead_code)] // used by `Session::bind_end_multi`
+    pub(super) fn end(portal: &str, commit: bool) -> PendingPortal {
+        PendingPortal {
+            name: portal.to_string(),
+            route: Route::NoShard,
+            sql: String::new(),
+            param_types: Vec::new(),
+            bind: Vec::new(),
+            describe: false,
+            end: Some(commit),
+        }
+    }
+
     pub(super) fn is(&self, portal: &str) -> bool {
         self.name == portal
     }
@@ -133,6 +151,7 @@ impl Session {
             param_types: types,
             bind: frame.get(5..).unwrap_or_default().to_vec(),
             describe: false,
+            end: None,
         });
         let mut out = BytesMut::new();
         synth::bind_complete(&mut out);
@@ -150,6 +169,10 @@ impl Session {
             // answered by shardgate) or from a backend that finished before
             // the Bind; release them first.
             self.queue.after(&mut self.client_out);
+        }
+        if let Some(commit) = portal.end {
+            self.finish_multi(commit, Some(portal.describe)).await;
+            return;
         }
         if self.status == b'E' {
             self.report(
