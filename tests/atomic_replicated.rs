@@ -231,3 +231,48 @@ async fn prepared_everywhere(clients: &[Client]) -> i64 {
     }
     total
 }
+
+/// A transaction whose first statement needs several shards (a replicated
+/// write, a fan-out read): the BEGIN shardgate held back is applied to those
+/// shards and must not be replayed later in front of an autocommit
+/// statement (which would leave that statement uncommitted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_opened_by_a_multi_shard_statement_leaves_no_stale_begin() {
+    let db = fresh_db("replicated_first");
+    let direct = direct_clients(&db).await;
+    let server = start_proxy(&shard_map(&db, MAP)).await;
+    let client = connect_proxy(&server, "app", None).await;
+
+    for (first, id) in [
+        (
+            "INSERT INTO countries (code, name) VALUES ('se', 'Sweden')",
+            11i64,
+        ),
+        ("SELECT count(*) FROM users", 12),
+    ] {
+        client.simple_query("BEGIN").await.expect("begin");
+        client.simple_query(first).await.expect(first);
+        client.simple_query("COMMIT").await.expect("commit");
+        // Autocommit, one shard: committed at once, visible elsewhere.
+        client
+            .simple_query(&format!(
+                "INSERT INTO users (id, country) VALUES ({id}, 'se')"
+            ))
+            .await
+            .expect("autocommit insert");
+        let mut seen = 0;
+        for c in &direct {
+            seen += c
+                .query_one("SELECT count(*) FROM users WHERE id = $1", &[&id])
+                .await
+                .expect("users")
+                .get::<_, i64>(0);
+        }
+        assert_eq!(
+            seen, 1,
+            "after a transaction opened by {first:?}, an autocommit INSERT is committed"
+        );
+    }
+    same_everywhere(&on_each_shard(&direct).await, &["se=Sweden"], "insert");
+    server.stop().await;
+}

@@ -265,6 +265,12 @@ impl Session {
                 }
             }
         }
+        if in_transaction && !group.is_empty() {
+            // A BEGIN held back for the first statement that names a shard
+            // has now run on these shards; replayed later, it would open a
+            // transaction around an autocommit statement.
+            self.deferred_begin = None;
+        }
         let started = std::time::Instant::now();
         let mut held = BytesMut::new();
         let mut spill: Vec<u8> = Vec::new();
