@@ -99,6 +99,71 @@ fn runs_outside_transactions(sql: &str) -> bool {
             .any(|w| w.eq_ignore_ascii_case("concurrently"))
 }
 
+/// Whether a query string of several statements contains transaction
+/// control (BEGIN, COMMIT, ROLLBACK, SAVEPOINT, PREPARE TRANSACTION, …).
+/// Sent to several shards as one string, each shard would begin and commit
+/// on its own, outside shardgate's two-phase commit: refused instead.
+/// `BEGIN ATOMIC … END` function bodies are not transaction control.
+fn embeds_transaction_control(sql: &str) -> bool {
+    use sqlparser::dialect::PostgreSqlDialect;
+    use sqlparser::tokenizer::{Token, Tokenizer};
+    let body = sql.trim_end().trim_end_matches(';');
+    if !body.contains(';') {
+        return false;
+    }
+    let Ok(tokens) = Tokenizer::new(&PostgreSqlDialect {}, sql).tokenize() else {
+        // Unreadable: the shards will say what is wrong with it.
+        return false;
+    };
+    let mut words = tokens.iter().filter_map(|t| match t {
+        Token::Word(w) => Some(Some(w.value.to_ascii_uppercase())),
+        Token::SemiColon => Some(None),
+        Token::Whitespace(_) => None,
+        _ => Some(Some(String::new())),
+    });
+    let mut at_start = true;
+    let mut atomic_depth = 0usize;
+    let mut previous = String::new();
+    while let Some(word) = words.next() {
+        let Some(word) = word else {
+            at_start = atomic_depth == 0;
+            continue;
+        };
+        if word == "ATOMIC" && previous == "BEGIN" {
+            atomic_depth += 1;
+        } else if atomic_depth > 0 && word == "END" {
+            atomic_depth -= 1;
+        } else if at_start && atomic_depth == 0 {
+            let control = match word.as_str() {
+                "BEGIN" | "COMMIT" | "END" | "ROLLBACK" | "ABORT" | "SAVEPOINT" | "RELEASE" => true,
+                "START" | "PREPARE" => {
+                    matches!(words.clone().next(), Some(Some(next)) if next == "TRANSACTION")
+                }
+                _ => false,
+            };
+            if control {
+                return true;
+            }
+        }
+        at_start = false;
+        previous = word;
+    }
+    false
+}
+
+fn transaction_control_in_multi_shard_string() -> ProxyError {
+    ProxyError::error(
+        "0A000",
+        "this query string mixes transaction control (BEGIN, COMMIT, ROLLBACK, SAVEPOINT, …) \
+         with statements for several shards: each shard would commit on its own, so shardgate \
+         refuses it",
+    )
+    .with_hint(
+        "send BEGIN, the statements and COMMIT as separate queries; shardgate then commits \
+         every shard atomically with two-phase commit",
+    )
+}
+
 impl Session {
     /// A simple query that needs several shards.
     pub(super) async fn fanout_query(
@@ -209,6 +274,10 @@ impl Session {
         let extended = portal.is_some();
         let shared = Arc::clone(&self.shared);
         let targets = target_shards(&route, shared.config.shards.len());
+        if targets.len() > 1 && embeds_transaction_control(sql) {
+            self.refuse_fanout(transaction_control_in_multi_shard_string(), extended);
+            return;
+        }
         let writes = Self::may_write(router, sql);
         let in_transaction = self.status == b'T';
         let outside = runs_outside_transactions(sql);
@@ -221,13 +290,13 @@ impl Session {
                 .collect();
             for &shard in &targets {
                 if let Err(error) = shared.twophase.may_write(&written, shard) {
-                    self.report(error, extended);
+                    self.refuse_fanout(error, extended);
                     return;
                 }
             }
         }
         if implicit && !shared.twophase.enabled() {
-            self.report(
+            self.refuse_fanout(
                 ProxyError::error(
                     "0A000",
                     format!(
@@ -397,6 +466,30 @@ impl Session {
         }
     }
 
+    /// A refusal before anything ran, in protocol order: the error and,
+    /// inside a transaction block, the transaction aborted as Postgres does
+    /// after an error. The simple protocol's ReadyForQuery is the caller's
+    /// (`Session::report` would add a second one).
+    fn refuse_fanout(&mut self, error: ProxyError, extended: bool) {
+        if extended {
+            self.report(error, true);
+            return;
+        }
+        let in_block = self.status == b'T'
+            || self
+                .backend
+                .as_ref()
+                .is_some_and(|a| a.conn.transaction_status() == b'T');
+        self.shared.metrics.error(None, error.code);
+        let mut out = BytesMut::new();
+        error.encode(&mut out);
+        self.queue.local(out, &mut self.client_out);
+        if in_block {
+            self.send_transaction_abort();
+            self.batch_status_before = self.status;
+        }
+    }
+
     /// Two-phase (or plain) commit of an implicit multi-shard write.
     async fn commit_group(&mut self, group: &mut [Attached]) -> Result<(), ProxyError> {
         let mut participants: Vec<Participant<'_>> = group
@@ -520,4 +613,36 @@ async fn rollback_group(group: &mut [Attached]) {
         })
         .collect();
     twophase::rollback(&mut participants).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::embeds_transaction_control;
+
+    #[test]
+    fn transaction_control_inside_query_strings() {
+        for sql in [
+            "BEGIN; CREATE TABLE a (id int); COMMIT",
+            "create table a (id int); commit;",
+            "CREATE TABLE a (id int);\n  END",
+            "UPDATE t SET x = 1; SAVEPOINT s",
+            "UPDATE t SET x = 1; PREPARE TRANSACTION 'g'",
+            "start transaction; DELETE FROM t",
+            "DELETE FROM t; ROLLBACK",
+        ] {
+            assert!(embeds_transaction_control(sql), "{sql}");
+        }
+        for sql in [
+            "BEGIN",
+            "COMMIT;",
+            "CREATE TABLE a (id int); CREATE TABLE b (id int);",
+            "INSERT INTO t VALUES ('BEGIN; COMMIT')",
+            "DO $$ BEGIN PERFORM 1; END $$; CREATE TABLE c (id int)",
+            "CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; END; SELECT 1",
+            "UPDATE t SET x = 1; PREPARE p AS SELECT 1",
+            "SELECT 1 -- ; COMMIT\n",
+        ] {
+            assert!(!embeds_transaction_control(sql), "{sql}");
+        }
+    }
 }
