@@ -169,3 +169,86 @@ async fn refused_multi_shard_write_without_two_phase_commit_keeps_the_session_in
     assert_eq!(rows[0].get::<_, i64>(0), 0, "nothing committed");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_index_concurrently_reports_which_shards_failed() {
+    let db = fresh_db("ddl_concurrently");
+    let direct = direct_clients(&db).await;
+    let server = start_proxy(&shard_map(&db, MAP)).await;
+    let client = connect_proxy(&server, "app", None).await;
+
+    // Works everywhere.
+    client
+        .simple_query("CREATE INDEX CONCURRENTLY users_email ON users (email)")
+        .await
+        .expect("CREATE INDEX CONCURRENTLY");
+    assert_eq!(exists(&direct, "users_email").await, vec![true; 3]);
+
+    // Duplicate emails on s2 only: the unique index fails there.
+    direct[2]
+        .batch_execute("INSERT INTO users VALUES (1, 'x'), (2, 'x')")
+        .await
+        .expect("duplicates on s2");
+    let error = client
+        .simple_query("CREATE UNIQUE INDEX CONCURRENTLY users_email_key ON users (email)")
+        .await
+        .expect_err("fails on s2");
+    let db_error = error.as_db_error().expect("server error");
+    let text = format!(
+        "{} {} {}",
+        db_error.message(),
+        db_error.detail().unwrap_or(""),
+        db_error.hint().unwrap_or("")
+    );
+    eprintln!("{}: {text}", db_error.code().code());
+    assert_eq!(db_error.code().code(), "23505", "{text}");
+    assert!(text.contains("s2"), "names the failed shard: {text}");
+    assert!(
+        text.contains("s0") && text.contains("s1"),
+        "names the shards that succeeded: {text}"
+    );
+    // VACUUM runs on each shard.
+    client.simple_query("VACUUM users").await.expect("VACUUM");
+    server.stop().await;
+}
+
+/// A column named `concurrently` does not make a multi-row INSERT a
+/// "statement that cannot run in a transaction": split over the shards, it
+/// is still atomic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_insert_into_a_column_named_concurrently_is_atomic() {
+    let db = fresh_db("ddl_concurrently_column");
+    let direct = direct_clients(&db).await;
+    for c in &direct {
+        c.batch_execute("CREATE TABLE jobs (id bigint PRIMARY KEY, \"concurrently\" boolean)")
+            .await
+            .expect("jobs");
+    }
+    let map = format!("{MAP}  jobs: {{ key: id, function: by_id }}\n");
+    let server = start_proxy(&shard_map(&db, &map)).await;
+    let client = connect_proxy(&server, "app", None).await;
+    // id 1 exists on its shard already: the INSERT fails there.
+    client
+        .simple_query("INSERT INTO jobs (id, \"concurrently\") VALUES (1, false)")
+        .await
+        .expect("one row");
+    let values: Vec<String> = (1..=30).map(|i| format!("({i}, true)")).collect();
+    let error = client
+        .simple_query(&format!(
+            "INSERT INTO jobs (id, \"concurrently\") VALUES {}",
+            values.join(", ")
+        ))
+        .await
+        .expect_err("duplicate key on one shard");
+    assert_eq!(error.code().map(|c| c.code()), Some("23505"), "{error}");
+    let mut rows = 0;
+    for c in &direct {
+        rows += c
+            .query_one("SELECT count(*) FROM jobs", &[])
+            .await
+            .expect("jobs")
+            .get::<_, i64>(0);
+    }
+    assert_eq!(rows, 1, "the failed INSERT left nothing on any shard");
+    server.stop().await;
+}

@@ -82,7 +82,9 @@ fn target_shards(route: &Route, shard_count: usize) -> Vec<usize> {
 }
 
 /// Statements Postgres refuses inside a transaction block: they run on each
-/// shard on their own.
+/// shard on their own. `CONCURRENTLY` counts only in the utility statements
+/// that have it (an INSERT into a column named `concurrently` is a write
+/// like any other and needs the implicit two-phase commit).
 fn runs_outside_transactions(sql: &str) -> bool {
     let mut words = sql
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
@@ -94,9 +96,12 @@ fn runs_outside_transactions(sql: &str) -> bool {
         || (is(first, "create") || is(first, "drop"))
             && (is(second, "database") || is(second, "tablespace"))
         || (is(first, "alter") && is(second, "system"))
-        || sql
-            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .any(|w| w.eq_ignore_ascii_case("concurrently"))
+        || ["create", "drop", "reindex", "refresh", "alter"]
+            .iter()
+            .any(|k| is(first, k))
+            && sql
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .any(|w| w.eq_ignore_ascii_case("concurrently"))
 }
 
 /// Whether a query string of several statements contains transaction
@@ -310,6 +315,11 @@ impl Session {
             );
             return;
         }
+        if outside && !in_transaction && targets.len() > 1 && matches!(route, Route::Broadcast) {
+            self.run_on_each_shard(sql, &targets, portal.map(|p| p.describe))
+                .await;
+            return;
+        }
         let begin = if in_transaction || implicit {
             Some(self.begin_sql())
         } else {
@@ -490,6 +500,106 @@ impl Session {
         }
     }
 
+    /// A statement that cannot run in a transaction block (VACUUM, CREATE
+    /// INDEX CONCURRENTLY, …) on every target shard, each on its own and to
+    /// its end (one shard's failure does not cancel the others, which may
+    /// be half through an index build). The answer is the first shard's
+    /// tags; a failure names the shards where it succeeded and where it
+    /// failed, so the user knows where to run it again. `describe`: the
+    /// extended protocol's Describe(portal) wants NoData first.
+    async fn run_on_each_shard(&mut self, sql: &str, targets: &[usize], describe: Option<bool>) {
+        let extended = describe.is_some();
+        let current_shard = self.backend.as_ref().map(|a| a.shard);
+        let mut group: Vec<Attached> = Vec::with_capacity(targets.len());
+        group.extend(self.backend.take());
+        group.append(&mut self.others);
+        self.cancel.set(None);
+        let mut failures: Vec<(usize, ProxyError)> = Vec::new();
+        for &shard in targets {
+            if group.iter().any(|a| a.shard == shard) {
+                continue;
+            }
+            match self.open_for_fanout(shard, None).await {
+                Ok(attached) => group.push(attached),
+                Err(error) => failures.push((shard, error)),
+            }
+        }
+        let started = std::time::Instant::now();
+        let runs = group
+            .iter_mut()
+            .filter(|a| targets.contains(&a.shard))
+            .map(|a| async move {
+                let result = control::run(&mut a.conn, sql).await;
+                if matches!(&result, Err(e) if e.outcome_unknown()) {
+                    a.conn.mark_broken();
+                }
+                (a.shard, result)
+            });
+        let mut results = futures::future::join_all(runs).await;
+        results.sort_by_key(|(shard, _)| *shard);
+        self.shared.metrics.query_done(
+            targets.first().copied().unwrap_or(0),
+            metrics::Route::Broadcast,
+            started.elapsed(),
+        );
+        let mut succeeded = Vec::new();
+        let mut tags: Option<Vec<String>> = None;
+        for (shard, result) in results {
+            match result {
+                Ok(t) => {
+                    succeeded.push(shard);
+                    tags.get_or_insert(t);
+                }
+                Err(e) => failures.push((shard, e.to_proxy_error())),
+            }
+        }
+        failures.sort_by_key(|(shard, _)| *shard);
+        if failures.is_empty() {
+            if describe == Some(true) {
+                // NoData: utility statements return no rows.
+                self.client_out.extend_from_slice(&[b'n', 0, 0, 0, 4]);
+            }
+            for tag in tags.unwrap_or_default() {
+                synth::command_complete(&mut self.client_out, &tag);
+            }
+        } else {
+            let names = |shards: &mut dyn Iterator<Item = usize>| {
+                shards
+                    .map(|s| self.shard_name(s))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let ok = names(&mut succeeded.iter().copied());
+            let failed = names(&mut failures.iter().map(|(s, _)| *s));
+            let (_, first) = &failures[0];
+            let mut error = first.clone();
+            let mut detail = format!(
+                "this statement runs on each shard on its own: it failed on {failed} and {}",
+                if ok.is_empty() {
+                    "succeeded nowhere".to_string()
+                } else {
+                    format!("succeeded on {ok}")
+                }
+            );
+            for (_, e) in failures.iter().skip(1) {
+                detail.push_str(&format!("; {}", e.message));
+            }
+            if let Some(theirs) = &first.detail {
+                detail.push_str(&format!(" ({theirs})"));
+            }
+            error.detail = Some(detail);
+            if error.hint.is_none() {
+                error.hint = Some(format!(
+                    "fix the cause and run it again on {failed} only, with a routing hint such as \
+                     /* shardgate: shard={} */",
+                    self.shard_name(failures[0].0)
+                ));
+            }
+            self.report_fanout_error(error, extended);
+        }
+        self.restore_group(group, current_shard, false).await;
+    }
+
     /// Two-phase (or plain) commit of an implicit multi-shard write.
     async fn commit_group(&mut self, group: &mut [Attached]) -> Result<(), ProxyError> {
         let mut participants: Vec<Participant<'_>> = group
@@ -617,7 +727,34 @@ async fn rollback_group(group: &mut [Attached]) {
 
 #[cfg(test)]
 mod tests {
-    use super::embeds_transaction_control;
+    use super::{embeds_transaction_control, runs_outside_transactions};
+
+    #[test]
+    fn statements_outside_transaction_blocks() {
+        for sql in [
+            "VACUUM users",
+            "vacuum (analyze) users",
+            "CREATE INDEX CONCURRENTLY i ON t (a)",
+            "create unique index concurrently i on t (a)",
+            "DROP INDEX CONCURRENTLY i",
+            "REINDEX TABLE CONCURRENTLY t",
+            "REFRESH MATERIALIZED VIEW CONCURRENTLY v",
+            "ALTER TABLE p DETACH PARTITION c CONCURRENTLY",
+            "CREATE DATABASE x",
+            "ALTER SYSTEM SET work_mem = '8MB'",
+        ] {
+            assert!(runs_outside_transactions(sql), "{sql}");
+        }
+        for sql in [
+            "INSERT INTO jobs (id, \"concurrently\") VALUES (1, true), (2, false)",
+            "UPDATE jobs SET \"concurrently\" = true",
+            "DELETE FROM jobs WHERE \"concurrently\"",
+            "CREATE INDEX i ON t (a)",
+            "ALTER TABLE t ADD COLUMN b int",
+        ] {
+            assert!(!runs_outside_transactions(sql), "{sql}");
+        }
+    }
 
     #[test]
     fn transaction_control_inside_query_strings() {
