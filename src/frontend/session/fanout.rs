@@ -41,9 +41,27 @@ pub(super) struct PendingPortal {
     /// The client's Bind body (portal, statement, formats, values).
     bind: Vec<u8>,
     describe: bool,
+    /// COMMIT (true) or ROLLBACK (false) of a multi-shard transaction
+    /// instead of a fan-out statement (see `Session::bind_end_multi`).
+    end: Option<bool>,
 }
 
 impl PendingPortal {
+    /// The portal of an extended-protocol COMMIT / ROLLBACK that ends a
+    /// multi-shard transaction at its Execute.
+    #[allow(dead_code)] // used by `Session::bind_end_multi`
+    pub(super) fn end(portal: &str, commit: bool) -> PendingPortal {
+        PendingPortal {
+            name: portal.to_string(),
+            route: Route::NoShard,
+            sql: String::new(),
+            param_types: Vec::new(),
+            bind: Vec::new(),
+            describe: false,
+            end: Some(commit),
+        }
+    }
+
     pub(super) fn is(&self, portal: &str) -> bool {
         self.name == portal
     }
@@ -64,7 +82,9 @@ fn target_shards(route: &Route, shard_count: usize) -> Vec<usize> {
 }
 
 /// Statements Postgres refuses inside a transaction block: they run on each
-/// shard on their own.
+/// shard on their own. `CONCURRENTLY` counts only in the utility statements
+/// that have it (an INSERT into a column named `concurrently` is a write
+/// like any other and needs the implicit two-phase commit).
 fn runs_outside_transactions(sql: &str) -> bool {
     let mut words = sql
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
@@ -76,9 +96,77 @@ fn runs_outside_transactions(sql: &str) -> bool {
         || (is(first, "create") || is(first, "drop"))
             && (is(second, "database") || is(second, "tablespace"))
         || (is(first, "alter") && is(second, "system"))
-        || sql
-            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .any(|w| w.eq_ignore_ascii_case("concurrently"))
+        || ["create", "drop", "reindex", "refresh", "alter"]
+            .iter()
+            .any(|k| is(first, k))
+            && sql
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .any(|w| w.eq_ignore_ascii_case("concurrently"))
+}
+
+/// Whether a query string of several statements contains transaction
+/// control (BEGIN, COMMIT, ROLLBACK, SAVEPOINT, PREPARE TRANSACTION, …).
+/// Sent to several shards as one string, each shard would begin and commit
+/// on its own, outside shardgate's two-phase commit: refused instead.
+/// `BEGIN ATOMIC … END` function bodies are not transaction control.
+fn embeds_transaction_control(sql: &str) -> bool {
+    use sqlparser::dialect::PostgreSqlDialect;
+    use sqlparser::tokenizer::{Token, Tokenizer};
+    let body = sql.trim_end().trim_end_matches(';');
+    if !body.contains(';') {
+        return false;
+    }
+    let Ok(tokens) = Tokenizer::new(&PostgreSqlDialect {}, sql).tokenize() else {
+        // Unreadable: the shards will say what is wrong with it.
+        return false;
+    };
+    let mut words = tokens.iter().filter_map(|t| match t {
+        Token::Word(w) => Some(Some(w.value.to_ascii_uppercase())),
+        Token::SemiColon => Some(None),
+        Token::Whitespace(_) => None,
+        _ => Some(Some(String::new())),
+    });
+    let mut at_start = true;
+    let mut atomic_depth = 0usize;
+    let mut previous = String::new();
+    while let Some(word) = words.next() {
+        let Some(word) = word else {
+            at_start = atomic_depth == 0;
+            continue;
+        };
+        if word == "ATOMIC" && previous == "BEGIN" {
+            atomic_depth += 1;
+        } else if atomic_depth > 0 && word == "END" {
+            atomic_depth -= 1;
+        } else if at_start && atomic_depth == 0 {
+            let control = match word.as_str() {
+                "BEGIN" | "COMMIT" | "END" | "ROLLBACK" | "ABORT" | "SAVEPOINT" | "RELEASE" => true,
+                "START" | "PREPARE" => {
+                    matches!(words.clone().next(), Some(Some(next)) if next == "TRANSACTION")
+                }
+                _ => false,
+            };
+            if control {
+                return true;
+            }
+        }
+        at_start = false;
+        previous = word;
+    }
+    false
+}
+
+fn transaction_control_in_multi_shard_string() -> ProxyError {
+    ProxyError::error(
+        "0A000",
+        "this query string mixes transaction control (BEGIN, COMMIT, ROLLBACK, SAVEPOINT, …) \
+         with statements for several shards: each shard would commit on its own, so shardgate \
+         refuses it",
+    )
+    .with_hint(
+        "send BEGIN, the statements and COMMIT as separate queries; shardgate then commits \
+         every shard atomically with two-phase commit",
+    )
 }
 
 impl Session {
@@ -133,6 +221,7 @@ impl Session {
             param_types: types,
             bind: frame.get(5..).unwrap_or_default().to_vec(),
             describe: false,
+            end: None,
         });
         let mut out = BytesMut::new();
         synth::bind_complete(&mut out);
@@ -150,6 +239,10 @@ impl Session {
             // answered by shardgate) or from a backend that finished before
             // the Bind; release them first.
             self.queue.after(&mut self.client_out);
+        }
+        if let Some(commit) = portal.end {
+            self.finish_multi(commit, Some(portal.describe)).await;
+            return;
         }
         if self.status == b'E' {
             self.report(
@@ -186,6 +279,10 @@ impl Session {
         let extended = portal.is_some();
         let shared = Arc::clone(&self.shared);
         let targets = target_shards(&route, shared.config.shards.len());
+        if targets.len() > 1 && embeds_transaction_control(sql) {
+            self.refuse_fanout(transaction_control_in_multi_shard_string(), extended);
+            return;
+        }
         let writes = Self::may_write(router, sql);
         let in_transaction = self.status == b'T';
         let outside = runs_outside_transactions(sql);
@@ -198,13 +295,13 @@ impl Session {
                 .collect();
             for &shard in &targets {
                 if let Err(error) = shared.twophase.may_write(&written, shard) {
-                    self.report(error, extended);
+                    self.refuse_fanout(error, extended);
                     return;
                 }
             }
         }
         if implicit && !shared.twophase.enabled() {
-            self.report(
+            self.refuse_fanout(
                 ProxyError::error(
                     "0A000",
                     format!(
@@ -216,6 +313,11 @@ impl Session {
                 .with_hint("set `two_phase_commit: true`, or add the sharding key so the write stays on one shard"),
                 extended,
             );
+            return;
+        }
+        if outside && !in_transaction && targets.len() > 1 && matches!(route, Route::Broadcast) {
+            self.run_on_each_shard(sql, &targets, portal.map(|p| p.describe))
+                .await;
             return;
         }
         let begin = if in_transaction || implicit {
@@ -241,6 +343,12 @@ impl Session {
                     break;
                 }
             }
+        }
+        if in_transaction && !group.is_empty() {
+            // A BEGIN held back for the first statement that names a shard
+            // has now run on these shards; replayed later, it would open a
+            // transaction around an autocommit statement.
+            self.deferred_begin = None;
         }
         let started = std::time::Instant::now();
         let mut held = BytesMut::new();
@@ -368,6 +476,130 @@ impl Session {
         }
     }
 
+    /// A refusal before anything ran, in protocol order: the error and,
+    /// inside a transaction block, the transaction aborted as Postgres does
+    /// after an error. The simple protocol's ReadyForQuery is the caller's
+    /// (`Session::report` would add a second one).
+    fn refuse_fanout(&mut self, error: ProxyError, extended: bool) {
+        if extended {
+            self.report(error, true);
+            return;
+        }
+        let in_block = self.status == b'T'
+            || self
+                .backend
+                .as_ref()
+                .is_some_and(|a| a.conn.transaction_status() == b'T');
+        self.shared.metrics.error(None, error.code);
+        let mut out = BytesMut::new();
+        error.encode(&mut out);
+        self.queue.local(out, &mut self.client_out);
+        if in_block {
+            self.send_transaction_abort();
+            self.batch_status_before = self.status;
+        }
+    }
+
+    /// A statement that cannot run in a transaction block (VACUUM, CREATE
+    /// INDEX CONCURRENTLY, …) on every target shard, each on its own and to
+    /// its end (one shard's failure does not cancel the others, which may
+    /// be half through an index build). The answer is the first shard's
+    /// tags; a failure names the shards where it succeeded and where it
+    /// failed, so the user knows where to run it again. `describe`: the
+    /// extended protocol's Describe(portal) wants NoData first.
+    async fn run_on_each_shard(&mut self, sql: &str, targets: &[usize], describe: Option<bool>) {
+        let extended = describe.is_some();
+        let current_shard = self.backend.as_ref().map(|a| a.shard);
+        let mut group: Vec<Attached> = Vec::with_capacity(targets.len());
+        group.extend(self.backend.take());
+        group.append(&mut self.others);
+        self.cancel.set(None);
+        let mut failures: Vec<(usize, ProxyError)> = Vec::new();
+        for &shard in targets {
+            if group.iter().any(|a| a.shard == shard) {
+                continue;
+            }
+            match self.open_for_fanout(shard, None).await {
+                Ok(attached) => group.push(attached),
+                Err(error) => failures.push((shard, error)),
+            }
+        }
+        let started = std::time::Instant::now();
+        let runs = group
+            .iter_mut()
+            .filter(|a| targets.contains(&a.shard))
+            .map(|a| async move {
+                let result = control::run(&mut a.conn, sql).await;
+                if matches!(&result, Err(e) if e.outcome_unknown()) {
+                    a.conn.mark_broken();
+                }
+                (a.shard, result)
+            });
+        let mut results = futures::future::join_all(runs).await;
+        results.sort_by_key(|(shard, _)| *shard);
+        self.shared.metrics.query_done(
+            targets.first().copied().unwrap_or(0),
+            metrics::Route::Broadcast,
+            started.elapsed(),
+        );
+        let mut succeeded = Vec::new();
+        let mut tags: Option<Vec<String>> = None;
+        for (shard, result) in results {
+            match result {
+                Ok(t) => {
+                    succeeded.push(shard);
+                    tags.get_or_insert(t);
+                }
+                Err(e) => failures.push((shard, e.to_proxy_error())),
+            }
+        }
+        failures.sort_by_key(|(shard, _)| *shard);
+        if failures.is_empty() {
+            if describe == Some(true) {
+                // NoData: utility statements return no rows.
+                self.client_out.extend_from_slice(&[b'n', 0, 0, 0, 4]);
+            }
+            for tag in tags.unwrap_or_default() {
+                synth::command_complete(&mut self.client_out, &tag);
+            }
+        } else {
+            let names = |shards: &mut dyn Iterator<Item = usize>| {
+                shards
+                    .map(|s| self.shard_name(s))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let ok = names(&mut succeeded.iter().copied());
+            let failed = names(&mut failures.iter().map(|(s, _)| *s));
+            let (_, first) = &failures[0];
+            let mut error = first.clone();
+            let mut detail = format!(
+                "this statement runs on each shard on its own: it failed on {failed} and {}",
+                if ok.is_empty() {
+                    "succeeded nowhere".to_string()
+                } else {
+                    format!("succeeded on {ok}")
+                }
+            );
+            for (_, e) in failures.iter().skip(1) {
+                detail.push_str(&format!("; {}", e.message));
+            }
+            if let Some(theirs) = &first.detail {
+                detail.push_str(&format!(" ({theirs})"));
+            }
+            error.detail = Some(detail);
+            if error.hint.is_none() {
+                error.hint = Some(format!(
+                    "fix the cause and run it again on {failed} only, with a routing hint such as \
+                     /* shardgate: shard={} */",
+                    self.shard_name(failures[0].0)
+                ));
+            }
+            self.report_fanout_error(error, extended);
+        }
+        self.restore_group(group, current_shard, false).await;
+    }
+
     /// Two-phase (or plain) commit of an implicit multi-shard write.
     async fn commit_group(&mut self, group: &mut [Attached]) -> Result<(), ProxyError> {
         let mut participants: Vec<Participant<'_>> = group
@@ -491,4 +723,63 @@ async fn rollback_group(group: &mut [Attached]) {
         })
         .collect();
     twophase::rollback(&mut participants).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{embeds_transaction_control, runs_outside_transactions};
+
+    #[test]
+    fn statements_outside_transaction_blocks() {
+        for sql in [
+            "VACUUM users",
+            "vacuum (analyze) users",
+            "CREATE INDEX CONCURRENTLY i ON t (a)",
+            "create unique index concurrently i on t (a)",
+            "DROP INDEX CONCURRENTLY i",
+            "REINDEX TABLE CONCURRENTLY t",
+            "REFRESH MATERIALIZED VIEW CONCURRENTLY v",
+            "ALTER TABLE p DETACH PARTITION c CONCURRENTLY",
+            "CREATE DATABASE x",
+            "ALTER SYSTEM SET work_mem = '8MB'",
+        ] {
+            assert!(runs_outside_transactions(sql), "{sql}");
+        }
+        for sql in [
+            "INSERT INTO jobs (id, \"concurrently\") VALUES (1, true), (2, false)",
+            "UPDATE jobs SET \"concurrently\" = true",
+            "DELETE FROM jobs WHERE \"concurrently\"",
+            "CREATE INDEX i ON t (a)",
+            "ALTER TABLE t ADD COLUMN b int",
+        ] {
+            assert!(!runs_outside_transactions(sql), "{sql}");
+        }
+    }
+
+    #[test]
+    fn transaction_control_inside_query_strings() {
+        for sql in [
+            "BEGIN; CREATE TABLE a (id int); COMMIT",
+            "create table a (id int); commit;",
+            "CREATE TABLE a (id int);\n  END",
+            "UPDATE t SET x = 1; SAVEPOINT s",
+            "UPDATE t SET x = 1; PREPARE TRANSACTION 'g'",
+            "start transaction; DELETE FROM t",
+            "DELETE FROM t; ROLLBACK",
+        ] {
+            assert!(embeds_transaction_control(sql), "{sql}");
+        }
+        for sql in [
+            "BEGIN",
+            "COMMIT;",
+            "CREATE TABLE a (id int); CREATE TABLE b (id int);",
+            "INSERT INTO t VALUES ('BEGIN; COMMIT')",
+            "DO $$ BEGIN PERFORM 1; END $$; CREATE TABLE c (id int)",
+            "CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; END; SELECT 1",
+            "UPDATE t SET x = 1; PREPARE p AS SELECT 1",
+            "SELECT 1 -- ; COMMIT\n",
+        ] {
+            assert!(!embeds_transaction_control(sql), "{sql}");
+        }
+    }
 }

@@ -10,9 +10,12 @@
 
 use bytes::BytesMut;
 
+use super::fanout::PendingPortal;
+use super::routing::{tx_verb, TxVerb};
 use super::{Attach, Attached, Session};
 use crate::backend::release;
 use crate::executor::twophase::{self, CommitOutcome, Participant};
+use crate::protocol::messages::{Bind, Parse};
 use crate::protocol::synth::{self, ProxyError};
 use crate::router::{Router, StatementKind};
 
@@ -94,6 +97,57 @@ impl Session {
     /// COMMIT or ROLLBACK of a transaction with more than one shard,
     /// answered by shardgate once every participant has finished.
     pub(super) async fn end_multi(&mut self, commit: bool) {
+        self.finish_multi(commit, None).await;
+    }
+
+    /// Bind of an extended-protocol COMMIT / ROLLBACK in a transaction with
+    /// more than one shard (pgbench `-M extended`, drivers that prepare
+    /// every statement): kept until its Execute, which ends the transaction
+    /// on every shard like the simple-query COMMIT. Other control statements
+    /// are refused, as is a COMMIT pipelined behind unanswered statements of
+    /// the same batch (the backends would have to be synced first).
+    // Called from `route_bind` (routing.rs) for `Route::NoShard` with
+    // `others` non-empty, once that wiring lands.
+    #[allow(dead_code)]
+    pub(super) fn bind_end_multi(&mut self, bind: &Bind<'_>) -> Attach {
+        let verb = if bind.statement.is_empty() {
+            self.unnamed_parse
+                .get(5..)
+                .and_then(|body| Parse::decode(body).ok())
+                .and_then(|p| tx_verb(p.query))
+        } else {
+            self.statements
+                .text_of(bind.statement)
+                .and_then(|(query, _)| tx_verb(query))
+        };
+        let commit = match verb {
+            Some(TxVerb::Commit) => true,
+            Some(TxVerb::Rollback) => false,
+            _ => {
+                self.report(control_in_multi_shard_transaction(), true);
+                return Attach::Failed;
+            }
+        };
+        if !self.queue.is_empty() {
+            if self.queue.batch_open() {
+                self.report(control_in_multi_shard_transaction(), true);
+                return Attach::Failed;
+            }
+            // Answers of earlier batches first.
+            return Attach::Wait;
+        }
+        self.pending_portal = Some(PendingPortal::end(bind.portal, commit));
+        let mut out = BytesMut::new();
+        synth::bind_complete(&mut out);
+        self.queue.local(out, &mut self.client_out);
+        Attach::Answered
+    }
+
+    /// Ends the multi-shard transaction: two-phase or plain commit, or
+    /// rollback. `extended`: `Some(describe)` for an Execute (NoData first
+    /// when the portal was described; no ReadyForQuery, the client's Sync
+    /// gets it), `None` for a simple query.
+    pub(super) async fn finish_multi(&mut self, commit: bool, extended: Option<bool>) {
         let mut group: Vec<Attached> = Vec::with_capacity(self.others.len() + 1);
         if let Some(current) = self.backend.take() {
             group.push(current);
@@ -123,6 +177,10 @@ impl Session {
             }
         }
         let mut out = BytesMut::new();
+        if extended == Some(true) {
+            // NoData: the Describe of a COMMIT portal.
+            out.extend_from_slice(&[b'n', 0, 0, 0, 4]);
+        }
         let committed = match outcome {
             Ok(outcome) => {
                 synth::command_complete(&mut out, outcome.command_tag());
@@ -131,6 +189,9 @@ impl Session {
             Err(error) => {
                 self.shared.metrics.error(None, error.code);
                 error.encode(&mut out);
+                if extended.is_some() {
+                    self.skip_until_sync = true;
+                }
                 false
             }
         };
@@ -138,7 +199,9 @@ impl Session {
         self.transaction_begin = None;
         self.status = b'I';
         self.batch_status_before = b'I';
-        synth::ready_for_query(&mut out, self.status);
+        if extended.is_none() {
+            synth::ready_for_query(&mut out, self.status);
+        }
         self.queue.local(out, &mut self.client_out);
     }
 

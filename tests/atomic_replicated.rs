@@ -1,0 +1,278 @@
+//! Issue #6: writes to a replicated table go to every shard atomically and
+//! report the row count of one shard (tools that check `rowcount == 1`
+//! keep working), in the simple and the extended protocol, alone (an
+//! implicit two-phase commit) and inside a client transaction with a
+//! sharded write.
+
+mod support;
+
+use support::{connect, connect_proxy, fleet, fresh_db, shard_map, start_proxy};
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+const SCHEMA: &str = "\
+    CREATE TABLE countries (code text PRIMARY KEY, name text NOT NULL);\
+    CREATE TABLE users (id bigint PRIMARY KEY, country text);";
+
+const MAP: &str = "\
+functions:
+  by_id: { kind: hash }
+tables:
+  users: { key: id, function: by_id }
+  countries: { replicated: true }
+";
+
+async fn direct_clients(db: &str) -> Vec<Client> {
+    let mut clients = Vec::new();
+    for cluster in &fleet().clusters {
+        let client = connect(cluster, db).await;
+        client.batch_execute(SCHEMA).await.expect("schema");
+        clients.push(client);
+    }
+    clients
+}
+
+/// The countries rows of every shard, as `code=name`.
+async fn on_each_shard(clients: &[Client]) -> Vec<Vec<String>> {
+    let mut all = Vec::new();
+    for client in clients {
+        all.push(
+            client
+                .query(
+                    "SELECT code || '=' || name FROM countries ORDER BY code",
+                    &[],
+                )
+                .await
+                .expect("countries")
+                .iter()
+                .map(|r| r.get(0))
+                .collect(),
+        );
+    }
+    all
+}
+
+fn same_everywhere(all: &[Vec<String>], expected: &[&str], step: &str) {
+    for (i, rows) in all.iter().enumerate() {
+        assert_eq!(rows, expected, "shard s{i} after {step}");
+    }
+}
+
+/// The CommandComplete counts of a simple query.
+fn counts(messages: &[SimpleQueryMessage]) -> Vec<u64> {
+    messages
+        .iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::CommandComplete(n) => Some(*n),
+            _ => None,
+        })
+        .collect()
+}
+
+fn code(error: &tokio_postgres::Error) -> String {
+    error
+        .as_db_error()
+        .map(|e| e.code().code().to_string())
+        .unwrap_or_else(|| format!("not a server error: {error}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicated_writes_reach_every_shard_and_report_one_shards_count() {
+    let db = fresh_db("replicated_counts");
+    let direct = direct_clients(&db).await;
+    let server = start_proxy(&shard_map(&db, MAP)).await;
+    let client = connect_proxy(&server, "app", None).await;
+
+    // Simple protocol: INSERT 0 1, not INSERT 0 3.
+    let done = client
+        .simple_query("INSERT INTO countries (code, name) VALUES ('fr', 'France')")
+        .await
+        .expect("insert");
+    assert_eq!(counts(&done), vec![1], "INSERT 0 1");
+    same_everywhere(&on_each_shard(&direct).await, &["fr=France"], "insert");
+
+    // Several rows and RETURNING: one shard's rows and count.
+    let done = client
+        .simple_query(
+            "INSERT INTO countries (code, name) VALUES ('de', 'Germany'), ('it', 'Italy') RETURNING code",
+        )
+        .await
+        .expect("insert returning");
+    let returned: Vec<String> = done
+        .iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(returned, vec!["de", "it"], "RETURNING rows of one shard");
+    assert_eq!(counts(&done), vec![2]);
+
+    // Extended protocol (tokio-postgres execute = rows affected).
+    let n = client
+        .execute(
+            "INSERT INTO countries (code, name) VALUES ($1, $2)",
+            &[&"es", &"Spain"],
+        )
+        .await
+        .expect("insert (extended)");
+    assert_eq!(n, 1, "extended INSERT reports 1");
+    let n = client
+        .execute(
+            "UPDATE countries SET name = $1 WHERE code = $2",
+            &[&"Italia", &"it"],
+        )
+        .await
+        .expect("update (extended)");
+    assert_eq!(n, 1, "UPDATE 1");
+    let done = client
+        .simple_query("DELETE FROM countries WHERE code = 'de'")
+        .await
+        .expect("delete");
+    assert_eq!(counts(&done), vec![1], "DELETE 1");
+    same_everywhere(
+        &on_each_shard(&direct).await,
+        &["es=Spain", "fr=France", "it=Italia"],
+        "update and delete",
+    );
+    let prepared = prepared_everywhere(&direct).await;
+    assert_eq!(prepared, 0, "implicit two-phase commits all finished");
+
+    // A failure on one shard rolls the statement back on all of them.
+    direct[2]
+        .batch_execute("INSERT INTO countries VALUES ('pt', 'only on s2')")
+        .await
+        .expect("divergent row on s2");
+    let error = client
+        .simple_query(
+            "INSERT INTO countries (code, name) VALUES ('nl', 'Netherlands'), ('pt', 'Portugal')",
+        )
+        .await
+        .expect_err("duplicate key on s2");
+    assert_eq!(code(&error), "23505", "{error}");
+    let all = on_each_shard(&direct).await;
+    same_everywhere(
+        &all[..2],
+        &["es=Spain", "fr=France", "it=Italia"],
+        "failed insert",
+    );
+    assert_eq!(
+        all[2],
+        vec!["es=Spain", "fr=France", "it=Italia", "pt=only on s2"],
+        "s2 after the failed insert"
+    );
+    direct[2]
+        .batch_execute("DELETE FROM countries WHERE code = 'pt'")
+        .await
+        .expect("cleanup");
+
+    // In a client transaction with a sharded write: atomic with it.
+    client.simple_query("BEGIN").await.expect("begin");
+    client
+        .simple_query("INSERT INTO users (id, country) VALUES (7, 'be')")
+        .await
+        .expect("sharded write");
+    let done = client
+        .simple_query("INSERT INTO countries (code, name) VALUES ('be', 'Belgium')")
+        .await
+        .expect("replicated write in the transaction");
+    assert_eq!(counts(&done), vec![1]);
+    client.simple_query("ROLLBACK").await.expect("rollback");
+    same_everywhere(
+        &on_each_shard(&direct).await,
+        &["es=Spain", "fr=France", "it=Italia"],
+        "rolled-back transaction",
+    );
+    client.simple_query("BEGIN").await.expect("begin");
+    client
+        .simple_query("INSERT INTO countries (code, name) VALUES ('be', 'Belgium')")
+        .await
+        .expect("replicated write first");
+    client
+        .simple_query("INSERT INTO users (id, country) VALUES (7, 'be')")
+        .await
+        .expect("sharded write");
+    client.simple_query("COMMIT").await.expect("commit");
+    same_everywhere(
+        &on_each_shard(&direct).await,
+        &["be=Belgium", "es=Spain", "fr=France", "it=Italia"],
+        "committed transaction",
+    );
+    let mut users = 0;
+    for c in &direct {
+        users += c
+            .query_one("SELECT count(*) FROM users", &[])
+            .await
+            .expect("users")
+            .get::<_, i64>(0);
+    }
+    assert_eq!(users, 1, "the sharded row once");
+    assert_eq!(prepared_everywhere(&direct).await, 0);
+
+    // Reads of the replicated table come from one shard.
+    let rows = client
+        .query("SELECT code FROM countries ORDER BY code", &[])
+        .await
+        .expect("read");
+    assert_eq!(rows.len(), 4, "one shard's rows, not three copies");
+    server.stop().await;
+}
+
+async fn prepared_everywhere(clients: &[Client]) -> i64 {
+    let mut total = 0;
+    for c in clients {
+        total += c
+            .query_one(
+                "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()",
+                &[],
+            )
+            .await
+            .expect("pg_prepared_xacts")
+            .get::<_, i64>(0);
+    }
+    total
+}
+
+/// A transaction whose first statement needs several shards (a replicated
+/// write, a fan-out read): the BEGIN shardgate held back is applied to those
+/// shards and must not be replayed later in front of an autocommit
+/// statement (which would leave that statement uncommitted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_opened_by_a_multi_shard_statement_leaves_no_stale_begin() {
+    let db = fresh_db("replicated_first");
+    let direct = direct_clients(&db).await;
+    let server = start_proxy(&shard_map(&db, MAP)).await;
+    let client = connect_proxy(&server, "app", None).await;
+
+    for (first, id) in [
+        (
+            "INSERT INTO countries (code, name) VALUES ('se', 'Sweden')",
+            11i64,
+        ),
+        ("SELECT count(*) FROM users", 12),
+    ] {
+        client.simple_query("BEGIN").await.expect("begin");
+        client.simple_query(first).await.expect(first);
+        client.simple_query("COMMIT").await.expect("commit");
+        // Autocommit, one shard: committed at once, visible elsewhere.
+        client
+            .simple_query(&format!(
+                "INSERT INTO users (id, country) VALUES ({id}, 'se')"
+            ))
+            .await
+            .expect("autocommit insert");
+        let mut seen = 0;
+        for c in &direct {
+            seen += c
+                .query_one("SELECT count(*) FROM users WHERE id = $1", &[&id])
+                .await
+                .expect("users")
+                .get::<_, i64>(0);
+        }
+        assert_eq!(
+            seen, 1,
+            "after a transaction opened by {first:?}, an autocommit INSERT is committed"
+        );
+    }
+    same_everywhere(&on_each_shard(&direct).await, &["se=Sweden"], "insert");
+    server.stop().await;
+}
