@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::backend::{release, BackendError, Pools};
-use crate::config::Config;
+use crate::config::{Config, DefaultTable};
 use crate::executor::fanout::FanoutExecutor;
 use crate::executor::recovery::{self, RecoveryOptions};
 use crate::executor::twophase::TwoPhase;
@@ -191,7 +191,13 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         }
         None => None,
     };
-    let router = if config.tables.is_empty() {
+    // Without tables and with `default_table: error` the map is a plain
+    // pooler (hints or the first shard). With `default_table: replicated`
+    // every table is replicated: writes must reach every shard, so the
+    // router runs (with one shard there is nothing to route).
+    let router = if config.tables.is_empty()
+        && (config.default_table == DefaultTable::Error || config.shards.len() == 1)
+    {
         None
     } else {
         Some(Arc::new(Router::new(ShardMap::from_config(&config)?)))

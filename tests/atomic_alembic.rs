@@ -294,7 +294,6 @@ async fn alembic_with_default_table_replicated_changes_every_shard() {
 /// empty. Fails until the router is built whenever there is more than one
 /// shard (see the report of the `atomic` branch).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "server::start builds no router for a map without tables: writes reach s0 only"]
 async fn alembic_with_no_tables_in_the_map_changes_every_shard() {
     upgrade_and_downgrade_through_shardgate("alembic_no_tables", "default_table: replicated\n")
         .await;
@@ -303,7 +302,6 @@ async fn alembic_with_no_tables_in_the_map_changes_every_shard() {
 /// Issue #6: migration tools' version tables are replicated without a map
 /// entry, even with `default_table: error`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "the router refuses alembic_version with default_table: error (issue #6 wants it replicated)"]
 async fn alembic_version_is_replicated_without_a_map_entry() {
     upgrade_and_downgrade_through_shardgate(
         "alembic_unmapped",

@@ -71,7 +71,6 @@ async fn write_everywhere(client: &Client, keys: [i64; 3], tx: i32) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs routing.rs route_bind to call Session::bind_end_multi (see the atomic branch report)"]
 async fn extended_protocol_commit_and_rollback_end_multi_shard_transactions() {
     let db = fresh_db("extended_commit");
     let mut direct = Vec::new();

@@ -240,13 +240,11 @@ async fn tpcb_like_simple_protocol_commits_atomically_on_three_shards() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "extended-protocol END of a multi-shard transaction needs routing.rs route_bind to call Session::bind_end_multi (see the atomic branch report)"]
 async fn tpcb_like_extended_protocol_commits_atomically_on_three_shards() {
     tpcb_through_shardgate("tpcb_extended", "extended").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "extended-protocol END of a multi-shard transaction needs routing.rs route_bind to call Session::bind_end_multi (see the atomic branch report)"]
 async fn tpcb_like_prepared_statements_commit_atomically_on_three_shards() {
     tpcb_through_shardgate("tpcb_prepared", "prepared").await;
 }

@@ -87,6 +87,9 @@ pub fn ready_for_query(out: &mut BytesMut, status: u8) {
     out.put_slice(&[b'Z', 0, 0, 0, 5, status]);
 }
 
+/// BindComplete, as bytes.
+pub const BIND_COMPLETE: &[u8] = &[b'2', 0, 0, 0, 4];
+
 /// ParseComplete, as bytes.
 pub const PARSE_COMPLETE: &[u8] = &[b'1', 0, 0, 0, 4];
 

@@ -26,6 +26,24 @@ use super::shardmap::{MapFunction, ShardMap, TableRule};
 use crate::config::DefaultTable;
 use crate::sharding::{oid, KeyType, KeyValue};
 
+/// Version tables of migration tools (Alembic, Rails/ActiveRecord, Flyway,
+/// Django, goose, Knex, Liquibase, EF Core): replicated even when the map
+/// does not name them, so every shard records the same schema version and
+/// the tools' `rowcount == 1` checks hold.
+pub const MIGRATION_VERSION_TABLES: &[&str] = &[
+    "alembic_version",
+    "schema_migrations",
+    "flyway_schema_history",
+    "schema_version",
+    "django_migrations",
+    "goose_db_version",
+    "knex_migrations",
+    "knex_migrations_lock",
+    "databasechangelog",
+    "databasechangeloglock",
+    "__efmigrationshistory",
+];
+
 /// What a statement does, as far as routing cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StatementKind {
@@ -810,7 +828,10 @@ impl<'m> Walker<'m> {
             None => {
                 let system = matches!(schema.as_deref(), Some("pg_catalog" | "information_schema"))
                     || bare.starts_with("pg_");
-                if !system && self.map.default_table == DefaultTable::Error {
+                // Migration tools' version tables must agree on every shard.
+                let version_table = matches!(schema.as_deref(), None | Some("public"))
+                    && MIGRATION_VERSION_TABLES.contains(&bare.as_str());
+                if !system && !version_table && self.map.default_table == DefaultTable::Error {
                     return Err(RouteError::UnknownTable {
                         table: display,
                         configured: self.map.configured_tables(),

@@ -44,12 +44,23 @@ pub(super) struct PendingPortal {
     /// COMMIT (true) or ROLLBACK (false) of a multi-shard transaction
     /// instead of a fan-out statement (see `Session::bind_end_multi`).
     end: Option<bool>,
+    /// Transaction control shardgate answers itself (see [`Held`]).
+    held: Option<Held>,
+}
+
+/// Extended-protocol transaction control with no backend attached,
+/// answered by shardgate at Execute like its simple-query form.
+#[derive(Debug)]
+pub(super) enum Held {
+    /// BEGIN (its SQL), held back until a statement names a shard.
+    Begin(String),
+    /// COMMIT (true) / ROLLBACK of a held-back BEGIN that reached no shard.
+    EndDeferred(bool),
 }
 
 impl PendingPortal {
     /// The portal of an extended-protocol COMMIT / ROLLBACK that ends a
     /// multi-shard transaction at its Execute.
-    #[allow(dead_code)] // used by `Session::bind_end_multi`
     pub(super) fn end(portal: &str, commit: bool) -> PendingPortal {
         PendingPortal {
             name: portal.to_string(),
@@ -59,6 +70,15 @@ impl PendingPortal {
             bind: Vec::new(),
             describe: false,
             end: Some(commit),
+            held: None,
+        }
+    }
+
+    /// The portal of transaction control answered by shardgate.
+    pub(super) fn held(portal: &str, held: Held) -> PendingPortal {
+        PendingPortal {
+            held: Some(held),
+            ..PendingPortal::end(portal, false)
         }
     }
 
@@ -222,6 +242,7 @@ impl Session {
             bind: frame.get(5..).unwrap_or_default().to_vec(),
             describe: false,
             end: None,
+            held: None,
         });
         let mut out = BytesMut::new();
         synth::bind_complete(&mut out);
@@ -239,6 +260,10 @@ impl Session {
             // answered by shardgate) or from a backend that finished before
             // the Bind; release them first.
             self.queue.after(&mut self.client_out);
+        }
+        if let Some(held) = portal.held {
+            self.execute_held(held, portal.describe);
+            return;
         }
         if let Some(commit) = portal.end {
             self.finish_multi(commit, Some(portal.describe)).await;

@@ -106,9 +106,6 @@ impl Session {
     /// on every shard like the simple-query COMMIT. Other control statements
     /// are refused, as is a COMMIT pipelined behind unanswered statements of
     /// the same batch (the backends would have to be synced first).
-    // Called from `route_bind` (routing.rs) for `Route::NoShard` with
-    // `others` non-empty, once that wiring lands.
-    #[allow(dead_code)]
     pub(super) fn bind_end_multi(&mut self, bind: &Bind<'_>) -> Attach {
         let verb = if bind.statement.is_empty() {
             self.unnamed_parse
@@ -240,10 +237,7 @@ pub(super) fn control_in_multi_shard_transaction() -> ProxyError {
     ProxyError::error(
         "0A000",
         "this statement cannot be applied to a transaction that spans several shards \
-         (savepoints, SET LOCAL, PREPARE TRANSACTION and extended-protocol COMMIT are not \
-         supported there)",
+         (savepoints, SET LOCAL and PREPARE TRANSACTION are not supported there)",
     )
-    .with_hint(
-        "send COMMIT or ROLLBACK as a simple query, and keep savepoints to one-shard transactions",
-    )
+    .with_hint("keep savepoints and SET LOCAL to one-shard transactions")
 }

@@ -422,10 +422,22 @@ impl Session {
             }
         };
         let attach = match route {
-            Route::NoShard if !self.others.is_empty() => {
-                self.report(super::multi::control_in_multi_shard_transaction(), true);
-                Attach::Failed
-            }
+            Route::NoShard if !self.others.is_empty() => self.bind_end_multi(bind),
+            Route::NoShard if self.backend.is_none() => match self.bound_verb(bind) {
+                Some(TxVerb::Begin) if self.status == b'I' => {
+                    let sql = self.bound_text(bind).unwrap_or("BEGIN").to_string();
+                    self.hold(bind, super::fanout::Held::Begin(sql))
+                }
+                Some(verb @ (TxVerb::Commit | TxVerb::Rollback))
+                    if self.deferred_begin.is_some() =>
+                {
+                    self.hold(
+                        bind,
+                        super::fanout::Held::EndDeferred(verb == TxVerb::Commit),
+                    )
+                }
+                _ => self.attach_any(router, true).await,
+            },
             Route::Single(shard) => self.attach_shard(shard, true).await,
             Route::AnyOne | Route::NoShard => self.attach_any(router, true).await,
             other => {
@@ -463,6 +475,57 @@ impl Session {
         let params = bind_params(bind, parse.param_types)
             .map_err(|e| ProxyError::error("08P01", format!("invalid Bind message: {e}")))?;
         self.route(router, parse.query, &params).await
+    }
+
+    /// The SQL text of the statement a Bind names.
+    fn bound_text(&self, bind: &Bind<'_>) -> Option<&str> {
+        if bind.statement.is_empty() {
+            (!self.unnamed_text.is_empty()).then_some(self.unnamed_text.as_str())
+        } else {
+            self.statements.text_of(bind.statement).map(|(q, _)| q)
+        }
+    }
+
+    fn bound_verb(&self, bind: &Bind<'_>) -> Option<TxVerb> {
+        self.bound_text(bind).and_then(tx_verb)
+    }
+
+    /// Keeps a transaction-control portal for shardgate to answer at Execute.
+    fn hold(&mut self, bind: &Bind<'_>, held: super::fanout::Held) -> Attach {
+        self.pending_portal = Some(super::fanout::PendingPortal::held(bind.portal, held));
+        self.queue
+            .local_slice(synth::BIND_COMPLETE, &mut self.client_out);
+        Attach::Answered
+    }
+
+    /// Execute of a held transaction-control portal (no ReadyForQuery: the
+    /// batch's Sync answers with the new status).
+    pub(super) fn execute_held(&mut self, held: super::fanout::Held, described: bool) {
+        let mut out = BytesMut::new();
+        if described {
+            out.extend_from_slice(&[b'n', 0, 0, 0, 4]);
+        }
+        match held {
+            super::fanout::Held::Begin(sql) => {
+                let mut frame = BytesMut::new();
+                synth::query(&mut frame, &sql);
+                self.deferred_begin = Some(frame.to_vec());
+                self.transaction_begin = Some(frame.to_vec());
+                self.status = b'T';
+                self.batch_status_before = b'T';
+                synth::command_complete(&mut out, "BEGIN");
+            }
+            super::fanout::Held::EndDeferred(commit) => {
+                let committed = commit && self.status == b'T';
+                self.deferred_begin = None;
+                self.transaction_begin = None;
+                self.settings.batch_done(b'T', b'I', false, Some(committed));
+                self.status = b'I';
+                self.batch_status_before = b'I';
+                synth::command_complete(&mut out, if committed { "COMMIT" } else { "ROLLBACK" });
+            }
+        }
+        self.queue.local(out, &mut self.client_out);
     }
 
     /// Attaches the backend for a statement any shard can answer.
