@@ -197,7 +197,19 @@ pub async fn gather<W: AsyncWrite + Unpin, M: Merge>(
         // Header once every shard has described its result.
         if !draining && !header_done && streams.iter().all(|s| s.described) {
             header_done = true;
-            let result = agree(&streams).and_then(|fields| merge.header(fields, output.out));
+            let result = agree(&streams)
+                .and_then(|fields| merge.header(fields, output.out))
+                .and_then(|()| {
+                    // Rows that arrived with the description were decoded
+                    // before the merge knew the column types: decode again.
+                    for s in streams.iter_mut() {
+                        let queued: Vec<Entry> = s.rows.drain(..).collect();
+                        for e in queued {
+                            s.rows.push_back(merge.prepare(e.row)?);
+                        }
+                    }
+                    Ok(())
+                });
             if let Err(e) = result {
                 first_error = Some(e);
                 draining = true;

@@ -196,6 +196,27 @@ impl Request<'_> {
             .collect()
     }
 
+    /// The client's parameters with those a rewritten statement no longer
+    /// references sent as NULL text (an unreferenced parameter of unknown
+    /// type would make Parse fail).
+    pub fn masked_params(&self, used: &[usize]) -> Vec<OutParam> {
+        self.out_params()
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| {
+                if used.contains(&(i + 1)) {
+                    p
+                } else {
+                    OutParam {
+                        type_oid: value::oid::TEXT,
+                        format: 0,
+                        value: None,
+                    }
+                }
+            })
+            .collect()
+    }
+
     /// The statement as one target's batch: a Query for simple-protocol
     /// statements that need no per-column formats, else extended messages.
     pub fn batch(&self, sql: &str, force_extended: bool, result_formats: &[i16]) -> BytesMut {

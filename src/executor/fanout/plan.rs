@@ -110,6 +110,11 @@ pub enum Combine {
 #[derive(Debug, Clone)]
 pub struct AggPlan {
     pub shard_sql: String,
+    /// Parameters the shard statement still references (HAVING, ORDER BY
+    /// and LIMIT move to the final statement).
+    pub shard_params: Vec<usize>,
+    /// Parameters the final statement references.
+    pub final_params: Vec<usize>,
     /// Group columns in the shard result (`g0..`), then the distinct column
     /// (`d0`) if any, then partials (`a0..`).
     pub groups: usize,
@@ -1081,6 +1086,8 @@ fn plan_aggregate(
     final_q.with = None;
     let _ = ph;
     Ok(AggPlan {
+        shard_params: referenced_params(&shard_q),
+        final_params: referenced_params(&final_q),
         shard_sql: shard_q.to_string(),
         groups: groups.len(),
         distinct_col: distinct_arg.is_some(),
