@@ -366,22 +366,17 @@ pub async fn read_answer(conn: &mut BackendConnection, req: &[u8]) -> Answer {
     loop {
         let n = conn.read_buf(&mut buf).await.unwrap();
         assert!(n > 0, "oracle closed");
-        loop {
-            match next_frame(&buf, MAX_BACKEND_MESSAGE).unwrap() {
-                Some((frame, len)) => {
-                    let tag = frame.tag;
-                    let status = frame.body.first().copied();
-                    let bytes = buf.split_to(len);
-                    if tag == b'Z' {
-                        conn.set_transaction_status(status.unwrap());
-                        let mut a = Answer::default();
-                        decode(&all, &mut a);
-                        return a;
-                    }
-                    all.extend_from_slice(&bytes);
-                }
-                None => break,
+        while let Some((frame, len)) = next_frame(&buf, MAX_BACKEND_MESSAGE).unwrap() {
+            let tag = frame.tag;
+            let status = frame.body.first().copied();
+            let bytes = buf.split_to(len);
+            if tag == b'Z' {
+                conn.set_transaction_status(status.unwrap());
+                let mut a = Answer::default();
+                decode(&all, &mut a);
+                return a;
             }
+            all.extend_from_slice(&bytes);
         }
     }
 }

@@ -406,7 +406,13 @@ fn pump<M: Merge>(
                 let row = Row::decode(body).map_err(|e| {
                     ProxyError::error("08P01", format!("invalid row from shard {}: {e}", s.name))
                 })?;
-                memory.add(row.footprint())?;
+                if s.error.is_some() {
+                    continue;
+                }
+                if let Err(e) = memory.add(row.footprint()) {
+                    s.error = Some(e);
+                    continue;
+                }
                 match merge.prepare(row) {
                     Ok(entry) => s.rows.push_back(entry),
                     Err(e) => {

@@ -98,7 +98,7 @@ pub enum Combine {
     /// avg: sum of sums / sum of counts, typed as Postgres' avg.
     Avg { sum: usize, count: usize },
     /// string_agg(x, sep) without ORDER BY: string_agg of partial strings.
-    StringAgg { col: usize, sep: Expr },
+    StringAgg { col: usize, sep: Box<Expr> },
     /// An aggregate over DISTINCT values pushed down as a group column.
     OverDistinct(Box<Expr>),
 }
@@ -370,7 +370,10 @@ fn number(n: u64) -> Expr {
 }
 
 /// LIMIT/OFFSET of a query: (limit, offset) and the clause each shard gets.
-fn limits(q: &Query) -> Result<(Option<Count>, Option<Count>, Option<LimitClause>), ProxyError> {
+/// (limit, offset, the LIMIT clause each shard gets)
+type Limits = (Option<Count>, Option<Count>, Option<LimitClause>);
+
+fn limits(q: &Query) -> Result<Limits, ProxyError> {
     if q.fetch.is_some() {
         return Err(refuse(
             "FETCH FIRST across shards is not supported",
@@ -959,7 +962,7 @@ fn plan_aggregate(
                 "string_agg" => match args.get(1) {
                     Some(Some(sep @ Expr::Value(_))) => Combine::StringAgg {
                         col: push_partial(f, "string_agg", &mut partial_exprs),
-                        sep: sep.clone(),
+                        sep: Box::new(sep.clone()),
                     },
                     _ => return Err(refuse(
                         "string_agg() with a non-constant separator cannot be merged across shards",

@@ -1,0 +1,343 @@
+//! Fan-out executor behaviour beyond result equality: writes and their
+//! command tags, Broadcast, Split INSERT, shard errors, transactions, the
+//! memory limit, collation and protocol refusals, schema drift.
+
+mod fanout_util;
+mod support;
+
+use std::collections::BTreeMap;
+
+use fanout_util::{Fixture, Proto};
+use shardgate::router::Route;
+
+const MAP: &str = "functions:\n  by_id: { kind: hash }\ntables:\n  t: { key: id, function: by_id }\n  r: { replicated: true }\n";
+
+async fn fixture(name: &str, extra: &str) -> Fixture {
+    let fx = Fixture::new(name, &format!("{MAP}{extra}")).await;
+    fx.everywhere(
+        "CREATE TABLE t (id int8 PRIMARY KEY, v int4, s text); CREATE TABLE r (k int4, name text);",
+    )
+    .await;
+    let rows: Vec<(String, String)> = (1..=300)
+        .map(|i| (i.to_string(), format!("({i}, {}, 's{}')", i % 10, i % 7)))
+        .collect();
+    fx.load("t", "id", &rows).await;
+    fx
+}
+
+async fn shard_count(fx: &Fixture, shard: usize, sql: &str) -> i64 {
+    let c = support::connect(&support::fleet().clusters[shard], &fx.db).await;
+    c.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_sum_tags_and_concatenate_returning() {
+    let mut fx = fixture("fanout_writes", "").await;
+    for (proto, sql) in [
+        (
+            Proto::Simple,
+            "UPDATE t SET v = v + 10 WHERE v = 3 RETURNING id, v",
+        ),
+        (
+            Proto::ExtText,
+            "UPDATE t SET v = v + 10 WHERE v = 4 RETURNING id, v",
+        ),
+    ] {
+        let got = fx.via_executor(sql, &[], proto).await;
+        let want = fx.via_oracle(sql, &[], proto).await;
+        assert_eq!(got.error, None);
+        assert_eq!(got.tag, want.tag);
+        assert_eq!(got.tag.as_deref(), Some("UPDATE 30"));
+        let (mut a, mut b) = (got.rows.clone(), want.rows.clone());
+        a.sort();
+        b.sort();
+        assert_eq!(a, b);
+        assert_eq!(got.fields, want.fields);
+    }
+    let got = fx
+        .via_executor("DELETE FROM t WHERE v = 5", &[], Proto::Simple)
+        .await;
+    let want = fx
+        .via_oracle("DELETE FROM t WHERE v = 5", &[], Proto::Simple)
+        .await;
+    assert_eq!(got.tag, want.tag);
+    assert_eq!(got.tag.as_deref(), Some("DELETE 30"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcast_runs_everywhere_and_reports_one_shard() {
+    let mut fx = fixture("fanout_broadcast", "").await;
+    let got = fx
+        .via_executor_route(
+            "CREATE TABLE b (x int)",
+            &[],
+            Proto::Simple,
+            &Route::Broadcast,
+        )
+        .await;
+    assert_eq!(
+        (got.error.clone(), got.tag.as_deref()),
+        (None, Some("CREATE TABLE"))
+    );
+    let got = fx
+        .via_executor_route(
+            "INSERT INTO r VALUES (1, 'a'), (2, 'b') RETURNING k",
+            &[],
+            Proto::ExtText,
+            &Route::Broadcast,
+        )
+        .await;
+    assert_eq!(got.tag.as_deref(), Some("INSERT 0 2"));
+    assert_eq!(got.rows.len(), 2, "RETURNING rows of one shard");
+    for shard in 0..3 {
+        assert_eq!(shard_count(&fx, shard, "SELECT count(*) FROM r").await, 2);
+    }
+    // A shard where the statement fails fails the broadcast, naming the shard.
+    let c = support::connect(&support::fleet().clusters[1], &fx.db).await;
+    c.batch_execute("CREATE TABLE only_s1 (x int)")
+        .await
+        .unwrap();
+    let got = fx
+        .via_executor_route(
+            "CREATE TABLE only_s1 (x int)",
+            &[],
+            Proto::Simple,
+            &Route::Broadcast,
+        )
+        .await;
+    let (code, _, detail) = got.error.expect("error");
+    assert_eq!(code, "42P07");
+    assert!(detail.contains("s1"), "{detail}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_insert_sends_each_shard_its_rows_and_keeps_values_order() {
+    let mut fx = fixture("fanout_split", "").await;
+    let ids = [1001i64, 1002, 1003, 1004, 1005, 1006, 1007, 1008];
+    let mut rows_by_shard: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (i, id) in ids.iter().enumerate() {
+        rows_by_shard
+            .entry(fx.shard_of("t", "id", &id.to_string()))
+            .or_default()
+            .push(i);
+    }
+    assert!(rows_by_shard.len() > 1);
+    let route = Route::Split { rows_by_shard };
+    // Simple protocol: literal rows.
+    let values: Vec<String> = ids.iter().map(|i| format!("({i}, {i}, 'x')")).collect();
+    let sql = format!(
+        "INSERT INTO t (id, v, s) VALUES {} RETURNING id",
+        values.join(", ")
+    );
+    let got = fx
+        .via_executor_route(&sql, &[], Proto::Simple, &route)
+        .await;
+    assert_eq!(got.error, None);
+    assert_eq!(got.tag.as_deref(), Some("INSERT 0 8"));
+    let returned: Vec<String> = (0..8).map(|r| got.text(r, 0).unwrap()).collect();
+    let expected: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+    assert_eq!(returned, expected, "RETURNING in VALUES order");
+    for id in ids {
+        let shard = fx.shard_of("t", "id", &id.to_string());
+        let n = shard_count(
+            &fx,
+            shard,
+            &format!("SELECT count(*) FROM t WHERE id = {id}"),
+        )
+        .await;
+        assert_eq!(n, 1, "row {id} on its shard");
+    }
+    // Extended protocol: parameters renumbered per shard, only the referenced sent.
+    let ids2: Vec<String> = (2001..=2006).map(|i: i64| i.to_string()).collect();
+    let mut rows_by_shard: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (i, id) in ids2.iter().enumerate() {
+        rows_by_shard
+            .entry(fx.shard_of("t", "id", id))
+            .or_default()
+            .push(i);
+    }
+    let placeholders: Vec<String> = (0..6)
+        .map(|i| format!("(${}, ${}, $13)", 2 * i + 1, 2 * i + 2))
+        .collect();
+    let sql = format!(
+        "INSERT INTO t (id, v, s) VALUES {} RETURNING id, s",
+        placeholders.join(", ")
+    );
+    let mut params: Vec<Option<&str>> = Vec::new();
+    for id in &ids2 {
+        params.push(Some(id));
+        params.push(Some("7"));
+    }
+    params.push(Some("p"));
+    let got = fx
+        .via_executor_route(
+            &sql,
+            &params,
+            Proto::ExtText,
+            &Route::Split { rows_by_shard },
+        )
+        .await;
+    assert_eq!(got.error, None);
+    assert_eq!(got.tag.as_deref(), Some("INSERT 0 6"));
+    let returned: Vec<String> = (0..6).map(|r| got.text(r, 0).unwrap()).collect();
+    assert_eq!(returned, ids2);
+    assert_eq!(got.text(0, 1).as_deref(), Some("p"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shard_error_keeps_sqlstate_names_the_shard_and_leaves_connections_usable() {
+    let mut fx = fixture("fanout_errors", "").await;
+    // Division by zero only where id = 17.
+    let got = fx
+        .via_executor(
+            "SELECT id, 1 / (id - 17) FROM t ORDER BY id",
+            &[],
+            Proto::ExtText,
+        )
+        .await;
+    let (code, message, detail) = got.error.expect("error");
+    assert_eq!(code, "22012");
+    assert_eq!(message, "division by zero");
+    let shard = fx.shard_of("t", "id", "17");
+    assert!(detail.contains(&format!("s{shard}")), "{detail}");
+    for c in &fx.shards {
+        assert_eq!(c.transaction_status(), b'I');
+    }
+    let again = fx
+        .via_executor("SELECT count(*) FROM t", &[], Proto::Simple)
+        .await;
+    assert_eq!(again.text(0, 0).as_deref(), Some("300"));
+
+    // Inside a transaction block an error leaves every shard failed ('E').
+    for c in fx.shards.iter_mut() {
+        let a = fanout_util::read_answer(c, &Fixture::request("BEGIN", &[], Proto::Simple)).await;
+        assert_eq!(a.error, None);
+    }
+    let got = fx
+        .via_executor("SELECT 1 / (id - 17) FROM t", &[], Proto::Simple)
+        .await;
+    assert_eq!(got.error.map(|e| e.0).as_deref(), Some("22012"));
+    for c in fx.shards.iter_mut() {
+        let _ =
+            fanout_util::read_answer(c, &Fixture::request("ROLLBACK", &[], Proto::Simple)).await;
+        assert_eq!(c.transaction_status(), b'I');
+    }
+    // A successful fan-out inside a transaction block reports 'T'.
+    for c in fx.shards.iter_mut() {
+        let _ = fanout_util::read_answer(c, &Fixture::request("BEGIN", &[], Proto::Simple)).await;
+    }
+    let got = fx
+        .via_executor("SELECT id FROM t ORDER BY id LIMIT 3", &[], Proto::Simple)
+        .await;
+    assert_eq!(got.rows.len(), 3);
+    for c in fx.shards.iter_mut() {
+        assert_eq!(c.transaction_status(), b'T');
+        let _ = fanout_util::read_answer(c, &Fixture::request("COMMIT", &[], Proto::Simple)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_limit_ends_the_query_with_53200_and_the_session_survives() {
+    let mut fx = fixture("fanout_memory", "max_merge_memory: 256kB\n").await;
+    // 6,000 groups / distinct rows do not fit in 256 kB.
+    let got = fx
+        .via_executor(
+            "SELECT s, v, g, count(*) FROM t, generate_series(1, 20) g GROUP BY s, v, id, g",
+            &[],
+            Proto::Simple,
+        )
+        .await;
+    assert_eq!(
+        got.error.as_ref().map(|e| e.0.as_str()),
+        Some("53200"),
+        "{:?}",
+        got.error
+    );
+    let got = fx
+        .via_executor(
+            "SELECT DISTINCT id, s, g FROM t, generate_series(1, 20) g",
+            &[],
+            Proto::ExtText,
+        )
+        .await;
+    assert_eq!(
+        got.error.as_ref().map(|e| e.0.as_str()),
+        Some("53200"),
+        "{:?}",
+        got.error
+    );
+    for c in &fx.shards {
+        assert_eq!(c.transaction_status(), b'I');
+    }
+    // A streaming ordered merge holds O(shards) rows, whatever the result size.
+    let got = fx
+        .via_executor(
+            "SELECT t.*, g FROM t, generate_series(1, 20) g ORDER BY id, g",
+            &[],
+            Proto::Simple,
+        )
+        .await;
+    assert_eq!((got.error, got.rows.len()), (None, 6000));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_order_needs_a_bytewise_collation_or_collate_c() {
+    let mut fx = fixture("fanout_collation", "").await;
+    fx.executor.set_text_collation_bytewise(false);
+    let got = fx
+        .via_executor("SELECT s FROM t ORDER BY s", &[], Proto::Simple)
+        .await;
+    let (code, message, _) = got.error.expect("refused");
+    assert_eq!(code, "0A000");
+    assert!(message.contains("collation"), "{message}");
+    let got = fx
+        .via_executor(
+            "SELECT s, id FROM t ORDER BY s COLLATE \"C\", id",
+            &[],
+            Proto::Simple,
+        )
+        .await;
+    let want = fx
+        .via_oracle(
+            "SELECT s, id FROM t ORDER BY s COLLATE \"C\", id",
+            &[],
+            Proto::Simple,
+        )
+        .await;
+    assert_eq!(got.error, None);
+    assert_eq!(got.rows, want.rows);
+    // Numbers still merge.
+    let got = fx
+        .via_executor(
+            "SELECT id FROM t ORDER BY v, id LIMIT 5",
+            &[],
+            Proto::Simple,
+        )
+        .await;
+    assert_eq!(got.rows.len(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limit_without_order_returns_exactly_limit_rows() {
+    let mut fx = fixture("fanout_limit", "").await;
+    for n in [0usize, 1, 7, 299, 300, 1000] {
+        let got = fx
+            .via_executor(&format!("SELECT id FROM t LIMIT {n}"), &[], Proto::Simple)
+            .await;
+        assert_eq!(got.rows.len(), n.min(300));
+        assert_eq!(got.tag, Some(format!("SELECT {}", n.min(300))));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_drift_is_an_error_naming_the_shards() {
+    let mut fx = fixture("fanout_drift", "").await;
+    let c = support::connect(&support::fleet().clusters[2], &fx.db).await;
+    c.batch_execute("ALTER TABLE t ALTER COLUMN v TYPE int8")
+        .await
+        .unwrap();
+    let got = fx.via_executor("SELECT v FROM t", &[], Proto::Simple).await;
+    let (code, message, _) = got.error.expect("drift");
+    assert_eq!(code, "42804");
+    assert!(message.contains("s2"), "{message}");
+}
