@@ -341,3 +341,72 @@ async fn schema_drift_is_an_error_naming_the_shards() {
     assert_eq!(code, "42804");
     assert!(message.contains("s2"), "{message}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_to_stdout_concatenates_shards() {
+    let mut fx = fixture("fanout_copy", "").await;
+    for sql in [
+        "COPY t TO STDOUT",
+        "COPY (SELECT id, s FROM t WHERE v > 5) TO STDOUT WITH (FORMAT csv)",
+    ] {
+        for proto in [Proto::Simple, Proto::ExtText] {
+            let got = fx.via_executor(sql, &[], proto).await;
+            let want = fx.via_oracle(sql, &[], proto).await;
+            assert_eq!(got.error, None, "{sql}");
+            assert!(got.copy_started && got.copy_done, "{sql}");
+            assert_eq!(got.tag, want.tag, "{sql}");
+            let (mut a, mut b) = (got.copy.clone(), want.copy.clone());
+            a.sort();
+            b.sort();
+            assert_eq!(a, b, "{sql}");
+            assert!(!a.is_empty());
+        }
+    }
+    for sql in [
+        "COPY t TO STDOUT WITH (FORMAT binary)",
+        "COPY t TO STDOUT WITH (FORMAT csv, HEADER)",
+        "COPY (SELECT id FROM t ORDER BY id) TO STDOUT",
+        "COPY (SELECT v, count(*) FROM t GROUP BY v) TO STDOUT",
+        "COPY t FROM STDIN",
+    ] {
+        let got = fx
+            .via_executor_route(sql, &[], Proto::Simple, &Route::All)
+            .await;
+        assert_eq!(
+            got.error.as_ref().map(|e| e.0.as_str()),
+            Some("0A000"),
+            "{sql}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_that_cannot_run_per_shard_are_refused() {
+    let mut fx = fixture("fanout_write_refusals", "").await;
+    for sql in [
+        "UPDATE t SET v = 0 WHERE id IN (SELECT id FROM t ORDER BY id LIMIT 3)",
+        "DELETE FROM t WHERE v > (SELECT avg(v) FROM t)",
+        "INSERT INTO t (id, v) SELECT max(id) + 1, 0 FROM t",
+        "DECLARE c CURSOR FOR SELECT * FROM t",
+        "CREATE TABLE copy_of_t AS SELECT count(*) FROM t",
+        "SELECT * FROM t FOR NO KEY UPDATE",
+    ] {
+        let got = fx
+            .via_executor_route(sql, &[], Proto::Simple, &Route::All)
+            .await;
+        assert_eq!(
+            got.error.as_ref().map(|e| e.0.as_str()),
+            Some("0A000"),
+            "{sql}: {:?}",
+            got.error
+        );
+    }
+    // Nothing changed.
+    let got = fx
+        .via_executor("SELECT count(*), sum(v) FROM t", &[], Proto::Simple)
+        .await;
+    let want = fx
+        .via_oracle("SELECT count(*), sum(v) FROM t", &[], Proto::Simple)
+        .await;
+    assert_eq!(got.rows, want.rows);
+}

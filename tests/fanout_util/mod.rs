@@ -39,6 +39,10 @@ pub struct Answer {
     pub tag: Option<String>,
     /// (SQLSTATE, message, detail)
     pub error: Option<(String, String, String)>,
+    /// CopyData payloads (COPY … TO STDOUT), and whether CopyOutResponse/CopyDone came.
+    pub copy: Vec<Vec<u8>>,
+    pub copy_started: bool,
+    pub copy_done: bool,
 }
 
 impl Answer {
@@ -88,6 +92,9 @@ pub fn decode(bytes: &[u8], answer: &mut Answer) {
                     .collect()
             }
             b'D' => answer.rows.push(frame.body.to_vec()),
+            b'd' => answer.copy.push(frame.body.to_vec()),
+            b'H' => answer.copy_started = true,
+            b'c' => answer.copy_done = true,
             b'C' => answer.tag = Some(command_tag(frame.body).to_string()),
             b'E' => {
                 let f = shardgate::executor::fanout::wire::error_response_fields(frame.body);

@@ -33,6 +33,13 @@ pub trait Merge {
     /// Decodes what the merge needs of a row as it arrives.
     fn prepare(&self, row: Row) -> Result<Entry, ProxyError>;
     fn less(&self, a: &Entry, b: &Entry) -> bool;
+    /// Called instead of [`Merge::header`] when the shards start COPY TO STDOUT.
+    fn copy_header(&mut self, _response: &[u8], _out: &mut BytesMut) -> Result<(), ProxyError> {
+        Err(
+            ProxyError::error("0A000", "COPY started on a shard in a fan-out statement")
+                .with_hint("COPY each shard with a routing hint"),
+        )
+    }
     /// Takes the next merged row from target `pos`; false = no more rows wanted.
     fn row(&mut self, pos: usize, entry: Entry, out: &mut BytesMut) -> Result<bool, ProxyError>;
 }
@@ -68,6 +75,8 @@ struct Stream {
     buf: BytesMut,
     rows: VecDeque<Entry>,
     fields: Option<Vec<Field>>,
+    /// CopyOutResponse body, for COPY TO STDOUT.
+    copy: Option<Bytes>,
     described: bool,
     tags: Vec<String>,
     /// No more rows will come (CommandComplete, EmptyQuery, error, dead).
@@ -126,6 +135,7 @@ pub async fn gather<W: AsyncWrite + Unpin, M: Merge>(
             buf: BytesMut::with_capacity(16 * 1024),
             rows: VecDeque::new(),
             fields: None,
+            copy: None,
             described: false,
             tags: Vec::new(),
             finished: false,
@@ -198,7 +208,10 @@ pub async fn gather<W: AsyncWrite + Unpin, M: Merge>(
         if !draining && !header_done && streams.iter().all(|s| s.described) {
             header_done = true;
             let result = agree(&streams)
-                .and_then(|fields| merge.header(fields, output.out))
+                .and_then(|fields| match agree_copy(&streams)? {
+                    Some(response) => merge.copy_header(response, output.out),
+                    None => merge.header(fields, output.out),
+                })
                 .and_then(|()| {
                     // Rows that arrived with the description were decoded
                     // before the merge knew the column types: decode again.
@@ -331,6 +344,28 @@ fn agree(streams: &[Stream]) -> Result<Option<&[Field]>, ProxyError> {
     Ok(first.map(|(_, f)| f))
 }
 
+/// The shards' CopyOutResponse, which must agree (format and columns).
+fn agree_copy(streams: &[Stream]) -> Result<Option<&[u8]>, ProxyError> {
+    let mut first: Option<(&str, &Bytes)> = None;
+    for s in streams {
+        let Some(c) = &s.copy else { continue };
+        match first {
+            None => first = Some((&s.name, c)),
+            Some((name, d)) if d != c => {
+                return Err(ProxyError::error(
+                    "42804",
+                    format!(
+                        "shards {name} and {} answer COPY with different columns (schema drift)",
+                        s.name
+                    ),
+                ))
+            }
+            _ => {}
+        }
+    }
+    Ok(first.map(|(_, c)| c.as_ref()))
+}
+
 /// Moves merged rows from the queues into the merge while possible.
 fn emit<M: Merge>(
     merge: &mut M,
@@ -455,7 +490,29 @@ fn pump<M: Merge>(
                 s.finished = true;
                 s.described = true;
             }
-            tag::COPY_IN_RESPONSE | tag::COPY_OUT_RESPONSE | tag::COPY_BOTH_RESPONSE => {
+            tag::COPY_OUT_RESPONSE => {
+                s.copy = Some(body);
+                s.described = true;
+            }
+            tag::COPY_DATA => {
+                if discard || s.canceled || s.error.is_some() {
+                    continue;
+                }
+                let row = Row {
+                    body,
+                    cells: Vec::new(),
+                };
+                if let Err(e) = memory.add(row.footprint()) {
+                    s.error = Some(e);
+                    continue;
+                }
+                s.rows.push_back(Entry {
+                    row,
+                    keys: Vec::new(),
+                });
+            }
+            tag::COPY_DONE => {}
+            tag::COPY_IN_RESPONSE | tag::COPY_BOTH_RESPONSE => {
                 return Err(ProxyError::error(
                     "0A000",
                     format!("COPY started on shard {} in a fan-out statement", s.name),

@@ -437,3 +437,44 @@ impl Merge for Pass {
         Ok(true)
     }
 }
+
+/// COPY … TO STDOUT from several shards: one CopyOutResponse, every shard's
+/// CopyData concatenated (text/CSV rows are independent lines).
+pub struct CopyOut {
+    pub started: bool,
+    pub rows: u64,
+}
+
+impl Merge for CopyOut {
+    fn ordered(&self) -> bool {
+        false
+    }
+    fn header(&mut self, _fields: Option<&[Field]>, _out: &mut BytesMut) -> Result<(), ProxyError> {
+        Ok(())
+    }
+    fn copy_header(&mut self, response: &[u8], out: &mut BytesMut) -> Result<(), ProxyError> {
+        use bytes::BufMut;
+        self.started = true;
+        out.put_u8(b'H');
+        out.put_i32(4 + response.len() as i32);
+        out.put_slice(response);
+        Ok(())
+    }
+    fn prepare(&self, row: Row) -> Result<Entry, ProxyError> {
+        Ok(Entry {
+            row,
+            keys: Vec::new(),
+        })
+    }
+    fn less(&self, _a: &Entry, _b: &Entry) -> bool {
+        false
+    }
+    fn row(&mut self, _pos: usize, entry: Entry, out: &mut BytesMut) -> Result<bool, ProxyError> {
+        use bytes::BufMut;
+        self.rows += 1;
+        out.put_u8(b'd');
+        out.put_i32(4 + entry.row.body.len() as i32);
+        out.put_slice(&entry.row.body);
+        Ok(true)
+    }
+}

@@ -298,7 +298,7 @@ pub async fn run<W: AsyncWrite + Unpin>(
             passthrough(executor, &req, targets, true, &mut output, &mut memory).await
         }
         Route::Split { rows_by_shard } => match executor.plan(req.sql).as_ref() {
-            Plan::Insert(insert) => {
+            Plan::Insert { insert, .. } => {
                 split::run(
                     executor,
                     &req,
@@ -319,9 +319,14 @@ pub async fn run<W: AsyncWrite + Unpin>(
             let plan = executor.plan(req.sql);
             match plan.as_ref() {
                 Plan::Refused(e) => Err(e.clone()),
-                Plan::Passthrough | Plan::Insert(_) => {
+                Plan::Insert {
+                    fanout_refusal: Some(e),
+                    ..
+                } => Err(e.clone()),
+                Plan::Passthrough | Plan::Insert { .. } => {
                     passthrough(executor, &req, targets, false, &mut output, &mut memory).await
                 }
+                Plan::CopyOut => copy_out(executor, &req, targets, &mut output, &mut memory).await,
                 Plan::Select(p) => {
                     select(executor, &req, p, targets, &mut output, &mut memory).await
                 }
@@ -421,6 +426,36 @@ async fn passthrough<W: AsyncWrite + Unpin>(
         wrote,
         rows,
         tag: tags.last().cloned().unwrap_or_default(),
+    })
+}
+
+/// COPY … TO STDOUT: CopyOutResponse once, CopyData of every shard,
+/// CopyDone, `COPY <sum>`.
+async fn copy_out<W: AsyncWrite + Unpin>(
+    ex: &FanoutExecutor,
+    req: &Request<'_>,
+    targets: &mut [ShardConn<'_>],
+    output: &mut Output<'_, W>,
+    memory: &mut Memory,
+) -> Result<FanoutOutcome, ProxyError> {
+    let batch = req.batch(req.sql, false, &req.params.result_formats);
+    let batches: Vec<_> = targets.iter().map(|_| Some(batch.clone())).collect();
+    let mut merge = merge::CopyOut {
+        started: false,
+        rows: 0,
+    };
+    let g = gather(ex, targets, &batches, &mut merge, output, memory).await?;
+    if merge.started {
+        output.out.extend_from_slice(&[b'c', 0, 0, 0, 4]);
+    }
+    let tag = sum_tags(&g.tags);
+    let rows = tag_count(&tag).1.unwrap_or(merge.rows);
+    synth::command_complete(output.out, &tag);
+    Ok(FanoutOutcome {
+        statuses: g.statuses,
+        wrote: vec![false; targets.len()],
+        rows,
+        tag,
     })
 }
 

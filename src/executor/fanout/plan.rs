@@ -37,8 +37,14 @@ pub enum Plan {
     Select(SelectPlan),
     /// A SELECT with aggregates re-aggregated across shards.
     Aggregate(Box<AggPlan>),
-    /// An INSERT … VALUES that a Split route divides by rows.
-    Insert(Box<ast::Insert>),
+    /// An INSERT: a Split route divides its VALUES rows; on other
+    /// multi-shard routes it runs as sent unless `fanout_refusal` says why not.
+    Insert {
+        insert: Box<ast::Insert>,
+        fanout_refusal: Option<ProxyError>,
+    },
+    /// COPY … TO STDOUT (text/CSV): every shard's rows concatenated.
+    CopyOut,
     /// Refused before touching any shard.
     Refused(ProxyError),
 }
@@ -308,8 +314,24 @@ fn plain_subquery(q: &Query) -> bool {
 pub fn plan(sql: &str, tables: &Tables) -> Plan {
     let statements = match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
         Ok(s) => s,
-        // The router classified it without sqlparser: run it as sent.
-        Err(_) => return Plan::Passthrough,
+        // Utility statements sqlparser does not know run as sent; a query
+        // we cannot analyse might need merging, so it is refused.
+        Err(e) => {
+            let first = sql
+                .trim_start_matches(|c: char| c.is_whitespace() || c == '(')
+                .split(|c: char| !c.is_ascii_alphabetic())
+                .next()
+                .unwrap_or("")
+                .to_ascii_lowercase();
+            return match first.as_str() {
+                "select" | "with" | "table" | "values" | "insert" | "update" | "delete"
+                | "merge" | "declare" | "create" | "copy" => Plan::Refused(refuse(
+                    format!("this statement cannot be analysed for a multi-shard execution ({e})"),
+                    "restrict it to one shard by its sharding key or a routing hint",
+                )),
+                _ => Plan::Passthrough,
+            };
+        }
     };
     if statements.len() != 1 {
         return Plan::Refused(refuse(
@@ -322,13 +344,136 @@ pub fn plan(sql: &str, tables: &Tables) -> Plan {
             Ok(p) => p,
             Err(e) => Plan::Refused(e),
         },
-        Some(Statement::Insert(insert)) => Plan::Insert(Box::new(insert)),
+        Some(Statement::Insert(insert)) => {
+            let fanout_refusal = insert
+                .source
+                .as_ref()
+                .filter(|q| !matches!(q.body.as_ref(), SetExpr::Values(_)))
+                .filter(|q| tables.touches_sharded(q.as_ref()) && !plain_subquery(q))
+                .map(|_| {
+                    refuse(
+                        "INSERT … SELECT that aggregates, groups, sorts with LIMIT or uses DISTINCT over a sharded table cannot run per shard",
+                        "restrict the SELECT to one shard by its sharding key, or compute the rows in the application",
+                    )
+                })
+                .or_else(|| write_refusal(&insert, tables));
+            Plan::Insert {
+                insert: Box::new(insert),
+                fanout_refusal,
+            }
+        }
+        Some(statement @ (Statement::Update(_) | Statement::Delete(_) | Statement::Merge { .. })) => {
+            match write_refusal(&statement, tables) {
+                Some(e) => Plan::Refused(e),
+                None => Plan::Passthrough,
+            }
+        }
+        Some(Statement::Declare { .. }) => Plan::Refused(refuse(
+            "cursors over several shards are not supported",
+            "fetch the rows with one query, or restrict the cursor's query to one shard by its sharding key",
+        )),
+        Some(Statement::CreateTable(ct)) if ct.query.is_some() => Plan::Refused(refuse(
+            "CREATE TABLE … AS over several shards is not supported",
+            "create the table, then INSERT … SELECT, or restrict the query to one shard",
+        )),
+        Some(Statement::Copy {
+            source,
+            to: true,
+            target: ast::CopyTarget::Stdout,
+            options,
+            legacy_options,
+            ..
+        }) => match copy_refusal(&source, &options, &legacy_options, tables) {
+            Some(e) => Plan::Refused(e),
+            None => Plan::CopyOut,
+        },
         Some(Statement::Copy { .. }) => Plan::Refused(refuse(
-            "COPY over several shards is not supported",
-            "COPY each shard with a routing hint (/* shardgate: shard=s0 */), or use COPY (SELECT …) through a single-shard key",
+            "COPY FROM, or COPY to a file or program, over several shards is not supported",
+            "COPY each shard with a routing hint (/* shardgate: shard=s0 */); for loading, INSERT through shardgate",
         )),
         _ => Plan::Passthrough,
     }
+}
+
+/// Why a COPY … TO STDOUT cannot be concatenated from the shards.
+fn copy_refusal(
+    source: &ast::CopySource,
+    options: &[ast::CopyOption],
+    legacy: &[ast::CopyLegacyOption],
+    tables: &Tables,
+) -> Option<ProxyError> {
+    let binary = options
+        .iter()
+        .any(|o| matches!(o, ast::CopyOption::Format(f) if f.value.eq_ignore_ascii_case("binary")))
+        || legacy
+            .iter()
+            .any(|o| matches!(o, ast::CopyLegacyOption::Binary));
+    let header = options
+        .iter()
+        .any(|o| matches!(o, ast::CopyOption::Header(true)))
+        || legacy.iter().any(|o| format!("{o:?}").contains("Header"));
+    if binary || header {
+        return Some(refuse(
+            "COPY TO STDOUT over several shards supports text and CSV without HEADER",
+            "drop FORMAT binary / HEADER, or COPY each shard with a routing hint",
+        ));
+    }
+    if let ast::CopySource::Query(q) = source {
+        if q.order_by.is_some() || (tables.touches_sharded(q.as_ref()) && !plain_subquery(q)) {
+            return Some(refuse(
+                "COPY (SELECT …) TO STDOUT over several shards must be a plain SELECT (no ORDER BY, LIMIT, aggregates or DISTINCT)",
+                "use a SELECT for ordered or aggregated results",
+            ));
+        }
+    }
+    None
+}
+
+/// Why a write cannot run per shard: a subquery over a sharded table (its
+/// rows may live on other shards than the rows it filters or feeds).
+fn write_refusal<V: Visit>(statement: &V, tables: &Tables) -> Option<ProxyError> {
+    struct W<'a> {
+        tables: &'a Tables,
+        found: bool,
+    }
+    impl Visitor for W<'_> {
+        type Break = ();
+        fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
+            let q = match expr {
+                Expr::Subquery(q) | Expr::Exists { subquery: q, .. } => Some(q),
+                Expr::In {
+                    target: ast::InTarget::Subquery(q),
+                    ..
+                } => Some(q),
+                _ => None,
+            };
+            if q.is_some_and(|q| self.tables.touches_sharded(q.as_ref())) {
+                self.found = true;
+                return ControlFlow::Break(());
+            }
+            ControlFlow::Continue(())
+        }
+        fn pre_visit_table_factor(&mut self, f: &TableFactor) -> ControlFlow<()> {
+            if let TableFactor::Derived { subquery, .. } = f {
+                if self.tables.touches_sharded(subquery.as_ref()) && !plain_subquery(subquery) {
+                    self.found = true;
+                    return ControlFlow::Break(());
+                }
+            }
+            ControlFlow::Continue(())
+        }
+    }
+    let mut w = W {
+        tables,
+        found: false,
+    };
+    let _ = statement.visit(&mut w);
+    w.found.then(|| {
+        refuse(
+            "a write on several shards with a subquery over a sharded table is not supported: the subquery would only see each shard's own rows",
+            "compute the keys first and write with explicit values, or restrict the write to one shard by its sharding key",
+        )
+    })
 }
 
 fn count_of(e: &Expr) -> Result<Count, ProxyError> {
