@@ -316,48 +316,59 @@ async fn fanout_matches_the_oracle() {
     // The fleet's clusters are initialised with the C.UTF-8 locale.
     fx.executor.set_text_collation_bytewise(true);
 
+    fx.start_proxy().await;
+
     let (mut identical, mut refusals, mut failures) = (0, 0, Vec::new());
     for q in QUERIES {
         for proto in PROTOS {
             if proto == Proto::Simple && !q.params.is_empty() {
                 continue; // the simple protocol has no parameters
             }
-            let got = fx.via_executor(q.sql, q.params, proto).await;
-            if q.refused {
-                match &got.error {
-                    Some((code, msg, _)) if code == "0A000" => {
-                        refusals += 1;
-                        if proto == Proto::Simple {
-                            println!("refused: {} -- {msg}", q.sql);
+            // The executor called directly, and shardgate end to end.
+            let direct = fx.via_executor(q.sql, q.params, proto).await;
+            let proxied = fx.via_proxy(q.sql, q.params, proto).await;
+            let want = if q.refused {
+                None
+            } else {
+                let want = fx.via_oracle(q.sql, q.params, proto).await;
+                assert!(
+                    want.error.is_none(),
+                    "oracle failed on {}: {:?}",
+                    q.sql,
+                    want.error
+                );
+                Some(want)
+            };
+            for (path, got) in [("executor", &direct), ("shardgate", &proxied)] {
+                let Some(want) = &want else {
+                    match &got.error {
+                        Some((code, msg, _)) if code == "0A000" => {
+                            refusals += 1;
+                            if proto == Proto::Simple && path == "executor" {
+                                println!("refused: {} -- {msg}", q.sql);
+                            }
                         }
+                        other => failures.push(format!(
+                            "{} [{proto:?} via {path}]: expected 0A000, got {other:?} / {} rows",
+                            q.sql,
+                            got.rows.len()
+                        )),
                     }
-                    other => failures.push(format!(
-                        "{} [{proto:?}]: expected 0A000, got {other:?} / {} rows",
-                        q.sql,
-                        got.rows.len()
-                    )),
+                    continue;
+                };
+                if let Some(e) = &got.error {
+                    failures.push(format!("{} [{proto:?} via {path}]: error {e:?}", q.sql));
+                    continue;
                 }
-                continue;
-            }
-            if let Some(e) = &got.error {
-                failures.push(format!("{} [{proto:?}]: error {e:?}", q.sql));
-                continue;
-            }
-            let want = fx.via_oracle(q.sql, q.params, proto).await;
-            assert!(
-                want.error.is_none(),
-                "oracle failed on {}: {:?}",
-                q.sql,
-                want.error
-            );
-            match compare(q, proto, &got, &want) {
-                Ok(()) => identical += 1,
-                Err(e) => failures.push(format!("{} [{proto:?}]: {e}", q.sql)),
+                match compare(q, proto, got, want) {
+                    Ok(()) => identical += 1,
+                    Err(e) => failures.push(format!("{} [{proto:?} via {path}]: {e}", q.sql)),
+                }
             }
         }
     }
     println!(
-        "fan-out differential: {} queries x {} protocols: {identical} identical, {refusals} refused (0A000), {} different",
+        "fan-out differential: {} queries x {} protocols x (executor, shardgate): {identical} identical, {refusals} refused (0A000), {} different",
         QUERIES.len(),
         PROTOS.len(),
         failures.len()

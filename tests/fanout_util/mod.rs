@@ -136,6 +136,9 @@ pub fn bind_rest(params: &[Option<&str>], binary: bool) -> Vec<u8> {
 }
 
 pub struct Fixture {
+    pub map: String,
+    /// shardgate itself with this map, once `start_proxy` ran, and a raw client.
+    pub proxy: Option<(shardgate::server::RunningServer, support::wire::Wire)>,
     pub db: String,
     pub oracle_db: String,
     pub config: Config,
@@ -184,6 +187,8 @@ impl Fixture {
             .await
             .unwrap();
         Fixture {
+            map: text,
+            proxy: None,
             db,
             oracle_db,
             config,
@@ -280,6 +285,33 @@ impl Fixture {
             }
         }
         b.to_vec()
+    }
+
+    /// Starts shardgate with the fixture's map and connects a raw client.
+    pub async fn start_proxy(&mut self) {
+        let server = support::start_proxy(&self.map).await;
+        let wire = support::wire::Wire::connect(
+            server.address.port(),
+            "app",
+            &server.shared.config.database,
+        )
+        .await;
+        self.proxy = Some((server, wire));
+    }
+
+    /// The same request through shardgate (after `start_proxy`).
+    pub async fn via_proxy(&mut self, sql: &str, params: &[Option<&str>], proto: Proto) -> Answer {
+        let (_, wire) = self.proxy.as_mut().expect("start_proxy first");
+        let msgs = wire.exchange(&Self::request(sql, params, proto), 1).await;
+        let mut bytes = Vec::new();
+        for m in msgs {
+            bytes.push(m.tag);
+            bytes.extend_from_slice(&((m.body.len() + 4) as i32).to_be_bytes());
+            bytes.extend_from_slice(&m.body);
+        }
+        let mut answer = Answer::default();
+        decode(&bytes, &mut answer);
+        answer
     }
 
     pub async fn via_oracle(&mut self, sql: &str, params: &[Option<&str>], proto: Proto) -> Answer {
