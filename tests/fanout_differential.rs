@@ -188,6 +188,11 @@ const QUERIES: &[Q] = &[
     q("SELECT grp, min(code), max(note) FROM items GROUP BY grp ORDER BY grp", Exact),
     q("SELECT grp, bool_or(flag) FILTER (WHERE qty > 0) FROM items GROUP BY grp ORDER BY 1", Exact),
     q("SELECT upper(cat) AS u, count(*) FROM items GROUP BY upper(cat) ORDER BY u", Exact),
+    // subqueries co-located on the sharding key
+    q("SELECT id FROM items WHERE id IN (SELECT item_id FROM orders WHERE amount > 400)", Any),
+    q("SELECT count(*) FROM items i WHERE EXISTS (SELECT 1 FROM orders o WHERE o.item_id = i.id AND o.status = 'paid')", Any),
+    q("SELECT count(*), sum(qty) FROM items i WHERE NOT EXISTS (SELECT 1 FROM orders o WHERE o.item_id = i.id)", Any),
+    q("SELECT i.id, (SELECT count(*) FROM orders o WHERE o.item_id = i.id) AS n FROM items i ORDER BY n DESC, i.id LIMIT 10", Exact),
     // refusals
     refused("SELECT id, ts - timestamp '2023-01-01' AS iv FROM items ORDER BY iv"),
     refused("SELECT id, rank() OVER (ORDER BY qty) FROM items"),
@@ -197,7 +202,9 @@ const QUERIES: &[Q] = &[
     refused("SELECT string_agg(cat, ',' ORDER BY id) FROM items"),
     refused("SELECT array_agg(id) FROM items"),
     refused("SELECT id FROM items UNION SELECT item_id FROM orders"),
-    refused("SELECT id FROM items WHERE id IN (SELECT item_id FROM orders WHERE amount > 10)"),
+    refused("SELECT id FROM items WHERE id NOT IN (SELECT item_id FROM orders)"),
+    refused("SELECT id FROM items i WHERE EXISTS (SELECT 1 FROM orders o WHERE o.order_id = i.id)"),
+    refused("SELECT id FROM items WHERE id IN (SELECT item_id FROM orders ORDER BY amount LIMIT 5)"),
     refused("SELECT count(*) FROM (SELECT grp FROM items GROUP BY grp) s"),
     refused("SELECT id FROM items ORDER BY id FETCH FIRST 5 ROWS ONLY"),
     refused("SELECT count(DISTINCT grp), count(DISTINCT cat) FROM items"),

@@ -62,6 +62,17 @@ async fn writes_sum_tags_and_concatenate_returning() {
         .await;
     assert_eq!(got.tag, want.tag);
     assert_eq!(got.tag.as_deref(), Some("DELETE 30"));
+    // A subquery co-located on the sharding key runs per shard.
+    let sql = "UPDATE t SET v = v + 100 WHERE id IN (SELECT id FROM t WHERE s = 's3') AND EXISTS (SELECT 1 FROM t t2 WHERE t2.id = t.id AND t2.v < 8)";
+    let got = fx.via_executor(sql, &[], Proto::Simple).await;
+    let want = fx.via_oracle(sql, &[], Proto::Simple).await;
+    assert_eq!(got.error, None);
+    assert_eq!(got.tag, want.tag);
+    let check = "SELECT count(*), sum(v) FROM t";
+    assert_eq!(
+        fx.via_executor(check, &[], Proto::Simple).await.rows,
+        fx.via_oracle(check, &[], Proto::Simple).await.rows
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -40,6 +40,7 @@
 //! - [`split`]: a Split INSERT divided by VALUES rows.
 
 pub mod aggregate;
+pub mod colocated;
 pub mod engine;
 pub mod merge;
 pub mod plan;
@@ -120,9 +121,9 @@ impl FanoutExecutor {
     pub fn new(config: &Config) -> FanoutExecutor {
         let mut tables = Tables::default();
         for t in &config.tables {
-            if let TablePlacement::Sharded { key, .. } = &t.placement {
+            if let TablePlacement::Sharded { key, function } = &t.placement {
                 let name = t.name.rsplit('.').next().unwrap_or(&t.name).to_string();
-                tables.sharded.insert(name, key.clone());
+                tables.sharded.insert(name, (key.clone(), function.clone()));
             }
         }
         FanoutExecutor {

@@ -18,6 +18,7 @@ use sqlparser::ast::{
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
+use super::colocated::{colocated, Scope};
 use crate::protocol::synth::ProxyError;
 
 /// The refusal SQLSTATE: feature_not_supported.
@@ -131,10 +132,11 @@ pub struct AggPlan {
     pub final_select: Box<Query>,
 }
 
-/// Table placement the planner needs: sharded table name → key column.
+/// Table placement the planner needs: sharded table name → (key column,
+/// sharding function name).
 #[derive(Debug, Clone, Default)]
 pub struct Tables {
-    pub sharded: HashMap<String, String>,
+    pub sharded: HashMap<String, (String, String)>,
 }
 
 const AGGS: &[&str] = &[
@@ -195,7 +197,7 @@ fn fn_name(f: &Function) -> String {
 }
 
 /// An identifier as Postgres folds it: unquoted ones lower-cased.
-fn ident_name(i: &Ident) -> String {
+pub(crate) fn ident_name(i: &Ident) -> String {
     if i.quote_style.is_some() {
         i.value.clone()
     } else {
@@ -236,6 +238,8 @@ fn expr_args(f: &Function) -> Vec<Option<Expr>> {
 /// Facts about the expressions of a query that decide the plan.
 #[derive(Default)]
 struct Scan {
+    /// Nesting inside subqueries: their aggregates and windows are their own.
+    depth: usize,
     aggs: Vec<Expr>,
     window: bool,
     subquery: bool,
@@ -244,7 +248,29 @@ struct Scan {
 
 impl Visitor for Scan {
     type Break = ();
+    fn pre_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
+        self.depth += 1;
+        ControlFlow::Continue(())
+    }
+    fn post_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
+        self.depth = self.depth.saturating_sub(1);
+        ControlFlow::Continue(())
+    }
     fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
+        if self.depth > 0 {
+            if matches!(
+                expr,
+                Expr::Subquery(_)
+                    | Expr::In {
+                        target: ast::InTarget::Subquery(_),
+                        ..
+                    }
+                    | Expr::Exists { .. }
+            ) {
+                self.subquery = true;
+            }
+            return ControlFlow::Continue(());
+        }
         match expr {
             Expr::Function(f) if f.over.is_some() => self.window = true,
             Expr::Function(f) => {
@@ -289,9 +315,16 @@ impl Tables {
     }
 }
 
+/// Whether a node contains any subquery expression.
+pub(crate) fn contains_subquery<V: Visit>(node: &V) -> bool {
+    let mut scan = Scan::default();
+    let _ = node.visit(&mut scan);
+    scan.subquery
+}
+
 /// Whether a nested query is "plain" (rows pass through unchanged per
 /// shard): no aggregates, grouping, DISTINCT, LIMIT, window functions, set operations.
-fn plain_subquery(q: &Query) -> bool {
+pub(crate) fn plain_subquery(q: &Query) -> bool {
     if q.limit_clause.is_some() || q.fetch.is_some() || q.with.is_some() {
         return false;
     }
@@ -356,7 +389,7 @@ pub fn plan(sql: &str, tables: &Tables) -> Plan {
                         "restrict the SELECT to one shard by its sharding key, or compute the rows in the application",
                     )
                 })
-                .or_else(|| write_refusal(&insert, tables));
+                .or_else(|| write_refusal(&Statement::Insert(insert.clone()), tables));
             Plan::Insert {
                 insert: Box::new(insert),
                 fanout_refusal,
@@ -431,28 +464,13 @@ fn copy_refusal(
 
 /// Why a write cannot run per shard: a subquery over a sharded table (its
 /// rows may live on other shards than the rows it filters or feeds).
-fn write_refusal<V: Visit>(statement: &V, tables: &Tables) -> Option<ProxyError> {
-    struct W<'a> {
+fn write_refusal(statement: &Statement, tables: &Tables) -> Option<ProxyError> {
+    struct Derived<'a> {
         tables: &'a Tables,
         found: bool,
     }
-    impl Visitor for W<'_> {
+    impl Visitor for Derived<'_> {
         type Break = ();
-        fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
-            let q = match expr {
-                Expr::Subquery(q) | Expr::Exists { subquery: q, .. } => Some(q),
-                Expr::In {
-                    target: ast::InTarget::Subquery(q),
-                    ..
-                } => Some(q),
-                _ => None,
-            };
-            if q.is_some_and(|q| self.tables.touches_sharded(q.as_ref())) {
-                self.found = true;
-                return ControlFlow::Break(());
-            }
-            ControlFlow::Continue(())
-        }
         fn pre_visit_table_factor(&mut self, f: &TableFactor) -> ControlFlow<()> {
             if let TableFactor::Derived { subquery, .. } = f {
                 if self.tables.touches_sharded(subquery.as_ref()) && !plain_subquery(subquery) {
@@ -463,15 +481,37 @@ fn write_refusal<V: Visit>(statement: &V, tables: &Tables) -> Option<ProxyError>
             ControlFlow::Continue(())
         }
     }
-    let mut w = W {
+    let mut d = Derived {
         tables,
         found: false,
     };
-    let _ = statement.visit(&mut w);
-    w.found.then(|| {
+    let _ = statement.visit(&mut d);
+    let outer = match statement {
+        Statement::Update(u) => {
+            let mut from = vec![u.table.clone()];
+            if let Some(
+                ast::UpdateTableFromKind::BeforeSet(f) | ast::UpdateTableFromKind::AfterSet(f),
+            ) = &u.from
+            {
+                from.extend(f.iter().cloned());
+            }
+            Scope::of_from(&from, tables)
+        }
+        Statement::Delete(del) => {
+            let (ast::FromTable::WithFromKeyword(v) | ast::FromTable::WithoutKeyword(v)) =
+                &del.from;
+            let mut from = v.clone();
+            if let Some(using) = &del.using {
+                from.extend(using.iter().cloned());
+            }
+            Scope::of_from(&from, tables)
+        }
+        _ => Scope::default(),
+    };
+    (d.found || uncolocated_subquery(statement, &outer, tables)).then(|| {
         refuse(
-            "a write on several shards with a subquery over a sharded table is not supported: the subquery would only see each shard's own rows",
-            "compute the keys first and write with explicit values, or restrict the write to one shard by its sharding key",
+            "a write on several shards with a subquery over a sharded table that is not co-located with the written rows is not supported: the subquery would only see each shard's own rows",
+            "correlate the subquery on the sharding key (EXISTS … WHERE o.key = t.key, or key IN (SELECT key …)), compute the keys first, or restrict the write to one shard",
         )
     })
 }
@@ -664,9 +704,12 @@ fn plan_query(mut q: Query, tables: &Tables) -> Result<Plan, ProxyError> {
     plan_select(q, select).map(Plan::Select)
 }
 
-fn has_sharded_subquery(select: &Select, q: &Query, tables: &Tables) -> bool {
+/// Whether the statement has a subquery over sharded tables that is not
+/// provably co-located with the rows of `outer` (see [`super::colocated`]).
+fn uncolocated_subquery<V: Visit>(node: &V, outer: &Scope, tables: &Tables) -> bool {
     struct Sub<'a> {
         tables: &'a Tables,
+        outer: &'a Scope,
         found: bool,
     }
     impl Visitor for Sub<'_> {
@@ -681,7 +724,9 @@ fn has_sharded_subquery(select: &Select, q: &Query, tables: &Tables) -> bool {
                 _ => None,
             };
             if let Some(q) = q {
-                if self.tables.touches_sharded(q.as_ref()) {
+                if self.tables.touches_sharded(q.as_ref())
+                    && !colocated(expr, self.outer, self.tables)
+                {
                     self.found = true;
                     return ControlFlow::Break(());
                 }
@@ -691,13 +736,19 @@ fn has_sharded_subquery(select: &Select, q: &Query, tables: &Tables) -> bool {
     }
     let mut v = Sub {
         tables,
+        outer,
         found: false,
     };
-    let _ = select.visit(&mut v);
-    if let Some(ob) = &q.order_by {
-        let _ = ob.visit(&mut v);
-    }
+    let _ = node.visit(&mut v);
     v.found
+}
+
+fn has_sharded_subquery(select: &Select, q: &Query, tables: &Tables) -> bool {
+    let outer = Scope::of_from(&select.from, tables);
+    uncolocated_subquery(select, &outer, tables)
+        || q.order_by
+            .as_ref()
+            .is_some_and(|ob| uncolocated_subquery(ob, &outer, tables))
 }
 
 /// True when a GROUP BY expression is the sharding key of a sharded table in
@@ -710,7 +761,7 @@ fn groups_by_shard_key(select: &Select, groups: &[Expr], tables: &Tables) -> boo
             if let TableFactor::Table { name, alias, .. } = f {
                 if let Some(ast::ObjectNamePart::Identifier(i)) = name.0.last() {
                     let t = ident_name(i);
-                    if let Some(key) = tables.sharded.get(&t) {
+                    if let Some((key, _)) = tables.sharded.get(&t) {
                         in_from.push((t, alias.as_ref().map(|a| ident_name(&a.name)), key.clone()));
                     }
                 }
@@ -1350,8 +1401,9 @@ mod tests {
 
     fn tables() -> Tables {
         let mut t = Tables::default();
-        t.sharded.insert("t".into(), "id".into());
-        t.sharded.insert("u".into(), "uid".into());
+        t.sharded.insert("t".into(), ("id".into(), "f".into()));
+        t.sharded.insert("u".into(), ("uid".into(), "f".into()));
+        t.sharded.insert("v".into(), ("vid".into(), "g".into()));
         t
     }
 
@@ -1426,6 +1478,43 @@ mod tests {
             p.shard_sql,
             "SELECT b AS d0, sum(c) AS a0 FROM t GROUP BY 1"
         );
+    }
+
+    #[test]
+    fn colocated_subqueries_run_per_shard() {
+        for sql in [
+            "SELECT * FROM t WHERE id IN (SELECT uid FROM u WHERE x > 1)",
+            "SELECT * FROM t WHERE EXISTS (SELECT 1 FROM u WHERE u.uid = t.id AND u.x > 0)",
+            "SELECT * FROM t a WHERE NOT EXISTS (SELECT 1 FROM u WHERE a.id = uid)",
+            "SELECT t.id, (SELECT count(*) FROM u WHERE u.uid = t.id) FROM t ORDER BY 2",
+        ] {
+            select(sql);
+        }
+        for sql in [
+            "SELECT * FROM t WHERE id NOT IN (SELECT uid FROM u)",
+            "SELECT * FROM t WHERE id IN (SELECT uid FROM u LIMIT 3)",
+            "SELECT * FROM t WHERE id IN (SELECT x FROM u)",
+            "SELECT * FROM t WHERE EXISTS (SELECT 1 FROM u WHERE u.x = t.id)",
+            "SELECT * FROM t WHERE EXISTS (SELECT 1 FROM v WHERE v.vid = t.id)",
+            "SELECT * FROM t WHERE EXISTS (SELECT 1 FROM u WHERE u.uid = id)",
+            "SELECT * FROM t WHERE EXISTS (SELECT 1 FROM u t WHERE t.uid = t.id)",
+        ] {
+            assert_eq!(refused(sql).code, "0A000", "{sql}");
+        }
+        assert!(matches!(
+            plan(
+                "UPDATE t SET a = 1 WHERE EXISTS (SELECT 1 FROM u WHERE u.uid = t.id)",
+                &tables()
+            ),
+            Plan::Passthrough
+        ));
+        assert!(matches!(
+            plan(
+                "UPDATE t SET a = 1 WHERE id IN (SELECT x FROM u)",
+                &tables()
+            ),
+            Plan::Refused(_)
+        ));
     }
 
     #[test]
