@@ -421,3 +421,38 @@ async fn writes_that_cannot_run_per_shard_are_refused() {
         .await;
     assert_eq!(got.rows, want.rows);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_error_cancels_the_other_shards() {
+    let mut fx = fixture("fanout_cancel", "").await;
+    let bad = fx.shard_of("t", "id", "17");
+    // One slow row on each other shard.
+    let mut ids = vec!["17".to_string()];
+    for shard in (0..3).filter(|s| *s != bad) {
+        let id = (1..=300)
+            .find(|i| fx.shard_of("t", "id", &i.to_string()) == shard)
+            .unwrap();
+        ids.push(id.to_string());
+    }
+    let sql = format!(
+        "SELECT CASE WHEN id = 17 THEN 1 / 0 ELSE (SELECT 1 FROM pg_sleep(20)) END FROM t WHERE id IN ({})",
+        ids.join(", ")
+    );
+    let started = std::time::Instant::now();
+    let got = fx
+        .via_executor_route(&sql, &[], Proto::Simple, &Route::All)
+        .await;
+    let elapsed = started.elapsed();
+    assert_eq!(got.error.as_ref().map(|e| e.0.as_str()), Some("22012"));
+    assert!(
+        elapsed < std::time::Duration::from_secs(10),
+        "took {elapsed:?}: the sleeping shards were not cancelled"
+    );
+    for c in &fx.shards {
+        assert_eq!(c.transaction_status(), b'I');
+    }
+    let again = fx
+        .via_executor("SELECT count(*) FROM t", &[], Proto::Simple)
+        .await;
+    assert_eq!(again.text(0, 0).as_deref(), Some("300"));
+}

@@ -273,8 +273,9 @@ impl Merge for SelectMerge<'_> {
         self.project.visible = visible;
         self.sorter = Sorter::resolve(&self.plan.sort, fields, visible, self.bytewise)?;
         let typed = |i: usize| -> (usize, u32, bool) {
-            let f = &fields[i.min(fields.len().saturating_sub(1))];
-            (i, f.type_oid, f.format == 1)
+            fields
+                .get(i)
+                .map_or((i, 0, false), |f| (i, f.type_oid, f.format == 1))
         };
         self.dedup = match &self.plan.distinct {
             DistinctKind::None => None,

@@ -1362,7 +1362,11 @@ pub fn referenced_params<V: Visit>(node: &V) -> Vec<usize> {
         type Break = ();
         fn pre_visit_value(&mut self, v: &ast::ValueWithSpan) -> ControlFlow<()> {
             if let Value::Placeholder(p) = &v.value {
-                if let Some(n) = p.strip_prefix('$').and_then(|n| n.parse::<usize>().ok()) {
+                if let Some(n) = p
+                    .strip_prefix('$')
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .filter(|n| *n >= 1)
+                {
                     if !self.0.contains(&n) {
                         self.0.push(n);
                     }
