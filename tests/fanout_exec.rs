@@ -90,6 +90,16 @@ async fn broadcast_runs_everywhere_and_reports_one_shard() {
         (got.error.clone(), got.tag.as_deref()),
         (None, Some("CREATE TABLE"))
     );
+    // Notices come once, from one shard.
+    let got = fx
+        .via_executor_route(
+            "DROP TABLE IF EXISTS nothing_here",
+            &[],
+            Proto::Simple,
+            &Route::Broadcast,
+        )
+        .await;
+    assert_eq!(got.notices, 1, "{got:?}");
     let got = fx
         .via_executor_route(
             "INSERT INTO r VALUES (1, 'a'), (2, 'b') RETURNING k",

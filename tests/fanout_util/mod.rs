@@ -43,6 +43,7 @@ pub struct Answer {
     pub copy: Vec<Vec<u8>>,
     pub copy_started: bool,
     pub copy_done: bool,
+    pub notices: usize,
 }
 
 impl Answer {
@@ -95,6 +96,7 @@ pub fn decode(bytes: &[u8], answer: &mut Answer) {
             b'd' => answer.copy.push(frame.body.to_vec()),
             b'H' => answer.copy_started = true,
             b'c' => answer.copy_done = true,
+            b'N' => answer.notices += 1,
             b'C' => answer.tag = Some(command_tag(frame.body).to_string()),
             b'E' => {
                 let f = shardgate::executor::fanout::wire::error_response_fields(frame.body);

@@ -87,6 +87,9 @@ struct Stream {
     entry_status: u8,
     error: Option<ProxyError>,
     name: String,
+    /// NoticeResponse frames to pass on (first target only: the shards run
+    /// the same statement, so their notices repeat).
+    notices: Option<Vec<Bytes>>,
 }
 
 /// What the shards said, besides the rows.
@@ -145,8 +148,12 @@ pub async fn gather<W: AsyncWrite + Unpin, M: Merge>(
             entry_status: t.conn.transaction_status(),
             error: None,
             name: t.conn.shard_name().to_string(),
+            notices: None,
         })
         .collect();
+    if let Some(first) = streams.first_mut() {
+        first.notices = Some(Vec::new());
+    }
     for (i, t) in targets.iter_mut().enumerate() {
         match batches.get(i).and_then(|b| b.as_ref()) {
             None => {
@@ -182,6 +189,11 @@ pub async fn gather<W: AsyncWrite + Unpin, M: Merge>(
                 s.finished = true;
                 s.described = true;
                 s.error.get_or_insert(e);
+            }
+        }
+        if let Some(notices) = streams.first_mut().and_then(|s| s.notices.as_mut()) {
+            for n in notices.drain(..) {
+                output.out.extend_from_slice(&n);
             }
         }
         // Errors end the merge: cancel the rest and drain.
@@ -512,6 +524,11 @@ fn pump<M: Merge>(
                 });
             }
             tag::COPY_DONE => {}
+            tag::NOTICE_RESPONSE => {
+                if let Some(n) = s.notices.as_mut() {
+                    n.push(frame);
+                }
+            }
             tag::COPY_IN_RESPONSE | tag::COPY_BOTH_RESPONSE => {
                 return Err(ProxyError::error(
                     "0A000",
