@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 profile=()
 if [[ "${1:-}" == "--release" ]]; then profile=(--release); fi
 export SHARDGATE_DEVCLUSTER_TMPDIR="${SHARDGATE_DEVCLUSTER_TMPDIR:-/dev/shm}"
-out="bench/results/fanout-$(date +%F).md"
+out="bench/fanout-results.md"
 {
   echo "# fan-out benchmark $(date -u +%FT%TZ) ${profile[*]:-(debug build)}"
   echo

@@ -397,7 +397,11 @@ impl Merge for Collect {
             .with_hint("add a LIMIT, aggregate fewer groups, restrict the query by the sharding key, or raise max_merge_memory"));
         }
         if let Some(v) = self.rows.get_mut(pos) {
-            v.push(entry.row);
+            // A copy, so kept rows do not pin the shard's read buffers.
+            v.push(Row {
+                body: bytes::Bytes::copy_from_slice(&entry.row.body),
+                cells: entry.row.cells,
+            });
         }
         Ok(true)
     }
