@@ -179,6 +179,8 @@ const QUERIES: &[Q] = &[
     q("SELECT grp FROM items GROUP BY grp ORDER BY sum(qty) DESC, grp", Exact),
     q("SELECT cat, count(*) FROM items GROUP BY cat ORDER BY cat NULLS FIRST", Exact),
     q("SELECT count(*) FROM items HAVING count(*) > 5", Any),
+    q("SELECT 1 AS one FROM items HAVING true", Any),
+    q("SELECT 'x' AS k FROM items WHERE id < 0 HAVING 1 = 1", Any),
     q("SELECT max(qty) FROM items GROUP BY grp", Any),
     q("SELECT grp, length(string_agg(cat, ',')) FROM items GROUP BY grp ORDER BY grp", Exact),
     q("SELECT count(*) FROM items LIMIT 1", Any),

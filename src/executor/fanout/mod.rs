@@ -38,6 +38,8 @@
 //! - [`aggregate`]: re-aggregation of partial aggregates and the final
 //!   evaluation of the select list / HAVING / ORDER BY over merged groups.
 //! - [`split`]: a Split INSERT divided by VALUES rows.
+//! - [`colocated`]: which subqueries over sharded tables are exact per shard.
+//! - [`wire`]: Bind decoding, the extended batch sent to shards, row codecs.
 
 pub mod aggregate;
 pub mod colocated;

@@ -1197,6 +1197,15 @@ fn plan_aggregate(
         });
     }
     let key_count = groups.len() + usize::from(distinct_arg.is_some());
+    if proj.is_empty() {
+        // `SELECT 1 FROM t HAVING true`: one partial so every shard answers a row.
+        let count = parse_expr("count(*)")?;
+        partial_exprs.push(count.clone());
+        proj.push(SelectItem::ExprWithAlias {
+            expr: count,
+            alias: Ident::new("a0"),
+        });
+    }
     shard_select.projection = proj;
     shard_select.distinct = None;
     shard_select.having = None;
