@@ -466,3 +466,39 @@ async fn a_shard_error_cancels_the_other_shards() {
         .await;
     assert_eq!(again.text(0, 0).as_deref(), Some("300"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_defined_aggregates_are_refused_once_known() {
+    let mut fx = fixture("fanout_user_agg", "").await;
+    fx.everywhere("CREATE AGGREGATE my_sum(int4) (sfunc = int4pl, stype = int4)")
+        .await;
+    let c = support::connect(&support::fleet().clusters[0], &fx.db).await;
+    let names: Vec<String> = c
+        .query(
+            "SELECT DISTINCT proname::text FROM pg_proc WHERE prokind = 'a'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(names.contains(&"my_sum".to_string()));
+    fx.executor.set_aggregate_names(names);
+    let got = fx
+        .via_executor_route("SELECT my_sum(v) FROM t", &[], Proto::Simple, &Route::All)
+        .await;
+    assert_eq!(
+        got.error.as_ref().map(|e| e.0.as_str()),
+        Some("0A000"),
+        "{got:?}"
+    );
+    // Built-in aggregates the executor merges still work.
+    let got = fx
+        .via_executor("SELECT sum(v), count(*) FROM t", &[], Proto::Simple)
+        .await;
+    let want = fx
+        .via_oracle("SELECT sum(v), count(*) FROM t", &[], Proto::Simple)
+        .await;
+    assert_eq!(got.rows, want.rows);
+}

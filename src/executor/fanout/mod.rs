@@ -110,7 +110,7 @@ pub struct FanoutOutcome {
 /// Shared fan-out state: plan cache, shard addresses (for cancels), limits.
 pub struct FanoutExecutor {
     shards: Vec<ShardConfig>,
-    tables: Tables,
+    tables: std::sync::RwLock<Tables>,
     max_merge_memory: u64,
     bytewise: AtomicBool,
     cache: Mutex<HashMap<String, Arc<Plan>>>,
@@ -130,7 +130,7 @@ impl FanoutExecutor {
         }
         FanoutExecutor {
             shards: config.shards.clone(),
-            tables,
+            tables: std::sync::RwLock::new(tables),
             max_merge_memory: config.max_merge_memory,
             bytewise: AtomicBool::new(false),
             cache: Mutex::new(HashMap::new()),
@@ -142,6 +142,21 @@ impl FanoutExecutor {
     /// Until told, text ORDER BY is refused unless it says `COLLATE "C"`.
     pub fn set_text_collation_bytewise(&self, bytewise: bool) {
         self.bytewise.store(bytewise, Ordering::Relaxed);
+    }
+
+    /// The names of the database's aggregate functions (`SELECT proname
+    /// FROM pg_proc WHERE prokind = 'a'`): calls of those the planner cannot
+    /// merge (user-defined aggregates) are then refused instead of being
+    /// taken for scalar functions and evaluated per shard.
+    pub fn set_aggregate_names<I: IntoIterator<Item = String>>(&self, names: I) {
+        let names = names.into_iter().collect();
+        match self.tables.write() {
+            Ok(mut t) => t.other_aggregates = names,
+            Err(poisoned) => poisoned.into_inner().other_aggregates = names,
+        }
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.clear();
+        }
     }
 
     pub fn text_collation_bytewise(&self) -> bool {
@@ -163,7 +178,10 @@ impl FanoutExecutor {
                 return p.clone();
             }
         }
-        let p = Arc::new(plan::plan(sql, &self.tables));
+        let p = match self.tables.read() {
+            Ok(tables) => Arc::new(plan::plan(sql, &tables)),
+            Err(poisoned) => Arc::new(plan::plan(sql, &poisoned.into_inner())),
+        };
         if let Ok(mut cache) = self.cache.lock() {
             if cache.len() >= PLAN_CACHE_CAPACITY {
                 cache.clear();

@@ -137,6 +137,34 @@ pub struct AggPlan {
 #[derive(Debug, Clone, Default)]
 pub struct Tables {
     pub sharded: HashMap<String, (String, String)>,
+    /// Aggregate functions of the database the planner cannot merge (from
+    /// `pg_proc`, e.g. user-defined aggregates): a call is refused rather
+    /// than evaluated per shard as if it were a scalar function.
+    pub other_aggregates: std::collections::HashSet<String>,
+}
+
+/// The first call of an aggregate the planner does not know how to merge.
+fn unknown_aggregate<V: Visit>(node: &V, tables: &Tables) -> Option<String> {
+    struct U<'a>(&'a Tables, Option<String>);
+    impl Visitor for U<'_> {
+        type Break = ();
+        fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
+            if let Expr::Function(f) = expr {
+                let name = fn_name(f);
+                if f.over.is_none()
+                    && !AGGS.contains(&name.as_str())
+                    && self.0.other_aggregates.contains(&name)
+                {
+                    self.1 = Some(name);
+                    return ControlFlow::Break(());
+                }
+            }
+            ControlFlow::Continue(())
+        }
+    }
+    let mut u = U(tables, None);
+    let _ = node.visit(&mut u);
+    u.1
 }
 
 const AGGS: &[&str] = &[
@@ -370,6 +398,15 @@ pub fn plan(sql: &str, tables: &Tables) -> Plan {
         return Plan::Refused(refuse(
             "several statements in one query string cannot be fanned out to several shards",
             "send the statements one at a time",
+        ));
+    }
+    if let Some(name) = statements
+        .first()
+        .and_then(|st| unknown_aggregate(st, tables))
+    {
+        return Plan::Refused(refuse(
+            format!("aggregate {name}() cannot be merged across shards"),
+            "restrict the query to one shard by its sharding key, or use count/sum/min/max/avg",
         ));
     }
     match statements.into_iter().next() {
@@ -1527,6 +1564,24 @@ mod tests {
                 &tables()
             ),
             Plan::Refused(_)
+        ));
+    }
+
+    #[test]
+    fn aggregates_of_the_database_are_refused() {
+        let mut t = tables();
+        t.other_aggregates.insert("my_sum".into());
+        assert!(matches!(
+            plan("SELECT my_sum(a) FROM t", &t),
+            Plan::Refused(_)
+        ));
+        assert!(matches!(
+            plan("SELECT my_sum(a) OVER () FROM t", &t),
+            Plan::Refused(_)
+        ));
+        assert!(matches!(
+            plan("SELECT lower(s) FROM t", &t),
+            Plan::Select(_)
         ));
     }
 
