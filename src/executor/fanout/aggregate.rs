@@ -15,9 +15,7 @@ use tokio::io::AsyncWrite;
 
 use super::engine::{gather, Memory, Output};
 use super::merge::{Collect, SelectMerge, Window};
-use super::plan::{
-    final_sql, referenced_params, refuse, AggPlan, Combine, DistinctKind, SelectPlan,
-};
+use super::plan::{final_sql, refuse, AggPlan, Combine, DistinctKind, SelectPlan};
 use super::value::oid;
 use super::wire::{Field, OutParam};
 use super::{FanoutExecutor, FanoutOutcome, Request, ShardConn};
@@ -147,7 +145,13 @@ pub(crate) async fn run<W: AsyncWrite + Unpin>(
         return Err(ProxyError::error("XX000", "fan-out without targets"));
     }
     // 1. Partial aggregates, in text format.
-    let batch = req.batch(&plan.shard_sql, true, &[]);
+    let mut batch = BytesMut::new();
+    super::wire::extended_batch(
+        &mut batch,
+        &plan.shard_sql,
+        &req.masked_params(&plan.shard_params),
+        &[],
+    );
     let batches: Vec<_> = targets.iter().map(|_| Some(batch.clone())).collect();
     let mut collect = Collect::new(targets.len(), ex.max_merge_memory());
     gather(ex, targets, &batches, &mut collect, output, memory).await?;
@@ -197,23 +201,7 @@ pub(crate) async fn run<W: AsyncWrite + Unpin>(
         names.join(", ")
     );
     let sql = final_sql(plan, &combines, &from_sql)?;
-    let used = referenced_params(plan.final_select.as_ref());
-    let mut params: Vec<OutParam> = req
-        .out_params()
-        .into_iter()
-        .enumerate()
-        .map(|(i, p)| {
-            if used.contains(&(i + 1)) {
-                p
-            } else {
-                OutParam {
-                    type_oid: oid::TEXT,
-                    format: 0,
-                    value: None,
-                }
-            }
-        })
-        .collect();
+    let mut params = req.masked_params(&plan.final_params);
     let all_rows: Vec<&super::wire::Row> = collect.rows.iter().flatten().collect();
     for i in 0..fields.len() {
         let cells: Vec<Option<&[u8]>> = all_rows.iter().map(|r| r.cell(i)).collect();

@@ -33,6 +33,13 @@ pub trait Merge {
     /// Decodes what the merge needs of a row as it arrives.
     fn prepare(&self, row: Row) -> Result<Entry, ProxyError>;
     fn less(&self, a: &Entry, b: &Entry) -> bool;
+    /// Called instead of [`Merge::header`] when the shards start COPY TO STDOUT.
+    fn copy_header(&mut self, _response: &[u8], _out: &mut BytesMut) -> Result<(), ProxyError> {
+        Err(
+            ProxyError::error("0A000", "COPY started on a shard in a fan-out statement")
+                .with_hint("COPY each shard with a routing hint"),
+        )
+    }
     /// Takes the next merged row from target `pos`; false = no more rows wanted.
     fn row(&mut self, pos: usize, entry: Entry, out: &mut BytesMut) -> Result<bool, ProxyError>;
 }
@@ -68,6 +75,8 @@ struct Stream {
     buf: BytesMut,
     rows: VecDeque<Entry>,
     fields: Option<Vec<Field>>,
+    /// CopyOutResponse body, for COPY TO STDOUT.
+    copy: Option<Bytes>,
     described: bool,
     tags: Vec<String>,
     /// No more rows will come (CommandComplete, EmptyQuery, error, dead).
@@ -78,6 +87,9 @@ struct Stream {
     entry_status: u8,
     error: Option<ProxyError>,
     name: String,
+    /// NoticeResponse frames to pass on (first target only: the shards run
+    /// the same statement, so their notices repeat).
+    notices: Option<Vec<Bytes>>,
 }
 
 /// What the shards said, besides the rows.
@@ -126,6 +138,7 @@ pub async fn gather<W: AsyncWrite + Unpin, M: Merge>(
             buf: BytesMut::with_capacity(16 * 1024),
             rows: VecDeque::new(),
             fields: None,
+            copy: None,
             described: false,
             tags: Vec::new(),
             finished: false,
@@ -135,8 +148,12 @@ pub async fn gather<W: AsyncWrite + Unpin, M: Merge>(
             entry_status: t.conn.transaction_status(),
             error: None,
             name: t.conn.shard_name().to_string(),
+            notices: None,
         })
         .collect();
+    if let Some(first) = streams.first_mut() {
+        first.notices = Some(Vec::new());
+    }
     for (i, t) in targets.iter_mut().enumerate() {
         match batches.get(i).and_then(|b| b.as_ref()) {
             None => {
@@ -174,6 +191,11 @@ pub async fn gather<W: AsyncWrite + Unpin, M: Merge>(
                 s.error.get_or_insert(e);
             }
         }
+        if let Some(notices) = streams.first_mut().and_then(|s| s.notices.as_mut()) {
+            for n in notices.drain(..) {
+                output.out.extend_from_slice(&n);
+            }
+        }
         // Errors end the merge: cancel the rest and drain.
         for s in streams.iter_mut() {
             if let Some(e) = s.error.take() {
@@ -197,7 +219,22 @@ pub async fn gather<W: AsyncWrite + Unpin, M: Merge>(
         // Header once every shard has described its result.
         if !draining && !header_done && streams.iter().all(|s| s.described) {
             header_done = true;
-            let result = agree(&streams).and_then(|fields| merge.header(fields, output.out));
+            let result = agree(&streams)
+                .and_then(|fields| match agree_copy(&streams)? {
+                    Some(response) => merge.copy_header(response, output.out),
+                    None => merge.header(fields, output.out),
+                })
+                .and_then(|()| {
+                    // Rows that arrived with the description were decoded
+                    // before the merge knew the column types: decode again.
+                    for s in streams.iter_mut() {
+                        let queued: Vec<Entry> = s.rows.drain(..).collect();
+                        for e in queued {
+                            s.rows.push_back(merge.prepare(e.row)?);
+                        }
+                    }
+                    Ok(())
+                });
             if let Err(e) = result {
                 first_error = Some(e);
                 draining = true;
@@ -319,6 +356,28 @@ fn agree(streams: &[Stream]) -> Result<Option<&[Field]>, ProxyError> {
     Ok(first.map(|(_, f)| f))
 }
 
+/// The shards' CopyOutResponse, which must agree (format and columns).
+fn agree_copy(streams: &[Stream]) -> Result<Option<&[u8]>, ProxyError> {
+    let mut first: Option<(&str, &Bytes)> = None;
+    for s in streams {
+        let Some(c) = &s.copy else { continue };
+        match first {
+            None => first = Some((&s.name, c)),
+            Some((name, d)) if d != c => {
+                return Err(ProxyError::error(
+                    "42804",
+                    format!(
+                        "shards {name} and {} answer COPY with different columns (schema drift)",
+                        s.name
+                    ),
+                ))
+            }
+            _ => {}
+        }
+    }
+    Ok(first.map(|(_, c)| c.as_ref()))
+}
+
 /// Moves merged rows from the queues into the merge while possible.
 fn emit<M: Merge>(
     merge: &mut M,
@@ -394,7 +453,13 @@ fn pump<M: Merge>(
                 let row = Row::decode(body).map_err(|e| {
                     ProxyError::error("08P01", format!("invalid row from shard {}: {e}", s.name))
                 })?;
-                memory.add(row.footprint())?;
+                if s.error.is_some() {
+                    continue;
+                }
+                if let Err(e) = memory.add(row.footprint()) {
+                    s.error = Some(e);
+                    continue;
+                }
                 match merge.prepare(row) {
                     Ok(entry) => s.rows.push_back(entry),
                     Err(e) => {
@@ -437,7 +502,34 @@ fn pump<M: Merge>(
                 s.finished = true;
                 s.described = true;
             }
-            tag::COPY_IN_RESPONSE | tag::COPY_OUT_RESPONSE | tag::COPY_BOTH_RESPONSE => {
+            tag::COPY_OUT_RESPONSE => {
+                s.copy = Some(body);
+                s.described = true;
+            }
+            tag::COPY_DATA => {
+                if discard || s.canceled || s.error.is_some() {
+                    continue;
+                }
+                let row = Row {
+                    body,
+                    cells: Vec::new(),
+                };
+                if let Err(e) = memory.add(row.footprint()) {
+                    s.error = Some(e);
+                    continue;
+                }
+                s.rows.push_back(Entry {
+                    row,
+                    keys: Vec::new(),
+                });
+            }
+            tag::COPY_DONE => {}
+            tag::NOTICE_RESPONSE => {
+                if let Some(n) = s.notices.as_mut() {
+                    n.push(frame);
+                }
+            }
+            tag::COPY_IN_RESPONSE | tag::COPY_BOTH_RESPONSE => {
                 return Err(ProxyError::error(
                     "0A000",
                     format!("COPY started on shard {} in a fan-out statement", s.name),

@@ -273,8 +273,9 @@ impl Merge for SelectMerge<'_> {
         self.project.visible = visible;
         self.sorter = Sorter::resolve(&self.plan.sort, fields, visible, self.bytewise)?;
         let typed = |i: usize| -> (usize, u32, bool) {
-            let f = &fields[i.min(fields.len().saturating_sub(1))];
-            (i, f.type_oid, f.format == 1)
+            fields
+                .get(i)
+                .map_or((i, 0, false), |f| (i, f.type_oid, f.format == 1))
         };
         self.dedup = match &self.plan.distinct {
             DistinctKind::None => None,
@@ -396,7 +397,11 @@ impl Merge for Collect {
             .with_hint("add a LIMIT, aggregate fewer groups, restrict the query by the sharding key, or raise max_merge_memory"));
         }
         if let Some(v) = self.rows.get_mut(pos) {
-            v.push(entry.row);
+            // A copy, so kept rows do not pin the shard's read buffers.
+            v.push(Row {
+                body: bytes::Bytes::copy_from_slice(&entry.row.body),
+                cells: entry.row.cells,
+            });
         }
         Ok(true)
     }
@@ -434,6 +439,47 @@ impl Merge for Pass {
             self.rows += 1;
             entry.row.encode(out, usize::MAX);
         }
+        Ok(true)
+    }
+}
+
+/// COPY … TO STDOUT from several shards: one CopyOutResponse, every shard's
+/// CopyData concatenated (text/CSV rows are independent lines).
+pub struct CopyOut {
+    pub started: bool,
+    pub rows: u64,
+}
+
+impl Merge for CopyOut {
+    fn ordered(&self) -> bool {
+        false
+    }
+    fn header(&mut self, _fields: Option<&[Field]>, _out: &mut BytesMut) -> Result<(), ProxyError> {
+        Ok(())
+    }
+    fn copy_header(&mut self, response: &[u8], out: &mut BytesMut) -> Result<(), ProxyError> {
+        use bytes::BufMut;
+        self.started = true;
+        out.put_u8(b'H');
+        out.put_i32(4 + response.len() as i32);
+        out.put_slice(response);
+        Ok(())
+    }
+    fn prepare(&self, row: Row) -> Result<Entry, ProxyError> {
+        Ok(Entry {
+            row,
+            keys: Vec::new(),
+        })
+    }
+    fn less(&self, _a: &Entry, _b: &Entry) -> bool {
+        false
+    }
+    fn row(&mut self, _pos: usize, entry: Entry, out: &mut BytesMut) -> Result<bool, ProxyError> {
+        use bytes::BufMut;
+        self.rows += 1;
+        out.put_u8(b'd');
+        out.put_i32(4 + entry.row.body.len() as i32);
+        out.put_slice(&entry.row.body);
         Ok(true)
     }
 }

@@ -38,8 +38,11 @@
 //! - [`aggregate`]: re-aggregation of partial aggregates and the final
 //!   evaluation of the select list / HAVING / ORDER BY over merged groups.
 //! - [`split`]: a Split INSERT divided by VALUES rows.
+//! - [`colocated`]: which subqueries over sharded tables are exact per shard.
+//! - [`wire`]: Bind decoding, the extended batch sent to shards, row codecs.
 
 pub mod aggregate;
+pub mod colocated;
 pub mod engine;
 pub mod merge;
 pub mod plan;
@@ -107,7 +110,7 @@ pub struct FanoutOutcome {
 /// Shared fan-out state: plan cache, shard addresses (for cancels), limits.
 pub struct FanoutExecutor {
     shards: Vec<ShardConfig>,
-    tables: Tables,
+    tables: std::sync::RwLock<Tables>,
     max_merge_memory: u64,
     bytewise: AtomicBool,
     cache: Mutex<HashMap<String, Arc<Plan>>>,
@@ -120,14 +123,14 @@ impl FanoutExecutor {
     pub fn new(config: &Config) -> FanoutExecutor {
         let mut tables = Tables::default();
         for t in &config.tables {
-            if let TablePlacement::Sharded { key, .. } = &t.placement {
+            if let TablePlacement::Sharded { key, function } = &t.placement {
                 let name = t.name.rsplit('.').next().unwrap_or(&t.name).to_string();
-                tables.sharded.insert(name, key.clone());
+                tables.sharded.insert(name, (key.clone(), function.clone()));
             }
         }
         FanoutExecutor {
             shards: config.shards.clone(),
-            tables,
+            tables: std::sync::RwLock::new(tables),
             max_merge_memory: config.max_merge_memory,
             bytewise: AtomicBool::new(false),
             cache: Mutex::new(HashMap::new()),
@@ -139,6 +142,21 @@ impl FanoutExecutor {
     /// Until told, text ORDER BY is refused unless it says `COLLATE "C"`.
     pub fn set_text_collation_bytewise(&self, bytewise: bool) {
         self.bytewise.store(bytewise, Ordering::Relaxed);
+    }
+
+    /// The names of the database's aggregate functions (`SELECT proname
+    /// FROM pg_proc WHERE prokind = 'a'`): calls of those the planner cannot
+    /// merge (user-defined aggregates) are then refused instead of being
+    /// taken for scalar functions and evaluated per shard.
+    pub fn set_aggregate_names<I: IntoIterator<Item = String>>(&self, names: I) {
+        let names = names.into_iter().collect();
+        match self.tables.write() {
+            Ok(mut t) => t.other_aggregates = names,
+            Err(poisoned) => poisoned.into_inner().other_aggregates = names,
+        }
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.clear();
+        }
     }
 
     pub fn text_collation_bytewise(&self) -> bool {
@@ -160,7 +178,10 @@ impl FanoutExecutor {
                 return p.clone();
             }
         }
-        let p = Arc::new(plan::plan(sql, &self.tables));
+        let p = match self.tables.read() {
+            Ok(tables) => Arc::new(plan::plan(sql, &tables)),
+            Err(poisoned) => Arc::new(plan::plan(sql, &poisoned.into_inner())),
+        };
         if let Ok(mut cache) = self.cache.lock() {
             if cache.len() >= PLAN_CACHE_CAPACITY {
                 cache.clear();
@@ -192,6 +213,27 @@ impl Request<'_> {
                 type_oid: self.param_types.get(i).copied().unwrap_or(0),
                 format: self.params.formats.get(i).copied().unwrap_or(0),
                 value: self.params.values[i].clone(),
+            })
+            .collect()
+    }
+
+    /// The client's parameters with those a rewritten statement no longer
+    /// references sent as NULL text (an unreferenced parameter of unknown
+    /// type would make Parse fail).
+    pub fn masked_params(&self, used: &[usize]) -> Vec<OutParam> {
+        self.out_params()
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| {
+                if used.contains(&(i + 1)) {
+                    p
+                } else {
+                    OutParam {
+                        type_oid: value::oid::TEXT,
+                        format: 0,
+                        value: None,
+                    }
+                }
             })
             .collect()
     }
@@ -277,7 +319,7 @@ pub async fn run<W: AsyncWrite + Unpin>(
             passthrough(executor, &req, targets, true, &mut output, &mut memory).await
         }
         Route::Split { rows_by_shard } => match executor.plan(req.sql).as_ref() {
-            Plan::Insert(insert) => {
+            Plan::Insert { insert, .. } => {
                 split::run(
                     executor,
                     &req,
@@ -298,9 +340,14 @@ pub async fn run<W: AsyncWrite + Unpin>(
             let plan = executor.plan(req.sql);
             match plan.as_ref() {
                 Plan::Refused(e) => Err(e.clone()),
-                Plan::Passthrough | Plan::Insert(_) => {
+                Plan::Insert {
+                    fanout_refusal: Some(e),
+                    ..
+                } => Err(e.clone()),
+                Plan::Passthrough | Plan::Insert { .. } => {
                     passthrough(executor, &req, targets, false, &mut output, &mut memory).await
                 }
+                Plan::CopyOut => copy_out(executor, &req, targets, &mut output, &mut memory).await,
                 Plan::Select(p) => {
                     select(executor, &req, p, targets, &mut output, &mut memory).await
                 }
@@ -400,6 +447,36 @@ async fn passthrough<W: AsyncWrite + Unpin>(
         wrote,
         rows,
         tag: tags.last().cloned().unwrap_or_default(),
+    })
+}
+
+/// COPY … TO STDOUT: CopyOutResponse once, CopyData of every shard,
+/// CopyDone, `COPY <sum>`.
+async fn copy_out<W: AsyncWrite + Unpin>(
+    ex: &FanoutExecutor,
+    req: &Request<'_>,
+    targets: &mut [ShardConn<'_>],
+    output: &mut Output<'_, W>,
+    memory: &mut Memory,
+) -> Result<FanoutOutcome, ProxyError> {
+    let batch = req.batch(req.sql, false, &req.params.result_formats);
+    let batches: Vec<_> = targets.iter().map(|_| Some(batch.clone())).collect();
+    let mut merge = merge::CopyOut {
+        started: false,
+        rows: 0,
+    };
+    let g = gather(ex, targets, &batches, &mut merge, output, memory).await?;
+    if merge.started {
+        output.out.extend_from_slice(&[b'c', 0, 0, 0, 4]);
+    }
+    let tag = sum_tags(&g.tags);
+    let rows = tag_count(&tag).1.unwrap_or(merge.rows);
+    synth::command_complete(output.out, &tag);
+    Ok(FanoutOutcome {
+        statuses: g.statuses,
+        wrote: vec![false; targets.len()],
+        rows,
+        tag,
     })
 }
 

@@ -18,6 +18,7 @@ use sqlparser::ast::{
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
+use super::colocated::{colocated, Scope};
 use crate::protocol::synth::ProxyError;
 
 /// The refusal SQLSTATE: feature_not_supported.
@@ -37,8 +38,14 @@ pub enum Plan {
     Select(SelectPlan),
     /// A SELECT with aggregates re-aggregated across shards.
     Aggregate(Box<AggPlan>),
-    /// An INSERT … VALUES that a Split route divides by rows.
-    Insert(Box<ast::Insert>),
+    /// An INSERT: a Split route divides its VALUES rows; on other
+    /// multi-shard routes it runs as sent unless `fanout_refusal` says why not.
+    Insert {
+        insert: Box<ast::Insert>,
+        fanout_refusal: Option<ProxyError>,
+    },
+    /// COPY … TO STDOUT (text/CSV): every shard's rows concatenated.
+    CopyOut,
     /// Refused before touching any shard.
     Refused(ProxyError),
 }
@@ -98,7 +105,7 @@ pub enum Combine {
     /// avg: sum of sums / sum of counts, typed as Postgres' avg.
     Avg { sum: usize, count: usize },
     /// string_agg(x, sep) without ORDER BY: string_agg of partial strings.
-    StringAgg { col: usize, sep: Expr },
+    StringAgg { col: usize, sep: Box<Expr> },
     /// An aggregate over DISTINCT values pushed down as a group column.
     OverDistinct(Box<Expr>),
 }
@@ -110,6 +117,11 @@ pub enum Combine {
 #[derive(Debug, Clone)]
 pub struct AggPlan {
     pub shard_sql: String,
+    /// Parameters the shard statement still references (HAVING, ORDER BY
+    /// and LIMIT move to the final statement).
+    pub shard_params: Vec<usize>,
+    /// Parameters the final statement references.
+    pub final_params: Vec<usize>,
     /// Group columns in the shard result (`g0..`), then the distinct column
     /// (`d0`) if any, then partials (`a0..`).
     pub groups: usize,
@@ -120,10 +132,39 @@ pub struct AggPlan {
     pub final_select: Box<Query>,
 }
 
-/// Table placement the planner needs: sharded table name → key column.
+/// Table placement the planner needs: sharded table name → (key column,
+/// sharding function name).
 #[derive(Debug, Clone, Default)]
 pub struct Tables {
-    pub sharded: HashMap<String, String>,
+    pub sharded: HashMap<String, (String, String)>,
+    /// Aggregate functions of the database the planner cannot merge (from
+    /// `pg_proc`, e.g. user-defined aggregates): a call is refused rather
+    /// than evaluated per shard as if it were a scalar function.
+    pub other_aggregates: std::collections::HashSet<String>,
+}
+
+/// The first call of an aggregate the planner does not know how to merge.
+fn unknown_aggregate<V: Visit>(node: &V, tables: &Tables) -> Option<String> {
+    struct U<'a>(&'a Tables, Option<String>);
+    impl Visitor for U<'_> {
+        type Break = ();
+        fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
+            if let Expr::Function(f) = expr {
+                let name = fn_name(f);
+                if f.over.is_none()
+                    && !AGGS.contains(&name.as_str())
+                    && self.0.other_aggregates.contains(&name)
+                {
+                    self.1 = Some(name);
+                    return ControlFlow::Break(());
+                }
+            }
+            ControlFlow::Continue(())
+        }
+    }
+    let mut u = U(tables, None);
+    let _ = node.visit(&mut u);
+    u.1
 }
 
 const AGGS: &[&str] = &[
@@ -184,7 +225,7 @@ fn fn_name(f: &Function) -> String {
 }
 
 /// An identifier as Postgres folds it: unquoted ones lower-cased.
-fn ident_name(i: &Ident) -> String {
+pub(crate) fn ident_name(i: &Ident) -> String {
     if i.quote_style.is_some() {
         i.value.clone()
     } else {
@@ -225,6 +266,8 @@ fn expr_args(f: &Function) -> Vec<Option<Expr>> {
 /// Facts about the expressions of a query that decide the plan.
 #[derive(Default)]
 struct Scan {
+    /// Nesting inside subqueries: their aggregates and windows are their own.
+    depth: usize,
     aggs: Vec<Expr>,
     window: bool,
     subquery: bool,
@@ -233,7 +276,29 @@ struct Scan {
 
 impl Visitor for Scan {
     type Break = ();
+    fn pre_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
+        self.depth += 1;
+        ControlFlow::Continue(())
+    }
+    fn post_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
+        self.depth = self.depth.saturating_sub(1);
+        ControlFlow::Continue(())
+    }
     fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
+        if self.depth > 0 {
+            if matches!(
+                expr,
+                Expr::Subquery(_)
+                    | Expr::In {
+                        target: ast::InTarget::Subquery(_),
+                        ..
+                    }
+                    | Expr::Exists { .. }
+            ) {
+                self.subquery = true;
+            }
+            return ControlFlow::Continue(());
+        }
         match expr {
             Expr::Function(f) if f.over.is_some() => self.window = true,
             Expr::Function(f) => {
@@ -278,9 +343,16 @@ impl Tables {
     }
 }
 
+/// Whether a node contains any subquery expression.
+pub(crate) fn contains_subquery<V: Visit>(node: &V) -> bool {
+    let mut scan = Scan::default();
+    let _ = node.visit(&mut scan);
+    scan.subquery
+}
+
 /// Whether a nested query is "plain" (rows pass through unchanged per
 /// shard): no aggregates, grouping, DISTINCT, LIMIT, window functions, set operations.
-fn plain_subquery(q: &Query) -> bool {
+pub(crate) fn plain_subquery(q: &Query) -> bool {
     if q.limit_clause.is_some() || q.fetch.is_some() || q.with.is_some() {
         return false;
     }
@@ -303,8 +375,24 @@ fn plain_subquery(q: &Query) -> bool {
 pub fn plan(sql: &str, tables: &Tables) -> Plan {
     let statements = match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
         Ok(s) => s,
-        // The router classified it without sqlparser: run it as sent.
-        Err(_) => return Plan::Passthrough,
+        // Utility statements sqlparser does not know run as sent; a query
+        // we cannot analyse might need merging, so it is refused.
+        Err(e) => {
+            let first = sql
+                .trim_start_matches(|c: char| c.is_whitespace() || c == '(')
+                .split(|c: char| !c.is_ascii_alphabetic())
+                .next()
+                .unwrap_or("")
+                .to_ascii_lowercase();
+            return match first.as_str() {
+                "select" | "with" | "table" | "values" | "insert" | "update" | "delete"
+                | "merge" | "declare" | "create" | "copy" => Plan::Refused(refuse(
+                    format!("this statement cannot be analysed for a multi-shard execution ({e})"),
+                    "restrict it to one shard by its sharding key or a routing hint",
+                )),
+                _ => Plan::Passthrough,
+            };
+        }
     };
     if statements.len() != 1 {
         return Plan::Refused(refuse(
@@ -312,18 +400,157 @@ pub fn plan(sql: &str, tables: &Tables) -> Plan {
             "send the statements one at a time",
         ));
     }
+    if let Some(name) = statements
+        .first()
+        .and_then(|st| unknown_aggregate(st, tables))
+    {
+        return Plan::Refused(refuse(
+            format!("aggregate {name}() cannot be merged across shards"),
+            "restrict the query to one shard by its sharding key, or use count/sum/min/max/avg",
+        ));
+    }
     match statements.into_iter().next() {
         Some(Statement::Query(q)) => match plan_query(*q, tables) {
             Ok(p) => p,
             Err(e) => Plan::Refused(e),
         },
-        Some(Statement::Insert(insert)) => Plan::Insert(Box::new(insert)),
+        Some(Statement::Insert(insert)) => {
+            let fanout_refusal = insert
+                .source
+                .as_ref()
+                .filter(|q| !matches!(q.body.as_ref(), SetExpr::Values(_)))
+                .filter(|q| tables.touches_sharded(q.as_ref()) && !plain_subquery(q))
+                .map(|_| {
+                    refuse(
+                        "INSERT … SELECT that aggregates, groups, sorts with LIMIT or uses DISTINCT over a sharded table cannot run per shard",
+                        "restrict the SELECT to one shard by its sharding key, or compute the rows in the application",
+                    )
+                })
+                .or_else(|| write_refusal(&Statement::Insert(insert.clone()), tables));
+            Plan::Insert {
+                insert: Box::new(insert),
+                fanout_refusal,
+            }
+        }
+        Some(statement @ (Statement::Update(_) | Statement::Delete(_) | Statement::Merge { .. })) => {
+            match write_refusal(&statement, tables) {
+                Some(e) => Plan::Refused(e),
+                None => Plan::Passthrough,
+            }
+        }
+        Some(Statement::Declare { .. }) => Plan::Refused(refuse(
+            "cursors over several shards are not supported",
+            "fetch the rows with one query, or restrict the cursor's query to one shard by its sharding key",
+        )),
+        Some(Statement::CreateTable(ct)) if ct.query.is_some() => Plan::Refused(refuse(
+            "CREATE TABLE … AS over several shards is not supported",
+            "create the table, then INSERT … SELECT, or restrict the query to one shard",
+        )),
+        Some(Statement::Copy {
+            source,
+            to: true,
+            target: ast::CopyTarget::Stdout,
+            options,
+            legacy_options,
+            ..
+        }) => match copy_refusal(&source, &options, &legacy_options, tables) {
+            Some(e) => Plan::Refused(e),
+            None => Plan::CopyOut,
+        },
         Some(Statement::Copy { .. }) => Plan::Refused(refuse(
-            "COPY over several shards is not supported",
-            "COPY each shard with a routing hint (/* shardgate: shard=s0 */), or use COPY (SELECT …) through a single-shard key",
+            "COPY FROM, or COPY to a file or program, over several shards is not supported",
+            "COPY each shard with a routing hint (/* shardgate: shard=s0 */); for loading, INSERT through shardgate",
         )),
         _ => Plan::Passthrough,
     }
+}
+
+/// Why a COPY … TO STDOUT cannot be concatenated from the shards.
+fn copy_refusal(
+    source: &ast::CopySource,
+    options: &[ast::CopyOption],
+    legacy: &[ast::CopyLegacyOption],
+    tables: &Tables,
+) -> Option<ProxyError> {
+    let binary = options
+        .iter()
+        .any(|o| matches!(o, ast::CopyOption::Format(f) if f.value.eq_ignore_ascii_case("binary")))
+        || legacy
+            .iter()
+            .any(|o| matches!(o, ast::CopyLegacyOption::Binary));
+    let header = options
+        .iter()
+        .any(|o| matches!(o, ast::CopyOption::Header(true)))
+        || legacy.iter().any(|o| format!("{o:?}").contains("Header"));
+    if binary || header {
+        return Some(refuse(
+            "COPY TO STDOUT over several shards supports text and CSV without HEADER",
+            "drop FORMAT binary / HEADER, or COPY each shard with a routing hint",
+        ));
+    }
+    if let ast::CopySource::Query(q) = source {
+        if q.order_by.is_some() || (tables.touches_sharded(q.as_ref()) && !plain_subquery(q)) {
+            return Some(refuse(
+                "COPY (SELECT …) TO STDOUT over several shards must be a plain SELECT (no ORDER BY, LIMIT, aggregates or DISTINCT)",
+                "use a SELECT for ordered or aggregated results",
+            ));
+        }
+    }
+    None
+}
+
+/// Why a write cannot run per shard: a subquery over a sharded table (its
+/// rows may live on other shards than the rows it filters or feeds).
+fn write_refusal(statement: &Statement, tables: &Tables) -> Option<ProxyError> {
+    struct Derived<'a> {
+        tables: &'a Tables,
+        found: bool,
+    }
+    impl Visitor for Derived<'_> {
+        type Break = ();
+        fn pre_visit_table_factor(&mut self, f: &TableFactor) -> ControlFlow<()> {
+            if let TableFactor::Derived { subquery, .. } = f {
+                if self.tables.touches_sharded(subquery.as_ref()) && !plain_subquery(subquery) {
+                    self.found = true;
+                    return ControlFlow::Break(());
+                }
+            }
+            ControlFlow::Continue(())
+        }
+    }
+    let mut d = Derived {
+        tables,
+        found: false,
+    };
+    let _ = statement.visit(&mut d);
+    let outer = match statement {
+        Statement::Update(u) => {
+            let mut from = vec![u.table.clone()];
+            if let Some(
+                ast::UpdateTableFromKind::BeforeSet(f) | ast::UpdateTableFromKind::AfterSet(f),
+            ) = &u.from
+            {
+                from.extend(f.iter().cloned());
+            }
+            Scope::of_from(&from, tables)
+        }
+        Statement::Delete(del) => {
+            let (ast::FromTable::WithFromKeyword(v) | ast::FromTable::WithoutKeyword(v)) =
+                &del.from;
+            let mut from = v.clone();
+            if let Some(using) = &del.using {
+                from.extend(using.iter().cloned());
+            }
+            Scope::of_from(&from, tables)
+        }
+        _ => Scope::default(),
+    };
+    (d.found || uncolocated_subquery(statement, &outer, tables)).then(|| {
+        refuse(
+            "a write on several shards with a subquery over a sharded table that is not co-located with the written rows is not supported: the subquery would only see each shard's own rows",
+            "correlate the subquery on the sharding key (EXISTS … WHERE o.key = t.key, or key IN (SELECT key …)), compute the keys first, or restrict the write to one shard",
+        )
+    })
 }
 
 fn count_of(e: &Expr) -> Result<Count, ProxyError> {
@@ -365,7 +592,10 @@ fn number(n: u64) -> Expr {
 }
 
 /// LIMIT/OFFSET of a query: (limit, offset) and the clause each shard gets.
-fn limits(q: &Query) -> Result<(Option<Count>, Option<Count>, Option<LimitClause>), ProxyError> {
+/// (limit, offset, the LIMIT clause each shard gets)
+type Limits = (Option<Count>, Option<Count>, Option<LimitClause>);
+
+fn limits(q: &Query) -> Result<Limits, ProxyError> {
     if q.fetch.is_some() {
         return Err(refuse(
             "FETCH FIRST across shards is not supported",
@@ -511,9 +741,12 @@ fn plan_query(mut q: Query, tables: &Tables) -> Result<Plan, ProxyError> {
     plan_select(q, select).map(Plan::Select)
 }
 
-fn has_sharded_subquery(select: &Select, q: &Query, tables: &Tables) -> bool {
+/// Whether the statement has a subquery over sharded tables that is not
+/// provably co-located with the rows of `outer` (see [`super::colocated`]).
+fn uncolocated_subquery<V: Visit>(node: &V, outer: &Scope, tables: &Tables) -> bool {
     struct Sub<'a> {
         tables: &'a Tables,
+        outer: &'a Scope,
         found: bool,
     }
     impl Visitor for Sub<'_> {
@@ -528,7 +761,9 @@ fn has_sharded_subquery(select: &Select, q: &Query, tables: &Tables) -> bool {
                 _ => None,
             };
             if let Some(q) = q {
-                if self.tables.touches_sharded(q.as_ref()) {
+                if self.tables.touches_sharded(q.as_ref())
+                    && !colocated(expr, self.outer, self.tables)
+                {
                     self.found = true;
                     return ControlFlow::Break(());
                 }
@@ -538,13 +773,19 @@ fn has_sharded_subquery(select: &Select, q: &Query, tables: &Tables) -> bool {
     }
     let mut v = Sub {
         tables,
+        outer,
         found: false,
     };
-    let _ = select.visit(&mut v);
-    if let Some(ob) = &q.order_by {
-        let _ = ob.visit(&mut v);
-    }
+    let _ = node.visit(&mut v);
     v.found
+}
+
+fn has_sharded_subquery(select: &Select, q: &Query, tables: &Tables) -> bool {
+    let outer = Scope::of_from(&select.from, tables);
+    uncolocated_subquery(select, &outer, tables)
+        || q.order_by
+            .as_ref()
+            .is_some_and(|ob| uncolocated_subquery(ob, &outer, tables))
 }
 
 /// True when a GROUP BY expression is the sharding key of a sharded table in
@@ -557,7 +798,7 @@ fn groups_by_shard_key(select: &Select, groups: &[Expr], tables: &Tables) -> boo
             if let TableFactor::Table { name, alias, .. } = f {
                 if let Some(ast::ObjectNamePart::Identifier(i)) = name.0.last() {
                     let t = ident_name(i);
-                    if let Some(key) = tables.sharded.get(&t) {
+                    if let Some((key, _)) = tables.sharded.get(&t) {
                         in_from.push((t, alias.as_ref().map(|a| ident_name(&a.name)), key.clone()));
                     }
                 }
@@ -954,7 +1195,7 @@ fn plan_aggregate(
                 "string_agg" => match args.get(1) {
                     Some(Some(sep @ Expr::Value(_))) => Combine::StringAgg {
                         col: push_partial(f, "string_agg", &mut partial_exprs),
-                        sep: sep.clone(),
+                        sep: Box::new(sep.clone()),
                     },
                     _ => return Err(refuse(
                         "string_agg() with a non-constant separator cannot be merged across shards",
@@ -993,6 +1234,15 @@ fn plan_aggregate(
         });
     }
     let key_count = groups.len() + usize::from(distinct_arg.is_some());
+    if proj.is_empty() {
+        // `SELECT 1 FROM t HAVING true`: one partial so every shard answers a row.
+        let count = parse_expr("count(*)")?;
+        partial_exprs.push(count.clone());
+        proj.push(SelectItem::ExprWithAlias {
+            expr: count,
+            alias: Ident::new("a0"),
+        });
+    }
     shard_select.projection = proj;
     shard_select.distinct = None;
     shard_select.having = None;
@@ -1081,6 +1331,8 @@ fn plan_aggregate(
     final_q.with = None;
     let _ = ph;
     Ok(AggPlan {
+        shard_params: referenced_params(&shard_q),
+        final_params: referenced_params(&final_q),
         shard_sql: shard_q.to_string(),
         groups: groups.len(),
         distinct_col: distinct_arg.is_some(),
@@ -1156,7 +1408,11 @@ pub fn referenced_params<V: Visit>(node: &V) -> Vec<usize> {
         type Break = ();
         fn pre_visit_value(&mut self, v: &ast::ValueWithSpan) -> ControlFlow<()> {
             if let Value::Placeholder(p) = &v.value {
-                if let Some(n) = p.strip_prefix('$').and_then(|n| n.parse::<usize>().ok()) {
+                if let Some(n) = p
+                    .strip_prefix('$')
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .filter(|n| *n >= 1)
+                {
                     if !self.0.contains(&n) {
                         self.0.push(n);
                     }
@@ -1195,8 +1451,9 @@ mod tests {
 
     fn tables() -> Tables {
         let mut t = Tables::default();
-        t.sharded.insert("t".into(), "id".into());
-        t.sharded.insert("u".into(), "uid".into());
+        t.sharded.insert("t".into(), ("id".into(), "f".into()));
+        t.sharded.insert("u".into(), ("uid".into(), "f".into()));
+        t.sharded.insert("v".into(), ("vid".into(), "g".into()));
         t
     }
 
@@ -1271,6 +1528,61 @@ mod tests {
             p.shard_sql,
             "SELECT b AS d0, sum(c) AS a0 FROM t GROUP BY 1"
         );
+    }
+
+    #[test]
+    fn colocated_subqueries_run_per_shard() {
+        for sql in [
+            "SELECT * FROM t WHERE id IN (SELECT uid FROM u WHERE x > 1)",
+            "SELECT * FROM t WHERE EXISTS (SELECT 1 FROM u WHERE u.uid = t.id AND u.x > 0)",
+            "SELECT * FROM t a WHERE NOT EXISTS (SELECT 1 FROM u WHERE a.id = uid)",
+            "SELECT t.id, (SELECT count(*) FROM u WHERE u.uid = t.id) FROM t ORDER BY 2",
+        ] {
+            select(sql);
+        }
+        for sql in [
+            "SELECT * FROM t WHERE id NOT IN (SELECT uid FROM u)",
+            "SELECT * FROM t WHERE id IN (SELECT uid FROM u LIMIT 3)",
+            "SELECT * FROM t WHERE id IN (SELECT x FROM u)",
+            "SELECT * FROM t WHERE EXISTS (SELECT 1 FROM u WHERE u.x = t.id)",
+            "SELECT * FROM t WHERE EXISTS (SELECT 1 FROM v WHERE v.vid = t.id)",
+            "SELECT * FROM t WHERE EXISTS (SELECT 1 FROM u WHERE u.uid = id)",
+            "SELECT * FROM t WHERE EXISTS (SELECT 1 FROM u t WHERE t.uid = t.id)",
+        ] {
+            assert_eq!(refused(sql).code, "0A000", "{sql}");
+        }
+        assert!(matches!(
+            plan(
+                "UPDATE t SET a = 1 WHERE EXISTS (SELECT 1 FROM u WHERE u.uid = t.id)",
+                &tables()
+            ),
+            Plan::Passthrough
+        ));
+        assert!(matches!(
+            plan(
+                "UPDATE t SET a = 1 WHERE id IN (SELECT x FROM u)",
+                &tables()
+            ),
+            Plan::Refused(_)
+        ));
+    }
+
+    #[test]
+    fn aggregates_of_the_database_are_refused() {
+        let mut t = tables();
+        t.other_aggregates.insert("my_sum".into());
+        assert!(matches!(
+            plan("SELECT my_sum(a) FROM t", &t),
+            Plan::Refused(_)
+        ));
+        assert!(matches!(
+            plan("SELECT my_sum(a) OVER () FROM t", &t),
+            Plan::Refused(_)
+        ));
+        assert!(matches!(
+            plan("SELECT lower(s) FROM t", &t),
+            Plan::Select(_)
+        ));
     }
 
     #[test]

@@ -332,6 +332,9 @@ fn parse_time(text: &str) -> Option<i64> {
     let s = digits(s)?;
     let mut micros = 0i64;
     if !frac.is_empty() {
+        if !frac.is_ascii() {
+            return None;
+        }
         let f = &frac[..frac.len().min(6)];
         micros = digits(f)? * 10i64.pow(6 - f.len() as u32);
     }
