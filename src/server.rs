@@ -64,6 +64,9 @@ impl Shared {
                 if let Some(bytewise) = facts.bytewise_collation {
                     self.fanout.set_text_collation_bytewise(bytewise);
                 }
+                if let Some(aggregates) = &facts.aggregates {
+                    self.fanout.set_aggregate_names(aggregates.iter().cloned());
+                }
                 router.learn(|map| map.with_catalog(&facts));
                 self.catalog_reads.fetch_add(1, Ordering::AcqRel);
                 true

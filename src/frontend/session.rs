@@ -427,7 +427,10 @@ impl Session {
                 }
             }
             tag::EXECUTE => {
-                if self.pending_portal.is_some() {
+                if let Some(portal) = self.pending_portal.as_mut() {
+                    let mut cursor = messages::Cursor::new(tag, body);
+                    let _name = cursor.cstr().map_err(protocol_violation)?;
+                    portal.set_max_rows(cursor.i32().map_err(protocol_violation)?);
                     self.execute_fanout().await;
                     return Ok(Step::Next);
                 }

@@ -24,6 +24,10 @@ pub struct CatalogFacts {
     /// The database's default collation compares text bytewise (C, POSIX,
     /// C.UTF-8): the fan-out merge can order text exactly only then.
     pub bytewise_collation: Option<bool>,
+    /// Every aggregate function's name: the fan-out planner must know a
+    /// user-defined aggregate is one (it would otherwise return a row per
+    /// shard).
+    pub aggregates: Option<Vec<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +130,14 @@ async fn load_inner(
         collate.as_str(),
         "C" | "POSIX" | "C.UTF-8" | "C.utf8" | "C.UTF8" | "ucs_basic"
     ));
+    let aggregates = client
+        .query(
+            "SELECT DISTINCT proname::text FROM pg_proc WHERE prokind = 'a'",
+            &[],
+        )
+        .await
+        .map_err(fail)?;
+    facts.aggregates = Some(aggregates.iter().map(|r| r.get(0)).collect());
     Ok(facts)
 }
 

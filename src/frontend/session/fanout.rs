@@ -41,6 +41,8 @@ pub(super) struct PendingPortal {
     /// The client's Bind body (portal, statement, formats, values).
     bind: Vec<u8>,
     describe: bool,
+    /// Execute's row limit (0: all rows).
+    max_rows: i32,
     /// COMMIT (true) or ROLLBACK (false) of a multi-shard transaction
     /// instead of a fan-out statement (see `Session::bind_end_multi`).
     end: Option<bool>,
@@ -69,6 +71,7 @@ impl PendingPortal {
             param_types: Vec::new(),
             bind: Vec::new(),
             describe: false,
+            max_rows: 0,
             end: Some(commit),
             held: None,
         }
@@ -88,6 +91,10 @@ impl PendingPortal {
 
     pub(super) fn describe(&mut self) {
         self.describe = true;
+    }
+
+    pub(super) fn set_max_rows(&mut self, max_rows: i32) {
+        self.max_rows = max_rows;
     }
 }
 
@@ -241,6 +248,7 @@ impl Session {
             param_types: types,
             bind: frame.get(5..).unwrap_or_default().to_vec(),
             describe: false,
+            max_rows: 0,
             end: None,
             held: None,
         });
@@ -414,7 +422,7 @@ impl Session {
                             bind,
                             param_types: &p.param_types,
                             describe: p.describe,
-                            max_rows: 0,
+                            max_rows: p.max_rows,
                         }
                     }
                 };
