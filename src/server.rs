@@ -300,7 +300,7 @@ async fn serve_client(shared: Arc<Shared>, socket: tokio::net::TcpStream) {
             shared.cancels.unregister(pid);
         }
         Accepted::Cancel { pid, secret } => {
-            if let Some((shard, backend_pid, backend_secret)) = shared.cancels.target(pid, secret) {
+            for (shard, backend_pid, backend_secret) in shared.cancels.targets(pid, secret) {
                 if let Some(shard) = shared.config.shards.get(shard) {
                     if let Err(error) =
                         crate::backend::send_cancel(shard, backend_pid, backend_secret).await

@@ -845,3 +845,58 @@ tables:
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_cancel_request_stops_a_fan_out_on_every_shard() {
+    let db = sharded_db("fanout_cancel").await;
+    let server = start_proxy(&shard_map(&db, MAP)).await;
+    let client = connect_proxy(&server, "app", None).await;
+    for id in 1..=30i64 {
+        client
+            .execute("INSERT INTO users (id, name) VALUES ($1, 'n')", &[&id])
+            .await
+            .expect("insert");
+    }
+    let token = client.cancel_token();
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        token
+            .cancel_query(tokio_postgres::NoTls)
+            .await
+            .expect("cancel request sent");
+    });
+    let started = std::time::Instant::now();
+    // Keyless: runs on all three shards, each sleeping 0.5 s per row.
+    let error = client
+        .simple_query("SELECT count(*) FROM users WHERE pg_sleep(0.5) IS NOT NULL")
+        .await
+        .expect_err("cancelled");
+    canceller.await.expect("canceller");
+    assert_eq!(code(&error), "57014", "{error:?}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(4),
+        "cancelled promptly, not after every shard finished: {:?}",
+        started.elapsed()
+    );
+    // No shard is still running it.
+    for cluster in &fleet().clusters {
+        let running: i64 = connect(cluster, &db)
+            .await
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(0.5)%' \
+                 AND state = 'active' AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .expect("activity")
+            .get(0);
+        assert_eq!(running, 0);
+    }
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM users", &[])
+        .await
+        .expect("session usable after the cancel")
+        .get(0);
+    assert_eq!(n, 30);
+    server.stop().await;
+}

@@ -9,7 +9,7 @@ pub type CancelTarget = Option<(usize, i32, i32)>;
 
 /// Shared between a session (which updates it on attach/detach) and the registry.
 #[derive(Debug, Default, Clone)]
-pub struct CancelSlot(Arc<Mutex<CancelTarget>>);
+pub struct CancelSlot(Arc<Mutex<CancelTarget>>, Arc<Mutex<Vec<(usize, i32, i32)>>>);
 
 impl CancelSlot {
     pub fn set(&self, target: CancelTarget) {
@@ -20,6 +20,25 @@ impl CancelSlot {
 
     pub fn get(&self) -> CancelTarget {
         self.0.lock().map(|slot| *slot).unwrap_or(None)
+    }
+
+    /// The backends of a statement running on several shards (empty when
+    /// none is): a cancel goes to each.
+    pub fn set_fanout(&self, targets: Vec<(usize, i32, i32)>) {
+        if let Ok(mut slot) = self.1.lock() {
+            *slot = targets;
+        }
+    }
+
+    /// Every backend a cancel request must reach now.
+    pub fn all(&self) -> Vec<(usize, i32, i32)> {
+        let mut targets = self.1.lock().map(|t| t.clone()).unwrap_or_default();
+        if let Some(single) = self.get() {
+            if !targets.contains(&single) {
+                targets.push(single);
+            }
+        }
+        targets
     }
 }
 
@@ -38,6 +57,17 @@ impl CancelRegistry {
     pub fn unregister(&self, pid: i32) {
         if let Ok(mut sessions) = self.sessions.lock() {
             sessions.remove(&pid);
+        }
+    }
+
+    /// Every backend to cancel for a CancelRequest, if pid and secret match.
+    pub fn targets(&self, pid: i32, secret: i32) -> Vec<(usize, i32, i32)> {
+        let Ok(sessions) = self.sessions.lock() else {
+            return Vec::new();
+        };
+        match sessions.get(&pid) {
+            Some((known, slot)) if *known == secret => slot.all(),
+            _ => Vec::new(),
         }
     }
 

@@ -431,6 +431,16 @@ impl Session {
                     route: &route,
                     protocol,
                 };
+                // A CancelRequest during the fan-out reaches every shard.
+                self.cancel.set_fanout(
+                    conns
+                        .iter()
+                        .map(|c| {
+                            let (pid, secret) = c.conn.cancel_key();
+                            (c.shard, pid, secret)
+                        })
+                        .collect(),
+                );
                 let outcome = if implicit {
                     fanout::run(&shared.fanout, request, &mut conns, &mut held, &mut spill).await
                 } else {
@@ -443,6 +453,7 @@ impl Session {
                     )
                     .await
                 };
+                self.cancel.set_fanout(Vec::new());
                 let wrote: Vec<(usize, bool)> = match &outcome {
                     Ok(outcome) => conns
                         .iter()
