@@ -287,6 +287,10 @@ impl Session {
             );
             return;
         }
+        // COPY over several shards runs in `copy` (rows routed one by one).
+        if self.routed_copy_portal(&portal.sql).await {
+            return;
+        }
         let Some(router) = self.router() else {
             return;
         };
@@ -666,7 +670,7 @@ impl Session {
     /// Puts the backends back: inside a transaction they stay (the one that
     /// was current stays current); otherwise they go back to their pools,
     /// except a session-mode or pinned backend.
-    async fn restore_group(
+    pub(super) async fn restore_group(
         &mut self,
         mut group: Vec<Attached>,
         current_shard: Option<usize>,
@@ -698,7 +702,7 @@ impl Session {
 
     /// A backend of `shard` for a fan-out: the session's settings applied
     /// and, when given, the transaction's BEGIN run.
-    async fn open_for_fanout(
+    pub(super) async fn open_for_fanout(
         &mut self,
         shard: usize,
         begin: Option<&str>,
@@ -730,7 +734,7 @@ impl Session {
     }
 
     /// The SQL of the client's BEGIN (for shards joining its transaction).
-    fn begin_sql(&self) -> String {
+    pub(super) fn begin_sql(&self) -> String {
         self.transaction_begin
             .as_deref()
             .and_then(|frame| frame.get(5..))
@@ -746,7 +750,7 @@ fn is_ddl(router: &Router, sql: &str) -> bool {
         .is_ok_and(|a| a.kind == crate::router::StatementKind::Ddl)
 }
 
-async fn rollback_group(group: &mut [Attached]) {
+pub(super) async fn rollback_group(group: &mut [Attached]) {
     let mut participants: Vec<Participant<'_>> = group
         .iter_mut()
         .map(|a| Participant {
