@@ -465,6 +465,22 @@ async fn copy_inside_a_transaction_and_into_a_replicated_table() {
         .expect("count inside")
         .get(0);
     assert_eq!(seen, 2000, "the transaction sees its rows");
+    // A second COPY in the same (now multi-shard) transaction.
+    let more: String = (3001..=3100).map(|i| format!("x\t{i}\t1\n")).collect();
+    copy_in(
+        &client,
+        "COPY users (name, id, score) FROM STDIN",
+        more.as_bytes(),
+        50,
+    )
+    .await
+    .expect("second COPY in the transaction");
+    let seen: i64 = client
+        .query_one("SELECT count(*) FROM users", &[])
+        .await
+        .expect("count inside")
+        .get(0);
+    assert_eq!(seen, 2100);
     client.simple_query("ROLLBACK").await.expect("rollback");
     assert_eq!(count_everywhere(&db, "users").await, vec![0, 0, 0]);
 

@@ -1219,12 +1219,18 @@ impl Session {
         let binary = spec.options.format == CopyFormat::Binary;
         let header = spec.options.header && !binary;
         let mut total = 0u64;
+        // Columns per row, from the CopyOutResponse (format, count, formats).
+        let columns = response
+            .as_ref()
+            .and_then(|r| r.get(6..8))
+            .map_or(0, |c| i16::from_be_bytes([c[0], c[1]]).max(0) as usize);
+        let mut joined = BinaryOut::new();
         if failure.is_none() {
             if let Some(response) = response {
                 self.client_out.extend_from_slice(&response);
             }
             for i in 0..group.len() {
-                let mut join = BinaryJoin::new(i > 0);
+                let mut framer = BinaryOut::framer(columns);
                 let mut first_data = true;
                 let attached = &mut group[i];
                 let result = loop {
@@ -1240,10 +1246,19 @@ impl Session {
                                 continue;
                             }
                             if binary {
-                                let mut chunk = Vec::new();
-                                join.push(&frame[5..], &mut chunk);
-                                if !chunk.is_empty() {
-                                    put_copy_data(&mut self.client_out, &chunk);
+                                let out = &mut self.client_out;
+                                let fed = framer.feed(&frame[5..], &mut |piece| {
+                                    joined.piece(piece, out);
+                                    Ok(())
+                                });
+                                if let Err(e) = fed {
+                                    break Err(ProxyError::error(
+                                        "XX000",
+                                        format!(
+                                            "shard \"{}\" sent malformed binary COPY data: {e}",
+                                            attached.conn.shard_name()
+                                        ),
+                                    ));
                                 }
                             } else {
                                 self.client_out.extend_from_slice(&frame);
@@ -1311,7 +1326,7 @@ impl Session {
             None => {
                 let mut out = BytesMut::new();
                 if binary {
-                    put_copy_data(&mut out, &BINARY_TRAILER);
+                    joined.finish(&mut out);
                 }
                 out.extend_from_slice(&copy_done_frame());
                 synth::command_complete(&mut out, &format!("COPY {total}"));
@@ -1340,51 +1355,56 @@ fn put_copy_data(out: &mut BytesMut, data: &[u8]) {
     out.put_slice(data);
 }
 
-/// Joins binary COPY streams: drops the file header of every shard but the
-/// first and holds back each shard's 2-byte trailer (one is sent at the end).
-struct BinaryJoin {
-    skip_header: bool,
-    head: Vec<u8>,
-    tail: Vec<u8>,
+/// Joins binary COPY streams the way one Postgres would send them: one
+/// file header (with the first tuple), every shard's tuples one CopyData
+/// each, one trailer. Tuples are found with the row framer, so it does
+/// not depend on how a shard cut its messages.
+struct BinaryOut {
+    /// The first shard's file header, until it goes out with a tuple.
+    header: Option<Vec<u8>>,
+    header_sent: bool,
 }
 
-impl BinaryJoin {
-    fn new(skip_header: bool) -> BinaryJoin {
-        BinaryJoin {
-            skip_header,
-            head: Vec::new(),
-            tail: Vec::new(),
+impl BinaryOut {
+    fn new() -> BinaryOut {
+        BinaryOut {
+            header: None,
+            header_sent: false,
         }
     }
 
-    fn push(&mut self, data: &[u8], out: &mut Vec<u8>) {
-        if self.skip_header {
-            self.head.extend_from_slice(data);
-            if self.head.len() < 19 {
-                return;
-            }
-            let extension =
-                i32::from_be_bytes([self.head[15], self.head[16], self.head[17], self.head[18]]);
-            let total = 19 + extension.max(0) as usize;
-            if self.head.len() < total {
-                return;
-            }
-            let rest = self.head.split_off(total);
-            self.skip_header = false;
-            self.head = Vec::new();
-            self.pass(&rest, out);
-            return;
-        }
-        self.pass(data, out);
+    /// A framer for one shard's stream of `columns` fields per tuple.
+    fn framer(columns: usize) -> RowFramer {
+        RowFramer::new(
+            CopyOptions::new(CopyFormat::Binary),
+            vec![String::new(); columns],
+            0,
+        )
     }
 
-    fn pass(&mut self, data: &[u8], out: &mut Vec<u8>) {
-        let mut joined = std::mem::take(&mut self.tail);
-        joined.extend_from_slice(data);
-        let keep = joined.len().min(2);
-        let split = joined.len() - keep;
-        out.extend_from_slice(&joined[..split]);
-        self.tail = joined[split..].to_vec();
+    fn piece(&mut self, piece: Piece<'_>, out: &mut BytesMut) {
+        match piece {
+            Piece::Header(bytes) => {
+                if !self.header_sent && self.header.is_none() {
+                    self.header = Some(bytes.to_vec());
+                }
+            }
+            Piece::Row { bytes, .. } => {
+                let header = self.header.take().unwrap_or_default();
+                self.header_sent = true;
+                out.put_u8(tag::COPY_DATA);
+                out.put_i32((header.len() + bytes.len() + 4) as i32);
+                out.put_slice(&header);
+                out.put_slice(bytes);
+            }
+        }
+    }
+
+    /// The trailer (with the header if no tuple carried it).
+    fn finish(&mut self, out: &mut BytesMut) {
+        let mut last = self.header.take().unwrap_or_default();
+        last.extend_from_slice(&BINARY_TRAILER);
+        put_copy_data(out, &last);
     }
 }
 
@@ -1580,21 +1600,44 @@ mod tests {
         let mut header = crate::executor::copy_rows::BINARY_SIGNATURE.to_vec();
         header.extend_from_slice(&[0; 8]);
         let tuple = [0u8, 1, 0, 0, 0, 1, 7];
-        let mut out = Vec::new();
-        let mut first = BinaryJoin::new(false);
         let mut stream: Vec<u8> = header.clone();
         stream.extend_from_slice(&tuple);
         stream.extend_from_slice(&BINARY_TRAILER);
-        for b in stream.chunks(3) {
-            first.push(b, &mut out);
+        let mut joined = BinaryOut::new();
+        let mut out = BytesMut::new();
+        for cut in [3, 5] {
+            let mut framer = BinaryOut::framer(1);
+            for b in stream.chunks(cut) {
+                framer
+                    .feed(b, &mut |p| {
+                        joined.piece(p, &mut out);
+                        Ok(())
+                    })
+                    .unwrap();
+            }
         }
-        let mut second = BinaryJoin::new(true);
-        for b in stream.chunks(5) {
-            second.push(b, &mut out);
-        }
-        let mut expected = header;
-        expected.extend_from_slice(&tuple);
-        expected.extend_from_slice(&tuple);
+        joined.finish(&mut out);
+        let mut expected = BytesMut::new();
+        let mut first = header.clone();
+        first.extend_from_slice(&tuple);
+        put_copy_data(&mut expected, &first);
+        put_copy_data(&mut expected, &tuple);
+        put_copy_data(&mut expected, &BINARY_TRAILER);
+        assert_eq!(out, expected);
+        // No tuple anywhere: the header goes with the trailer.
+        let mut empty = BinaryOut::new();
+        let mut out = BytesMut::new();
+        let mut only = header.clone();
+        only.extend_from_slice(&BINARY_TRAILER);
+        BinaryOut::framer(1)
+            .feed(&only, &mut |p| {
+                empty.piece(p, &mut out);
+                Ok(())
+            })
+            .unwrap();
+        empty.finish(&mut out);
+        let mut expected = BytesMut::new();
+        put_copy_data(&mut expected, &only);
         assert_eq!(out, expected);
     }
 }

@@ -227,11 +227,11 @@ impl Session {
         sql: &str,
         param_types: &[u8],
     ) -> Attach {
-        if !self.others.is_empty() || self.backend.is_some() && !self.queue.is_empty() {
-            // Answers owed by a backend come first; in one batch they cannot.
-            if !self.queue.batch_open() {
-                return Attach::Wait;
-            }
+        // Answers owed by a backend come first; in one batch they cannot.
+        // (Nothing owed: nothing to wait for, even in a multi-shard
+        // transaction; waiting then never ended.)
+        if !self.queue.is_empty() && !self.queue.batch_open() {
+            return Attach::Wait;
         }
         let types = param_types
             .get(2..)
