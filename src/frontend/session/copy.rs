@@ -964,6 +964,24 @@ impl Session {
         };
         let kind = KeyType::from_oid(*type_oid)
             .map_err(|e| ProxyError::error("0A000", format!("COPY {table}: {e}")))?;
+        if kind == KeyType::Text {
+            // Text keys hash as UTF-8 bytes: the data must arrive as UTF-8.
+            let rows = query_rows(&mut first.conn, "SHOW client_encoding").await?;
+            let encoding = rows
+                .first()
+                .and_then(|r| r.first().cloned().flatten())
+                .unwrap_or_default();
+            if !encoding.eq_ignore_ascii_case("UTF8") {
+                return Err(ProxyError::error(
+                    "0A000",
+                    format!(
+                        "COPY {table}: client_encoding is {encoding}; shardgate routes COPY rows \
+                         by text keys only in UTF8"
+                    ),
+                )
+                .with_hint("SET client_encoding = 'UTF8' for the COPY"));
+            }
+        }
         let mut options = spec.options.clone();
         options.key_force_not_null = spec.force_not_null.iter().any(|c| c == key);
         options.key_force_null = spec.force_null.iter().any(|c| c == key);
