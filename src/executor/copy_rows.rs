@@ -204,11 +204,7 @@ impl RowFramer {
         } else {
             let mut data = std::mem::take(&mut self.carry);
             data.extend_from_slice(chunk);
-            let result = self.process(&data, false, emit);
-            let used = match result {
-                Ok(used) => used,
-                Err(e) => return Err(e),
-            };
+            let used = self.process(&data, false, emit)?;
             if self.ended {
                 self.after_end(&data[used..])?;
             } else {
