@@ -704,7 +704,7 @@ impl Session {
     ) -> Option<Result<CopyPlan, ProxyError>> {
         if spec.to {
             let route = match self.route(router, sql, &[]).await {
-                Ok(route) => route,
+                Ok((route, _)) => route,
                 // The normal path reports it.
                 Err(_) => return None,
             };
