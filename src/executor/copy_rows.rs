@@ -1113,4 +1113,41 @@ mod tests {
     fn unescape_matches_postgres() {
         assert_eq!(unescape_text(b"a\\tb\\101\\x41\\q\\\\"), b"a\tbAAq\\");
     }
+
+    fn any_options() -> impl proptest::strategy::Strategy<Value = CopyOptions> {
+        use proptest::prelude::*;
+        (
+            0..3u8,
+            any::<bool>(),
+            prop::sample::select(vec![b',', b'\t', b'|']),
+        )
+            .prop_map(|(f, header, delimiter)| {
+                let format = [CopyFormat::Text, CopyFormat::Csv, CopyFormat::Binary][f as usize];
+                let mut o = CopyOptions::new(format);
+                o.header = header;
+                if format != CopyFormat::Binary {
+                    o.delimiter = delimiter;
+                }
+                o
+            })
+    }
+
+    proptest::proptest! {
+        /// Arbitrary input never panics, and how it is cut into chunks
+        /// never changes the rows found.
+        #[test]
+        fn framing_is_total_and_chunking_invariant(
+            opts in any_options(),
+            data in proptest::collection::vec(
+                proptest::sample::select(vec![b'1', b'a', b',', b'\t', b'|', b'"', b'\\', b'.', b'\n', b'\r', 0xff, 0]),
+                0..200,
+            ),
+            cut in 0usize..200,
+        ) {
+            let cut = cut.min(data.len());
+            let whole = frame_in(opts.clone(), &["id", "v"], 0, &[&data]);
+            let split = frame_in(opts, &["id", "v"], 0, &[&data[..cut], &data[cut..]]);
+            proptest::prop_assert_eq!(whole, split);
+        }
+    }
 }
