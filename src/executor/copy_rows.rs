@@ -239,12 +239,36 @@ impl RowFramer {
         }
         let used = self.process(&data, true, emit)?;
         if used < data.len() && !self.ended {
-            // Only an unterminated row is left: give it the stream's terminator.
-            let mut row = data[used..].to_vec();
+            // Only an unterminated row is left: it goes out with the
+            // stream's terminator, unless that would change its meaning for
+            // the shard (a trailing backslash would escape it; a CSV `\.`
+            // would become the end-of-data marker).
+            let rest = &data[used..];
+            let trailing = rest.iter().rev().take_while(|b| **b == b'\\').count();
+            let csv = self.opts.format == CopyFormat::Csv;
+            if (!csv && trailing % 2 == 1) || (csv && rest == b"\\.") {
+                let mut e = self.error(
+                    "22P04",
+                    None,
+                    "the last row of COPY data ends unterminated in a backslash sequence",
+                );
+                e.line = self.line + 1;
+                e.hint = Some("end the data with a newline".into());
+                return Err(e);
+            }
+            let mut row = rest.to_vec();
             row.extend_from_slice(self.eol_bytes());
             self.scan = Scan::default();
             let used = self.process(&row, true, emit)?;
-            debug_assert_eq!(used, row.len());
+            if used != row.len() && !self.ended {
+                let mut e = self.error(
+                    "22P04",
+                    None,
+                    "could not find the end of the last row of COPY data",
+                );
+                e.line = self.line + 1;
+                return Err(e);
+            }
         }
         Ok(())
     }

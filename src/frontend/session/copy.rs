@@ -194,6 +194,8 @@ struct CopySpec {
     options: CopyOptions,
     force_not_null: Vec<String>,
     force_null: Vec<String>,
+    /// The ENCODING option, if given.
+    encoding: Option<String>,
 }
 
 /// Lower-cases unquoted identifiers, as Postgres does.
@@ -264,22 +266,22 @@ fn parse_copy(sql: &str) -> Option<Result<CopySpec, ProxyError>> {
             columns.iter().map(norm).collect(),
         ),
     };
-    Some(
-        copy_options(options, legacy_options).map(|(options, force_not_null, force_null)| {
-            CopySpec {
-                to: *to,
-                query,
-                table,
-                columns,
-                options,
-                force_not_null,
-                force_null,
-            }
-        }),
-    )
+    Some(copy_options(options, legacy_options).map(
+        |(options, force_not_null, force_null, encoding)| CopySpec {
+            to: *to,
+            query,
+            table,
+            columns,
+            options,
+            force_not_null,
+            force_null,
+            encoding,
+        },
+    ))
 }
 
-type ParsedOptions = (CopyOptions, Vec<String>, Vec<String>);
+/// The options, FORCE_NOT_NULL and FORCE_NULL columns, ENCODING.
+type ParsedOptions = (CopyOptions, Vec<String>, Vec<String>, Option<String>);
 
 fn copy_options(
     options: &[CopyOption],
@@ -293,20 +295,7 @@ fn copy_options(
     let mut header = false;
     let mut force_not_null = Vec::new();
     let mut force_null = Vec::new();
-    let utf8 = |name: &str| {
-        let n = name.to_ascii_lowercase().replace(['-', '_'], "");
-        if n == "utf8" || n == "unicode" {
-            Ok(())
-        } else {
-            Err(ProxyError::error(
-                "0A000",
-                format!(
-                    "COPY with ENCODING '{name}' into or out of several shards is not supported: \
-                     shardgate reads sharding keys as UTF-8"
-                ),
-            ))
-        }
-    };
+    let mut encoding = None;
     for option in options {
         match option {
             CopyOption::Format(name) => {
@@ -330,7 +319,7 @@ fn copy_options(
             CopyOption::Escape(c) => escape = Some(one_byte(*c, "escape")?),
             CopyOption::ForceNotNull(cols) => force_not_null.extend(cols.iter().map(norm)),
             CopyOption::ForceNull(cols) => force_null.extend(cols.iter().map(norm)),
-            CopyOption::Encoding(name) => utf8(name)?,
+            CopyOption::Encoding(name) => encoding = Some(name.clone()),
         }
     }
     for option in legacy {
@@ -377,7 +366,7 @@ fn copy_options(
         opts.escape = e;
     }
     opts.header = header;
-    Ok((opts, force_not_null, force_null))
+    Ok((opts, force_not_null, force_null, encoding))
 }
 
 /// What the session does with a COPY.
@@ -966,20 +955,31 @@ impl Session {
             .map_err(|e| ProxyError::error("0A000", format!("COPY {table}: {e}")))?;
         if kind == KeyType::Text {
             // Text keys hash as UTF-8 bytes: the data must arrive as UTF-8.
-            let rows = query_rows(&mut first.conn, "SHOW client_encoding").await?;
-            let encoding = rows
-                .first()
-                .and_then(|r| r.first().cloned().flatten())
-                .unwrap_or_default();
+            let encoding = match &spec.encoding {
+                Some(encoding) => encoding.clone(),
+                None => query_rows(&mut first.conn, "SHOW client_encoding")
+                    .await?
+                    .first()
+                    .and_then(|r| r.first().cloned().flatten())
+                    .unwrap_or_default(),
+            };
+            let encoding = match encoding
+                .to_ascii_uppercase()
+                .replace(['-', '_'], "")
+                .as_str()
+            {
+                "UTF8" | "UNICODE" => "UTF8".to_string(),
+                _ => encoding,
+            };
             if !encoding.eq_ignore_ascii_case("UTF8") {
                 return Err(ProxyError::error(
                     "0A000",
                     format!(
-                        "COPY {table}: client_encoding is {encoding}; shardgate routes COPY rows \
-                         by text keys only in UTF8"
+                        "COPY {table}: the data's encoding is {encoding}; shardgate routes COPY \
+                         rows by text keys only in UTF8"
                     ),
                 )
-                .with_hint("SET client_encoding = 'UTF8' for the COPY"));
+                .with_hint("send the data in UTF8 (client_encoding, COPY's ENCODING option)"));
             }
         }
         let mut options = spec.options.clone();
@@ -1604,13 +1604,10 @@ mod tests {
                 .code,
             "22023"
         );
-        assert_eq!(
-            parse_copy("COPY t FROM STDIN (ENCODING 'LATIN1')")
-                .unwrap()
-                .unwrap_err()
-                .code,
-            "0A000"
-        );
+        let spec = parse_copy("COPY t FROM STDIN (ENCODING 'LATIN1')")
+            .unwrap()
+            .unwrap();
+        assert_eq!(spec.encoding.as_deref(), Some("LATIN1"));
     }
 
     #[test]
