@@ -630,6 +630,24 @@ async fn copy_to_stdout_gives_back_every_row_once() {
     assert_eq!(got.len() as i64, n);
     assert!((1..=n).all(|i| got.get(&i) == Some(&user_score(i))));
 
+    // Options with string literals.
+    let mut wire = Wire::connect(server.address.port(), "app", &db).await;
+    let answer = wire
+        .exchange(
+            &wire::query(
+                "COPY users (id, score) TO STDOUT (FORMAT csv, DELIMITER ';', NULL 'none')",
+            ),
+            1,
+        )
+        .await;
+    let lines: Vec<String> = answer
+        .iter()
+        .filter(|m| m.tag == b'd')
+        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+        .collect();
+    assert_eq!(lines.len() as i64, n, "{:?}", answer.last());
+    assert!(lines.contains(&"7;none\n".to_string()), "{:?}", &lines[..3]);
+
     // A key subset, and what cannot be a concatenation.
     let mut wire = Wire::connect(server.address.port(), "app", &db).await;
     let answer = wire
