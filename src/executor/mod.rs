@@ -6,8 +6,10 @@
 //! - [`twophase`]: atomic commit of client transactions that wrote on
 //!   several shards; [`recovery`] resolves what crashed coordinators left.
 //! - [`control`]: control statements on raw backend connections.
+//! - [`copy_rows`]: COPY FROM STDIN row framing (rows routed one by one).
 
 pub mod control;
+pub mod copy_rows;
 pub mod fanout;
 pub mod recovery;
 pub mod twophase;

@@ -1641,7 +1641,9 @@ fn analyze_statement(map: &ShardMap, stmt: &Statement) -> Result<Analysis, Route
         Statement::ShowVariable { .. } | Statement::ShowVariables { .. } => {
             return Ok(fixed(K::Read, Route::AnyOne))
         }
-        Statement::Copy { source, to, .. } => match source {
+        Statement::Copy {
+            source, to, target, ..
+        } => match source {
             CopySource::Query(q) => {
                 let c = w.walk_query(q, None)?;
                 (K::Read, c, None, None, None)
@@ -1658,10 +1660,20 @@ fn analyze_statement(map: &ShardMap, stmt: &Statement) -> Result<Analysis, Route
                         plan: Plan::Fixed(Route::Broadcast),
                         by_tokenizer: false,
                     });
+                } else if matches!(target, ast::CopyTarget::Stdin) {
+                    // Rows spread over every shard; the session routes them
+                    // one by one (frontend/session/copy.rs).
+                    return Ok(Analysis {
+                        kind: K::Write,
+                        tables: w.tables,
+                        plan: Plan::Fixed(Route::All),
+                        by_tokenizer: false,
+                    });
                 } else {
                     return Err(RouteError::Unsupported(format!(
-                        "COPY {table_name} FROM: routing COPY rows into a sharded table is not \
-                         implemented yet; use INSERT (one statement per shard key) or a routing hint"
+                        "COPY {table_name} FROM a file or program: the server would read rows \
+                         shardgate never sees, so they cannot be routed to their shards; use COPY \
+                         {table_name} FROM STDIN (psql: \\copy)"
                     )));
                 }
             }

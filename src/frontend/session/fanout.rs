@@ -227,11 +227,11 @@ impl Session {
         sql: &str,
         param_types: &[u8],
     ) -> Attach {
-        if !self.others.is_empty() || self.backend.is_some() && !self.queue.is_empty() {
-            // Answers owed by a backend come first; in one batch they cannot.
-            if !self.queue.batch_open() {
-                return Attach::Wait;
-            }
+        // Answers owed by a backend come first; in one batch they cannot.
+        // (Nothing owed: nothing to wait for, even in a multi-shard
+        // transaction; waiting then never ended.)
+        if !self.queue.is_empty() && !self.queue.batch_open() {
+            return Attach::Wait;
         }
         let types = param_types
             .get(2..)
@@ -285,6 +285,10 @@ impl Session {
                 ),
                 true,
             );
+            return;
+        }
+        // COPY over several shards runs in `copy` (rows routed one by one).
+        if self.routed_copy_portal(&portal.sql).await {
             return;
         }
         let Some(router) = self.router() else {
@@ -677,7 +681,7 @@ impl Session {
     /// Puts the backends back: inside a transaction they stay (the one that
     /// was current stays current); otherwise they go back to their pools,
     /// except a session-mode or pinned backend.
-    async fn restore_group(
+    pub(super) async fn restore_group(
         &mut self,
         mut group: Vec<Attached>,
         current_shard: Option<usize>,
@@ -709,7 +713,7 @@ impl Session {
 
     /// A backend of `shard` for a fan-out: the session's settings applied
     /// and, when given, the transaction's BEGIN run.
-    async fn open_for_fanout(
+    pub(super) async fn open_for_fanout(
         &mut self,
         shard: usize,
         begin: Option<&str>,
@@ -741,7 +745,7 @@ impl Session {
     }
 
     /// The SQL of the client's BEGIN (for shards joining its transaction).
-    fn begin_sql(&self) -> String {
+    pub(super) fn begin_sql(&self) -> String {
         self.transaction_begin
             .as_deref()
             .and_then(|frame| frame.get(5..))
@@ -757,7 +761,7 @@ fn is_ddl(router: &Router, sql: &str) -> bool {
         .is_ok_and(|a| a.kind == crate::router::StatementKind::Ddl)
 }
 
-async fn rollback_group(group: &mut [Attached]) {
+pub(super) async fn rollback_group(group: &mut [Attached]) {
     let mut participants: Vec<Participant<'_>> = group
         .iter_mut()
         .map(|a| Participant {
