@@ -233,7 +233,8 @@ fn demo_map_statements() {
         ("EXPLAIN SELECT * FROM users WHERE id = 31", Ok(single(31))),
         ("COPY users TO STDOUT", Ok(Route::All)),
         ("COPY countries FROM STDIN", Ok(Route::Broadcast)),
-        ("COPY users FROM STDIN", Err("0A000")),
+        ("COPY users FROM STDIN", Ok(Route::All)),
+        ("COPY users FROM '/tmp/users.csv'", Err("0A000")),
         ("BEGIN; UPDATE users SET name = 'x' WHERE id = 32; COMMIT", Ok(single(32))),
         ("FROBNICATE everything", Err("42601")),
         // Hints.
