@@ -177,7 +177,13 @@ async fn data_revision_runs_in_batches_and_resumes_after_an_interruption() {
                     "s{i}: no row after the checkpoint is done"
                 );
                 if !finished {
-                    assert_eq!(changed, i64::from(batches) * 5000, "s{i}: full batches");
+                    // Full batches, except that the shard's last batch may be
+                    // partial (checkpointed before `finished` was written).
+                    let batches = i64::from(batches);
+                    assert!(
+                        changed <= batches * 5000 && changed > (batches - 1) * 5000,
+                        "s{i}: {changed} rows in {batches} batches of 5000"
+                    );
                 }
             }
         }
