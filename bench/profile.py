@@ -93,6 +93,9 @@ def callgrind_profile(b, binary, pool, secs, workdir):
     time.sleep(1)
     tps, txns = pgbench(b.sg_port, secs)
     b.stop(sg, wait=120)
+    keep = os.environ.get("SHARDGATE_PROFILE_KEEP")
+    if keep:
+        shutil.copy(out, keep)
     ann = subprocess.run(["callgrind_annotate", "--inclusive=no", "--auto=no", "--threshold=100", out],
                          capture_output=True, text=True).stdout
     total = re.search(r"^([\d,]+) \(100\.0%\)\s+PROGRAM TOTALS", ann, re.M)

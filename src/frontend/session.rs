@@ -100,6 +100,8 @@ pub struct Session {
     statement_writes: bool,
     /// A bound portal that runs on several shards at its Execute.
     pending_portal: Option<fanout::PendingPortal>,
+    /// The last statement's analysis (see `router::Memo`).
+    route_memo: crate::router::Memo,
     /// A COPY FROM STDIN whose rows shardgate routes to their shards.
     copy_in: Option<Box<copy::CopyIn>>,
     backend_in: BytesMut,
@@ -174,6 +176,7 @@ impl Session {
             statement_writes: false,
             pending_portal: None,
             copy_in: None,
+            route_memo: crate::router::Memo::default(),
             backend_in: BytesMut::new(),
             backend_out: BytesMut::new(),
             passthrough: 0,

@@ -112,6 +112,10 @@ pub struct KeyLeaf {
     /// The table's name in the map (for its key type).
     pub table: String,
     pub function: usize,
+    /// The key column's type as the map knew it at analysis time (the
+    /// analysis cache is cleared whenever the catalog teaches new types), or
+    /// the type the function fixes.
+    pub kind: Option<KeyType>,
 }
 
 /// A constraint on the shards a statement needs.
@@ -426,7 +430,9 @@ fn eval(
 /// The key type to read a value as: the column's (from the catalog) or the one
 /// the function fixes. `None` means only self-typed values can be routed.
 fn leaf_type(map: &ShardMap, f: &MapFunction, leaf: &KeyLeaf) -> Option<KeyType> {
-    map.key_type(&leaf.table).or_else(|| f.implied_key_type())
+    leaf.kind
+        .or_else(|| map.key_type(&leaf.table))
+        .or_else(|| f.implied_key_type())
 }
 
 fn binary_oid(kind: KeyType, len: usize) -> u32 {
@@ -1143,11 +1149,21 @@ impl<'m> Walker<'m> {
     fn leaf(&self, occ: usize, col: &str) -> Option<KeyLeaf> {
         let o = self.occs.get(occ)?;
         match &o.rule {
-            Some(TableRule::Sharded { function, .. }) => Some(KeyLeaf {
-                column: format!("{}.{}", o.alias.as_deref().unwrap_or(&o.bare), col),
-                table: o.table.clone()?,
-                function: *function,
-            }),
+            Some(TableRule::Sharded { function, .. }) => {
+                let table = o.table.clone()?;
+                let kind = self.map.key_type(&table).or_else(|| {
+                    self.map
+                        .functions
+                        .get(*function)
+                        .and_then(MapFunction::implied_key_type)
+                });
+                Some(KeyLeaf {
+                    column: format!("{}.{}", o.alias.as_deref().unwrap_or(&o.bare), col),
+                    table,
+                    function: *function,
+                    kind,
+                })
+            }
             _ => None,
         }
     }

@@ -4,7 +4,7 @@
 //! evaluates the key predicates with the bound parameters.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use super::analyze::{analyze, Analysis, StatementKind};
@@ -31,6 +31,19 @@ pub struct Router {
     cache: Mutex<HashMap<String, Cached>>,
     capacity: usize,
     next: AtomicUsize,
+    /// Bumped whenever the map changes: memos of older maps are stale.
+    generation: AtomicU64,
+}
+
+/// One session's memo of its last statement: drivers execute the same
+/// statement text again and again, and comparing it with the last one is
+/// cheaper than the shared cache's lock and hash (the proxy's hot path).
+#[derive(Debug, Default)]
+pub struct Memo {
+    sql: String,
+    generation: u64,
+    analysis: Option<Arc<Analysis>>,
+    map: Option<Arc<ShardMap>>,
 }
 
 impl Router {
@@ -44,6 +57,7 @@ impl Router {
             cache: Mutex::new(HashMap::new()),
             capacity: capacity.max(1),
             next: AtomicUsize::new(0),
+            generation: AtomicU64::new(1),
         }
     }
 
@@ -68,6 +82,40 @@ impl Router {
         if let Ok(mut cache) = self.cache.lock() {
             cache.clear();
         }
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// [`Router::route_statement`] through a session's [`Memo`]: the last
+    /// statement's analysis and the map are reused while the text and the
+    /// map stay the same.
+    pub fn route_statement_memo(
+        &self,
+        memo: &mut Memo,
+        sql: &str,
+        params: &[Param],
+    ) -> Result<(Route, StatementKind), RouteError> {
+        let generation = self.generation.load(Ordering::Acquire);
+        let fresh = memo.generation == generation && memo.sql == sql;
+        if let (true, Some(analysis), Some(map)) = (fresh, &memo.analysis, &memo.map) {
+            return Ok((analysis.route(map, params)?, analysis.kind));
+        }
+        if leading_hint(sql).is_some() {
+            return self.route_statement(sql, params);
+        }
+        let (analysis, literals) = self.analysis_of(sql, params.len())?;
+        if !literals.is_empty() {
+            // Texts with inlined values rarely repeat: not worth a memo.
+            return self.route_statement(sql, params);
+        }
+        let map = self.map();
+        let route = analysis.route(&map, params)?;
+        let kind = analysis.kind;
+        memo.sql.clear();
+        memo.sql.push_str(sql);
+        memo.generation = generation;
+        memo.analysis = Some(analysis);
+        memo.map = Some(map);
+        Ok((route, kind))
     }
 
     /// Cached statements (for tests and metrics).

@@ -17,6 +17,6 @@ pub mod route;
 pub mod shardmap;
 
 pub use analyze::{analyze, Analysis, Cond, Placement, Plan, StatementKind, TableUse, ValueExpr};
-pub use cache::Router;
+pub use cache::{Memo, Router};
 pub use route::{Param, ParamFormat, Route, RouteError};
 pub use shardmap::{MapFunction, RouterError, ShardMap, TableRule};

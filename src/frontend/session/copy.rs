@@ -692,7 +692,8 @@ impl Session {
         sql: &str,
     ) -> Option<Result<CopyPlan, ProxyError>> {
         if spec.to {
-            let route = match self.route(router, sql, &[]).await {
+            let mut memo = crate::router::Memo::default();
+            let route = match self.route(router, &mut memo, sql, &[]).await {
                 Ok((route, _)) => route,
                 // The normal path reports it.
                 Err(_) => return None,

@@ -15,7 +15,7 @@ use crate::protocol::messages::{Bind, Cursor, Parse};
 use crate::protocol::synth::{self, ProxyError};
 use crate::protocol::{next_frame, tag, ProtocolError, MAX_BACKEND_MESSAGE};
 use crate::router::hints::leading_hint;
-use crate::router::{Param, ParamFormat, Route, RouteError, Router};
+use crate::router::{Memo, Param, ParamFormat, Route, RouteError, Router};
 
 /// Where the session sends a statement.
 #[derive(Debug)]
@@ -161,10 +161,11 @@ impl Session {
     pub(super) async fn route(
         &self,
         router: &Router,
+        memo: &mut Memo,
         sql: &str,
         params: &[Param],
     ) -> Result<(Route, bool), ProxyError> {
-        let decide = |session: &Session| -> Result<(Route, bool), RouteError> {
+        let decide = |session: &Session, memo: &mut Memo| -> Result<(Route, bool), RouteError> {
             if leading_hint(sql).is_none() {
                 let kind = || {
                     router
@@ -179,12 +180,12 @@ impl Session {
                 }
             }
             router
-                .route_statement(sql, params)
+                .route_statement_memo(memo, sql, params)
                 .map(|(route, kind)| (route, super::multi::writes(kind)))
         };
-        match decide(self) {
+        match decide(self, memo) {
             Err(error) if error.may_need_catalog() && self.shared.refresh_catalog().await => {
-                decide(self).map_err(route_error)
+                decide(self, memo).map_err(route_error)
             }
             other => other.map_err(route_error),
         }
@@ -304,7 +305,10 @@ impl Session {
             self.queue.local(out, &mut self.client_out);
             return Attach::Answered;
         }
-        let (route, writes) = match self.route(router, sql, &[]).await {
+        let mut memo = std::mem::take(&mut self.route_memo);
+        let routed = self.route(router, &mut memo, sql, &[]).await;
+        self.route_memo = memo;
+        let (route, writes) = match routed {
             Ok(routed) => routed,
             Err(error) => {
                 self.report(error, false);
@@ -384,6 +388,7 @@ impl Session {
     /// Routes a Bind: its statement's text with these parameters. Returns
     /// false when the client has been sent an error instead.
     pub(super) async fn route_bind(&mut self, router: &Router, bind: &Bind<'_>) -> Attach {
+        let mut memo = std::mem::take(&mut self.route_memo);
         let decided = if bind.statement.is_empty() {
             if self.unnamed_text.is_empty() {
                 // Nothing remembered (too large): the backend that has it answers.
@@ -394,7 +399,7 @@ impl Session {
                     query: &self.unnamed_text,
                     param_types: &self.unnamed_types,
                 };
-                Some(self.route_parsed(router, bind, parse).await)
+                Some(self.route_parsed(router, &mut memo, bind, parse).await)
             }
         } else {
             match self.statements.text_of(bind.statement) {
@@ -404,12 +409,13 @@ impl Session {
                         query,
                         param_types,
                     };
-                    Some(self.route_parsed(router, bind, parse).await)
+                    Some(self.route_parsed(router, &mut memo, bind, parse).await)
                 }
                 // Unknown statement: the caller reports 26000.
                 None => None,
             }
         };
+        self.route_memo = memo;
         let route = match decided {
             None => return self.attach_for(None, true).await,
             Some(Ok((route, writes))) => {
@@ -469,12 +475,13 @@ impl Session {
     async fn route_parsed(
         &self,
         router: &Router,
+        memo: &mut Memo,
         bind: &Bind<'_>,
         parse: Parse<'_>,
     ) -> Result<(Route, bool), ProxyError> {
         let params = bind_params(bind, parse.param_types)
             .map_err(|e| ProxyError::error("08P01", format!("invalid Bind message: {e}")))?;
-        self.route(router, parse.query, &params).await
+        self.route(router, memo, parse.query, &params).await
     }
 
     /// The SQL text of the statement a Bind names.
