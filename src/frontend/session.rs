@@ -100,6 +100,9 @@ pub struct Session {
     statement_writes: bool,
     /// A bound portal that runs on several shards at its Execute.
     pending_portal: Option<fanout::PendingPortal>,
+    /// Complete client messages were left in `client_in` because enough
+    /// was queued for the backend (see `BACKEND_WRITE_BATCH`).
+    client_backlog: bool,
     /// The last statement's analysis (see `router::Memo`).
     route_memo: crate::router::Memo,
     /// A COPY FROM STDIN whose rows shardgate routes to their shards.
@@ -177,6 +180,7 @@ impl Session {
             pending_portal: None,
             copy_in: None,
             route_memo: crate::router::Memo::default(),
+            client_backlog: false,
             backend_in: BytesMut::new(),
             backend_out: BytesMut::new(),
             passthrough: 0,
@@ -246,13 +250,17 @@ impl Session {
             match self.backend.as_mut() {
                 Some(attached) => {
                     buffers::ensure(&mut self.backend_in);
+                    let backlog = self.client_backlog;
                     tokio::select! {
                         biased;
                         read = attached.conn.read_buf(&mut self.backend_in) => {
                             backend_read = Some(read);
                             client_read = None;
                         }
-                        read = read_client(&mut self.client, &mut self.client_in) => client_read = Some(read),
+                        // With a backlog, read no more from the client (backpressure).
+                        read = read_client(&mut self.client, &mut self.client_in), if !backlog => client_read = Some(read),
+                        // Messages already read wait: no need to wait for more.
+                        _ = std::future::ready(()), if backlog => client_read = None,
                     }
                 }
                 None => {
@@ -282,7 +290,17 @@ impl Session {
     async fn process_client_input(&mut self) -> Result<bool, ProxyError> {
         let mut input = std::mem::take(&mut self.client_in);
         let mut consumed = 0;
+        self.client_backlog = false;
         let result = loop {
+            if self.backend_out.len() >= BACKEND_WRITE_BATCH {
+                // Write this much, then read the backend's answers before
+                // taking more: a pipeline of large requests with large
+                // answers would otherwise fill both directions' socket
+                // buffers and deadlock (we blocked writing, the backend
+                // blocked writing answers nobody read).
+                self.client_backlog = true;
+                break Ok(true);
+            }
             let rest = &input[consumed..];
             let total = match frame_length(rest, MAX_CLIENT_MESSAGE) {
                 Ok(Some(total)) if rest.len() >= total => total,
@@ -1192,6 +1210,10 @@ impl Session {
         }
     }
 }
+
+/// Client messages are moved to the backend in batches of about this size,
+/// with the backend's answers read in between.
+const BACKEND_WRITE_BATCH: usize = 256 * 1024;
 
 /// Unnamed statements larger than this are not kept for re-sending.
 const MAX_REMEMBERED_UNNAMED: usize = 64 * 1024;
