@@ -251,9 +251,19 @@ fn plan_route(plan: &Plan, map: &ShardMap, params: &[Param]) -> Result<Route, Ro
             key_update,
         } => {
             let f = function_of(map, *function)?;
-            let route = match eval(cond, map, params)? {
-                None => Route::All,
-                Some(set) => Route::from_set(set),
+            let route = match cond {
+                // The common case, `key = v`: no set to build.
+                Cond::In { leaf, values } if values.len() == 1 => {
+                    let f = function_of(map, leaf.function)?;
+                    match shard_of(map, f, leaf, &values[0], params)? {
+                        Some(shard) => Route::Single(shard),
+                        None => Route::AnyOne,
+                    }
+                }
+                _ => match eval(cond, map, params)? {
+                    None => Route::All,
+                    Some(set) => Route::from_set(set),
+                },
             };
             if let Some((leaf, value)) = key_update {
                 let new = shard_of(map, f, leaf, value, params)?;
