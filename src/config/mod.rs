@@ -215,6 +215,18 @@ pub enum DefaultTable {
 #[derive(Debug, Clone)]
 pub struct MigrationsConfig {
     pub dir: PathBuf,
+    /// Further migration trees for other groups of databases
+    /// (`migrations.sets`), each with its own ledger in its databases.
+    pub sets: Vec<MigrationSet>,
+}
+
+/// A named migration tree applied to its own databases
+/// (`shardgate migrate --set NAME …`).
+#[derive(Debug, Clone)]
+pub struct MigrationSet {
+    pub name: String,
+    pub dir: PathBuf,
+    pub databases: Vec<ShardConfig>,
 }
 
 impl Config {

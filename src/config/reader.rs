@@ -354,6 +354,7 @@ impl Reader<'_> {
             Some(node) => self.migrations(node),
             None => Some(MigrationsConfig {
                 dir: self.base_dir.join("migrations"),
+                sets: Vec::new(),
             }),
         };
         let threads = match top.get("threads") {
@@ -1024,12 +1025,38 @@ impl Reader<'_> {
     }
 
     fn migrations(&mut self, node: &Node) -> Option<MigrationsConfig> {
-        let entries = self.mapping(node, "`migrations`", &["dir"])?;
+        let entries = self.mapping(node, "`migrations`", &["dir", "sets"])?;
         let dir = match entries.get("dir") {
             Some(n) => self.path(n, "`migrations.dir`")?,
             None => self.base_dir.join("migrations"),
         };
-        Some(MigrationsConfig { dir })
+        let mut sets = Vec::new();
+        let mut ok = true;
+        if let Some(sets_node) = entries.get("sets") {
+            let named = self.mapping(sets_node, "`migrations.sets`", &[])?;
+            for (name, set) in named.entries {
+                let what = format!("migration set `{name}`");
+                let Some(fields) = self.mapping(set, &what, &["dir", "databases"]) else {
+                    ok = false;
+                    continue;
+                };
+                let dir = self
+                    .required(&fields, "dir", set, &what)
+                    .and_then(|n| self.path(n, "`dir`"));
+                let databases = self
+                    .required(&fields, "databases", set, &what)
+                    .and_then(|n| self.shards(n));
+                match (dir, databases) {
+                    (Some(dir), Some(databases)) => sets.push(MigrationSet {
+                        name: name.to_string(),
+                        dir,
+                        databases,
+                    }),
+                    _ => ok = false,
+                }
+            }
+        }
+        ok.then_some(MigrationsConfig { dir, sets })
     }
 }
 

@@ -166,6 +166,51 @@ impl Migrator {
     }
 
     /// The shards, `migrations.dir` and tenant schemas of a loaded shard map.
+    /// The migrator of the map's migration set `name` (`migrations.sets`),
+    /// or of the shards' own tree when `name` is `None`. A set's databases
+    /// must be its own: two ledgers in one database would fight.
+    pub fn from_config_set(config: &Config, name: Option<&str>) -> Result<Migrator> {
+        let Some(name) = name else {
+            return Migrator::from_config(config);
+        };
+        let Some(set) = config.migrations.sets.iter().find(|s| s.name == name) else {
+            let known: Vec<&str> = config
+                .migrations
+                .sets
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect();
+            return Err(MigrateError::Invalid(format!(
+                "the shard map has no migration set `{name}` (sets: {})",
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            )));
+        };
+        let same = |a: &ShardConfig, b: &ShardConfig| {
+            a.host == b.host && a.port == b.port && a.database == b.database
+        };
+        let others = config.shards.iter().map(|s| ("shard", s)).chain(
+            config
+                .migrations
+                .sets
+                .iter()
+                .filter(|s| s.name != name)
+                .flat_map(|s| s.databases.iter().map(|d| ("another set's database", d))),
+        );
+        for (kind, other) in others {
+            if let Some(db) = set.databases.iter().find(|d| same(d, other)) {
+                return Err(MigrateError::Invalid(format!(
+                    "migration set `{name}`: database `{}` ({}:{}/{}) is also {kind} `{}`; each set needs databases of its own (its ledger lives in them)",
+                    db.name, db.host, db.port, db.database, other.name
+                )));
+            }
+        }
+        Migrator::new(set.databases.clone(), &set.dir)
+    }
+
     pub fn from_config(config: &Config) -> Result<Migrator> {
         let mut tenants = super::batch::TenantSchemas::default();
         for f in &config.functions {

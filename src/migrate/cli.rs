@@ -17,6 +17,10 @@ pub struct MigrateArgs {
     /// The shard map (its `migrations.dir` holds the revisions).
     #[arg(long, short, global = true)]
     pub config: Option<PathBuf>,
+    /// Work on the map's migration set NAME (`migrations.sets`) instead of
+    /// the shards' own revisions.
+    #[arg(long, global = true)]
+    pub set: Option<String>,
     /// Only these shards (comma-separated names); default: every shard.
     #[arg(long, value_delimiter = ',', global = true)]
     pub shards: Vec<String>,
@@ -165,7 +169,7 @@ fn load(args: &MigrateArgs) -> Result<Migrator, MigrateError> {
         Err(LoadError::Invalid(errors)) => return Err(MigrateError::Invalid(errors.to_string())),
         Err(error) => return Err(MigrateError::Invalid(error.to_string())),
     };
-    Migrator::from_config(&config)
+    Migrator::from_config_set(&config, args.set.as_deref())
 }
 
 async fn execute(args: MigrateArgs) -> Result<ExitCode, MigrateError> {
