@@ -900,3 +900,90 @@ async fn a_cancel_request_stops_a_fan_out_on_every_shard() {
     assert_eq!(n, 30);
     server.stop().await;
 }
+
+/// Runs one extended-protocol batch (Parse, then Bind/Execute per row, one
+/// Sync) through a raw client and returns the message tags it got back.
+async fn one_batch(
+    server: &shardgate::server::RunningServer,
+    db: &str,
+    rows: &[(i64, &str)],
+) -> Vec<support::wire::Msg> {
+    use support::wire;
+    let mut client =
+        wire::Wire::connect(server.address.port(), "app", &server.shared.config.database).await;
+    let _ = db;
+    let mut batch = wire::parse(
+        "",
+        "INSERT INTO users (id, name) VALUES ($1, $2)",
+        &[20, 25],
+    );
+    for (id, name) in rows {
+        let id = id.to_string();
+        batch.extend(wire::bind("", "", &[Some(&id), Some(name)]));
+        batch.extend(wire::execute("", 0));
+    }
+    batch.extend(wire::sync());
+    client.send(&batch).await;
+    client.until_ready(1).await
+}
+
+#[tokio::test]
+async fn one_extended_batch_over_several_shards_commits_together() {
+    let db = sharded_db("batch_over_shards").await;
+    let server = start_proxy(&shard_map(&db, MAP)).await;
+    let [a, b, c] = keys_on_three_shards();
+    // asyncpg's executemany and JDBC batches: Bind/Execute per row, one Sync.
+    let answers = one_batch(
+        &server,
+        &db,
+        &[(a, "a"), (b, "b"), (c, "c"), (a + 3000, "a2")],
+    )
+    .await;
+    let tags: Vec<char> = answers.iter().map(|m| m.tag as char).collect();
+    assert_eq!(
+        tags,
+        vec!['1', '2', 'C', '2', 'C', '2', 'C', '2', 'C', 'Z'],
+        "{answers:?}"
+    );
+    assert_eq!(answers.last().map(|m| m.body.clone()), Some(vec![b'I']));
+    for k in [a, b, c, a + 3000] {
+        assert_eq!(shard_holding(&db, k).await, Some(shard_of(k)), "key {k}");
+    }
+    assert_eq!(prepared_xacts(&db).await, 0);
+
+    // One failing row fails the whole batch, on every shard.
+    let answers = one_batch(
+        &server,
+        &db,
+        &[
+            (a + 6000, "x"),
+            (b + 6000, "y"),
+            (c, "duplicate"),
+            (a + 9000, "z"),
+        ],
+    )
+    .await;
+    let error = answers
+        .iter()
+        .find_map(|m| m.error_code())
+        .expect("the duplicate fails");
+    assert_eq!(error, "23505");
+    assert_eq!(answers.last().map(|m| m.tag), Some(b'Z'));
+    for k in [a + 6000, b + 6000, a + 9000] {
+        assert_eq!(
+            shard_holding(&db, k).await,
+            None,
+            "key {k} rolled back with the batch"
+        );
+    }
+    assert_eq!(prepared_xacts(&db).await, 0);
+    // The connection pool is clean afterwards: a normal statement works.
+    let client = connect_proxy(&server, "app", None).await;
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM users WHERE id = $1", &[&a])
+        .await
+        .expect("after the batches")
+        .get(0);
+    assert_eq!(n, 1);
+    server.stop().await;
+}

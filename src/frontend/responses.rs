@@ -31,6 +31,11 @@ pub enum Expect {
     HiddenParse(u64),
     /// A Close shardgate inserted (evicting a cached statement): swallowed.
     HiddenClose,
+    /// A Bind / Execute shardgate inserted (the BEGIN that turns a batch's
+    /// implicit transaction into a regular one): swallowed; an error is
+    /// the client's error.
+    HiddenBind,
+    HiddenExecute,
     /// A statement shardgate sent on its own behalf (`SET …` replay): every
     /// answer through ReadyForQuery is swallowed; an error is reported.
     HiddenQuery,
@@ -169,6 +174,8 @@ impl ResponseQueue {
                 return Disposition::Forward;
             }
             (Expect::HiddenClose, tag::CLOSE_COMPLETE) => (true, Disposition::Swallow),
+            (Expect::HiddenBind, tag::BIND_COMPLETE) => (true, Disposition::Swallow),
+            (Expect::HiddenExecute, tag::COMMAND_COMPLETE) => (true, Disposition::Swallow),
             (Expect::Parse(_), tag::PARSE_COMPLETE)
             | (Expect::Bind, tag::BIND_COMPLETE)
             | (Expect::Close, tag::CLOSE_COMPLETE) => (true, Disposition::Forward),

@@ -103,6 +103,12 @@ pub struct Session {
     /// Complete client messages were left in `client_in` because enough
     /// was queued for the backend (see `BACKEND_WRITE_BATCH`).
     client_backlog: bool,
+    /// The current extended batch spans several shards: its implicit
+    /// transaction was turned into a regular one on each, and the client's
+    /// Sync commits them together (see `multi`).
+    implicit_multi: bool,
+    /// A Flush went to the current backend since its last request.
+    batch_flushed: bool,
     /// The last statement's analysis (see `router::Memo`).
     route_memo: crate::router::Memo,
     /// A COPY FROM STDIN whose rows shardgate routes to their shards.
@@ -181,6 +187,8 @@ impl Session {
             copy_in: None,
             route_memo: crate::router::Memo::default(),
             client_backlog: false,
+            implicit_multi: false,
+            batch_flushed: false,
             backend_in: BytesMut::new(),
             backend_out: BytesMut::new(),
             passthrough: 0,
@@ -469,6 +477,9 @@ impl Session {
             tag::SYNC => {
                 self.skip_until_sync = false;
                 self.pending_portal = None;
+                if self.implicit_multi {
+                    return Ok(self.finish_implicit_batch().await);
+                }
                 if self.abort_backend_transaction {
                     self.abort_backend_transaction = false;
                     self.send_transaction_abort();
@@ -650,6 +661,15 @@ impl Session {
         if let Some(attached) = &self.backend {
             if attached.shard == shard {
                 return Attach::Ready;
+            }
+            if self.shared.router.is_some()
+                && self.status == b'I'
+                && self.mode == PoolMode::Transaction
+                && !self.tainted
+                && (self.implicit_multi || self.queue.batch_open())
+            {
+                // One extended batch (no Sync yet) for several shards.
+                return self.switch_in_batch(shard, extended).await;
             }
             if !self.queue.is_empty() && !self.queue.batch_open() && !self.tainted {
                 // Pipelined requests for different shards: finish reading

@@ -12,7 +12,7 @@ use bytes::BytesMut;
 
 use super::fanout::PendingPortal;
 use super::routing::{tx_verb, TxVerb};
-use super::{Attach, Attached, Session};
+use super::{Attach, Attached, Expect, Session};
 use crate::backend::release;
 use crate::executor::twophase::{self, CommitOutcome, Participant};
 use crate::protocol::messages::{Bind, Parse};
@@ -87,6 +87,116 @@ impl Session {
             attached.wrote = true;
         }
         true
+    }
+
+    /// A statement for `shard` in an extended batch whose earlier messages
+    /// went to another shard without a Sync: Postgres would run the whole
+    /// batch as one implicit transaction, so shardgate turns it into a
+    /// regular transaction on each shard (a hidden BEGIN in the batch, which
+    /// Postgres allows inside an implicit block), reads the current shard's
+    /// answers (Flush), joins the next shard, and commits all of them
+    /// together at the client's Sync (two-phase commit when several wrote).
+    pub(super) async fn switch_in_batch(&mut self, shard: usize, extended: bool) -> Attach {
+        if !self.implicit_multi {
+            let begin = Parse {
+                name: "",
+                query: "BEGIN",
+                param_types: &[0, 0],
+            };
+            begin.encode_as("", &mut self.backend_out);
+            self.queue.sent(Expect::HiddenParse(0));
+            Bind {
+                portal: "",
+                statement: "",
+                rest: &[0, 0, 0, 0, 0, 0],
+            }
+            .encode_as("", &mut self.backend_out);
+            self.queue.sent(Expect::HiddenBind);
+            self.backend_out
+                .extend_from_slice(&[b'E', 0, 0, 0, 9, 0, 0, 0, 0, 0]);
+            self.queue.sent(Expect::HiddenExecute);
+            // The client's unnamed statement there was replaced by BEGIN.
+            self.unnamed_on_backend = false;
+            self.implicit_multi = true;
+            self.batch_flushed = false;
+        }
+        if !self.queue.is_empty() {
+            if !self.batch_flushed {
+                self.backend_out.extend_from_slice(&[b'H', 0, 0, 0, 4]);
+                self.batch_flushed = true;
+            }
+            return Attach::Wait;
+        }
+        self.batch_flushed = false;
+        if self.queue.backend_skipping() {
+            // The batch failed on this shard: Postgres skips the rest of it.
+            self.skip_until_sync = true;
+            return Attach::Failed;
+        }
+        self.join_shard(shard, extended).await
+    }
+
+    /// The client's Sync of a batch that spans several shards: every shard
+    /// ends its part of the batch, then they commit together (or roll back
+    /// if the batch failed anywhere) and the client gets one ReadyForQuery.
+    pub(super) async fn finish_implicit_batch(&mut self) -> super::Step {
+        if !self.queue.is_empty() {
+            if !self.batch_flushed {
+                self.backend_out.extend_from_slice(&[b'H', 0, 0, 0, 4]);
+                self.batch_flushed = true;
+            }
+            return super::Step::Wait;
+        }
+        self.implicit_multi = false;
+        self.batch_flushed = false;
+        // Every backend's batch ends here (their Syncs are sent below), so
+        // the queue's skip-to-Sync state ends too.
+        self.queue.clear();
+        let mut group: Vec<Attached> = Vec::with_capacity(self.others.len() + 1);
+        group.extend(self.backend.take());
+        group.append(&mut self.others);
+        self.cancel.set(None);
+        let mut failed = false;
+        for attached in group.iter_mut() {
+            match sync_backend(&mut attached.conn).await {
+                Ok(status) => failed |= status == b'E',
+                Err(_) => failed = true,
+            }
+        }
+        let outcome = {
+            let mut participants: Vec<Participant<'_>> = group
+                .iter_mut()
+                .filter(|a| !a.conn.is_broken())
+                .map(|a| Participant {
+                    shard: a.shard,
+                    wrote: a.wrote,
+                    conn: &mut a.conn,
+                })
+                .collect();
+            if failed {
+                twophase::rollback(&mut participants).await;
+                Ok(CommitOutcome::RolledBack)
+            } else {
+                twophase::commit(&self.shared.twophase, &mut participants).await
+            }
+        };
+        for attached in group {
+            match self.shared.pools.get(attached.shard) {
+                Some(pool) => pool.release(attached.conn).await,
+                None => release(attached.conn).await,
+            }
+        }
+        let mut out = BytesMut::new();
+        if let Err(error) = outcome {
+            self.shared.metrics.error(None, error.code);
+            error.encode(&mut out);
+        }
+        self.transaction_begin = None;
+        self.status = b'I';
+        self.batch_status_before = b'I';
+        synth::ready_for_query(&mut out, self.status);
+        self.queue.local(out, &mut self.client_out);
+        super::Step::Next
     }
 
     /// Every backend of the client's transaction.
@@ -221,6 +331,32 @@ pub(super) fn writes(kind: StatementKind) -> bool {
         kind,
         StatementKind::Read | StatementKind::Transaction | StatementKind::Set
     )
+}
+
+/// Ends an extended batch on a backend whose answers were all read: Sync,
+/// then everything up to ReadyForQuery. Returns the transaction status.
+async fn sync_backend(conn: &mut crate::backend::BackendConnection) -> std::io::Result<u8> {
+    conn.write_all(&[b'S', 0, 0, 0, 4]).await?;
+    let mut input = BytesMut::new();
+    loop {
+        while let Some((frame, total)) =
+            crate::protocol::next_frame(&input, crate::protocol::MAX_BACKEND_MESSAGE)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?
+        {
+            if frame.tag == crate::protocol::tag::READY_FOR_QUERY {
+                let status = frame.body.first().copied().unwrap_or(b'I');
+                conn.set_transaction_status(status);
+                return Ok(status);
+            }
+            let _ = input.split_to(total);
+        }
+        if conn.read_buf(&mut input).await? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the shard closed the connection",
+            ));
+        }
+    }
 }
 
 /// A `BEGIN` query frame, for shards joining a transaction whose BEGIN went
