@@ -36,16 +36,9 @@ tables:
 
 const ROWS: i64 = 20_000;
 
+/// The schema on every shard (created directly).
 async fn sharded_db(name: &str) -> String {
-    let db = fresh_db(name);
-    for cluster in &fleet().clusters {
-        connect(cluster, &db)
-            .await
-            .batch_execute(SCHEMA)
-            .await
-            .expect("schema on a shard");
-    }
-    db
+    support::fresh_db_with(name, SCHEMA).await
 }
 
 /// Hash-partitioned tables (modulus = shard count) to check placement with.

@@ -25,17 +25,9 @@ tables:
   countries: { replicated: true }
 ";
 
-/// Creates the schema on every shard (directly) and returns the database.
+/// The schema on every shard (created directly).
 async fn sharded_db(name: &str) -> String {
-    let db = fresh_db(name);
-    for cluster in &fleet().clusters {
-        connect(cluster, &db)
-            .await
-            .batch_execute(SCHEMA)
-            .await
-            .expect("schema on a shard");
-    }
-    db
+    support::fresh_db_with(name, SCHEMA).await
 }
 
 /// The unsharded oracle: the same schema in one database on cluster 0.
@@ -206,6 +198,16 @@ async fn ten_thousand_users_and_fifty_thousand_orders_land_on_their_shards() {
         rows_text(&oracle.simple_query(sql).await.expect("oracle join")),
     );
     server.stop().await;
+}
+
+/// Users with these ids, inserted through the proxy with bound parameters.
+async fn insert_users(client: &Client, ids: std::ops::RangeInclusive<i64>) {
+    for id in ids {
+        client
+            .execute("INSERT INTO users (id, name) VALUES ($1, 'n')", &[&id])
+            .await
+            .unwrap_or_else(|e| panic!("insert user {id}: {e}"));
+    }
 }
 
 fn code(error: &tokio_postgres::Error) -> String {
@@ -385,12 +387,7 @@ async fn session_routing_settings_pick_the_shard() {
     let db = sharded_db("settings").await;
     let server = start_proxy(&shard_map(&db, MAP)).await;
     let client = connect_proxy(&server, "app", None).await;
-    for id in 1..=30i64 {
-        client
-            .execute("INSERT INTO users (id, name) VALUES ($1, 'n')", &[&id])
-            .await
-            .expect("insert");
-    }
+    insert_users(&client, 1..=30).await;
     let holder = shard_holding(&db, 17).await.expect("17 placed");
     let local_count: i64 = connect(&fleet().clusters[holder], &db)
         .await
@@ -851,12 +848,7 @@ async fn a_cancel_request_stops_a_fan_out_on_every_shard() {
     let db = sharded_db("fanout_cancel").await;
     let server = start_proxy(&shard_map(&db, MAP)).await;
     let client = connect_proxy(&server, "app", None).await;
-    for id in 1..=30i64 {
-        client
-            .execute("INSERT INTO users (id, name) VALUES ($1, 'n')", &[&id])
-            .await
-            .expect("insert");
-    }
+    insert_users(&client, 1..=30).await;
     let token = client.cancel_token();
     let canceller = tokio::spawn(async move {
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;

@@ -46,6 +46,20 @@ pub fn fresh_db(test_name: &str) -> String {
     name
 }
 
+/// A fresh database (see [`fresh_db`]) with `schema` created directly on
+/// every cluster of the fleet.
+pub async fn fresh_db_with(test_name: &str, schema: &str) -> String {
+    let db = fresh_db(test_name);
+    for cluster in &fleet().clusters {
+        connect(cluster, &db)
+            .await
+            .batch_execute(schema)
+            .await
+            .unwrap_or_else(|e| panic!("schema on {}: {e}", cluster.url(&db)));
+    }
+    db
+}
+
 /// Connect with tokio-postgres (no TLS) and drive the connection on a task.
 pub async fn connect(cluster: &DevCluster, db: &str) -> tokio_postgres::Client {
     let url = cluster.url(db);
