@@ -666,3 +666,69 @@ async fn copy_to_stdout_gives_back_every_row_once() {
     assert_eq!(error_of(&answer).0, "0A000");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_cancel_request_stops_a_copy_to_stdout_on_every_shard() {
+    let db = sharded_db("copy_cancel").await;
+    let server = start_proxy(&shard_map(&db, MAP)).await;
+    let client = connect_proxy(&server, "app", None).await;
+    for id in 1..=30i64 {
+        client
+            .execute("INSERT INTO users (id, name) VALUES ($1, 'n')", &[&id])
+            .await
+            .expect("insert");
+    }
+    let token = client.cancel_token();
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        token
+            .cancel_query(tokio_postgres::NoTls)
+            .await
+            .expect("cancel request sent");
+    });
+    let started = std::time::Instant::now();
+    // Every shard sleeps 0.5 s per row: seconds of work unless cancelled.
+    let result = async {
+        let stream = client
+            .copy_out("COPY (SELECT id, pg_sleep(0.5) FROM users) TO STDOUT")
+            .await?;
+        pin_mut!(stream);
+        while let Some(chunk) = stream.next().await {
+            chunk?;
+        }
+        Ok::<(), tokio_postgres::Error>(())
+    }
+    .await;
+    canceller.await.expect("canceller");
+    let error = result.expect_err("cancelled");
+    assert_eq!(
+        error.as_db_error().map(|e| e.code().code().to_string()),
+        Some("57014".to_string()),
+        "{error:?}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(4),
+        "cancelled promptly: {:?}",
+        started.elapsed()
+    );
+    for cluster in &fleet().clusters {
+        let running: i64 = connect(cluster, &db)
+            .await
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(0.5)%' \
+                 AND state = 'active' AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .expect("activity")
+            .get(0);
+        assert_eq!(running, 0, "no shard still copying");
+    }
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM users", &[])
+        .await
+        .expect("session usable after the cancel")
+        .get(0);
+    assert_eq!(n, 30);
+    server.stop().await;
+}

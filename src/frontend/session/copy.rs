@@ -790,6 +790,17 @@ impl Session {
         let (mut chosen, rest): (Vec<Attached>, Vec<Attached>) =
             group.into_iter().partition(|a| targets.contains(&a.shard));
         chosen.sort_by_key(|a| a.shard);
+        // A CancelRequest during the COPY reaches every shard of it (cleared
+        // when the backends are restored).
+        self.cancel.set_fanout(
+            chosen
+                .iter()
+                .map(|a| {
+                    let (pid, secret) = a.conn.cancel_key();
+                    (a.shard, pid, secret)
+                })
+                .collect(),
+        );
         Ok((chosen, rest))
     }
 

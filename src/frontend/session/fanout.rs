@@ -687,6 +687,8 @@ impl Session {
         current_shard: Option<usize>,
         in_transaction: bool,
     ) {
+        // The statement that held these backends is over.
+        self.cancel.set_fanout(Vec::new());
         let keep_current =
             in_transaction || self.tainted || self.mode == crate::config::PoolMode::Session;
         if keep_current && !group.is_empty() {
