@@ -129,7 +129,7 @@ pub(crate) fn fmt_duration(d: Duration) -> String {
 /// well-formed (5 of `[0-9A-Z]`) is interned, at most [`MAX_INTERNED`]
 /// distinct codes per process so a misbehaving server cannot grow memory
 /// without bound. Malformed or overflow codes fall back to `XX000`.
-pub(crate) fn intern_sqlstate(code: &[u8]) -> &'static str {
+pub fn intern_sqlstate(code: &[u8]) -> &'static str {
     const KNOWN: &[&str] = &[
         "08006", "08001", "08004", "08P01", "0A000", "25P02", "28000", "28P01", "3D000", "40001",
         "40P01", "42501", "42601", "42P01", "53300", "57014", "57P01", "57P02", "57P03", "XX000",

@@ -18,7 +18,7 @@ mod prepared;
 
 pub use cancel::send_cancel;
 pub use connection::{BackendConnection, DEFAULT_APPLICATION_NAME};
-pub use error::{BackendError, ServerError};
+pub use error::{intern_sqlstate, BackendError, ServerError};
 pub use pool::{
     release, release_within, BackendManager, PooledBackend, Pools, ShardPool,
     HEALTH_CHECK_AFTER_IDLE, RESET_TIMEOUT,

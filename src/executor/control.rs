@@ -11,8 +11,6 @@
 //! session has seen its ReadyForQuery), so the first bytes read belong to
 //! this query.
 
-use std::collections::HashSet;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -253,36 +251,7 @@ fn server_error(shard: &str, body: &[u8]) -> ControlError {
 /// from a table, other well-formed ones interned (bounded, so a misbehaving
 /// server cannot grow memory), anything else `XX000`.
 pub fn static_sqlstate(code: &str) -> &'static str {
-    const KNOWN: &[&str] = &[
-        "08006", "08007", "08P01", "0A000", "23505", "23503", "25P02", "40001", "40P01", "42704",
-        "42P01", "55000", "55006", "55P03", "57014", "57P01", "XX000",
-    ];
-    const MAX_INTERNED: usize = 1024;
-    let valid = code.len() == 5
-        && code
-            .bytes()
-            .all(|b| b.is_ascii_digit() || b.is_ascii_uppercase());
-    if !valid {
-        return "XX000";
-    }
-    if let Some(known) = KNOWN.iter().find(|k| **k == code) {
-        return known;
-    }
-    static INTERNED: Mutex<Option<HashSet<&'static str>>> = Mutex::new(None);
-    let mut guard = match INTERNED.lock() {
-        Ok(guard) => guard,
-        Err(poisoned) => poisoned.into_inner(),
-    };
-    let set = guard.get_or_insert_with(HashSet::new);
-    if let Some(existing) = set.get(code) {
-        return existing;
-    }
-    if set.len() >= MAX_INTERNED {
-        return "XX000";
-    }
-    let leaked: &'static str = Box::leak(code.to_owned().into_boxed_str());
-    set.insert(leaked);
-    leaked
+    crate::backend::intern_sqlstate(code.as_bytes())
 }
 
 #[cfg(test)]

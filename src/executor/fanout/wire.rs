@@ -4,8 +4,6 @@
 //! bodies. All decoding is bounds-checked: shard and client bytes are never
 //! trusted.
 
-use std::collections::HashSet;
-use std::sync::Mutex;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -349,28 +347,7 @@ pub fn shard_error(body: &[u8], shard: &str) -> ProxyError {
 /// SQLSTATE codes are `&'static str` in [`ProxyError`]; codes from shards
 /// are interned (bounded, malformed codes become XX000).
 pub fn intern_sqlstate(code: &str) -> &'static str {
-    let valid = code.len() == 5
-        && code
-            .bytes()
-            .all(|b| b.is_ascii_digit() || b.is_ascii_uppercase());
-    if !valid {
-        return "XX000";
-    }
-    static INTERNED: Mutex<Option<HashSet<&'static str>>> = Mutex::new(None);
-    let mut guard = match INTERNED.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    };
-    let set = guard.get_or_insert_with(HashSet::new);
-    if let Some(existing) = set.get(code) {
-        return existing;
-    }
-    if set.len() >= 4096 {
-        return "XX000";
-    }
-    let leaked: &'static str = Box::leak(code.to_string().into_boxed_str());
-    set.insert(leaked);
-    leaked
+    crate::backend::intern_sqlstate(code.as_bytes())
 }
 
 #[cfg(test)]
