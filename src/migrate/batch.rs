@@ -495,13 +495,7 @@ pub fn matches_template(template: &str, name: &str) -> bool {
 
 /// This shard's unfinished batched steps, for `status`.
 pub async fn partial(client: &Client) -> std::result::Result<Vec<String>, tokio_postgres::Error> {
-    let present: bool = client
-        .query_one(
-            "SELECT to_regclass('shardgate.batch_progress') IS NOT NULL",
-            &[],
-        )
-        .await?
-        .try_get(0)?;
+    let present = super::ledger::table_exists(client, "batch_progress").await?;
     if !present {
         return Ok(Vec::new());
     }

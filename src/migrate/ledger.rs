@@ -201,12 +201,20 @@ pub async fn in_doubt(client: &Client) -> Result<Vec<String>, tokio_postgres::Er
     rows.iter().map(|r| r.try_get(0)).collect()
 }
 
+/// Whether the ledger table `shardgate.<table>` exists on this shard.
+pub async fn table_exists(client: &Client, table: &str) -> Result<bool, tokio_postgres::Error> {
+    client
+        .query_one(
+            "SELECT to_regclass(format('shardgate.%I', $1::text)) IS NOT NULL",
+            &[&table],
+        )
+        .await?
+        .try_get(0)
+}
+
 /// Every decision record on this shard.
 pub async fn decisions(client: &Client) -> Result<Vec<String>, tokio_postgres::Error> {
-    let present: bool = client
-        .query_one("SELECT to_regclass('shardgate.decisions') IS NOT NULL", &[])
-        .await?
-        .try_get(0)?;
+    let present = table_exists(client, "decisions").await?;
     if !present {
         return Ok(Vec::new());
     }

@@ -132,13 +132,7 @@ async fn record_progress(
 /// `<revision> <direction>: N statement(s) done (run <id>)`, for `status`:
 /// an interrupted revision is otherwise invisible until the next `up`.
 pub async fn partial(client: &Client) -> std::result::Result<Vec<String>, tokio_postgres::Error> {
-    let present: bool = client
-        .query_one(
-            "SELECT to_regclass('shardgate.nontx_progress') IS NOT NULL",
-            &[],
-        )
-        .await?
-        .try_get(0)?;
+    let present = super::ledger::table_exists(client, "nontx_progress").await?;
     if !present {
         return Ok(Vec::new());
     }

@@ -4,7 +4,6 @@
 //! bodies. All decoding is bounds-checked: shard and client bytes are never
 //! trusted.
 
-
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::protocol::messages::{put_cstr, Cursor};
