@@ -849,14 +849,7 @@ async fn a_cancel_request_stops_a_fan_out_on_every_shard() {
     let server = start_proxy(&shard_map(&db, MAP)).await;
     let client = connect_proxy(&server, "app", None).await;
     insert_users(&client, 1..=30).await;
-    let token = client.cancel_token();
-    let canceller = tokio::spawn(async move {
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-        token
-            .cancel_query(tokio_postgres::NoTls)
-            .await
-            .expect("cancel request sent");
-    });
+    let canceller = support::cancel_after(&client, std::time::Duration::from_millis(500));
     let started = std::time::Instant::now();
     // Keyless: runs on all three shards, each sleeping 0.5 s per row.
     let error = client
@@ -871,19 +864,11 @@ async fn a_cancel_request_stops_a_fan_out_on_every_shard() {
         started.elapsed()
     );
     // No shard is still running it.
-    for cluster in &fleet().clusters {
-        let running: i64 = connect(cluster, &db)
-            .await
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(0.5)%' \
-                 AND state = 'active' AND pid <> pg_backend_pid()",
-                &[],
-            )
-            .await
-            .expect("activity")
-            .get(0);
-        assert_eq!(running, 0);
-    }
+    assert_eq!(
+        support::active_queries_like(&db, "pg_sleep(0.5)").await,
+        0,
+        "no shard still running it"
+    );
     let n: i64 = client
         .query_one("SELECT count(*) FROM users", &[])
         .await

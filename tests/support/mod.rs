@@ -60,6 +60,39 @@ pub async fn fresh_db_with(test_name: &str, schema: &str) -> String {
     db
 }
 
+/// Sends a CancelRequest for `client`'s running query after `delay`.
+pub fn cancel_after(
+    client: &tokio_postgres::Client,
+    delay: std::time::Duration,
+) -> tokio::task::JoinHandle<()> {
+    let token = client.cancel_token();
+    tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        token
+            .cancel_query(tokio_postgres::NoTls)
+            .await
+            .expect("cancel request sent");
+    })
+}
+
+/// How many backends on every cluster still run a query containing `text`.
+pub async fn active_queries_like(db: &str, text: &str) -> i64 {
+    let mut running = 0;
+    for cluster in &fleet().clusters {
+        running += connect(cluster, db)
+            .await
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE strpos(query, $1) > 0 \
+                 AND state = 'active' AND pid <> pg_backend_pid()",
+                &[&text],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .get::<_, i64>(0);
+    }
+    running
+}
+
 /// Connect with tokio-postgres (no TLS) and drive the connection on a task.
 pub async fn connect(cluster: &DevCluster, db: &str) -> tokio_postgres::Client {
     let url = cluster.url(db);
