@@ -158,9 +158,15 @@ impl Session {
         self.cancel.set(None);
         let mut failed = false;
         for attached in group.iter_mut() {
-            match sync_backend(&mut attached.conn).await {
-                Ok(status) => failed |= status == b'E',
-                Err(_) => failed = true,
+            // Bounded like every step of a commit: a hung shard fails the batch.
+            match tokio::time::timeout(twophase::STEP_TIMEOUT, sync_backend(&mut attached.conn))
+                .await
+            {
+                Ok(Ok(status)) => failed |= status == b'E',
+                Ok(Err(_)) | Err(_) => {
+                    attached.conn.mark_broken();
+                    failed = true;
+                }
             }
         }
         let outcome = {
