@@ -660,17 +660,17 @@ async fn exchange(
     }
 }
 
-/// Until the fan-out executor is wired in, multi-shard routes are refused.
+/// A multi-shard statement whose text shardgate no longer has (it keeps
+/// the text of every statement it routes, so this is a defensive refusal).
 pub(super) fn multi_shard_unavailable(route: &Route) -> ProxyError {
     ProxyError::error(
         "0A000",
         format!(
-            "this statement needs several shards (route: {}), which this build of shardgate \
-             does not execute yet",
+            "this statement needs several shards (route: {}), but shardgate has not kept its text",
             route.name()
         ),
     )
-    .with_hint("add the sharding key to the WHERE clause, or name a shard with /* shardgate: shard=NAME */")
+    .with_hint("prepare the statement again, or name a shard with /* shardgate: shard=NAME */")
 }
 
 #[cfg(test)]
