@@ -39,7 +39,8 @@
 //! or a recovery and a live coordinator of another instance, can run side by
 //! side: each only acts on an outcome that is already fixed in the
 //! coordinator's database. Racing resolvers of the same gid are harmless:
-//! the loser gets 42704 (gone) or 55006 (busy) and moves on.
+//! the loser gets 42704 (gone) or 55000 "is busy" (Postgres' code for a
+//! prepared transaction another session is finishing) and moves on.
 //!
 //! `min_age` only spares live transactions the probe's wait; safety does not
 //! depend on it.
@@ -166,7 +167,8 @@ pub(crate) enum Finished {
     Done,
     /// The gid does not exist (any more): someone else finished it.
     Gone,
-    /// Another session is finishing it right now (55006).
+    /// Another session is finishing it right now (55000 "is busy"; 55006
+    /// accepted too).
     Busy,
 }
 
@@ -271,7 +273,12 @@ pub(crate) async fn finish(
     match client.batch_execute(&sql).await {
         Ok(()) => Ok(Finished::Done),
         Err(e) if e.code() == Some(&SqlState::UNDEFINED_OBJECT) => Ok(Finished::Gone),
-        Err(e) if e.code() == Some(&SqlState::OBJECT_IN_USE) => Ok(Finished::Busy),
+        Err(e)
+            if e.code() == Some(&SqlState::OBJECT_IN_USE)
+                || e.code() == Some(&SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE) =>
+        {
+            Ok(Finished::Busy)
+        }
         Err(e) => Err(e),
     }
 }
