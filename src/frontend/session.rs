@@ -32,6 +32,7 @@ use crate::server::Shared;
 mod copy;
 mod fanout;
 mod multi;
+mod portal;
 mod routing;
 
 /// The backend serving the client right now.
@@ -100,6 +101,8 @@ pub struct Session {
     statement_writes: bool,
     /// A bound portal that runs on several shards at its Execute.
     pending_portal: Option<fanout::PendingPortal>,
+    /// Multi-shard portals fetched in parts (see `portal`).
+    suspended: Vec<portal::SuspendedPortal>,
     /// Complete client messages were left in `client_in` because enough
     /// was queued for the backend (see `BACKEND_WRITE_BATCH`).
     client_backlog: bool,
@@ -184,6 +187,7 @@ impl Session {
             transaction_begin: None,
             statement_writes: false,
             pending_portal: None,
+            suspended: Vec::new(),
             copy_in: None,
             route_memo: crate::router::Memo::default(),
             client_backlog: false,
@@ -333,6 +337,20 @@ impl Session {
         if self.skip_until_sync && tag != tag::SYNC && tag != tag::TERMINATE {
             return Ok(Step::Next);
         }
+        if !self.suspended.is_empty() {
+            if self.status == b'I' {
+                // Portals of a transaction block that ended.
+                self.suspended.retain(|p| !p.in_transaction || p.is_live());
+            }
+            if self.has_live_portal() && self.needs_backends(tag, body) {
+                if tag == tag::BIND && body.first() == Some(&0) {
+                    // A Bind replacing the unnamed portal stops its fan-out
+                    // rather than reading the rest into memory.
+                    self.close_portals(|p| !p.is("")).await;
+                }
+                self.park_live_portals().await;
+            }
+        }
         if self.copy_in.is_some() && tag != tag::TERMINATE {
             // Postgres ignores Flush and Sync during COPY FROM STDIN.
             if matches!(tag, tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL) {
@@ -402,6 +420,17 @@ impl Session {
             }
             tag::BIND => {
                 let bind = Bind::decode(body).map_err(protocol_violation)?;
+                if self.suspended_portal(bind.portal).is_some() {
+                    if !bind.portal.is_empty() {
+                        self.client_error_in_batch(ProxyError::error(
+                            "42P03",
+                            format!("cursor \"{}\" already exists", bind.portal),
+                        ));
+                        return Ok(Step::Next);
+                    }
+                    // The unnamed portal is replaced.
+                    self.close_portals(|p| !p.is("")).await;
+                }
                 let attach = match self.router() {
                     Some(router) => self.route_bind(&router, &bind).await,
                     None => self.attach_for(None, true).await,
@@ -419,7 +448,22 @@ impl Session {
             }
             tag::DESCRIBE | tag::CLOSE => {
                 let target = Target::decode(tag, body).map_err(protocol_violation)?;
-                if target.kind == b'P'
+                let suspended = if target.kind == b'P' {
+                    self.suspended_portal(target.name)
+                } else {
+                    None
+                };
+                if let Some(index) = suspended {
+                    if tag == tag::CLOSE {
+                        let name = target.name.to_string();
+                        self.close_portals(|p| !p.is(&name)).await;
+                        let mut out = BytesMut::new();
+                        synth::close_complete(&mut out);
+                        self.queue.local(out, &mut self.client_out);
+                    } else {
+                        self.describe_suspended(index);
+                    }
+                } else if target.kind == b'P'
                     && self
                         .pending_portal
                         .as_ref()
@@ -456,10 +500,20 @@ impl Session {
                 }
             }
             tag::EXECUTE => {
-                if let Some(portal) = self.pending_portal.as_mut() {
-                    let mut cursor = messages::Cursor::new(tag, body);
-                    let _name = cursor.cstr().map_err(protocol_violation)?;
-                    portal.set_max_rows(cursor.i32().map_err(protocol_violation)?);
+                let mut cursor = messages::Cursor::new(tag, body);
+                let name = cursor.cstr().map_err(protocol_violation)?;
+                let max_rows = cursor.i32().map_err(protocol_violation)?;
+                if let Some(index) = self.suspended_portal(name) {
+                    // Answers owed by a backend come first.
+                    self.queue.after(&mut self.client_out);
+                    if !self.queue.is_empty() {
+                        return Ok(Step::Wait);
+                    }
+                    self.serve_portal(index, max_rows).await;
+                    return Ok(Step::Next);
+                }
+                if let Some(portal) = self.pending_portal.as_mut().filter(|p| p.is(name)) {
+                    portal.set_max_rows(max_rows);
                     self.execute_fanout().await;
                     return Ok(Step::Next);
                 }
@@ -467,7 +521,7 @@ impl Session {
                     // Routing mode attaches at Bind: no backend, no portal.
                     self.client_error_in_batch(ProxyError::error(
                         "34000",
-                        "portal does not exist (its Bind failed or was never sent)",
+                        format!("portal \"{name}\" does not exist"),
                     ));
                     return Ok(Step::Next);
                 }
@@ -477,6 +531,10 @@ impl Session {
             tag::SYNC => {
                 self.skip_until_sync = false;
                 self.pending_portal = None;
+                if !self.suspended.is_empty() {
+                    // Portals outside a transaction block end with it.
+                    self.close_portals(|p| p.in_transaction).await;
+                }
                 if self.implicit_multi {
                     return Ok(self.finish_implicit_batch().await);
                 }
@@ -808,6 +866,8 @@ impl Session {
     }
 
     async fn detach_on_exit(&mut self) {
+        // A portal still streaming gives its connections back first.
+        self.close_portals(|_| false).await;
         if let Some(attached) = self.backend.as_mut() {
             if self.tainted {
                 attached.conn.mark_broken();
@@ -1070,6 +1130,10 @@ impl Session {
         self.batch_ended = None;
         self.batch_status_before = status;
         self.status = status;
+        if status == b'I' && !self.suspended.is_empty() {
+            // Portals of a transaction block that ended.
+            self.suspended.retain(|p| !p.in_transaction || p.is_live());
+        }
         // One query per ReadyForQuery; with pipelining the next one is
         // already under way, so its clock starts now.
         let now = Instant::now();

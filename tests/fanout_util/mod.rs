@@ -358,7 +358,6 @@ impl Fixture {
                 },
                 param_types: &types,
                 describe: true,
-                max_rows: 0,
             },
         };
         let mut targets: Vec<ShardConn> = self

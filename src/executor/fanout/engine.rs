@@ -266,6 +266,18 @@ pub async fn gather<W: AsyncWrite + Unpin, M: Merge>(
                 }
             }
             output.flush_if_full().await;
+            if output.client_lost && want_more {
+                // Nobody takes the rows any more (the client left, or the
+                // session dropped a portal fetched in parts): stop merging,
+                // cancel autocommit work and read the shards to their end.
+                want_more = false;
+                for s in streams.iter_mut() {
+                    for e in s.rows.drain(..) {
+                        memory.sub(e.row.footprint());
+                    }
+                }
+                cancel_unfinished(ex, targets, &mut streams, false).await;
+            }
         }
         if streams.iter().all(|s| s.ready.is_some() || s.dead) {
             break;

@@ -64,7 +64,7 @@ use crate::protocol::synth::{self, ProxyError};
 use crate::router::Route;
 use engine::{gather, Memory, Output};
 use merge::{Pass, SelectMerge, Window};
-use plan::{refuse, Count, Plan, Tables};
+use plan::{Count, Plan, Tables};
 use wire::{BindParams, OutParam};
 
 /// One target shard and its checked-out connection.
@@ -78,13 +78,13 @@ pub enum FanoutProtocol<'a> {
     Simple,
     /// The client's Bind (param formats/values/result formats raw in
     /// `bind.rest`), the parameter type OIDs from its Parse, whether it sent
-    /// Describe(portal) (then RowDescription precedes the rows), and
-    /// Execute's max_rows (0 = all).
+    /// Describe(portal) (then RowDescription precedes the rows). The whole
+    /// result is produced; a client fetching it in parts (Execute with
+    /// max_rows) is served by the session from this stream.
     Extended {
         bind: Bind<'a>,
         param_types: &'a [u32],
         describe: bool,
-        max_rows: i32,
     },
 }
 
@@ -286,14 +286,7 @@ pub async fn run<W: AsyncWrite + Unpin>(
             bind,
             param_types,
             describe,
-            max_rows,
         } => {
-            if *max_rows > 0 {
-                return Err(refuse(
-                    "fetching a multi-shard result in parts (Execute with a row limit) is not supported",
-                    "fetch all rows at once (no fetch size / max_rows), or add LIMIT/OFFSET to the query",
-                ));
-            }
             let params = BindParams::decode(bind.rest)
                 .map_err(|e| ProxyError::error("08P01", format!("invalid Bind message: {e}")))?;
             Request {

@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 
+use super::portal::{ChannelWriter, LiveContext, LiveEnd, SuspendedPortal};
 use super::{Attach, Attached, Session};
 use crate::executor::control;
 use crate::executor::fanout::{self, FanoutProtocol, FanoutRequest, ShardConn};
@@ -301,6 +302,12 @@ impl Session {
             Some(&portal),
         )
         .await;
+        if portal.max_rows > 0 {
+            // Fetched in parts: the first part now (see `portal`).
+            if let Some(index) = self.suspended_portal(&portal.name) {
+                self.serve_portal(index, portal.max_rows).await;
+            }
+        }
     }
 
     /// Gathers the backends, runs the executor, commits an implicit
@@ -387,6 +394,26 @@ impl Session {
             // transaction around an autocommit statement.
             self.deferred_begin = None;
         }
+        if let (None, Some(p)) = (&failure, portal) {
+            if p.max_rows > 0 && !implicit {
+                // Fetched in parts: the fan-out streams from a task of its own.
+                self.start_live_portal(
+                    group,
+                    &targets,
+                    sql,
+                    &route,
+                    p,
+                    LiveContext {
+                        current_shard,
+                        in_transaction,
+                        first_shard: targets.first().copied().unwrap_or(0),
+                        broadcast: matches!(route, Route::Broadcast),
+                    },
+                    writes,
+                );
+                return;
+            }
+        }
         let started = std::time::Instant::now();
         let mut held = BytesMut::new();
         let mut spill: Vec<u8> = Vec::new();
@@ -426,7 +453,6 @@ impl Session {
                             bind,
                             param_types: &p.param_types,
                             describe: p.describe,
-                            max_rows: p.max_rows,
                         }
                     }
                 };
@@ -495,10 +521,20 @@ impl Session {
             };
             let committed = result.is_ok();
             match result {
-                Ok(()) => {
-                    self.client_out.extend_from_slice(&spill);
-                    self.client_out.extend_from_slice(&held);
-                }
+                Ok(()) => match portal.filter(|p| p.max_rows > 0) {
+                    // Fetched in parts: Postgres, too, runs the write to its
+                    // end and hands out its RETURNING rows from memory.
+                    Some(p) => {
+                        let mut frames = BytesMut::from(&spill[..]);
+                        frames.extend_from_slice(&held);
+                        self.suspended
+                            .push(SuspendedPortal::buffered(&p.name, false, frames));
+                    }
+                    None => {
+                        self.client_out.extend_from_slice(&spill);
+                        self.client_out.extend_from_slice(&held);
+                    }
+                },
                 Err(error) => self.report_fanout_error(error, extended),
             }
             self.restore_group(group, current_shard, false).await;
@@ -522,6 +558,95 @@ impl Session {
             // Key types and column orders may have changed with it.
             shared.refresh_catalog().await;
         }
+    }
+
+    /// Starts a fan-out whose portal is fetched in parts: the statement runs
+    /// in a task that owns the shard connections and streams its merged
+    /// answer into a channel the session reads at each Execute.
+    #[allow(clippy::too_many_arguments)]
+    fn start_live_portal(
+        &mut self,
+        mut group: Vec<Attached>,
+        targets: &[usize],
+        sql: &str,
+        route: &Route,
+        portal: &PendingPortal,
+        context: LiveContext,
+        writes: bool,
+    ) {
+        let wanted: BTreeSet<usize> = targets.iter().copied().collect();
+        // A CancelRequest while it streams reaches every shard.
+        self.cancel.set_fanout(
+            group
+                .iter()
+                .filter(|a| wanted.contains(&a.shard))
+                .map(|a| {
+                    let (pid, secret) = a.conn.cancel_key();
+                    (a.shard, pid, secret)
+                })
+                .collect(),
+        );
+        let shared = Arc::clone(&self.shared);
+        let sql = sql.to_string();
+        let route = route.clone();
+        let bind = portal.bind.clone();
+        let param_types = portal.param_types.clone();
+        let describe = portal.describe;
+        let (mut writer, rx) = ChannelWriter::channel();
+        let task = tokio::spawn(async move {
+            let mut conns: Vec<ShardConn<'_>> = group
+                .iter_mut()
+                .filter(|a| wanted.contains(&a.shard))
+                .map(|a| ShardConn {
+                    shard: a.shard,
+                    conn: &mut a.conn,
+                })
+                .collect();
+            conns.sort_by_key(|c| c.shard);
+            let result = match Bind::decode(&bind) {
+                Ok(bind) => {
+                    let request = FanoutRequest {
+                        sql: &sql,
+                        route: &route,
+                        protocol: FanoutProtocol::Extended {
+                            bind,
+                            param_types: &param_types,
+                            describe,
+                        },
+                    };
+                    let mut out = BytesMut::new();
+                    let result =
+                        fanout::run(&shared.fanout, request, &mut conns, &mut out, &mut writer)
+                            .await;
+                    if !out.is_empty() {
+                        // Nobody reading: the session stopped the portal.
+                        let _ = tokio::io::AsyncWriteExt::write_all(&mut writer, &out).await;
+                    }
+                    result
+                }
+                Err(e) => Err(ProxyError::error(
+                    "08P01",
+                    format!("invalid Bind message: {e}"),
+                )),
+            };
+            let wrote: Vec<(usize, bool)> = match &result {
+                Ok(outcome) => conns
+                    .iter()
+                    .map(|c| c.shard)
+                    .zip(outcome.wrote.iter().copied())
+                    .collect(),
+                // After an error anything may have been written.
+                Err(_) => conns.iter().map(|c| (c.shard, writes)).collect(),
+            };
+            drop(conns);
+            LiveEnd {
+                group,
+                result,
+                wrote,
+            }
+        });
+        self.suspended
+            .push(SuspendedPortal::live(&portal.name, rx, task, context));
     }
 
     /// A refusal before anything ran, in protocol order: the error and,
