@@ -227,6 +227,46 @@ async fn asyncpg_prepared_binary_pool_through_shardgate() {
     client_through_shardgate("asyncpg_client.py", "py_asyncpg").await;
 }
 
+/// asyncpg cursors (Execute with a row limit, MOVE) over a table sharded
+/// on 3 shards: every fetch is a part of a multi-shard portal (issue #5).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asyncpg_cursors_over_a_sharded_table() {
+    python().await;
+    let script = "asyncpg_cursor.py";
+    let direct_db = fresh_db("py_cursor_direct").await;
+    run_script(
+        script,
+        &support::fleet().clusters[0].url(&direct_db),
+        "direct",
+    )
+    .await;
+
+    let db = fresh_db("py_cursor").await;
+    let server = support::start_proxy(&support::shard_map(
+        &db,
+        "pool: { mode: transaction, size: 4 }\n\
+         functions:\n  by_id: { kind: hash }\n\
+         tables:\n  cur_items: { key: id, function: by_id }\n",
+    ))
+    .await;
+    let url = format!("postgresql://app@127.0.0.1:{}/{db}", server.address.port());
+    run_script(script, &url, "shardgate").await;
+    server.stop().await;
+    // The cursors read a table that really is spread over the shards.
+    let mut total = 0;
+    for cluster in &support::fleet().clusters {
+        let n: i64 = support::connect(cluster, &db)
+            .await
+            .query_one("SELECT count(*) FROM cur_items", &[])
+            .await
+            .expect("count on a shard")
+            .get(0);
+        assert!(n > 0 && n < 1000, "a shard holds {n} of the 1000 rows");
+        total += n;
+    }
+    assert_eq!(total, 1000);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlalchemy_psycopg_and_asyncpg_through_shardgate() {
     client_through_shardgate("sqlalchemy_client.py", "py_sqlalchemy").await;

@@ -337,6 +337,10 @@ impl Session {
         if self.skip_until_sync && tag != tag::SYNC && tag != tag::TERMINATE {
             return Ok(Step::Next);
         }
+        if self.status == b'I' && self.pending_portal.as_ref().is_some_and(|p| p.kept()) {
+            // A portal kept past Sync in a transaction block that ended.
+            self.pending_portal = None;
+        }
         if !self.suspended.is_empty() {
             if self.status == b'I' {
                 // Portals of a transaction block that ended.
@@ -364,6 +368,9 @@ impl Session {
                 let sql = messages::query_text(body).map_err(protocol_violation)?;
                 if let Some((name, value)) = hints::shardgate_setting(sql) {
                     self.shardgate_set(name, value)?;
+                    return Ok(Step::Next);
+                }
+                if !self.suspended.is_empty() && self.cursor_statement(sql).await {
                     return Ok(Step::Next);
                 }
                 let effects = scan_statement(sql);
@@ -530,7 +537,14 @@ impl Session {
             }
             tag::SYNC => {
                 self.skip_until_sync = false;
-                self.pending_portal = None;
+                let in_block = matches!(self.status, b'T' | b'E');
+                if !self
+                    .pending_portal
+                    .as_mut()
+                    .is_some_and(|p| p.keep_at_sync(in_block))
+                {
+                    self.pending_portal = None;
+                }
                 if !self.suspended.is_empty() {
                     // Portals outside a transaction block end with it.
                     self.close_portals(|p| p.in_transaction).await;

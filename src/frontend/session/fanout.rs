@@ -49,6 +49,10 @@ pub(super) struct PendingPortal {
     end: Option<bool>,
     /// Transaction control shardgate answers itself (see [`Held`]).
     held: Option<Held>,
+    /// Bound inside a transaction block and kept past a Sync (asyncpg
+    /// binds a cursor's portal in one batch and fetches in the next); it
+    /// ends with the transaction.
+    kept: bool,
 }
 
 /// Extended-protocol transaction control with no backend attached,
@@ -75,6 +79,7 @@ impl PendingPortal {
             max_rows: 0,
             end: Some(commit),
             held: None,
+            kept: false,
         }
     }
 
@@ -96,6 +101,17 @@ impl PendingPortal {
 
     pub(super) fn set_max_rows(&mut self, max_rows: i32) {
         self.max_rows = max_rows;
+    }
+
+    /// At Sync: a statement's portal inside a transaction block stays
+    /// (true); anything else ends.
+    pub(super) fn keep_at_sync(&mut self, in_block: bool) -> bool {
+        self.kept = in_block && self.end.is_none() && self.held.is_none();
+        self.kept
+    }
+
+    pub(super) fn kept(&self) -> bool {
+        self.kept
     }
 }
 
@@ -252,6 +268,7 @@ impl Session {
             max_rows: 0,
             end: None,
             held: None,
+            kept: false,
         });
         let mut out = BytesMut::new();
         synth::bind_complete(&mut out);
@@ -484,15 +501,7 @@ impl Session {
                     .await
                 };
                 self.cancel.set_fanout(Vec::new());
-                let wrote: Vec<(usize, bool)> = match &outcome {
-                    Ok(outcome) => conns
-                        .iter()
-                        .map(|c| c.shard)
-                        .zip(outcome.wrote.iter().copied())
-                        .collect(),
-                    // After an error anything may have been written.
-                    Err(_) => conns.iter().map(|c| (c.shard, writes)).collect(),
-                };
+                let wrote = wrote_by_shard(&conns, &outcome, writes);
                 drop(conns);
                 for (shard, wrote) in wrote {
                     if let Some(a) = group.iter_mut().find(|a| a.shard == shard) {
@@ -629,15 +638,7 @@ impl Session {
                     format!("invalid Bind message: {e}"),
                 )),
             };
-            let wrote: Vec<(usize, bool)> = match &result {
-                Ok(outcome) => conns
-                    .iter()
-                    .map(|c| c.shard)
-                    .zip(outcome.wrote.iter().copied())
-                    .collect(),
-                // After an error anything may have been written.
-                Err(_) => conns.iter().map(|c| (c.shard, writes)).collect(),
-            };
+            let wrote = wrote_by_shard(&conns, &result, writes);
             drop(conns);
             LiveEnd {
                 group,
@@ -879,6 +880,23 @@ impl Session {
             .and_then(|body| messages::query_text(body).ok())
             .unwrap_or("BEGIN")
             .to_string()
+    }
+}
+
+/// Per shard of a fan-out: whether it may have written (for two-phase
+/// commit). After an error anything may have been written.
+fn wrote_by_shard(
+    conns: &[ShardConn<'_>],
+    outcome: &Result<fanout::FanoutOutcome, ProxyError>,
+    writes: bool,
+) -> Vec<(usize, bool)> {
+    match outcome {
+        Ok(outcome) => conns
+            .iter()
+            .map(|c| c.shard)
+            .zip(outcome.wrote.iter().copied())
+            .collect(),
+        Err(_) => conns.iter().map(|c| (c.shard, writes)).collect(),
     }
 }
 

@@ -184,6 +184,57 @@ pub(super) struct LiveContext {
     pub(super) broadcast: bool,
 }
 
+/// `FETCH` / `MOVE` as far as shardgate needs it.
+#[derive(Debug, PartialEq, Eq)]
+struct CursorCommand {
+    fetch: bool,
+    /// Rows forward (0: ALL); None for any other direction.
+    forward: Option<i32>,
+    portal: String,
+}
+
+impl CursorCommand {
+    /// `FETCH|MOVE [direction] [FROM|IN] name` (Postgres' grammar); None
+    /// for any other statement.
+    fn parse(sql: &str) -> Option<CursorCommand> {
+        let sql = sql.trim().trim_end_matches(';').trim_end();
+        let mut words: Vec<&str> = sql.split_ascii_whitespace().collect();
+        let fetch = match words.first()?.to_ascii_lowercase().as_str() {
+            "fetch" => true,
+            "move" => false,
+            _ => return None,
+        };
+        let name = words.pop()?;
+        let portal = match name.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
+            Some(quoted) => quoted.replace("\"\"", "\""),
+            None => name.to_ascii_lowercase(),
+        };
+        let mut rest: Vec<String> = words
+            .get(1..)
+            .unwrap_or_default()
+            .iter()
+            .map(|w| w.to_ascii_lowercase())
+            .collect();
+        if matches!(rest.last().map(String::as_str), Some("from" | "in")) {
+            rest.pop();
+        }
+        let count = |w: &str| w.parse::<i32>().ok().filter(|n| *n > 0);
+        let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
+        let forward = match rest[..] {
+            [] | ["next"] | ["forward"] => Some(1),
+            ["all"] | ["forward", "all"] => Some(0),
+            // 0 re-reads the current row, negative counts go backward.
+            [n] | ["forward", n] => count(n),
+            _ => None,
+        };
+        Some(CursorCommand {
+            fetch,
+            forward,
+            portal,
+        })
+    }
+}
+
 /// How far one Execute got in the buffered frames.
 enum Served {
     /// `max_rows` rows sent: PortalSuspended.
@@ -273,6 +324,10 @@ impl Session {
         match tag {
             tag::SYNC | tag::FLUSH | tag::TERMINATE => false,
             tag::PARSE => self.shared.router.is_none(),
+            tag::QUERY => messages::query_text(body)
+                .ok()
+                .and_then(CursorCommand::parse)
+                .is_none_or(|c| self.suspended_portal(&c.portal).is_none()),
             tag::EXECUTE => {
                 let name = messages::Cursor::new(tag, body).cstr().unwrap_or("\u{0}");
                 self.suspended_portal(name).is_none()
@@ -288,13 +343,26 @@ impl Session {
     /// Execute of a suspended portal: up to `max_rows` rows of its stream
     /// (0: all the rest), then PortalSuspended or its CommandComplete.
     pub(super) async fn serve_portal(&mut self, index: usize, max_rows: i32) {
+        let _ = self.advance_portal(index, max_rows, false).await;
+    }
+
+    /// Takes up to `max_rows` rows (0: all) of a suspended portal's stream:
+    /// to the client with PortalSuspended / CommandComplete, or, for SQL
+    /// `MOVE` (`discard`), dropped and counted. Returns the rows taken, or
+    /// None when the fan-out's error was reported instead.
+    async fn advance_portal(&mut self, index: usize, max_rows: i32, discard: bool) -> Option<i64> {
         let mut delivered = 0i64;
+        let mut scratch = BytesMut::new();
         loop {
-            let Some(portal) = self.suspended.get_mut(index) else {
-                return;
+            let portal = self.suspended.get_mut(index)?;
+            let out = if discard {
+                scratch.clear();
+                &mut scratch
+            } else {
+                &mut self.client_out
             };
-            match take_frames(portal, max_rows, &mut delivered, &mut self.client_out) {
-                Served::Suspended => return,
+            match take_frames(portal, max_rows, &mut delivered, out) {
+                Served::Suspended => return Some(delivered),
                 Served::Completed => {
                     if let Some(live) = portal.live.take() {
                         // The task ends right after its CommandComplete.
@@ -310,7 +378,7 @@ impl Session {
                     {
                         self.suspended.remove(index);
                     }
-                    return;
+                    return Some(delivered);
                 }
                 Served::NeedMore => {}
             }
@@ -345,19 +413,50 @@ impl Session {
                                 "a multi-shard result ended without completion",
                             )
                         });
-                        self.fail_portal(error);
-                        return;
+                        // Skips to Sync (or ends the simple query) and, in a
+                        // transaction block, aborts it on the backend too,
+                        // as the error would have in Postgres.
+                        self.report(error, !discard);
+                        return None;
                     }
                 },
             }
         }
     }
 
-    /// The error that ended a portal's fan-out, where its rows end.
-    fn fail_portal(&mut self, error: ProxyError) {
-        // Skips to Sync and, in a transaction block, aborts it on the
-        // backend too, as the error would have in Postgres.
-        self.report(error, true);
+    /// SQL `MOVE` / `FETCH` naming a suspended portal (asyncpg's
+    /// `Cursor.forward` sends `MOVE FORWARD n portal`). MOVE forward is
+    /// answered from the stream; FETCH and backward moves are refused.
+    /// Returns false when `sql` is no such statement.
+    pub(super) async fn cursor_statement(&mut self, sql: &str) -> bool {
+        let Some(command) = CursorCommand::parse(sql) else {
+            return false;
+        };
+        let Some(index) = self.suspended_portal(&command.portal) else {
+            return false;
+        };
+        let count = match command.forward {
+            Some(count) if !command.fetch => count,
+            _ => {
+                let error = if command.fetch {
+                    ProxyError::error("0A000", "FETCH from a multi-shard portal is not supported")
+                        .with_hint(
+                            "fetch its rows with Execute (a row limit), or use MOVE to skip rows",
+                        )
+                } else {
+                    ProxyError::error("55000", "cursor can only scan forward")
+                };
+                self.report(error, false);
+                return true;
+            }
+        };
+        if let Some(moved) = self.advance_portal(index, count, true).await {
+            let mut out = BytesMut::new();
+            synth::command_complete(&mut out, &format!("MOVE {moved}"));
+            synth::ready_for_query(&mut out, self.status);
+            self.queue.local(out, &mut self.client_out);
+        }
+        true
     }
 
     /// Describe of a suspended portal: its RowDescription again (NoData
@@ -601,6 +700,30 @@ mod tests {
             Served::Completed
         ));
         assert!(out.ends_with(b"UPDATE 7\0"));
+    }
+
+    #[test]
+    fn cursor_commands() {
+        let cmd = |fetch, forward, portal: &str| {
+            Some(CursorCommand {
+                fetch,
+                forward,
+                portal: portal.to_string(),
+            })
+        };
+        let parse = CursorCommand::parse;
+        assert_eq!(
+            parse("MOVE FORWARD 10 __asyncpg_p1__"),
+            cmd(false, Some(10), "__asyncpg_p1__")
+        );
+        assert_eq!(parse("move 5 in C1;"), cmd(false, Some(5), "c1"));
+        assert_eq!(parse("MOVE \"My\"\"C\""), cmd(false, Some(1), "My\"C"));
+        assert_eq!(parse("MOVE ALL FROM c"), cmd(false, Some(0), "c"));
+        assert_eq!(parse("MOVE BACKWARD 2 c"), cmd(false, None, "c"));
+        assert_eq!(parse("MOVE ABSOLUTE 2 c"), cmd(false, None, "c"));
+        assert_eq!(parse("MOVE -1 c"), cmd(false, None, "c"));
+        assert_eq!(parse("FETCH 3 FROM c"), cmd(true, Some(3), "c"));
+        assert_eq!(parse("SELECT 1"), None);
     }
 
     #[test]
