@@ -451,3 +451,66 @@ async fn parking_a_portal_past_max_merge_memory_fails_it_cleanly() {
     let msgs = proxied.exchange(&query("SELECT 1"), 1).await;
     assert!(msgs.iter().any(|m| m.tag == b'D'), "{msgs:?}");
 }
+
+/// Between two parts the client is idle: a CancelRequest then does nothing
+/// (as in Postgres). While it waits for a part, it cancels the shards.
+#[tokio::test]
+async fn cancel_between_parts_does_nothing_and_during_a_part_cancels() {
+    let (f, _oracle, mut proxied) = fixture("portal_cancel", "").await;
+    let address = f.proxy.as_ref().expect("proxy").0.address;
+    let cancel = |key: (i32, i32)| async move {
+        let mut s = tokio::net::TcpStream::connect(address)
+            .await
+            .expect("connect");
+        tokio::io::AsyncWriteExt::write_all(&mut s, &support::wire::cancel_packet(key.0, key.1))
+            .await
+            .expect("send cancel");
+    };
+    proxied.exchange(&query("BEGIN"), 1).await;
+    let sql = "SELECT id FROM items ORDER BY id";
+    let msgs = proxied
+        .exchange(
+            &[
+                parse("", sql, &[]),
+                bind("c", "", &[]),
+                execute("c", 10),
+                sync(),
+            ]
+            .concat(),
+            1,
+        )
+        .await;
+    assert_eq!(msgs.iter().filter(|m| m.tag == b'D').count(), 10);
+    cancel(proxied.key).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let msgs = proxied
+        .exchange(&[execute("c", 10), sync()].concat(), 1)
+        .await;
+    assert_eq!(
+        msgs.iter().filter(|m| m.tag == b'D').count(),
+        10,
+        "a cancel while idle broke the portal: {msgs:?}"
+    );
+    proxied.exchange(&query("ROLLBACK"), 1).await;
+
+    // A part that takes long on the shards: the cancel reaches them.
+    let slow = "SELECT id, pg_sleep(0.5) FROM items";
+    proxied
+        .send(
+            &[
+                parse("", slow, &[]),
+                bind("", "", &[]),
+                execute("", 5),
+                sync(),
+            ]
+            .concat(),
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    cancel(proxied.key).await;
+    let msgs = proxied.until_ready(1).await;
+    let error = msgs.iter().find(|m| m.tag == b'E').expect("an error");
+    assert_eq!(error.error_code().as_deref(), Some("57014"), "{msgs:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}

@@ -103,6 +103,8 @@ pub struct Output<'o, W> {
     pub out: &'o mut BytesMut,
     pub client: &'o mut W,
     pub client_lost: bool,
+    /// Write merged output before every wait for the shards.
+    pub eager: bool,
 }
 
 impl<W: AsyncWrite + Unpin> Output<'_, W> {
@@ -307,6 +309,11 @@ pub async fn gather<W: AsyncWrite + Unpin, M: Merge>(
                 draining = true;
                 cancel_unfinished(ex, targets, &mut streams, true).await;
             }
+            continue;
+        }
+        if output.eager && !output.out.is_empty() {
+            drop(reads);
+            output.flush().await;
             continue;
         }
         let ((i, result), _, rest) = select_all(reads).await;

@@ -584,17 +584,16 @@ impl Session {
         writes: bool,
     ) {
         let wanted: BTreeSet<usize> = targets.iter().copied().collect();
-        // A CancelRequest while it streams reaches every shard.
-        self.cancel.set_fanout(
-            group
-                .iter()
-                .filter(|a| wanted.contains(&a.shard))
-                .map(|a| {
-                    let (pid, secret) = a.conn.cancel_key();
-                    (a.shard, pid, secret)
-                })
-                .collect(),
-        );
+        // A CancelRequest while the client waits for a part reaches every
+        // shard (between parts the client is idle: a cancel does nothing).
+        let cancel_keys = group
+            .iter()
+            .filter(|a| wanted.contains(&a.shard))
+            .map(|a| {
+                let (pid, secret) = a.conn.cancel_key();
+                (a.shard, pid, secret)
+            })
+            .collect();
         let shared = Arc::clone(&self.shared);
         let sql = sql.to_string();
         let route = route.clone();
@@ -624,9 +623,14 @@ impl Session {
                         },
                     };
                     let mut out = BytesMut::new();
-                    let result =
-                        fanout::run(&shared.fanout, request, &mut conns, &mut out, &mut writer)
-                            .await;
+                    let result = fanout::run_eager(
+                        &shared.fanout,
+                        request,
+                        &mut conns,
+                        &mut out,
+                        &mut writer,
+                    )
+                    .await;
                     if !out.is_empty() {
                         // Nobody reading: the session stopped the portal.
                         let _ = tokio::io::AsyncWriteExt::write_all(&mut writer, &out).await;
@@ -646,8 +650,13 @@ impl Session {
                 wrote,
             }
         });
-        self.suspended
-            .push(SuspendedPortal::live(&portal.name, rx, task, context));
+        self.suspended.push(SuspendedPortal::live(
+            &portal.name,
+            rx,
+            task,
+            context,
+            cancel_keys,
+        ));
     }
 
     /// A refusal before anything ran, in protocol order: the error and,

@@ -71,6 +71,9 @@ pub(super) struct SuspendedPortal {
 pub(super) struct Live {
     rx: mpsc::Receiver<Bytes>,
     task: JoinHandle<LiveEnd>,
+    /// (shard, pid, secret) of the shard connections, for CancelRequests
+    /// while the client waits for a part.
+    cancel_keys: Vec<(usize, i32, i32)>,
     /// What the session needs to take the connections back.
     pub(super) current_shard: Option<usize>,
     pub(super) in_transaction: bool,
@@ -152,11 +155,13 @@ impl SuspendedPortal {
         rx: mpsc::Receiver<Bytes>,
         task: JoinHandle<LiveEnd>,
         live: LiveContext,
+        cancel_keys: Vec<(usize, i32, i32)>,
     ) -> Self {
         SuspendedPortal {
             live: Some(Live {
                 rx,
                 task,
+                cancel_keys,
                 current_shard: live.current_shard,
                 in_transaction: live.in_transaction,
                 first_shard: live.first_shard,
@@ -351,6 +356,18 @@ impl Session {
     /// `MOVE` (`discard`), dropped and counted. Returns the rows taken, or
     /// None when the fan-out's error was reported instead.
     async fn advance_portal(&mut self, index: usize, max_rows: i32, discard: bool) -> Option<i64> {
+        if let Some(live) = self.suspended.get(index).and_then(|p| p.live.as_ref()) {
+            self.cancel.set_fanout(live.cancel_keys.clone());
+        }
+        let taken = self.take_rows(index, max_rows, discard).await;
+        if self.has_live_portal() {
+            // Idle again between parts (a finished fan-out cleared it).
+            self.cancel.set_fanout(Vec::new());
+        }
+        taken
+    }
+
+    async fn take_rows(&mut self, index: usize, max_rows: i32, discard: bool) -> Option<i64> {
         let mut delivered = 0i64;
         let mut scratch = BytesMut::new();
         loop {
@@ -586,6 +603,7 @@ async fn finish_live(live: Live, stop: bool) -> (LiveEnd, LiveInfo) {
     let Live {
         rx,
         task,
+        cancel_keys: _,
         current_shard,
         in_transaction,
         first_shard,
