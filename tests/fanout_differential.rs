@@ -385,6 +385,18 @@ async fn fanout_matches_the_oracle() {
             // The executor called directly, and shardgate end to end.
             let direct = fx.via_executor(q.sql, q.params, proto).await;
             let proxied = fx.via_proxy(q.sql, q.params, proto).await;
+            // Extended protocol also fetched in parts of 7 rows (JDBC's
+            // fetch size), which must add up to the same answer.
+            let in_parts = match proto {
+                Proto::Simple => None,
+                _ => match fx.via_proxy_in_parts(q.sql, q.params, proto, 7).await {
+                    Ok(answer) => Some(answer),
+                    Err(e) => {
+                        failures.push(format!("{} [{proto:?} in parts]: {e}", q.sql));
+                        None
+                    }
+                },
+            };
             let want = if q.refused {
                 None
             } else {
@@ -397,7 +409,12 @@ async fn fanout_matches_the_oracle() {
                 );
                 Some(want)
             };
-            for (path, got) in [("executor", &direct), ("shardgate", &proxied)] {
+            let paths = [
+                Some(("executor", &direct)),
+                Some(("shardgate", &proxied)),
+                in_parts.as_ref().map(|a| ("shardgate in parts", a)),
+            ];
+            for (path, got) in paths.into_iter().flatten() {
                 let Some(want) = &want else {
                     match &got.error {
                         Some((code, msg, _)) if code == "0A000" => {
@@ -426,7 +443,7 @@ async fn fanout_matches_the_oracle() {
         }
     }
     println!(
-        "fan-out differential: {} queries x {} protocols x (executor, shardgate): {identical} identical, {refusals} refused (0A000), {} different",
+        "fan-out differential: {} queries x {} protocols x (executor, shardgate, shardgate in parts of 7 rows for the extended protocol): {identical} identical, {refusals} refused (0A000), {} different",
         QUERIES.len(),
         PROTOS.len(),
         failures.len()

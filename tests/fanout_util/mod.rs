@@ -316,6 +316,72 @@ impl Fixture {
         answer
     }
 
+    /// The request through shardgate fetched in parts of `part` rows
+    /// (Execute with a row limit, then Flush, until CommandComplete or an
+    /// error). Every part but the last must have exactly `part` rows and end
+    /// with PortalSuspended; the returned answer carries all rows and the
+    /// tag with the total count, comparable with a whole fetch.
+    pub async fn via_proxy_in_parts(
+        &mut self,
+        sql: &str,
+        params: &[Option<&str>],
+        proto: Proto,
+        part: i32,
+    ) -> Result<Answer, String> {
+        let (_, wire) = self.proxy.as_mut().expect("start_proxy first");
+        let mut request = Self::request(sql, params, proto);
+        // Self::request ends with Execute(all) + Sync: ask for a part instead.
+        request.truncate(request.len() - 10 - 5);
+        request.extend_from_slice(&support::wire::execute("", part));
+        request.extend_from_slice(&support::wire::flush());
+        wire.send(&request).await;
+        let mut bytes = Vec::new();
+        let mut in_part = 0;
+        let mut total = 0u64;
+        loop {
+            let m = wire.recv().await.ok_or("connection closed")?;
+            match m.tag {
+                b'D' => {
+                    in_part += 1;
+                    total += 1;
+                }
+                b's' => {
+                    if in_part != part {
+                        return Err(format!("a part of {in_part} rows, not {part}"));
+                    }
+                    in_part = 0;
+                    let next = [support::wire::execute("", part), support::wire::flush()].concat();
+                    wire.send(&next).await;
+                    continue;
+                }
+                _ => {}
+            }
+            let end = matches!(m.tag, b'C' | b'E');
+            let body = if m.tag == b'C' {
+                let tag = command_tag(&m.body).to_string();
+                let head = tag.rsplit_once(' ').map_or(tag.as_str(), |(h, _)| h);
+                let mut b = format!("{head} {total}").into_bytes();
+                b.push(0);
+                b
+            } else {
+                m.body
+            };
+            bytes.push(m.tag);
+            bytes.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+            bytes.extend_from_slice(&body);
+            if end {
+                break;
+            }
+        }
+        let ready = wire.exchange(&support::wire::sync(), 1).await;
+        if ready.len() != 1 {
+            return Err(format!("after the parts, Sync answered {ready:?}"));
+        }
+        let mut answer = Answer::default();
+        decode(&bytes, &mut answer);
+        Ok(answer)
+    }
+
     pub async fn via_oracle(&mut self, sql: &str, params: &[Option<&str>], proto: Proto) -> Answer {
         let req = Self::request(sql, params, proto);
         read_answer(&mut self.oracle, &req).await
