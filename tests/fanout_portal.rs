@@ -30,18 +30,7 @@ async fn fixture(test: &str, extra: &str) -> (Fixture, Wire, Wire) {
         .collect();
     f.load("items", "id", &rows).await;
     f.start_proxy().await;
-    let oracle = Wire::connect(
-        support::fleet().clusters[0].port(),
-        "postgres",
-        &f.oracle_db,
-    )
-    .await;
-    let proxied = Wire::connect(
-        f.proxy.as_ref().expect("proxy").0.address.port(),
-        "app",
-        &f.db,
-    )
-    .await;
+    let (oracle, proxied) = f.oracle_and_proxy_wires().await;
     (f, oracle, proxied)
 }
 

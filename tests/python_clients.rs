@@ -227,12 +227,13 @@ async fn asyncpg_prepared_binary_pool_through_shardgate() {
     client_through_shardgate("asyncpg_client.py", "py_asyncpg").await;
 }
 
-/// asyncpg cursors (Execute with a row limit, MOVE) over a table sharded
-/// on 3 shards: every fetch is a part of a multi-shard portal (issue #5).
+/// asyncpg over a table sharded on 3 shards: cursors (Execute with a row
+/// limit, MOVE), every fetch a part of a multi-shard portal (issue #5), and
+/// executemany inside a transaction (one batch over several shards).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn asyncpg_cursors_over_a_sharded_table() {
+async fn asyncpg_cursors_and_batches_over_a_sharded_table() {
     python().await;
-    let script = "asyncpg_cursor.py";
+    let script = "asyncpg_sharded.py";
     let direct_db = fresh_db("py_cursor_direct").await;
     run_script(
         script,
@@ -261,10 +262,10 @@ async fn asyncpg_cursors_over_a_sharded_table() {
             .await
             .expect("count on a shard")
             .get(0);
-        assert!(n > 0 && n < 1000, "a shard holds {n} of the 1000 rows");
+        assert!(n > 0 && n < 1100, "a shard holds {n} of the 1100 rows");
         total += n;
     }
-    assert_eq!(total, 1000);
+    assert_eq!(total, 1100);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

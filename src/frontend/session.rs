@@ -112,6 +112,10 @@ pub struct Session {
     implicit_multi: bool,
     /// A Flush went to the current backend since its last request.
     batch_flushed: bool,
+    /// Shards of the open transaction whose part of the client's current
+    /// extended batch ended without a Sync (the batch moved on to another
+    /// shard); each gets its Sync with the client's (see `multi`).
+    unsynced: Vec<usize>,
     /// The last statement's analysis (see `router::Memo`).
     route_memo: crate::router::Memo,
     /// A COPY FROM STDIN whose rows shardgate routes to their shards.
@@ -193,6 +197,7 @@ impl Session {
             client_backlog: false,
             implicit_multi: false,
             batch_flushed: false,
+            unsynced: Vec::new(),
             backend_in: BytesMut::new(),
             backend_out: BytesMut::new(),
             passthrough: 0,
@@ -552,6 +557,9 @@ impl Session {
                 if self.implicit_multi {
                     return Ok(self.finish_implicit_batch().await);
                 }
+                if !self.unsynced.is_empty() {
+                    self.sync_other_shards().await;
+                }
                 if self.abort_backend_transaction {
                     self.abort_backend_transaction = false;
                     self.send_transaction_abort();
@@ -757,8 +765,13 @@ impl Session {
             } else if self.status == b'E' {
                 // A failed transaction: its backend answers 25P02, as Postgres would.
                 return Attach::Ready;
-            } else if self.queue.is_empty() && self.status == b'T' && self.shared.router.is_some() {
-                return self.join_shard(shard, extended).await;
+            } else if self.status == b'T'
+                && self.shared.router.is_some()
+                && (self.queue.is_empty() || self.queue.batch_open())
+            {
+                // Another shard of the transaction; in one extended batch
+                // once this backend's answers are in (see `multi`).
+                return self.switch_in_transaction(shard, extended).await;
             } else {
                 let from = self.shard_name(attached.shard);
                 let to = self.shard_name(shard);

@@ -301,6 +301,20 @@ impl Fixture {
         self.proxy = Some((server, wire));
     }
 
+    /// Two more raw clients (after `start_proxy`): one to the oracle
+    /// database, one through shardgate, for comparing message streams.
+    pub async fn oracle_and_proxy_wires(&self) -> (support::wire::Wire, support::wire::Wire) {
+        let oracle = support::wire::Wire::connect(
+            support::fleet().clusters[0].port(),
+            "postgres",
+            &self.oracle_db,
+        )
+        .await;
+        let (server, _) = self.proxy.as_ref().expect("start_proxy first");
+        let proxied = support::wire::Wire::connect(server.address.port(), "app", &self.db).await;
+        (oracle, proxied)
+    }
+
     /// The same request through shardgate (after `start_proxy`).
     pub async fn via_proxy(&mut self, sql: &str, params: &[Option<&str>], proto: Proto) -> Answer {
         let (_, wire) = self.proxy.as_mut().expect("start_proxy first");

@@ -244,12 +244,16 @@ impl Session {
         sql: &str,
         param_types: &[u8],
     ) -> Attach {
-        // Answers owed by a backend come first; in one batch they cannot.
-        // (Nothing owed: nothing to wait for, even in a multi-shard
-        // transaction; waiting then never ended.)
-        if !self.queue.is_empty() && !self.queue.batch_open() {
+        // Answers owed by a backend come first (in an open batch it is
+        // asked for them with a Flush): the fan-out runs on that backend too.
+        if !self.queue.is_empty() && self.backend.is_some() {
+            if self.queue.batch_open() && !self.batch_flushed {
+                self.backend_out.extend_from_slice(&[b'H', 0, 0, 0, 4]);
+                self.batch_flushed = true;
+            }
             return Attach::Wait;
         }
+        self.batch_flushed = false;
         let types = param_types
             .get(2..)
             .unwrap_or_default()

@@ -120,20 +120,81 @@ impl Session {
             self.implicit_multi = true;
             self.batch_flushed = false;
         }
+        if let Some(not_yet) = self.read_batch_answers() {
+            return not_yet;
+        }
+        self.join_shard(shard, extended).await
+    }
+
+    /// Before an extended batch moves to another shard: this backend's
+    /// answers must be read (asked for with one Flush; Wait until they
+    /// are in), and a batch that failed here skips to its Sync (Failed).
+    /// None: go on.
+    fn read_batch_answers(&mut self) -> Option<Attach> {
         if !self.queue.is_empty() {
             if !self.batch_flushed {
                 self.backend_out.extend_from_slice(&[b'H', 0, 0, 0, 4]);
                 self.batch_flushed = true;
             }
-            return Attach::Wait;
+            return Some(Attach::Wait);
         }
         self.batch_flushed = false;
         if self.queue.backend_skipping() {
             // The batch failed on this shard: Postgres skips the rest of it.
             self.skip_until_sync = true;
-            return Attach::Failed;
+            return Some(Attach::Failed);
         }
+        None
+    }
+
+    /// A statement for another shard of the open transaction. In an
+    /// extended batch (no Sync yet) this backend's answers are read first
+    /// (Flush); its part of the batch then stays open and gets a Sync with
+    /// the client's ([`Session::sync_other_shards`]): JDBC batches with
+    /// autocommit off and asyncpg's `executemany` in a transaction.
+    pub(super) async fn switch_in_transaction(&mut self, shard: usize, extended: bool) -> Attach {
+        if let Some(not_yet) = self.read_batch_answers() {
+            return not_yet;
+        }
+        if self.queue.batch_open() {
+            if let Some(current) = self.backend.as_ref().map(|a| a.shard) {
+                if !self.unsynced.contains(&current) {
+                    self.unsynced.push(current);
+                }
+            }
+        }
+        // The shard that becomes current gets the client's own Sync.
+        self.unsynced.retain(|s| *s != shard);
         self.join_shard(shard, extended).await
+    }
+
+    /// Before the client's Sync goes to the current backend: the other
+    /// shards' parts of the batch end with a Sync of their own (their
+    /// answers were all read when the batch moved on). A shard lost here
+    /// fails the transaction.
+    pub(super) async fn sync_other_shards(&mut self) {
+        let shards = std::mem::take(&mut self.unsynced);
+        for shard in shards {
+            let Some(attached) = self.others.iter_mut().find(|a| a.shard == shard) else {
+                continue;
+            };
+            let synced =
+                tokio::time::timeout(twophase::STEP_TIMEOUT, sync_backend(&mut attached.conn))
+                    .await;
+            if !matches!(synced, Ok(Ok(_))) {
+                attached.conn.mark_broken();
+                let name = self.shard_name(shard);
+                let error = ProxyError::error(
+                    "08006",
+                    format!("lost the connection to shard \"{name}\" of this transaction"),
+                );
+                self.shared.metrics.error(None, error.code);
+                let mut out = BytesMut::new();
+                error.encode(&mut out);
+                self.queue.local(out, &mut self.client_out);
+                self.abort_backend_transaction = true;
+            }
+        }
     }
 
     /// The client's Sync of a batch that spans several shards: every shard
@@ -261,6 +322,8 @@ impl Session {
     /// when the portal was described; no ReadyForQuery, the client's Sync
     /// gets it), `None` for a simple query.
     pub(super) async fn finish_multi(&mut self, commit: bool, extended: Option<bool>) {
+        // Parts of an extended batch still open on other shards end first.
+        self.sync_other_shards().await;
         let mut group: Vec<Attached> = Vec::with_capacity(self.others.len() + 1);
         if let Some(current) = self.backend.take() {
             group.push(current);

@@ -1,6 +1,7 @@
-"""asyncpg cursors over a sharded table: Execute with a row limit (prefetch),
-fetch(n), fetchrow and forward (SQL MOVE on the portal), with other
-statements of the transaction between two fetches."""
+"""asyncpg over a sharded table: cursors (Execute with a row limit,
+prefetch, fetch(n), fetchrow, forward = SQL MOVE on the portal) with other
+statements of the transaction between two fetches, and executemany inside a
+transaction (one extended batch whose rows go to several shards)."""
 
 import asyncpg
 
@@ -45,8 +46,30 @@ async def run(dsn):
                 "SELECT id % 10 AS g, count(*) AS n FROM cur_items GROUP BY 1 ORDER BY 1", prefetch=3)]
         eq(groups, [(g, 100) for g in range(10)], "ten groups of 100")
 
+    with step("executemany inside a transaction: rows on every shard, committed together"):
+        async with conn.transaction():
+            await conn.executemany(
+                "INSERT INTO cur_items VALUES ($1, $2)", [(i, f"t{i}") for i in range(2001, 2101)]
+            )
+            eq(await conn.fetchval("SELECT count(*) FROM cur_items WHERE id > 2000"), 100,
+               "visible inside the transaction")
+        eq(await conn.fetchval("SELECT count(*) FROM cur_items WHERE id > 2000"), 100, "committed")
+
+    with step("a failing executemany inside a transaction leaves nothing"):
+        try:
+            async with conn.transaction():
+                await conn.executemany(
+                    "INSERT INTO cur_items VALUES ($1, $2)",
+                    [(i, "x") for i in range(3001, 3050)] + [(3001, "duplicate")],
+                )
+        except asyncpg.UniqueViolationError:
+            check(True, "duplicate key reported")
+        else:
+            raise AssertionError("the duplicate key was not reported")
+        eq(await conn.fetchval("SELECT count(*) FROM cur_items WHERE id > 3000"), 0, "rolled back")
+
     await conn.close()
 
 
 if __name__ == "__main__":
-    main("asyncpg cursors", run)
+    main("asyncpg over shards", run)
