@@ -14,7 +14,7 @@ out="bench/fanout-results.md"
   echo
   echo '```'
   cargo test "${profile[@]}" --test fanout_bench -- --ignored --nocapture 2>&1 \
-    | grep -E '^(loaded|process|memory|latency|throughput|test result)'
+    | grep -E '^(loaded|process|memory|portal|latency|throughput|test result)'
   echo '```'
 } | tee "$out"
 echo "written to $out"

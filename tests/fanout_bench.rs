@@ -6,7 +6,9 @@
 //!   reset through /proc/self/clear_refs before each query);
 //! - fan-out latency vs the slowest shard answering its own part directly,
 //!   for count(*), ORDER BY … LIMIT 10 and GROUP BY;
-//! - sequential throughput of a fan-out aggregate: oracle direct vs executor.
+//! - sequential throughput of a fan-out aggregate: oracle direct vs executor;
+//! - peak RSS growth while the full 3M-row ordered merge goes through
+//!   shardgate, fetched whole and in parts of 1000 rows (a portal).
 
 mod fanout_util;
 mod support;
@@ -118,6 +120,39 @@ async fn shards_concurrently(fx: &mut Fixture, sql: &str) -> Duration {
     start.elapsed()
 }
 
+/// Fetches `sql` through shardgate with Execute(`part`) + Flush until
+/// CommandComplete, counting rows without keeping them: (rows, parts).
+async fn fetch_in_parts(client: &mut support::wire::Wire, sql: &str, part: i32) -> (u64, u64) {
+    use support::wire::{bind, execute, flush, parse, sync};
+    client
+        .send(
+            &[
+                parse("", sql, &[]),
+                bind("", "", &[]),
+                execute("", part),
+                flush(),
+            ]
+            .concat(),
+        )
+        .await;
+    let (mut rows, mut parts) = (0u64, 1u64);
+    loop {
+        let m = client.recv().await.expect("connection open");
+        match m.tag {
+            b'D' => rows += 1,
+            b's' => {
+                parts += 1;
+                client.send(&[execute("", part), flush()].concat()).await;
+            }
+            b'C' => break,
+            b'E' => panic!("{sql}: {}", m.normalized()),
+            _ => {}
+        }
+    }
+    client.exchange(&sync(), 1).await;
+    (rows, parts)
+}
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -178,6 +213,35 @@ async fn fanout_benchmark() {
             peak as f64 / 1024.0
         );
         assert!(peak < 50 * 1024, "{sql}: peak RSS grew {peak} kB");
+    }
+
+    // Through shardgate (in this process): the full ordered merge fetched
+    // whole and in parts of 1000 rows (a multi-shard portal, Execute with a
+    // row limit + Flush per part): both must stream.
+    fx.start_proxy().await;
+    let (_, mut client) = fx.oracle_and_proxy_wires().await;
+    let sql = "SELECT id, v, pad FROM big ORDER BY v, id";
+    for part in [0, 1000] {
+        reset_peak();
+        let before = status_kb("VmRSS:");
+        let start = Instant::now();
+        let (rows, parts) = fetch_in_parts(&mut client, sql, part).await;
+        let peak = status_kb("VmHWM:").saturating_sub(before);
+        println!(
+            "portal | {sql} | {} | {rows} rows in {parts} part(s), {:?} | peak RSS growth {:.1} MB",
+            if part == 0 {
+                "whole (Execute 0)".to_string()
+            } else {
+                format!("parts of {part}")
+            },
+            start.elapsed(),
+            peak as f64 / 1024.0
+        );
+        assert_eq!(rows, 3 * ROWS_PER_SHARD as u64);
+        assert!(
+            peak < 50 * 1024,
+            "{sql} in parts of {part}: peak RSS grew {peak} kB"
+        );
     }
 
     // Latency: fan-out vs the slowest shard alone (median of 5).

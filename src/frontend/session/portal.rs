@@ -356,6 +356,9 @@ impl Session {
     /// `MOVE` (`discard`), dropped and counted. Returns the rows taken, or
     /// None when the fan-out's error was reported instead.
     async fn advance_portal(&mut self, index: usize, max_rows: i32, discard: bool) -> Option<i64> {
+        // No backend is attached: take the output buffer from the pool it
+        // is parked in between parts.
+        crate::frontend::buffers::ensure(&mut self.client_out);
         if let Some(live) = self.suspended.get(index).and_then(|p| p.live.as_ref()) {
             self.cancel.set_fanout(live.cancel_keys.clone());
         }
