@@ -37,18 +37,7 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 }
 
 async fn run(command: &mut Command, what: &str) -> Result<Output, String> {
-    command.kill_on_drop(true);
-    match tokio::time::timeout(TIMEOUT, command.output()).await {
-        Err(_) => Err(format!("{what}: timed out")),
-        Ok(Err(e)) => Err(format!("{what}: could not run: {e}")),
-        Ok(Ok(output)) if !output.status.success() => Err(format!(
-            "{what}: {}\n--- stdout\n{}\n--- stderr\n{}",
-            output.status,
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        )),
-        Ok(Ok(output)) => Ok(output),
-    }
+    support::run_checked(command, what, TIMEOUT).await
 }
 
 async fn usable(venv: &Path) -> bool {

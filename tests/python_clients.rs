@@ -14,7 +14,6 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::time::{Duration, Instant};
 
 use tokio::process::Command;
@@ -34,29 +33,10 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-async fn run_checked(
-    command: &mut Command,
-    what: &str,
-    timeout: Duration,
-) -> Result<Output, String> {
-    command.kill_on_drop(true);
-    match tokio::time::timeout(timeout, command.output()).await {
-        Err(_) => Err(format!("{what}: timed out after {timeout:?}")),
-        Ok(Err(e)) => Err(format!("{what}: could not run: {e}")),
-        Ok(Ok(output)) if !output.status.success() => Err(format!(
-            "{what}: {}\n--- stdout\n{}\n--- stderr\n{}",
-            output.status,
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        )),
-        Ok(Ok(output)) => Ok(output),
-    }
-}
-
 async fn venv_is_usable(venv: &Path) -> bool {
     let mut command = Command::new(venv.join("bin/python"));
     command.args(["-c", "import psycopg2, psycopg, asyncpg, sqlalchemy"]);
-    run_checked(&mut command, "import check", Duration::from_secs(60))
+    support::run_checked(&mut command, "import check", Duration::from_secs(60))
         .await
         .is_ok()
 }
@@ -68,7 +48,7 @@ async fn build_venv(requirements: &Path, venv: &Path) -> Result<(), String> {
     let staging = venv.with_extension(format!("partial-{}", std::process::id()));
     let _ = tokio::fs::remove_dir_all(&staging).await;
     let result = async {
-        run_checked(
+        support::run_checked(
             Command::new(&interpreter)
                 .args(["-m", "venv"])
                 .arg(&staging),
@@ -76,7 +56,7 @@ async fn build_venv(requirements: &Path, venv: &Path) -> Result<(), String> {
             VENV_TIMEOUT,
         )
         .await?;
-        run_checked(
+        support::run_checked(
             Command::new(staging.join("bin/python"))
                 .args([
                     "-m",
@@ -170,7 +150,7 @@ async fn run_script(script: &str, url: &str, target: &str) {
         .env("PYTHONUNBUFFERED", "1")
         .env("PGCONNECT_TIMEOUT", "10")
         .env("SHARDGATE_TEST_TARGET", target);
-    match run_checked(
+    match support::run_checked(
         &mut command,
         &format!("{script} against {against}"),
         SCRIPT_TIMEOUT,
@@ -254,18 +234,12 @@ async fn asyncpg_cursors_and_batches_over_a_sharded_table() {
     run_script(script, &url, "shardgate").await;
     server.stop().await;
     // The cursors read a table that really is spread over the shards.
-    let mut total = 0;
-    for cluster in &support::fleet().clusters {
-        let n: i64 = support::connect(cluster, &db)
-            .await
-            .query_one("SELECT count(*) FROM cur_items", &[])
-            .await
-            .expect("count on a shard")
-            .get(0);
-        assert!(n > 0 && n < 1100, "a shard holds {n} of the 1100 rows");
-        total += n;
-    }
-    assert_eq!(total, 1100);
+    let per_shard = support::rows_per_shard(&db, "cur_items").await;
+    assert!(
+        per_shard.iter().all(|n| *n > 0),
+        "rows per shard: {per_shard:?}"
+    );
+    assert_eq!(per_shard.iter().sum::<i64>(), 1100);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -159,3 +159,39 @@ pub async fn connect_proxy(
     });
     client
 }
+
+/// Runs a child process (a client program under test) to its end within
+/// `timeout`; its output, or an error with status, stdout and stderr.
+pub async fn run_checked(
+    command: &mut tokio::process::Command,
+    what: &str,
+    timeout: std::time::Duration,
+) -> Result<std::process::Output, String> {
+    command.kill_on_drop(true);
+    match tokio::time::timeout(timeout, command.output()).await {
+        Err(_) => Err(format!("{what}: timed out after {timeout:?}")),
+        Ok(Err(e)) => Err(format!("{what}: could not run: {e}")),
+        Ok(Ok(output)) if !output.status.success() => Err(format!(
+            "{what}: {}\n--- stdout\n{}\n--- stderr\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )),
+        Ok(Ok(output)) => Ok(output),
+    }
+}
+
+/// `count(*)` of `table` on each cluster of the fleet (shard order).
+pub async fn rows_per_shard(db: &str, table: &str) -> Vec<i64> {
+    let mut out = Vec::new();
+    for cluster in &fleet().clusters {
+        let n: i64 = connect(cluster, db)
+            .await
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .await
+            .expect("count on a shard")
+            .get(0);
+        out.push(n);
+    }
+    out
+}
