@@ -229,13 +229,22 @@ pub(crate) async fn run<W: AsyncWrite + Unpin>(
         limit: None,
         offset: None,
     };
+    let origins = plan
+        .output_groups()
+        .into_iter()
+        .map(|g| {
+            g.and_then(|g| fields.get(g))
+                .map(|f| (f.table_oid, f.attnum))
+        })
+        .collect();
     let mut merge = SelectMerge::new(
         &pass,
         req.emit_header(),
         true,
         Window::default(),
         ex.max_merge_memory(),
-    );
+    )
+    .with_origins(origins);
     let first = &mut targets[..1];
     gather(ex, first, &[Some(final_batch)], &mut merge, output, memory).await?;
     let rows = merge.rows();

@@ -233,9 +233,19 @@ pub struct SelectMerge<'p> {
     pub window: Window,
     project: Project,
     mem_limit: u64,
+    /// Table OID and column number to report for output columns the
+    /// statement run on the shard cannot know (a merged aggregate's
+    /// grouping columns, selected from `unnest`).
+    origins: Vec<Option<(u32, i16)>>,
 }
 
 impl<'p> SelectMerge<'p> {
+    /// Reports these (table OID, column number) pairs in the RowDescription.
+    pub fn with_origins(mut self, origins: Vec<Option<(u32, i16)>>) -> Self {
+        self.origins = origins;
+        self
+    }
+
     pub fn new(
         plan: &'p SelectPlan,
         emit_header: bool,
@@ -251,6 +261,7 @@ impl<'p> SelectMerge<'p> {
             dedup: None,
             window,
             project: Project::default(),
+            origins: Vec::new(),
             mem_limit,
         }
     }
@@ -307,7 +318,18 @@ impl Merge for SelectMerge<'_> {
             }
         };
         if self.emit_header {
-            encode_row_description(out, &fields[..visible]);
+            if self.origins.iter().any(Option::is_some) {
+                let mut described = fields[..visible].to_vec();
+                for (f, origin) in described.iter_mut().zip(&self.origins) {
+                    if let Some((table_oid, attnum)) = origin {
+                        f.table_oid = *table_oid;
+                        f.attnum = *attnum;
+                    }
+                }
+                encode_row_description(out, &described);
+            } else {
+                encode_row_description(out, &fields[..visible]);
+            }
         }
         Ok(())
     }

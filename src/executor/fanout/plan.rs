@@ -1342,6 +1342,33 @@ fn plan_aggregate(
     })
 }
 
+impl AggPlan {
+    /// For each output column of the final statement: the grouping column
+    /// it is, when it is exactly one (its table OID and column number are
+    /// then the shards' description of it, as one Postgres would report).
+    pub fn output_groups(&self) -> Vec<Option<usize>> {
+        let SetExpr::Select(select) = self.final_select.body.as_ref() else {
+            return Vec::new();
+        };
+        let group_of = |e: &Expr| match e {
+            Expr::Identifier(i) => i
+                .value
+                .strip_prefix("__sg_g")
+                .and_then(|n| n.parse::<usize>().ok()),
+            _ => None,
+        };
+        select
+            .projection
+            .iter()
+            .map(|item| match item {
+                SelectItem::UnnamedExpr(e) => group_of(e),
+                SelectItem::ExprWithAlias { expr, .. } => group_of(expr),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
 /// Replaces the placeholders of the final statement with `m.g<i>` and the
 /// combine expressions (built once the partial column types are known).
 pub struct Finalize<'a> {
