@@ -71,6 +71,11 @@ pub struct ResponseQueue {
     /// Extended-protocol messages were sent since the last Sync (or simple
     /// query): the backend will not answer them all before that Sync.
     batch_open: bool,
+    /// Length of the output right after the last answer appended by
+    /// [`ResponseQueue::local_slice_retractable`], while nothing else has
+    /// gone through the queue since: that answer may still be taken back
+    /// ([`ResponseQueue::retract`]).
+    retractable: Option<usize>,
 }
 
 impl ResponseQueue {
@@ -90,6 +95,7 @@ impl ResponseQueue {
 
     /// Records a message forwarded to the backend.
     pub fn sent(&mut self, expect: Expect) {
+        self.retractable = None;
         self.batch_open = !matches!(
             expect,
             Expect::Sync | Expect::UntilReady | Expect::HiddenQuery | Expect::HiddenAbort
@@ -107,6 +113,7 @@ impl ResponseQueue {
 
     /// An answer made by shardgate, released when its turn comes.
     pub fn local(&mut self, bytes: BytesMut, out: &mut BytesMut) {
+        self.retractable = None;
         if self.backend_skipping {
             return;
         }
@@ -117,6 +124,7 @@ impl ResponseQueue {
     /// [`ResponseQueue::local`] for a small fixed answer: appended to `out`
     /// at once when nothing is owed before it (no allocation), else queued.
     pub fn local_slice(&mut self, bytes: &[u8], out: &mut BytesMut) {
+        self.retractable = None;
         if self.backend_skipping {
             return;
         }
@@ -125,6 +133,34 @@ impl ResponseQueue {
         } else {
             self.slots.push_back(Slot::Local(BytesMut::from(bytes)));
         }
+    }
+
+    /// [`ResponseQueue::local_slice`] for an answer the caller may want to
+    /// take back with [`ResponseQueue::retract`] (a ParseComplete shardgate
+    /// gave for a Parse it will send on after all, whose backend answer can
+    /// then reach the client instead). Returns whether it is retractable:
+    /// it went straight into `out`.
+    pub fn local_slice_retractable(&mut self, bytes: &[u8], out: &mut BytesMut) -> bool {
+        self.local_slice(bytes, out);
+        if !self.backend_skipping && self.slots.is_empty() {
+            self.retractable = Some(out.len());
+        }
+        self.retractable.is_some()
+    }
+
+    /// Takes back the answer of the last
+    /// [`ResponseQueue::local_slice_retractable`] from the end of `out`, if
+    /// nothing has gone through the queue since and `out` still ends with
+    /// it. True if it was removed: the caller must then send the backend a
+    /// message whose answer replaces it.
+    pub fn retract(&mut self, bytes: &[u8], out: &mut BytesMut) -> bool {
+        let ok = self.retractable.take() == Some(out.len())
+            && self.slots.is_empty()
+            && out.ends_with(bytes);
+        if ok {
+            out.truncate(out.len() - bytes.len());
+        }
+        ok
     }
 
     fn release_locals(&mut self, out: &mut BytesMut) {
@@ -146,6 +182,7 @@ impl ResponseQueue {
     /// Locals that become due are appended to `out` *after* the caller has
     /// forwarded this message; call [`ResponseQueue::after`] for that.
     pub fn on_backend(&mut self, tag: u8) -> Disposition {
+        self.retractable = None;
         // Asynchronous messages belong to no slot.
         if matches!(
             tag,
@@ -201,6 +238,7 @@ impl ResponseQueue {
 
     /// Releases local answers that are now at the front.
     pub fn after(&mut self, out: &mut BytesMut) {
+        self.retractable = None;
         self.release_locals(out);
     }
 
@@ -229,6 +267,7 @@ impl ResponseQueue {
 
     /// Forget everything (the backend is gone).
     pub fn clear(&mut self) {
+        self.retractable = None;
         self.slots.clear();
         self.backend_skipping = false;
         self.batch_open = false;
@@ -270,6 +309,32 @@ mod tests {
         queue.sent(Expect::Sync);
         assert_eq!(queue.on_backend(tag::READY_FOR_QUERY), Disposition::Forward);
         assert!(queue.is_empty());
+    }
+
+    #[test]
+    fn a_direct_answer_can_be_retracted_until_the_queue_moves() {
+        let mut queue = ResponseQueue::default();
+        let mut out = BytesMut::from(&b"earlier"[..]);
+        assert!(queue.local_slice_retractable(b"12345", &mut out));
+        assert!(queue.retract(b"12345", &mut out));
+        assert_eq!(&out[..], b"earlier");
+        // Only once.
+        assert!(!queue.retract(b"12345", &mut out));
+        // Not after anything went through the queue.
+        assert!(queue.local_slice_retractable(b"12345", &mut out));
+        queue.sent(Expect::HiddenQuery);
+        assert!(!queue.retract(b"12345", &mut out));
+        assert_eq!(&out[..], b"earlier12345");
+        // Not when it had to wait behind a backend answer.
+        assert!(!queue.local_slice_retractable(b"67890", &mut out));
+        assert!(!queue.retract(b"67890", &mut out));
+        // Not when the output changed behind the queue's back.
+        let mut out = BytesMut::new();
+        let mut queue = ResponseQueue::default();
+        assert!(queue.local_slice_retractable(b"12345", &mut out));
+        out.clear();
+        out.extend_from_slice(b"xx345");
+        assert!(!queue.retract(b"12345", &mut out));
     }
 
     #[test]

@@ -164,6 +164,10 @@ pub struct Session {
     unnamed_types: Vec<u8>,
     /// Whether the attached backend holds that unnamed statement.
     unnamed_on_backend: bool,
+    /// Where the client's last unnamed Parse frame ended in the input, while
+    /// shardgate's ParseComplete for it may still be taken back (see
+    /// `ensure_unnamed_before`).
+    unnamed_answered_end: Option<usize>,
     /// The last Parse text and what `scan_statement` found in it.
     last_scan: Option<(String, StatementEffects)>,
     /// When the first statement since the last ReadyForQuery was forwarded.
@@ -222,6 +226,7 @@ impl Session {
             unnamed_text: String::new(),
             unnamed_types: Vec::new(),
             unnamed_on_backend: false,
+            unnamed_answered_end: None,
             last_scan: None,
         }
     }
@@ -449,7 +454,7 @@ impl Session {
                 };
                 attach_or_return!(attach);
                 if bind.statement.is_empty() {
-                    self.ensure_unnamed();
+                    self.ensure_unnamed_before(frame);
                     self.forward(frame, Expect::Bind);
                 } else if !self.ensure_statement(bind.statement) {
                     self.client_error_in_batch(unknown_statement(bind.statement));
@@ -630,9 +635,30 @@ impl Session {
 
     /// Re-creates the client's unnamed statement on a backend that lacks it.
     fn ensure_unnamed(&mut self) {
+        self.ensure_unnamed_before(&[]);
+    }
+
+    /// [`Session::ensure_unnamed`] ahead of the client message `next`. When
+    /// `next` directly follows the Parse shardgate answered (routing mode)
+    /// and that ParseComplete has not left yet, it is taken back and the
+    /// Parse goes to the backend as the client's own: the client then gets
+    /// one write with every answer instead of an early one with just the
+    /// ParseComplete (a syscall and a client wake-up per transaction).
+    fn ensure_unnamed_before(&mut self, next: &[u8]) {
+        let answered_end = self.unnamed_answered_end.take();
         if !self.unnamed_on_backend && !self.unnamed_parse.is_empty() {
             self.backend_out.extend_from_slice(&self.unnamed_parse);
-            self.queue.sent(Expect::HiddenParse(0));
+            let adjacent = !next.is_empty() && answered_end == Some(next.as_ptr() as usize);
+            let expect = if adjacent
+                && self
+                    .queue
+                    .retract(synth::PARSE_COMPLETE, &mut self.client_out)
+            {
+                Expect::Parse(0)
+            } else {
+                Expect::HiddenParse(0)
+            };
+            self.queue.sent(expect);
             self.unnamed_on_backend = true;
         }
     }
@@ -812,11 +838,22 @@ impl Session {
             if frame.len() > MAX_REMEMBERED_UNNAMED {
                 return false;
             }
-            self.forget_unnamed();
-            self.unnamed_parse.extend_from_slice(frame);
-            self.unnamed_text.push_str(parse.query);
-            self.unnamed_types.extend_from_slice(parse.param_types);
+            // Drivers send the same text every time: nothing to re-record.
+            if self.unnamed_parse.as_slice() != frame
+                || self.unnamed_text.as_str() != parse.query
+            {
+                self.forget_unnamed();
+                self.unnamed_parse.extend_from_slice(frame);
+                self.unnamed_text.push_str(parse.query);
+                self.unnamed_types.extend_from_slice(parse.param_types);
+            }
             self.unnamed_on_backend = false;
+            let retractable = self
+                .queue
+                .local_slice_retractable(synth::PARSE_COMPLETE, &mut self.client_out);
+            self.unnamed_answered_end =
+                retractable.then(|| frame.as_ptr() as usize + frame.len());
+            return true;
         } else if let Err(error) = self.statements.define_local(parse) {
             self.client_error_in_batch(error);
             return true;
