@@ -25,13 +25,17 @@ impl<'a> Cursor<'a> {
 
     /// A NUL-terminated UTF-8 string.
     pub fn cstr(&mut self) -> Result<&'a str, ProtocolError> {
-        let end = self
-            .data
-            .iter()
-            .position(|&b| b == 0)
-            .ok_or_else(|| self.malformed("missing string terminator"))?;
-        let text = std::str::from_utf8(&self.data[..end])
-            .map_err(|_| ProtocolError::Utf8 { tag: self.tag })?;
+        let end =
+            nul_position(self.data).ok_or_else(|| self.malformed("missing string terminator"))?;
+        let bytes = &self.data[..end];
+        let text = if bytes.is_ascii() {
+            // SAFETY: ASCII is valid UTF-8. SQL text is nearly always ASCII,
+            // and this word-at-a-time check is a fraction of full validation
+            // (measured: `from_utf8` was 3% of the routed hot path).
+            unsafe { std::str::from_utf8_unchecked(bytes) }
+        } else {
+            std::str::from_utf8(bytes).map_err(|_| ProtocolError::Utf8 { tag: self.tag })?
+        };
         self.data = &self.data[end + 1..];
         Ok(text)
     }
@@ -67,6 +71,32 @@ impl<'a> Cursor<'a> {
     pub fn rest(&self) -> &'a [u8] {
         self.data
     }
+}
+
+/// Index of the first NUL byte, eight bytes at a time (statement texts are
+/// scanned on every Parse and Query).
+fn nul_position(data: &[u8]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let mut chunks = data.chunks_exact(8);
+    let mut base = 0;
+    for chunk in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let v = u64::from_le_bytes(word);
+        // The lowest flagged byte is always a real zero (borrows only
+        // flag bytes above one).
+        let zero = v.wrapping_sub(ONES) & !v & HIGHS;
+        if zero != 0 {
+            return Some(base + (zero.trailing_zeros() / 8) as usize);
+        }
+        base += 8;
+    }
+    chunks
+        .remainder()
+        .iter()
+        .position(|&b| b == 0)
+        .map(|i| base + i)
 }
 
 /// `Query`: the SQL text.
@@ -273,6 +303,31 @@ mod tests {
             (fields.severity, fields.code, fields.message),
             ("ERROR", "42P01", "relation \"x\" does not exist")
         );
+    }
+
+    #[test]
+    fn strings_with_and_without_terminator_and_utf8() {
+        let mut cursor = Cursor::new(
+            b'P',
+            b"SELECT abalance FROM pgbench_accounts WHERE aid = $1\0\0rest",
+        );
+        assert_eq!(
+            cursor.cstr().unwrap(),
+            "SELECT abalance FROM pgbench_accounts WHERE aid = $1"
+        );
+        assert_eq!(cursor.cstr().unwrap(), "");
+        assert!(cursor.cstr().is_err());
+        let mut cursor = Cursor::new(b'P', "välue ünïcode text\0".as_bytes());
+        assert_eq!(cursor.cstr().unwrap(), "välue ünïcode text");
+        let mut cursor = Cursor::new(b'P', b"bad \xff\xfe utf8\0");
+        assert!(matches!(cursor.cstr(), Err(ProtocolError::Utf8 { .. })));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn nul_position_finds_the_first_zero(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+            proptest::prop_assert_eq!(nul_position(&data), data.iter().position(|&b| b == 0));
+        }
     }
 
     proptest::proptest! {

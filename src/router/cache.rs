@@ -148,7 +148,7 @@ impl Router {
         &self,
         sql: &str,
         params: usize,
-    ) -> Result<(Arc<Analysis>, Vec<Param>), RouteError> {
+    ) -> Result<(Arc<Analysis>, Vec<Param<'static>>), RouteError> {
         // Statements with bound parameters come from drivers that bind
         // their values: their text is already stable.
         if params == 0 {

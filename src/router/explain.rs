@@ -194,7 +194,7 @@ pub fn explain(router: &Router, sql: &str, params: &[Param]) -> String {
 
 /// A `--param` value: text, optionally typed with a `::type` suffix
 /// (`42::bigint`, `…::uuid`), like a parameter whose type the driver declared.
-fn cli_param(p: &str) -> Param {
+fn cli_param(p: &str) -> Param<'_> {
     if let Some((value, ty)) = p.rsplit_once("::") {
         if let Some(o) = super::analyze::cast_oid(&ty.to_ascii_lowercase()) {
             return Param::typed_text(value, o);

@@ -15,13 +15,14 @@ use crate::sharding::oid;
 
 /// The normalized text and the literals taken out of it, in `$n` order
 /// after the statement's own parameters. `None`: nothing to extract.
-pub fn extract_literals(sql: &str, first_param: usize) -> Option<(String, Vec<Param>)> {
+pub fn extract_literals(sql: &str, first_param: usize) -> Option<(String, Vec<Param<'static>>)> {
     let bytes = sql.as_bytes();
     let mut out = String::with_capacity(sql.len());
     let mut params = Vec::new();
     let mut copied = 0;
     let mut i = 0;
-    let push_param = |out: &mut String, params: &mut Vec<Param>, p: Param| {
+    let push_param = |out: &mut String, params: &mut Vec<Param<'static>>, p: Param<'_>| {
+        let p = p.into_owned();
         params.push(p);
         out.push('$');
         out.push_str(&(first_param + params.len()).to_string());
@@ -243,7 +244,7 @@ mod tests {
             (
                 s,
                 p.into_iter()
-                    .map(|p| String::from_utf8(p.value.unwrap_or_default()).unwrap())
+                    .map(|p| String::from_utf8(p.value.unwrap_or_default().into_owned()).unwrap())
                     .collect(),
             )
         })

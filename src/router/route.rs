@@ -5,6 +5,7 @@
 //! to execute it. Errors carry a SQLSTATE so the proxy can send them to the
 //! client as an `ErrorResponse` unchanged.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Where a statement goes. Shard numbers are indexes into the map's shard list.
@@ -125,47 +126,58 @@ pub enum ParamFormat {
 
 /// One bound parameter: its bytes (`None` is SQL NULL), its format, and the
 /// type OID the client declared in `Parse` (0 or `None` when unspecified).
+/// The bytes are borrowed where they can be (a Bind routes from its own
+/// frame, without copying a value per parameter).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Param {
-    pub value: Option<Vec<u8>>,
+pub struct Param<'a> {
+    pub value: Option<Cow<'a, [u8]>>,
     pub format: ParamFormat,
     pub type_oid: Option<u32>,
 }
 
-impl Param {
+impl<'a> Param<'a> {
     /// A text-format parameter without a declared type (what most drivers send).
-    pub fn text(value: &str) -> Param {
+    pub fn text(value: &'a str) -> Param<'a> {
         Param {
-            value: Some(value.as_bytes().to_vec()),
+            value: Some(Cow::Borrowed(value.as_bytes())),
             format: ParamFormat::Text,
             type_oid: None,
         }
     }
 
     /// A text-format parameter with a declared type OID.
-    pub fn typed_text(value: &str, type_oid: u32) -> Param {
+    pub fn typed_text(value: &'a str, type_oid: u32) -> Param<'a> {
         Param {
-            value: Some(value.as_bytes().to_vec()),
+            value: Some(Cow::Borrowed(value.as_bytes())),
             format: ParamFormat::Text,
             type_oid: Some(type_oid),
         }
     }
 
     /// A binary-format parameter (network byte order) with an optional type OID.
-    pub fn binary(value: &[u8], type_oid: Option<u32>) -> Param {
+    pub fn binary(value: &'a [u8], type_oid: Option<u32>) -> Param<'a> {
         Param {
-            value: Some(value.to_vec()),
+            value: Some(Cow::Borrowed(value)),
             format: ParamFormat::Binary,
             type_oid,
         }
     }
 
     /// SQL NULL.
-    pub fn null() -> Param {
+    pub fn null() -> Param<'static> {
         Param {
             value: None,
             format: ParamFormat::Text,
             type_oid: None,
+        }
+    }
+
+    /// The same parameter owning its bytes.
+    pub fn into_owned(self) -> Param<'static> {
+        Param {
+            value: self.value.map(|v| Cow::Owned(v.into_owned())),
+            format: self.format,
+            type_oid: self.type_oid,
         }
     }
 

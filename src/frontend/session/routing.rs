@@ -6,6 +6,7 @@
 //! Extended-protocol statements are routed at Bind, where the parameters are
 //! known: the same named statement may run on a different shard each time.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
@@ -90,24 +91,26 @@ fn explain_shards(sql: &str) -> Option<&str> {
     Some(rest[close + 1..].trim())
 }
 
+/// Parameters decoded without allocating (see [`bind_params`]); more spill
+/// into a Vec.
+pub(super) const INLINE_PARAMS: usize = 4;
+
 /// Decodes a Bind's parameters for routing, with the types from the Parse
-/// (`param_types`: count, then OIDs).
-pub(super) fn bind_params(
-    bind: &Bind<'_>,
+/// (`param_types`: count, then OIDs). The values are borrowed from the
+/// frame; up to `inline.len()` parameters go into `inline`, more into
+/// `spill`, so the usual Bind costs no allocation.
+pub(super) fn bind_params<'a, 's>(
+    bind: &Bind<'a>,
     param_types: &[u8],
-) -> Result<Vec<Param>, ProtocolError> {
+    inline: &'s mut [Param<'a>],
+    spill: &'s mut Vec<Param<'a>>,
+) -> Result<&'s [Param<'a>], ProtocolError> {
     let mut types = Cursor::new(b'P', param_types);
     let declared = types.i16()?.max(0) as usize;
-    let mut oids = Vec::with_capacity(declared);
-    for _ in 0..declared {
-        oids.push(types.i32()? as u32);
-    }
+    let oids = types.bytes(declared * 4)?;
     let mut cursor = Cursor::new(b'B', bind.rest);
     let format_count = cursor.i16()?.max(0) as usize;
-    let mut formats = Vec::with_capacity(format_count);
-    for _ in 0..format_count {
-        formats.push(cursor.i16()?);
-    }
+    let formats = cursor.bytes(format_count * 2)?;
     let count = cursor.i16()?.max(0) as usize;
     if format_count > 1 && format_count != count {
         return Err(ProtocolError::Malformed {
@@ -115,25 +118,43 @@ pub(super) fn bind_params(
             what: "parameter format count does not match the parameter count",
         });
     }
-    let mut params = Vec::with_capacity(count);
+    let use_inline = count <= inline.len();
+    if !use_inline {
+        spill.clear();
+        spill.reserve(count);
+    }
     for i in 0..count {
         let len = cursor.i32()?;
         let value = if len < 0 {
             None
         } else {
-            Some(cursor.bytes(len as usize)?.to_vec())
+            Some(Cow::Borrowed(cursor.bytes(len as usize)?))
         };
-        let format = match formats.get(if format_count == 1 { 0 } else { i }) {
-            Some(1) => ParamFormat::Binary,
+        let f = if format_count == 1 { 0 } else { i };
+        let format = match formats.get(f * 2..f * 2 + 2) {
+            Some([0, 1]) => ParamFormat::Binary,
             _ => ParamFormat::Text,
         };
-        params.push(Param {
+        let type_oid = oids
+            .get(i * 4..i * 4 + 4)
+            .map(|o| u32::from_be_bytes([o[0], o[1], o[2], o[3]]))
+            .filter(|o| *o != 0);
+        let param = Param {
             value,
             format,
-            type_oid: oids.get(i).copied().filter(|o| *o != 0),
-        });
+            type_oid,
+        };
+        if use_inline {
+            inline[i] = param;
+        } else {
+            spill.push(param);
+        }
     }
-    Ok(params)
+    Ok(if use_inline {
+        &inline[..count]
+    } else {
+        &spill[..]
+    })
 }
 
 impl RouteError {
@@ -163,7 +184,7 @@ impl Session {
         router: &Router,
         memo: &mut Memo,
         sql: &str,
-        params: &[Param],
+        params: &[Param<'_>],
     ) -> Result<(Route, bool), ProxyError> {
         let decide = |session: &Session, memo: &mut Memo| -> Result<(Route, bool), RouteError> {
             if leading_hint(sql).is_none() {
@@ -479,9 +500,11 @@ impl Session {
         bind: &Bind<'_>,
         parse: Parse<'_>,
     ) -> Result<(Route, bool), ProxyError> {
-        let params = bind_params(bind, parse.param_types)
+        let mut inline: [Param<'_>; INLINE_PARAMS] = std::array::from_fn(|_| Param::null());
+        let mut spill = Vec::new();
+        let params = bind_params(bind, parse.param_types, &mut inline, &mut spill)
             .map_err(|e| ProxyError::error("08P01", format!("invalid Bind message: {e}")))?;
-        self.route(router, memo, parse.query, &params).await
+        self.route(router, memo, parse.query, params).await
     }
 
     /// The SQL text of the statement a Bind names.
@@ -731,13 +754,40 @@ mod tests {
         let mut types = Vec::new();
         types.extend_from_slice(&1i16.to_be_bytes());
         types.extend_from_slice(&20u32.to_be_bytes());
-        let params = bind_params(&bind, &types).unwrap();
+        let (mut inline, mut spill) = ([Param::null(), Param::null()], Vec::new());
+        let params = bind_params(&bind, &types, &mut inline, &mut spill).unwrap();
+        assert_eq!(params.len(), 2);
         assert_eq!(params[0], Param::typed_text("42", 20));
+        assert_eq!(params[1], Param::binary(&7i32.to_be_bytes(), None));
+        // More parameters than inline slots spill into the Vec.
+        let (mut one, mut spill) = ([Param::null()], Vec::new());
+        let params = bind_params(&bind, &types, &mut one, &mut spill).unwrap();
+        assert_eq!(params.len(), 2);
         assert_eq!(params[1], Param::binary(&7i32.to_be_bytes(), None));
         let truncated = Bind {
             rest: &rest[..9],
             ..bind
         };
-        assert!(bind_params(&truncated, &types).is_err());
+        let (mut inline, mut spill) = ([Param::null(), Param::null()], Vec::new());
+        assert!(bind_params(&truncated, &types, &mut inline, &mut spill).is_err());
+        // One format code applies to every parameter.
+        let mut rest = Vec::new();
+        rest.extend_from_slice(&1i16.to_be_bytes());
+        rest.extend_from_slice(&1i16.to_be_bytes());
+        rest.extend_from_slice(&2i16.to_be_bytes());
+        for v in [1i32, 2] {
+            rest.extend_from_slice(&4i32.to_be_bytes());
+            rest.extend_from_slice(&v.to_be_bytes());
+        }
+        rest.extend_from_slice(&0i16.to_be_bytes());
+        let bind = Bind {
+            portal: "",
+            statement: "",
+            rest: &rest,
+        };
+        let (mut inline, mut spill) = ([Param::null(), Param::null()], Vec::new());
+        let params = bind_params(&bind, &[0, 0], &mut inline, &mut spill).unwrap();
+        assert_eq!(params[0], Param::binary(&1i32.to_be_bytes(), None));
+        assert_eq!(params[1], Param::binary(&2i32.to_be_bytes(), None));
     }
 }
