@@ -839,20 +839,20 @@ impl Session {
                 return false;
             }
             // Drivers send the same text every time: nothing to re-record.
-            if self.unnamed_parse.as_slice() != frame
-                || self.unnamed_text.as_str() != parse.query
-            {
+            if self.unnamed_parse.as_slice() != frame || self.unnamed_text.as_str() != parse.query {
                 self.forget_unnamed();
                 self.unnamed_parse.extend_from_slice(frame);
                 self.unnamed_text.push_str(parse.query);
                 self.unnamed_types.extend_from_slice(parse.param_types);
             }
             self.unnamed_on_backend = false;
+            // The answer's buffer is the one the batch will use anyway (a
+            // fresh small one would be reallocated at checkout).
+            buffers::ensure(&mut self.client_out);
             let retractable = self
                 .queue
                 .local_slice_retractable(synth::PARSE_COMPLETE, &mut self.client_out);
-            self.unnamed_answered_end =
-                retractable.then(|| frame.as_ptr() as usize + frame.len());
+            self.unnamed_answered_end = retractable.then(|| frame.as_ptr() as usize + frame.len());
             return true;
         } else if let Err(error) = self.statements.define_local(parse) {
             self.client_error_in_batch(error);

@@ -518,7 +518,7 @@ fn key_value(
                     KeyValue::from_text(o, bytes).map(Some).map_err(bad)
                 }
                 (ParamFormat::Text, None, Some(kind)) => {
-                    let text = std::str::from_utf8(bytes).map_err(|_| {
+                    let text = crate::protocol::messages::utf8(bytes).ok_or_else(|| {
                         RouteError::InvalidKey(format!(
                             "parameter ${} for the sharding key {} is not valid UTF-8",
                             index + 1,
