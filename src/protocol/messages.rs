@@ -25,6 +25,11 @@ impl<'a> Cursor<'a> {
 
     /// A NUL-terminated UTF-8 string.
     pub fn cstr(&mut self) -> Result<&'a str, ProtocolError> {
+        // Unnamed statements and portals: most names are empty.
+        if let Some((&0, rest)) = self.data.split_first() {
+            self.data = rest;
+            return Ok("");
+        }
         let end =
             nul_position(self.data).ok_or_else(|| self.malformed("missing string terminator"))?;
         let text = utf8(&self.data[..end]).ok_or(ProtocolError::Utf8 { tag: self.tag })?;

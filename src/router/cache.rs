@@ -105,7 +105,10 @@ impl Router {
         let (analysis, literals) = self.analysis_of(sql, params.len())?;
         if !literals.is_empty() {
             // Texts with inlined values rarely repeat: not worth a memo.
-            return self.route_statement(sql, params);
+            // (Routed from this analysis: analysing again would double the
+            // literal extraction and the cache lookup, half the cost of a
+            // simple-protocol query.)
+            return self.route_literals(sql, params, &analysis, literals);
         }
         let map = self.map();
         let route = analysis.route(&map, params)?;
@@ -143,7 +146,9 @@ impl Router {
 
     /// The analysis of `sql` by its literal-free form when that analyses
     /// (see [`super::normalize`]), else of the text as written. Returns the
-    /// analysis and the extracted literals (empty when none).
+    /// analysis and, when literals were extracted, the parameters of the
+    /// literal-free form: NULL for each `$n` the text itself has (nothing is
+    /// bound to them), then the literals; empty when none were extracted.
     fn analysis_of(
         &self,
         sql: &str,
@@ -152,9 +157,13 @@ impl Router {
         // Statements with bound parameters come from drivers that bind
         // their values: their text is already stable.
         if params == 0 {
-            if let Some((normalized, literals)) = extract_literals(sql, max_param(sql)) {
+            let first = max_param(sql);
+            if let Some((normalized, literals)) = extract_literals(sql, first) {
                 if let Ok(analysis) = self.analyze(&normalized) {
-                    return Ok((analysis, literals));
+                    let mut all = Vec::with_capacity(first + literals.len());
+                    all.resize(first, Param::null());
+                    all.extend(literals);
+                    return Ok((analysis, all));
                 }
             }
         }
@@ -183,11 +192,19 @@ impl Router {
         if literals.is_empty() {
             return Ok((analysis.route(&self.map(), params)?, analysis.kind));
         }
-        let first = max_param(sql).max(params.len());
-        let mut all = Vec::with_capacity(first + literals.len());
-        all.extend_from_slice(params);
-        all.resize(first, Param::null());
-        all.extend(literals);
+        self.route_literals(sql, params, &analysis, literals)
+    }
+
+    /// The route of `sql` from the analysis of its literal-free form and
+    /// that form's parameters (see [`Router::analysis_of`]; literals are
+    /// only extracted from texts without bound parameters).
+    fn route_literals(
+        &self,
+        sql: &str,
+        params: &[Param<'_>],
+        analysis: &Analysis,
+        all: Vec<Param<'static>>,
+    ) -> Result<(Route, StatementKind), RouteError> {
         match analysis.route(&self.map(), &all) {
             Ok(route) => Ok((route, analysis.kind)),
             // Errors are worded for the text as written.
