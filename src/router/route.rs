@@ -126,8 +126,8 @@ pub enum ParamFormat {
 
 /// One bound parameter: its bytes (`None` is SQL NULL), its format, and the
 /// type OID the client declared in `Parse` (0 or `None` when unspecified).
-/// The bytes are borrowed where they can be (a Bind routes from its own
-/// frame, without copying a value per parameter).
+/// A Bind routes with values borrowed from its own frame (no copy per
+/// parameter); the constructors below own theirs (tests, the CLI, literals).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Param<'a> {
     pub value: Option<Cow<'a, [u8]>>,
@@ -137,34 +137,34 @@ pub struct Param<'a> {
 
 impl<'a> Param<'a> {
     /// A text-format parameter without a declared type (what most drivers send).
-    pub fn text(value: &'a str) -> Param<'a> {
+    pub fn text(value: &str) -> Param<'static> {
         Param {
-            value: Some(Cow::Borrowed(value.as_bytes())),
+            value: Some(Cow::Owned(value.as_bytes().to_vec())),
             format: ParamFormat::Text,
             type_oid: None,
         }
     }
 
     /// A text-format parameter with a declared type OID.
-    pub fn typed_text(value: &'a str, type_oid: u32) -> Param<'a> {
+    pub fn typed_text(value: &str, type_oid: u32) -> Param<'static> {
         Param {
-            value: Some(Cow::Borrowed(value.as_bytes())),
+            value: Some(Cow::Owned(value.as_bytes().to_vec())),
             format: ParamFormat::Text,
             type_oid: Some(type_oid),
         }
     }
 
     /// A binary-format parameter (network byte order) with an optional type OID.
-    pub fn binary(value: &'a [u8], type_oid: Option<u32>) -> Param<'a> {
+    pub fn binary(value: &[u8], type_oid: Option<u32>) -> Param<'static> {
         Param {
-            value: Some(Cow::Borrowed(value)),
+            value: Some(Cow::Owned(value.to_vec())),
             format: ParamFormat::Binary,
             type_oid,
         }
     }
 
     /// SQL NULL.
-    pub fn null() -> Param<'static> {
+    pub fn null() -> Param<'a> {
         Param {
             value: None,
             format: ParamFormat::Text,
