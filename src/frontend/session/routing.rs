@@ -118,12 +118,7 @@ pub(super) fn bind_params<'a, 's>(
             what: "parameter format count does not match the parameter count",
         });
     }
-    let use_inline = count <= inline.len();
-    if !use_inline {
-        spill.clear();
-        spill.reserve(count);
-    }
-    for i in 0..count {
+    let mut next = |i: usize| -> Result<Param<'a>, ProtocolError> {
         let len = cursor.i32()?;
         let value = if len < 0 {
             None
@@ -139,22 +134,24 @@ pub(super) fn bind_params<'a, 's>(
             .get(i * 4..i * 4 + 4)
             .map(|o| u32::from_be_bytes([o[0], o[1], o[2], o[3]]))
             .filter(|o| *o != 0);
-        let param = Param {
+        Ok(Param {
             value,
             format,
             type_oid,
-        };
-        if use_inline {
-            inline[i] = param;
-        } else {
-            spill.push(param);
+        })
+    };
+    if let Some(slots) = inline.get_mut(..count) {
+        for (i, slot) in slots.iter_mut().enumerate() {
+            *slot = next(i)?;
         }
+        return Ok(slots);
     }
-    Ok(if use_inline {
-        &inline[..count]
-    } else {
-        &spill[..]
-    })
+    spill.clear();
+    spill.reserve(count);
+    for i in 0..count {
+        spill.push(next(i)?);
+    }
+    Ok(spill)
 }
 
 impl RouteError {
