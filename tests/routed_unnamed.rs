@@ -136,7 +136,9 @@ async fn unnamed_statements_answer_like_postgres_on_every_path() {
         wire::execute("", 0),
         wire::sync(),
     ]);
-    let got = pair.same("two unnamed statements in one batch", &two, 1).await;
+    let got = pair
+        .same("two unnamed statements in one batch", &two, 1)
+        .await;
     let tags: Vec<char> = got.iter().map(|m| m.tag as char).collect();
     assert_eq!(tags, ['1', '2', 'D', 'C', '1', '2', 'D', 'C', 'Z']);
 
@@ -151,7 +153,8 @@ async fn unnamed_statements_answer_like_postgres_on_every_path() {
             wire::execute("", 0),
             wire::sync(),
         ]);
-        pair.same(&format!("parameter types {types:?}"), &b, 1).await;
+        pair.same(&format!("parameter types {types:?}"), &b, 1)
+            .await;
     }
 
     // A simple query replaces the unnamed statement: a Bind of it now fails
@@ -165,7 +168,8 @@ async fn unnamed_statements_answer_like_postgres_on_every_path() {
     ]);
     let got = pair.same("Bind after a simple query", &rebind, 1).await;
     assert_eq!(got[0].error_code().as_deref(), Some("26000"), "{got:?}");
-    pair.same("Parse again after the query", &pgbench_txn(10), 1).await;
+    pair.same("Parse again after the query", &pgbench_txn(10), 1)
+        .await;
 
     // Bind the unnamed statement again in a later batch (no new Parse).
     pair.same("parse for rebind", &pgbench_txn(11), 1).await;
@@ -185,7 +189,8 @@ async fn unnamed_statements_answer_like_postgres_on_every_path() {
     pair.same("Parse + Describe statement", &described, 1).await;
     pair.same("Bind after describe", &again, 1).await;
     let closed = batch(&[wire::close(b'S', ""), wire::sync()]);
-    pair.same("Close of the unnamed statement", &closed, 1).await;
+    pair.same("Close of the unnamed statement", &closed, 1)
+        .await;
     pair.same("Parse after close", &pgbench_txn(13), 1).await;
 
     // An extended-protocol transaction: BEGIN held back by shardgate, the
@@ -202,7 +207,8 @@ async fn unnamed_statements_answer_like_postgres_on_every_path() {
     pair.same("statement in the transaction", &pgbench_txn(14), 1)
         .await;
     pair.same("COMMIT", &verb("COMMIT"), 1).await;
-    pair.same("after the transaction", &pgbench_txn(15), 1).await;
+    pair.same("after the transaction", &pgbench_txn(15), 1)
+        .await;
 
     server.stop().await;
 }
