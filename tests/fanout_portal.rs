@@ -484,3 +484,44 @@ async fn cancel_between_parts_does_nothing_and_during_a_part_cancels() {
     assert_eq!(error.error_code().as_deref(), Some("57014"), "{msgs:?}");
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+/// A Parse too large for shardgate to keep goes to a backend at once: with
+/// a portal still streaming in the transaction, the portal is parked first
+/// and the statement runs inside the transaction, not beside it.
+#[tokio::test]
+async fn a_huge_parse_between_two_fetches_runs_in_the_transaction() {
+    let (_f, mut oracle, mut proxied) = fixture("portal_huge_parse", "").await;
+    let padding = "x".repeat(70 * 1024);
+    let huge = format!("SELECT count(*) FROM items WHERE id <= $1 /* {padding} */");
+    let steps = [
+        step("begin", &[query("BEGIN")], 1),
+        step(
+            "a write in the transaction",
+            &[query("DELETE FROM items WHERE id = 3")],
+            1,
+        ),
+        step(
+            "first fetch",
+            &[
+                parse("", ORDERED, &[]),
+                bind("c", "", &[Some("20")]),
+                execute("c", 5),
+                sync(),
+            ],
+            1,
+        ),
+        step(
+            "a 70 KiB statement that sees the transaction's delete",
+            &[
+                parse("", &huge, &[20]),
+                bind("", "", &[Some("10")]),
+                execute("", 0),
+                sync(),
+            ],
+            1,
+        ),
+        step("the rest of the portal", &[execute("c", 0), sync()], 1),
+        step("rollback", &[query("ROLLBACK")], 1),
+    ];
+    same_as_postgres(&mut oracle, &mut proxied, &steps).await;
+}

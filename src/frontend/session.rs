@@ -408,16 +408,13 @@ impl Session {
                 if self.shared.router.is_some() {
                     // Routed at Bind, when the parameters are known; the
                     // statement is created on that backend then.
-                    if self.parse_deferred(frame, parse) {
-                        if effects.sets {
-                            self.settings.statement_sent(parse.query);
-                        }
-                        return Ok(Step::Next);
+                    self.parse_deferred(frame, parse);
+                    if effects.sets {
+                        self.settings.statement_sent(parse.query);
                     }
-                    attach_or_return!(self.attach_for(None, true).await);
-                } else {
-                    attach_or_return!(self.attach_for(route_hint(parse.query), true).await);
+                    return Ok(Step::Next);
                 }
+                attach_or_return!(self.attach_for(route_hint(parse.query), true).await);
                 if effects.sets {
                     self.settings.statement_sent(parse.query);
                 }
@@ -628,6 +625,11 @@ impl Session {
 
     /// The client's unnamed statement is replaced or closed.
     fn forget_unnamed(&mut self) {
+        if self.unnamed_parse.capacity() > MAX_REMEMBERED_UNNAMED {
+            // A huge statement's copies are not kept for the session's life.
+            self.unnamed_parse = Vec::new();
+            self.unnamed_text = String::new();
+        }
         self.unnamed_parse.clear();
         self.unnamed_text.clear();
         self.unnamed_types.clear();
@@ -831,13 +833,13 @@ impl Session {
 
     /// A Parse in routing mode: recorded and answered here; the statement is
     /// created on the backend its Bind routes to (pipelined statements may
-    /// go to different shards). False if it must go to a backend now (an
-    /// unnamed statement too large to keep).
-    fn parse_deferred(&mut self, frame: &[u8], parse: Parse<'_>) -> bool {
+    /// go to different shards).
+    fn parse_deferred(&mut self, frame: &[u8], parse: Parse<'_>) {
         if parse.name.is_empty() {
-            if frame.len() > MAX_REMEMBERED_UNNAMED {
-                return false;
-            }
+            // Kept whatever its size: every Bind routes by its text. (A
+            // statement sent to some backend unrouted would run on that
+            // shard only: a silently wrong answer for a large IN list, a
+            // bulk INSERT on the wrong shard.)
             // Drivers send the same text every time: nothing to re-record.
             if self.unnamed_parse.as_slice() != frame || self.unnamed_text.as_str() != parse.query {
                 self.forget_unnamed();
@@ -853,14 +855,12 @@ impl Session {
                 .queue
                 .local_slice_retractable(synth::PARSE_COMPLETE, &mut self.client_out);
             self.unnamed_answered_end = retractable.then(|| frame.as_ptr() as usize + frame.len());
-            return true;
         } else if let Err(error) = self.statements.define_local(parse) {
             self.client_error_in_batch(error);
-            return true;
+        } else {
+            self.queue
+                .local_slice(synth::PARSE_COMPLETE, &mut self.client_out);
         }
-        self.queue
-            .local_slice(synth::PARSE_COMPLETE, &mut self.client_out);
-        true
     }
 
     fn target_shard(&self, hint: Option<Hint<'_>>) -> Result<Option<usize>, ProxyError> {
@@ -1363,7 +1363,9 @@ impl Session {
 /// with the backend's answers read in between.
 const BACKEND_WRITE_BATCH: usize = 256 * 1024;
 
-/// Unnamed statements larger than this are not kept for re-sending.
+/// Unnamed statements larger than this are not kept for re-sending when
+/// not routing (routing keeps every one: see `parse_deferred`), and their
+/// buffers are freed once replaced.
 const MAX_REMEMBERED_UNNAMED: usize = 64 * 1024;
 
 /// Reads what the client sent. A plain TCP client is awaited without a

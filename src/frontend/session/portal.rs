@@ -328,6 +328,7 @@ impl Session {
     pub(super) fn needs_backends(&self, tag: u8, body: &[u8]) -> bool {
         match tag {
             tag::SYNC | tag::FLUSH | tag::TERMINATE => false,
+            // Routing mode answers every Parse itself.
             tag::PARSE => self.shared.router.is_none(),
             tag::QUERY => messages::query_text(body)
                 .ok()

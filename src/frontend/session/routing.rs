@@ -409,7 +409,7 @@ impl Session {
         let mut memo = std::mem::take(&mut self.route_memo);
         let decided = if bind.statement.is_empty() {
             if self.unnamed_text.is_empty() {
-                // Nothing remembered (too large): the backend that has it answers.
+                // No unnamed statement: the backend answers 26000.
                 None
             } else {
                 let parse = Parse {
