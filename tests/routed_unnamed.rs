@@ -254,3 +254,19 @@ async fn statements_larger_than_64_kib_are_routed_too() {
     assert!(per_shard.iter().all(|n| *n > 1000), "{per_shard:?}");
     assert_eq!(per_shard.iter().sum::<i64>(), 40 + 3000);
 }
+
+/// An empty statement text over the extended protocol (drivers send one
+/// for an empty query): EmptyQueryResponse, as from Postgres.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_unnamed_statement_answers_like_postgres() {
+    let (_server, mut pair) = setup("routed_unnamed_empty").await;
+    let empty = batch(&[
+        wire::parse("", "", &[]),
+        wire::bind("", "", &[]),
+        wire::describe(b'P', ""),
+        wire::execute("", 0),
+        wire::sync(),
+    ]);
+    pair.same("empty statement", &empty, 1).await;
+    pair.same("then a real one", &pgbench_txn(7), 1).await;
+}
