@@ -55,15 +55,17 @@ fn insert_batch(ids: &[i64]) -> Vec<u8> {
 /// Rows of `ids` per shard (shards in map order).
 async fn rows_on_shards(f: &Fixture, ids: &[i64]) -> Vec<i64> {
     let list: Vec<String> = ids.iter().map(i64::to_string).collect();
+    rows_where(f, &format!("id IN ({})", list.join(","))).await
+}
+
+/// Rows matching `condition` per shard (shards in map order).
+async fn rows_where(f: &Fixture, condition: &str) -> Vec<i64> {
     let mut out = Vec::new();
     for cluster in &support::fleet().clusters {
         let n: i64 = support::connect(cluster, &f.db)
             .await
             .query_one(
-                &format!(
-                    "SELECT count(*) FROM items WHERE id IN ({})",
-                    list.join(",")
-                ),
+                &format!("SELECT count(*) FROM items WHERE {condition}"),
                 &[],
             )
             .await
@@ -72,6 +74,11 @@ async fn rows_on_shards(f: &Fixture, ids: &[i64]) -> Vec<i64> {
         out.push(n);
     }
     out
+}
+
+/// Parse, Bind and Execute of `sql` (no Sync): one statement of a batch.
+fn statement(sql: &str) -> Vec<u8> {
+    [parse("", sql, &[]), bind("", "", &[]), execute("", 0)].concat()
 }
 
 #[tokio::test]
@@ -86,9 +93,7 @@ async fn a_batch_over_several_shards_in_a_transaction_commits_together() {
     same(&mut oracle, &mut proxied, "begin", &query("BEGIN"), 1).await;
     let mut batch = insert_batch(&ids);
     // A multi-shard read in the same batch sees the transaction's rows.
-    batch.extend(parse("", "SELECT count(*) FROM items", &[]));
-    batch.extend(bind("", "", &[]));
-    batch.extend(execute("", 0));
+    batch.extend(statement("SELECT count(*) FROM items"));
     batch.extend(sync());
     same(
         &mut oracle,
@@ -164,4 +169,37 @@ async fn an_error_in_the_batch_fails_the_whole_transaction() {
         1,
     )
     .await;
+}
+
+/// A statement that fails in a batch makes Postgres skip the rest of the
+/// batch, a multi-shard statement after it included: it must not run.
+#[tokio::test]
+async fn a_fan_out_after_a_failure_in_the_batch_is_skipped() {
+    let (f, mut oracle, mut proxied) = fixture("txbatch_skip_fanout").await;
+    let seed = [insert_batch(&[1, 2, 3, 4, 5, 6]), sync()].concat();
+    same(&mut oracle, &mut proxied, "seed", &seed, 1).await;
+    for begin in [false, true] {
+        if begin {
+            same(&mut oracle, &mut proxied, "begin", &query("BEGIN"), 1).await;
+        }
+        let mut batch = insert_batch(&[1]); // duplicate key: fails
+        batch.extend(statement("UPDATE items SET v = 'touched'"));
+        batch.extend(sync());
+        same(
+            &mut oracle,
+            &mut proxied,
+            "failure, then a fan-out UPDATE",
+            &batch,
+            1,
+        )
+        .await;
+        if begin {
+            same(&mut oracle, &mut proxied, "rollback", &query("ROLLBACK"), 1).await;
+        }
+        let touched: i64 = rows_where(&f, "v = 'touched'").await.iter().sum();
+        assert_eq!(
+            touched, 0,
+            "the skipped UPDATE ran (in a transaction: {begin})"
+        );
+    }
 }

@@ -353,8 +353,7 @@ impl Session {
         }
         if !self.suspended.is_empty() {
             if self.status == b'I' {
-                // Portals of a transaction block that ended.
-                self.suspended.retain(|p| !p.in_transaction || p.is_live());
+                self.drop_ended_transaction_portals();
             }
             if self.has_live_portal() && self.needs_backends(tag, body) {
                 if tag == tag::BIND && body.first() == Some(&0) {
@@ -1194,9 +1193,8 @@ impl Session {
         self.batch_ended = None;
         self.batch_status_before = status;
         self.status = status;
-        if status == b'I' && !self.suspended.is_empty() {
-            // Portals of a transaction block that ended.
-            self.suspended.retain(|p| !p.in_transaction || p.is_live());
+        if status == b'I' {
+            self.drop_ended_transaction_portals();
         }
         // One query per ReadyForQuery; with pipelining the next one is
         // already under way, so its clock starts now.

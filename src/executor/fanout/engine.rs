@@ -30,9 +30,18 @@ pub trait Merge {
     fn ordered(&self) -> bool;
     /// Called once, when every shard has described its result (None: no rows).
     fn header(&mut self, fields: Option<&[Field]>, out: &mut BytesMut) -> Result<(), ProxyError>;
-    /// Decodes what the merge needs of a row as it arrives.
-    fn prepare(&self, row: Row) -> Result<Entry, ProxyError>;
-    fn less(&self, a: &Entry, b: &Entry) -> bool;
+    /// Decodes what the merge needs of a row as it arrives (merges that
+    /// do not sort need nothing).
+    fn prepare(&self, row: Row) -> Result<Entry, ProxyError> {
+        Ok(Entry {
+            row,
+            keys: Vec::new(),
+        })
+    }
+    /// The k-way order (unused by merges that do not sort).
+    fn less(&self, _a: &Entry, _b: &Entry) -> bool {
+        false
+    }
     /// Called instead of [`Merge::header`] when the shards start COPY TO STDOUT.
     fn copy_header(&mut self, _response: &[u8], _out: &mut BytesMut) -> Result<(), ProxyError> {
         Err(
@@ -246,32 +255,22 @@ pub async fn gather<W: AsyncWrite + Unpin, M: Merge>(
         }
         // Merge.
         if header_done && !draining && want_more {
-            match emit(merge, &mut streams, memory, output.out) {
-                Ok(more) => {
-                    if !more {
-                        want_more = false;
-                        for s in streams.iter_mut() {
-                            for e in s.rows.drain(..) {
-                                memory.sub(e.row.footprint());
-                            }
-                        }
-                        // Only autocommit work is cancelled: a cancel inside
-                        // a transaction block would abort the transaction.
-                        cancel_unfinished(ex, targets, &mut streams, false).await;
-                    }
-                }
+            let more = match emit(merge, &mut streams, memory, output.out) {
+                Ok(more) => more,
                 Err(e) => {
                     first_error = Some(e);
                     draining = true;
                     cancel_unfinished(ex, targets, &mut streams, true).await;
                     continue;
                 }
-            }
+            };
             output.flush_if_full().await;
-            if output.client_lost && want_more {
-                // Nobody takes the rows any more (the client left, or the
-                // session dropped a portal fetched in parts): stop merging,
-                // cancel autocommit work and read the shards to their end.
+            if !more || output.client_lost {
+                // No more rows wanted: the window is full, or nobody takes
+                // them (the client left, or the session dropped a portal
+                // fetched in parts). Read the shards to their end; only
+                // autocommit work is cancelled: a cancel inside a
+                // transaction block would abort the transaction.
                 want_more = false;
                 for s in streams.iter_mut() {
                     for e in s.rows.drain(..) {

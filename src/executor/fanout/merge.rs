@@ -397,15 +397,6 @@ impl Merge for Collect {
         self.fields = fields.map(|f| f.to_vec());
         Ok(())
     }
-    fn prepare(&self, row: Row) -> Result<Entry, ProxyError> {
-        Ok(Entry {
-            row,
-            keys: Vec::new(),
-        })
-    }
-    fn less(&self, _a: &Entry, _b: &Entry) -> bool {
-        false
-    }
     fn row(&mut self, pos: usize, entry: Entry, _out: &mut BytesMut) -> Result<bool, ProxyError> {
         self.held += entry.row.footprint() as u64;
         if self.held > self.limit {
@@ -447,15 +438,6 @@ impl Merge for Pass {
         }
         Ok(())
     }
-    fn prepare(&self, row: Row) -> Result<Entry, ProxyError> {
-        Ok(Entry {
-            row,
-            keys: Vec::new(),
-        })
-    }
-    fn less(&self, _a: &Entry, _b: &Entry) -> bool {
-        false
-    }
     fn row(&mut self, pos: usize, entry: Entry, out: &mut BytesMut) -> Result<bool, ProxyError> {
         if self.only.is_none_or(|o| o == pos) {
             self.rows += 1;
@@ -486,15 +468,6 @@ impl Merge for CopyOut {
         out.put_i32(4 + response.len() as i32);
         out.put_slice(response);
         Ok(())
-    }
-    fn prepare(&self, row: Row) -> Result<Entry, ProxyError> {
-        Ok(Entry {
-            row,
-            keys: Vec::new(),
-        })
-    }
-    fn less(&self, _a: &Entry, _b: &Entry) -> bool {
-        false
     }
     fn row(&mut self, _pos: usize, entry: Entry, out: &mut BytesMut) -> Result<bool, ProxyError> {
         use bytes::BufMut;

@@ -274,24 +274,14 @@ pub async fn run<W: AsyncWrite + Unpin>(
     out: &mut BytesMut,
     client: &mut W,
 ) -> Result<FanoutOutcome, ProxyError> {
-    run_with(executor, request, targets, out, client, false).await
+    run_flushing(executor, request, targets, out, client, false).await
 }
 
-/// [`run`] for a reader that wants rows as soon as they are merged (a
-/// portal fetched in parts, whose client waits for a few rows): merged
+/// [`run`]; `eager`: for a reader that wants rows as soon as they are merged
+/// (a portal fetched in parts, whose client waits for a few rows), merged
 /// output is written whenever the executor would wait for the shards, not
 /// only in 32 KiB pieces.
-pub async fn run_eager<W: AsyncWrite + Unpin>(
-    executor: &FanoutExecutor,
-    request: FanoutRequest<'_>,
-    targets: &mut [ShardConn<'_>],
-    out: &mut BytesMut,
-    client: &mut W,
-) -> Result<FanoutOutcome, ProxyError> {
-    run_with(executor, request, targets, out, client, true).await
-}
-
-async fn run_with<W: AsyncWrite + Unpin>(
+pub async fn run_flushing<W: AsyncWrite + Unpin>(
     executor: &FanoutExecutor,
     request: FanoutRequest<'_>,
     targets: &mut [ShardConn<'_>],

@@ -627,12 +627,13 @@ impl Session {
                         },
                     };
                     let mut out = BytesMut::new();
-                    let result = fanout::run_eager(
+                    let result = fanout::run_flushing(
                         &shared.fanout,
                         request,
                         &mut conns,
                         &mut out,
                         &mut writer,
+                        true,
                     )
                     .await;
                     if !out.is_empty() {

@@ -75,11 +75,8 @@ pub(super) struct Live {
     /// while the client waits for a part.
     cancel_keys: Vec<(usize, i32, i32)>,
     /// What the session needs to take the connections back.
-    pub(super) current_shard: Option<usize>,
-    pub(super) in_transaction: bool,
-    pub(super) first_shard: usize,
-    pub(super) broadcast: bool,
-    pub(super) started: Instant,
+    context: LiveContext,
+    started: Instant,
 }
 
 /// What the fan-out task hands back.
@@ -157,18 +154,16 @@ impl SuspendedPortal {
         live: LiveContext,
         cancel_keys: Vec<(usize, i32, i32)>,
     ) -> Self {
+        let in_transaction = live.in_transaction;
         SuspendedPortal {
             live: Some(Live {
                 rx,
                 task,
                 cancel_keys,
-                current_shard: live.current_shard,
-                in_transaction: live.in_transaction,
-                first_shard: live.first_shard,
-                broadcast: live.broadcast,
+                context: live,
                 started: Instant::now(),
             }),
-            ..SuspendedPortal::buffered(name, live.in_transaction, BytesMut::new())
+            ..SuspendedPortal::buffered(name, in_transaction, BytesMut::new())
         }
     }
 
@@ -315,6 +310,13 @@ impl Session {
     /// Index of the suspended portal `name`.
     pub(super) fn suspended_portal(&self, name: &str) -> Option<usize> {
         self.suspended.iter().position(|p| p.is(name))
+    }
+
+    /// The transaction block ended: its portals end with it. (A portal
+    /// still streaming holds the connections and is ended by the statement
+    /// that parks it, never by a status change.)
+    pub(super) fn drop_ended_transaction_portals(&mut self) {
+        self.suspended.retain(|p| !p.in_transaction || p.is_live());
     }
 
     /// Whether a portal still streams from shard connections it holds.
@@ -560,12 +562,18 @@ impl Session {
 
     /// Takes back the connections of a finished live fan-out; returns the
     /// fan-out's error (None when it succeeded or was stopped on purpose).
-    async fn conclude_live(&mut self, (end, live): (LiveEnd, LiveInfo)) -> Option<ProxyError> {
-        let LiveEnd {
-            mut group,
-            result,
-            wrote,
-        } = end;
+    async fn conclude_live(&mut self, ended: Ended) -> Option<ProxyError> {
+        let Ended {
+            end:
+                LiveEnd {
+                    mut group,
+                    result,
+                    wrote,
+                },
+            context: live,
+            started,
+            stopped,
+        } = ended;
         for (shard, wrote) in wrote {
             if let Some(a) = group.iter_mut().find(|a| a.shard == shard) {
                 a.wrote |= wrote;
@@ -578,10 +586,10 @@ impl Session {
             } else {
                 metrics::Route::Fanout
             },
-            live.started.elapsed(),
+            started.elapsed(),
         );
         let error = match result {
-            Err(error) if !live.stopped => Some(error),
+            Err(error) if !stopped => Some(error),
             _ => None,
         };
         self.restore_group(group, live.current_shard, live.in_transaction)
@@ -590,29 +598,25 @@ impl Session {
     }
 }
 
-/// What `conclude_live` needs of a [`Live`] once its task ended.
-pub(super) struct LiveInfo {
-    current_shard: Option<usize>,
-    in_transaction: bool,
-    first_shard: usize,
-    broadcast: bool,
+/// A live fan-out whose task ended.
+pub(super) struct Ended {
+    end: LiveEnd,
+    context: LiveContext,
     started: Instant,
+    /// The session stopped it (its error, if any, is not the client's).
     stopped: bool,
 }
 
 /// Waits for a live fan-out's task. `stop`: the stream is not wanted any
 /// more (dropping the receiver makes the executor stop merging, cancel
 /// autocommit work and drain the shards).
-async fn finish_live(live: Live, stop: bool) -> (LiveEnd, LiveInfo) {
+async fn finish_live(live: Live, stop: bool) -> Ended {
     let Live {
         rx,
         task,
-        cancel_keys: _,
-        current_shard,
-        in_transaction,
-        first_shard,
-        broadcast,
+        context,
         started,
+        ..
     } = live;
     drop(rx);
     let end = task.await.unwrap_or_else(|e| LiveEnd {
@@ -624,17 +628,12 @@ async fn finish_live(live: Live, stop: bool) -> (LiveEnd, LiveInfo) {
         )),
         wrote: Vec::new(),
     });
-    (
+    Ended {
         end,
-        LiveInfo {
-            current_shard,
-            in_transaction,
-            first_shard,
-            broadcast,
-            started,
-            stopped: stop,
-        },
-    )
+        context,
+        started,
+        stopped: stop,
+    }
 }
 
 /// Frames of a stream, for tests.
