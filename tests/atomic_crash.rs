@@ -414,7 +414,10 @@ async fn proxy_sigkilled_after_decision_with_four_clients() {
 
 /// A cluster of our own for s2 (the shared fleet's clusters are not ours to
 /// kill), with the schema and a deferred trigger that makes its PREPARE
-/// take `prepare_secs`.
+/// take `prepare_secs`. The schema commits synchronously: test clusters run
+/// with `synchronous_commit = off`, and the kill -9 below could otherwise
+/// lose the trigger's commit (seen once in CI: "trigger slow does not exist"
+/// after the restart).
 async fn slow_prepare_cluster(db: &str, prepare_secs: u32) -> DevCluster {
     let db = db.to_owned();
     tokio::task::spawn_blocking(move || {
@@ -424,7 +427,8 @@ async fn slow_prepare_cluster(db: &str, prepare_secs: u32) -> DevCluster {
             .psql(
                 &db,
                 &format!(
-                    "{SCHEMA}\
+                    "SET synchronous_commit = on;\
+                     {SCHEMA}\
                      CREATE FUNCTION slow_prepare() RETURNS trigger LANGUAGE plpgsql AS \
                        $$ BEGIN PERFORM pg_sleep({prepare_secs}); RETURN NULL; END $$;\
                      CREATE CONSTRAINT TRIGGER slow AFTER INSERT ON items \
