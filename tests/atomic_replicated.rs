@@ -276,3 +276,105 @@ async fn a_transaction_opened_by_a_multi_shard_statement_leaves_no_stale_begin()
     same_everywhere(&on_each_shard(&direct).await, &["se=Sweden"], "insert");
     server.stop().await;
 }
+
+/// A replicated table whose copies would diverge: a `serial` id, a random
+/// UUID default. Created through the proxy (the catalog is re-read after
+/// DDL), so shardgate knows the defaults.
+const PER_SHARD_MAP: &str = "\
+functions:
+  by_id: { kind: hash }
+tables:
+  users: { key: id, function: by_id }
+  currencies: { replicated: true }
+  tokens: { replicated: true }
+  events: { replicated: true }
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_each_shard_would_compute_differently_are_refused() {
+    let db = fresh_db("replicated_per_shard");
+    let server = start_proxy(&shard_map(&db, PER_SHARD_MAP)).await;
+    let client = connect_proxy(&server, "app", None).await;
+    client
+        .batch_execute(
+            "CREATE TABLE users (id bigint PRIMARY KEY, name text);\
+             CREATE TABLE currencies (id serial PRIMARY KEY, code text UNIQUE NOT NULL);\
+             CREATE TABLE tokens (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), owner text);\
+             CREATE TABLE events (id bigint GENERATED ALWAYS AS IDENTITY, at timestamptz DEFAULT now(), what text);\
+             CREATE SEQUENCE invoice_numbers;",
+        )
+        .await
+        .expect("schema through the proxy");
+
+    // Left to a per-shard default: refused, naming the column; nothing written.
+    for (sql, column) in [
+        ("INSERT INTO currencies (code) VALUES ('EUR')", "column id"),
+        ("INSERT INTO tokens (owner) VALUES ('ann')", "column id"),
+        ("INSERT INTO events (what) VALUES ('boot')", "column id"),
+        (
+            "INSERT INTO currencies VALUES (DEFAULT, 'EUR')",
+            "currencies",
+        ),
+    ] {
+        let error = client.simple_query(sql).await.expect_err(sql);
+        assert_eq!(code(&error), "0A000", "{sql}: {error}");
+        let message = error
+            .as_db_error()
+            .map(|e| e.message().to_string())
+            .unwrap_or_default();
+        assert!(message.contains(column), "{sql}: {message}");
+    }
+    // A random value written explicitly: refused too.
+    let error = client
+        .simple_query("INSERT INTO tokens (id, owner) VALUES (gen_random_uuid(), 'bob')")
+        .await
+        .expect_err("explicit random uuid");
+    assert_eq!(code(&error), "0A000");
+
+    // Given explicitly, the same rows reach every shard; the time default is allowed.
+    client
+        .simple_query("INSERT INTO currencies (id, code) VALUES (1, 'EUR'), (2, 'USD')")
+        .await
+        .expect("explicit ids");
+    client
+        .simple_query("INSERT INTO events (id, what) OVERRIDING SYSTEM VALUE VALUES (7, 'boot')")
+        .await
+        .expect("identity given explicitly");
+    for cluster in &fleet().clusters {
+        let direct = connect(cluster, &db).await;
+        let rows: Vec<String> = direct
+            .query("SELECT id || ':' || code FROM currencies ORDER BY id", &[])
+            .await
+            .expect("currencies")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(rows, ["1:EUR", "2:USD"], "{}", cluster.port());
+        let tokens: i64 = direct
+            .query_one("SELECT count(*) FROM tokens", &[])
+            .await
+            .expect("tokens")
+            .get(0);
+        assert_eq!(tokens, 0, "no refused row reached shard {}", cluster.port());
+    }
+
+    // A standalone sequence exists on every shard; nextval runs on one
+    // fixed shard, so its values are unique as on one Postgres.
+    let mut values = Vec::new();
+    for _ in 0..6 {
+        let fresh = connect_proxy(&server, "app", None).await;
+        let row = fresh
+            .query_one("SELECT nextval('invoice_numbers')", &[])
+            .await
+            .expect("nextval");
+        values.push(row.get::<_, i64>(0));
+    }
+    assert_eq!(values, [1, 2, 3, 4, 5, 6]);
+    // In a statement on a sharded table it would use that shard's sequence.
+    let error = client
+        .simple_query("INSERT INTO users (id, name) VALUES (5, nextval('invoice_numbers')::text)")
+        .await
+        .expect_err("nextval in a sharded write");
+    assert_eq!(code(&error), "0A000");
+    server.stop().await;
+}

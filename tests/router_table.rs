@@ -210,6 +210,21 @@ fn demo_map_statements() {
         ("DELETE FROM users WHERE id = 28", Ok(single(28))),
         ("DELETE FROM orders o USING users u WHERE o.user_id = u.id AND u.id IN (29, 30)", Ok(set(&[29, 30]))),
         ("DELETE FROM countries", Ok(Route::Broadcast)),
+        // Values every shard would compute differently: replicated copies
+        // must not diverge, sequences are one per shard.
+        ("INSERT INTO countries (code, name) VALUES ('XX', random()::text)", Err("0A000")),
+        ("INSERT INTO countries (code, name) VALUES (gen_random_uuid()::text, 'x')", Err("0A000")),
+        ("UPDATE countries SET name = nextval('s')::text", Err("0A000")),
+        ("DELETE FROM countries WHERE random() < 0.5", Err("0A000")),
+        ("UPDATE countries SET name = now()::text WHERE code = 'FR'", Ok(Route::Broadcast)),
+        ("INSERT INTO countries (code, name) VALUES ('FR', CURRENT_TIMESTAMP::text)", Ok(Route::Broadcast)),
+        ("SELECT nextval('order_numbers')", Ok(Route::Single(0))),
+        ("SELECT setval('order_numbers', 100)", Ok(Route::Single(0))),
+        ("SELECT pg_catalog.nextval('order_numbers'), code FROM countries", Ok(Route::Single(0))),
+        ("SELECT random()", Ok(Route::AnyOne)),
+        ("INSERT INTO orders (id, user_id, total) VALUES (nextval('order_ids'), 31, 0)", Err("0A000")),
+        ("SELECT nextval('s') FROM users WHERE id = 31", Err("0A000")),
+        ("INSERT INTO orders (id, user_id, total) VALUES (gen_random_uuid(), 31, 0)", Ok(single(31))),
         // Session, transaction, DDL, utility.
         ("BEGIN", Ok(Route::NoShard)),
         ("START TRANSACTION ISOLATION LEVEL SERIALIZABLE", Ok(Route::NoShard)),

@@ -589,7 +589,11 @@ pub fn analyze(map: &ShardMap, sql: &str) -> Result<Analysis, RouteError> {
     };
     let mut analyses = Vec::with_capacity(statements.len());
     for stmt in &statements {
-        analyses.push(analyze_statement(map, stmt)?);
+        analyses.push(super::volatile::check(
+            map,
+            stmt,
+            analyze_statement(map, stmt)?,
+        )?);
     }
     match analyses.len() {
         0 => Ok(Analysis {
@@ -721,7 +725,7 @@ fn norm(id: &Ident) -> String {
     }
 }
 
-fn name_parts(name: &ObjectName) -> Vec<String> {
+pub(super) fn name_parts(name: &ObjectName) -> Vec<String> {
     name.0
         .iter()
         .map(|p| p.as_ident().map_or_else(|| p.to_string(), norm))

@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio_postgres::NoTls;
 
 use super::shardmap::{ShardMap, TableRule};
+use super::volatile;
 use crate::config::ShardConfig;
 use crate::sharding::KeyType;
 
@@ -21,6 +22,9 @@ use crate::sharding::KeyType;
 pub struct CatalogFacts {
     pub key_types: HashMap<String, KeyType>,
     pub columns: HashMap<String, Vec<String>>,
+    /// Replicated tables' columns with a per-shard default (sequence,
+    /// identity, random): (column, default text).
+    pub per_shard_defaults: HashMap<String, Vec<(String, String)>>,
     /// The database's default collation compares text bytewise (C, POSIX,
     /// C.UTF-8): the fan-out merge can order text exactly only then.
     pub bytewise_collation: Option<bool>,
@@ -40,15 +44,19 @@ pub enum CatalogError {
 
 /// Columns of every table named in the map (bare names: the one visible on
 /// the search path; `schema.table`: exactly that one), domains resolved to
-/// their base type.
+/// their base type, with each column's default (identity columns as
+/// `identity`; generated columns have none: they are computed from the row).
 const COLUMNS_SQL: &str = "\
 SELECT n.nspname, c.relname, a.attname, \
        (CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE a.atttypid END)::int8, \
-       pg_table_is_visible(c.oid) \
+       pg_table_is_visible(c.oid), \
+       CASE WHEN a.attidentity <> '' THEN 'identity' \
+            WHEN a.attgenerated = '' THEN pg_get_expr(d.adbin, d.adrelid) END \
 FROM pg_attribute a \
 JOIN pg_class c ON c.oid = a.attrelid \
 JOIN pg_namespace n ON n.oid = c.relnamespace \
 JOIN pg_type t ON t.oid = a.atttypid \
+LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
 WHERE c.relkind IN ('r', 'p', 'f') AND a.attnum > 0 AND NOT a.attisdropped \
   AND c.relname = ANY($1) \
 ORDER BY n.nspname, c.relname, a.attnum";
@@ -110,12 +118,15 @@ async fn load_inner(
         let column: String = row.get(2);
         let type_oid: i64 = row.get(3);
         let visible: bool = row.get(4);
+        let default: Option<String> = row.get(5);
         let entry = tables
             .entry((schema, table))
             .or_insert_with(|| (visible, Vec::new()));
-        entry
-            .1
-            .push((column, u32::try_from(type_oid).unwrap_or_default()));
+        entry.1.push(Column {
+            name: column,
+            type_oid: u32::try_from(type_oid).unwrap_or_default(),
+            default,
+        });
     }
     let mut facts = facts_for(map, &tables);
     let collation = client
@@ -141,8 +152,16 @@ async fn load_inner(
     Ok(facts)
 }
 
-/// (schema, table) → (visible on the search path, [(column, type OID)] in order).
-type TablesFound = HashMap<(String, String), (bool, Vec<(String, u32)>)>;
+/// A column as the catalog describes it.
+struct Column {
+    name: String,
+    type_oid: u32,
+    /// The default's text, `identity` for identity columns.
+    default: Option<String>,
+}
+
+/// (schema, table) → (visible on the search path, columns in order).
+type TablesFound = HashMap<(String, String), (bool, Vec<Column>)>;
 
 fn facts_for(map: &ShardMap, tables: &TablesFound) -> CatalogFacts {
     let mut facts = CatalogFacts::default();
@@ -157,16 +176,31 @@ fn facts_for(map: &ShardMap, tables: &TablesFound) -> CatalogFacts {
         let Some((_, columns)) = found else {
             continue;
         };
-        if let TableRule::Sharded { key, .. } = rule {
-            if let Some((_, type_oid)) = columns.iter().find(|(c, _)| c == key) {
-                if let Ok(kind) = KeyType::from_oid(*type_oid) {
-                    facts.key_types.insert(name.clone(), kind);
+        match rule {
+            TableRule::Sharded { key, .. } => {
+                if let Some(column) = columns.iter().find(|c| c.name == *key) {
+                    if let Ok(kind) = KeyType::from_oid(column.type_oid) {
+                        facts.key_types.insert(name.clone(), kind);
+                    }
+                }
+            }
+            TableRule::Replicated => {
+                let per_shard: Vec<(String, String)> = columns
+                    .iter()
+                    .filter_map(|c| {
+                        let default = c.default.as_deref()?;
+                        (default == "identity" || volatile::default_is_per_shard(default))
+                            .then(|| (c.name.clone(), default.to_string()))
+                    })
+                    .collect();
+                if !per_shard.is_empty() {
+                    facts.per_shard_defaults.insert(name.clone(), per_shard);
                 }
             }
         }
         facts.columns.insert(
             name.clone(),
-            columns.iter().map(|(c, _)| c.clone()).collect(),
+            columns.iter().map(|c| c.name.clone()).collect(),
         );
     }
     facts
@@ -179,5 +213,6 @@ impl ShardMap {
         self.clone()
             .with_key_types(facts.key_types.clone())
             .with_columns(facts.columns.clone())
+            .with_per_shard_defaults(facts.per_shard_defaults.clone())
     }
 }

@@ -6,6 +6,7 @@
 //! - [`cache`]: [`Router`], the cached entry point the proxy uses.
 //! - [`explain`]: the human explanation behind `shardgate route`.
 //! - [`hints`]: routing hints from comments and `SET shardgate.…`.
+//! - [`volatile`]: functions whose value differs per shard (replicated writes, sequences).
 
 pub mod analyze;
 pub mod cache;
@@ -15,6 +16,7 @@ pub mod hints;
 pub mod normalize;
 pub mod route;
 pub mod shardmap;
+pub mod volatile;
 
 pub use analyze::{analyze, Analysis, Cond, Placement, Plan, StatementKind, TableUse, ValueExpr};
 pub use cache::{Memo, Router};

@@ -71,6 +71,10 @@ pub struct ShardMap {
     /// Column names in table order by table name (lower-cased), from the
     /// catalog: an INSERT without a column list needs the key's position.
     pub columns: HashMap<String, Vec<String>>,
+    /// Replicated tables' columns whose default differs per shard (a
+    /// sequence, identity, random value), with the default's text, from the
+    /// catalog: an INSERT leaving them out would make the copies differ.
+    pub per_shard_defaults: HashMap<String, Vec<(String, String)>>,
 }
 
 fn bound_to_key(value: &BoundValue) -> Result<KeyValue, ShardingError> {
@@ -174,6 +178,7 @@ impl ShardMap {
             default_table: config.default_table,
             key_types: HashMap::new(),
             columns: HashMap::new(),
+            per_shard_defaults: HashMap::new(),
         })
     }
 
@@ -189,6 +194,18 @@ impl ShardMap {
     /// Sets the column orders (from the catalog); keys are table names as in the map.
     pub fn with_columns(mut self, columns: HashMap<String, Vec<String>>) -> ShardMap {
         self.columns = columns
+            .into_iter()
+            .map(|(k, v)| (k.to_lowercase(), v))
+            .collect();
+        self
+    }
+
+    /// Sets the replicated tables' per-shard defaults (from the catalog).
+    pub fn with_per_shard_defaults(
+        mut self,
+        defaults: HashMap<String, Vec<(String, String)>>,
+    ) -> ShardMap {
+        self.per_shard_defaults = defaults
             .into_iter()
             .map(|(k, v)| (k.to_lowercase(), v))
             .collect();
