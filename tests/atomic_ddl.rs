@@ -252,3 +252,32 @@ async fn a_split_insert_into_a_column_named_concurrently_is_atomic() {
     assert_eq!(rows, 1, "the failed INSERT left nothing on any shard");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unique_constraints_without_the_sharding_key_are_refused() {
+    let db = fresh_db("ddl_unique");
+    let direct = direct_clients(&db).await;
+    let server = start_proxy(&shard_map(&db, MAP)).await;
+    let client = connect_proxy(&server, "app", None).await;
+    // Each shard would check only its own rows: the same email could be
+    // stored once per shard. Refused before any shard runs it.
+    let refused = client
+        .simple_query("CREATE UNIQUE INDEX users_email ON users (email)")
+        .await
+        .expect_err("unique without the key");
+    let db_error = refused.as_db_error().expect("a server error");
+    assert_eq!(db_error.code().code(), "0A000");
+    assert!(
+        db_error.message().contains("sharding key id"),
+        "{}",
+        db_error.message()
+    );
+    assert_eq!(exists(&direct, "users_email").await, [false, false, false]);
+    // With the key it holds globally: created on every shard.
+    client
+        .simple_query("CREATE UNIQUE INDEX users_id_email ON users (id, email)")
+        .await
+        .expect("unique with the key");
+    assert_eq!(exists(&direct, "users_id_email").await, [true, true, true]);
+    server.stop().await;
+}

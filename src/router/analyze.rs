@@ -589,6 +589,7 @@ pub fn analyze(map: &ShardMap, sql: &str) -> Result<Analysis, RouteError> {
     };
     let mut analyses = Vec::with_capacity(statements.len());
     for stmt in &statements {
+        super::uniqueness::check(map, stmt)?;
         analyses.push(super::volatile::check(
             map,
             stmt,
@@ -717,7 +718,7 @@ fn classify_by_tokens(sql: &str, parse_error: &str) -> Result<Analysis, RouteErr
 }
 
 /// Lower-cases unquoted identifiers, as Postgres does.
-fn norm(id: &Ident) -> String {
+pub(super) fn norm(id: &Ident) -> String {
     if id.quote_style.is_some() {
         id.value.clone()
     } else {

@@ -6,6 +6,7 @@
 //! - [`cache`]: [`Router`], the cached entry point the proxy uses.
 //! - [`explain`]: the human explanation behind `shardgate route`.
 //! - [`hints`]: routing hints from comments and `SET shardgate.…`.
+//! - [`uniqueness`]: unique constraints the shards could only enforce per shard.
 //! - [`volatile`]: functions whose value differs per shard (replicated writes, sequences).
 
 pub mod analyze;
@@ -16,6 +17,7 @@ pub mod hints;
 pub mod normalize;
 pub mod route;
 pub mod shardmap;
+pub mod uniqueness;
 pub mod volatile;
 
 pub use analyze::{analyze, Analysis, Cond, Placement, Plan, StatementKind, TableUse, ValueExpr};
