@@ -462,3 +462,52 @@ fn cache_hits_skip_parsing_and_stay_bounded() {
     let b = r.analyze("SELECT 1").expect("ok");
     assert!(std::sync::Arc::ptr_eq(&a, &b), "second call is a cache hit");
 }
+
+const TENANTS: &str = r#"
+listen: 127.0.0.1:6432
+auth: trust
+users:
+  - { name: app }
+shards:
+  - { name: small, url: "postgres://postgres@127.0.0.1:5433/saas" }
+  - { name: big1,  url: "postgres://postgres@127.0.0.1:5434/saas" }
+  - { name: big2,  url: "postgres://postgres@127.0.0.1:5435/saas" }
+functions:
+  by_tenant:
+    kind: tenant
+    mode: database
+    tenants: { acme: big1, globex: big2, initech: small }
+    default: small
+tables:
+  invoices: { key: tenant_id, function: by_tenant }
+  projects: { key: tenant_id, function: by_tenant }
+  plans:    { replicated: true }
+default_table: error
+"#;
+
+/// Database-per-tenant maps: the tenant id names the shard; unknown tenants
+/// go to the default; tenants' tables are co-located.
+#[test]
+fn tenant_map_statements() {
+    let r = router(TENANTS, &[]);
+    let cases: Vec<Case> = vec![
+        ("SELECT * FROM invoices WHERE tenant_id = 'acme'", Ok(Route::Single(1))),
+        ("SELECT * FROM invoices WHERE tenant_id = 'globex' AND total > 10", Ok(Route::Single(2))),
+        ("SELECT * FROM invoices WHERE tenant_id = 'newco'", Ok(Route::Single(0))),
+        ("SELECT * FROM invoices WHERE tenant_id IN ('acme', 'globex')", Ok(Route::from_set([1, 2].into_iter().collect()))),
+        ("INSERT INTO projects (tenant_id, name) VALUES ('globex', 'x')", Ok(Route::Single(2))),
+        ("SELECT * FROM invoices i JOIN projects p ON p.tenant_id = i.tenant_id WHERE i.tenant_id = 'initech'", Ok(Route::Single(0))),
+        ("SELECT * FROM invoices i JOIN plans pl ON pl.id = i.plan_id WHERE i.tenant_id = 'acme'", Ok(Route::Single(1))),
+        ("SELECT count(*) FROM invoices", Ok(Route::All)),
+    ];
+    check(&r, &cases, &[]);
+    let bound = [Param::text("globex")];
+    check(
+        &r,
+        &[(
+            "SELECT * FROM invoices WHERE tenant_id = $1",
+            Ok(Route::Single(2)),
+        )],
+        &bound,
+    );
+}
