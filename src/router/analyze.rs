@@ -726,6 +726,17 @@ pub(super) fn norm(id: &Ident) -> String {
     }
 }
 
+/// The map's entry for a table as the statement names it (`schema.table`
+/// or bare), with the name the rule is registered under.
+pub(super) fn lookup_table<'m>(
+    map: &'m ShardMap,
+    name: &ObjectName,
+) -> Option<(&'m str, &'m TableRule)> {
+    let mut parts = name_parts(name);
+    let bare = parts.pop()?;
+    map.lookup(parts.pop().as_deref(), &bare)
+}
+
 pub(super) fn name_parts(name: &ObjectName) -> Vec<String> {
     name.0
         .iter()

@@ -9,11 +9,11 @@
 //! refuses the same for its distributed tables).
 
 use sqlparser::ast::{
-    AlterTableOperation, ColumnDef, ColumnOption, CreateIndex, Expr, IndexColumn, ObjectName,
-    Statement, TableConstraint,
+    AlterTableOperation, ColumnDef, ColumnOption, CreateIndex, Expr, IndexColumn, Statement,
+    TableConstraint,
 };
 
-use super::analyze::{name_parts, norm};
+use super::analyze::{lookup_table, norm};
 use super::route::RouteError;
 use super::shardmap::{ShardMap, TableRule};
 
@@ -52,7 +52,7 @@ pub fn check(map: &ShardMap, stmt: &Statement) -> Result<(), RouteError> {
     if constraints.is_empty() {
         return Ok(());
     }
-    let Some((name, TableRule::Sharded { key, .. })) = lookup(map, table) else {
+    let Some((name, TableRule::Sharded { key, .. })) = lookup_table(map, table) else {
         return Ok(());
     };
     for (what, columns) in constraints {
@@ -77,12 +77,6 @@ pub fn check(map: &ShardMap, stmt: &Statement) -> Result<(), RouteError> {
 /// A constraint's kind and its columns: (plain column name, or `None` for
 /// an expression; the text shown in errors).
 type Found = (&'static str, Vec<(Option<String>, String)>);
-
-fn lookup<'m>(map: &'m ShardMap, table: &ObjectName) -> Option<(&'m str, &'m TableRule)> {
-    let mut parts = name_parts(table);
-    let bare = parts.pop()?;
-    map.lookup(parts.pop().as_deref(), &bare)
-}
 
 fn table_constraint(c: &TableConstraint) -> Option<Found> {
     match c {

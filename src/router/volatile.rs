@@ -26,7 +26,7 @@ use sqlparser::ast::{
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
-use super::analyze::{name_parts, Analysis, Plan, StatementKind};
+use super::analyze::{lookup_table, name_parts, Analysis, Plan, StatementKind};
 use super::route::{Route, RouteError};
 use super::shardmap::{ShardMap, TableRule};
 
@@ -169,10 +169,7 @@ fn per_shard_default(map: &ShardMap, stmt: &Statement) -> Option<(String, String
         ),
         _ => return None,
     };
-    let mut parts = name_parts(name);
-    let table = parts.pop()?;
-    let schema = parts.pop();
-    let (map_name, rule) = map.lookup(schema.as_deref(), &table)?;
+    let (map_name, rule) = lookup_table(map, name)?;
     if *rule != TableRule::Replicated {
         return None;
     }
