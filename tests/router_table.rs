@@ -511,3 +511,57 @@ fn tenant_map_statements() {
         &bound,
     );
 }
+
+/// Replicated writes that leave a column to a per-shard default (the proxy
+/// reads the defaults from the catalog; given here as the catalog would).
+#[test]
+fn replicated_writes_leaving_per_shard_defaults() {
+    let config = Config::parse(Path::new("test.yaml"), DEMO, &|_| None).expect("valid map");
+    let map = ShardMap::from_config(&config)
+        .expect("map")
+        .with_columns(HashMap::from([(
+            "countries".to_string(),
+            vec!["ID".to_string(), "code".to_string(), "name".to_string()],
+        )]))
+        .with_per_shard_defaults(HashMap::from([(
+            "countries".to_string(),
+            vec![(
+                "ID".to_string(),
+                "nextval('countries_id_seq'::regclass)".to_string(),
+            )],
+        )]));
+    let r = Router::new(map);
+    let cases: Vec<Case> = vec![
+        (
+            "INSERT INTO countries (code, name) VALUES ('FR', 'France')",
+            Err("0A000"),
+        ),
+        (
+            "INSERT INTO countries (\"ID\", code, name) VALUES (1, 'FR', 'France')",
+            Ok(Route::Broadcast),
+        ),
+        (
+            "INSERT INTO countries VALUES (1, 'FR', 'France')",
+            Ok(Route::Broadcast),
+        ),
+        (
+            "INSERT INTO countries VALUES (DEFAULT, 'FR', 'France')",
+            Err("0A000"),
+        ),
+        (
+            "INSERT INTO countries (\"ID\", code) VALUES (1, 'FR'), (DEFAULT, 'DE')",
+            Err("0A000"),
+        ),
+        (
+            "INSERT INTO countries (\"ID\", code) SELECT 1, 'FR'",
+            Ok(Route::Broadcast),
+        ),
+        (
+            "COPY countries (\"ID\", code, name) FROM STDIN",
+            Ok(Route::Broadcast),
+        ),
+        ("COPY countries (code, name) FROM STDIN", Err("0A000")),
+        ("UPDATE countries SET name = 'x'", Ok(Route::Broadcast)),
+    ];
+    check(&r, &cases, &[]);
+}

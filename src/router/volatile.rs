@@ -26,7 +26,7 @@ use sqlparser::ast::{
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
-use super::analyze::{lookup_table, name_parts, Analysis, Plan, StatementKind};
+use super::analyze::{lookup_table, name_parts, norm, Analysis, Plan, StatementKind};
 use super::route::{Route, RouteError};
 use super::shardmap::{ShardMap, TableRule};
 
@@ -162,11 +162,7 @@ fn per_shard_default(map: &ShardMap, stmt: &Statement) -> Option<(String, String
                 },
             to: false,
             ..
-        } => (
-            table_name,
-            columns.iter().map(|c| c.value.to_lowercase()).collect(),
-            None,
-        ),
+        } => (table_name, columns.iter().map(norm).collect(), None),
         _ => return None,
     };
     let (map_name, rule) = lookup_table(map, name)?;
