@@ -67,7 +67,10 @@ impl Shared {
                 if let Some(aggregates) = &facts.aggregates {
                     self.fanout.set_aggregate_names(aggregates.iter().cloned());
                 }
-                router.learn(|map| map.with_catalog(&facts));
+                // A periodic read that found nothing new keeps the analysis cache.
+                if !router.map().knows(&facts) {
+                    router.learn(|map| map.with_catalog(&facts));
+                }
                 self.catalog_reads.fetch_add(1, Ordering::AcqRel);
                 true
             }
@@ -238,6 +241,18 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
                 ..RecoveryOptions::default()
             },
         ));
+    }
+    if shared.router.is_some() && !shared.config.catalog_refresh.is_zero() {
+        // Tables created or changed directly on the shards (`shardgate
+        // migrate`, psql) are learned within one interval.
+        let refresh_shared = shared.clone();
+        let interval = shared.config.catalog_refresh;
+        background.push(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                refresh_shared.refresh_catalog().await;
+            }
+        }));
     }
     let (shutdown, mut stopped) = watch::channel(false);
     let mut metrics_address = None;

@@ -378,3 +378,40 @@ async fn values_each_shard_would_compute_differently_are_refused() {
     assert_eq!(code(&error), "0A000");
     server.stop().await;
 }
+
+/// A replicated table created directly on the shards after the proxy
+/// started (as `shardgate migrate` does) is learned by the periodic
+/// catalog read, and its per-shard default is then enforced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_created_on_the_shards_are_learned_periodically() {
+    let db = fresh_db("replicated_periodic_catalog");
+    let map = format!("{PER_SHARD_MAP}catalog_refresh: 200ms\n");
+    let server = start_proxy(&shard_map(&db, &map)).await;
+    for cluster in &fleet().clusters {
+        connect(cluster, &db)
+            .await
+            .batch_execute("CREATE TABLE currencies (id serial PRIMARY KEY, code text NOT NULL)")
+            .await
+            .expect("table on the shard");
+    }
+    let client = connect_proxy(&server, "app", None).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        // A write the shards would reject anyway (NOT NULL), so probing
+        // before the catalog is learned stores nothing.
+        match client
+            .simple_query("INSERT INTO currencies (code) VALUES (NULL)")
+            .await
+        {
+            Err(error) if code(&error) == "0A000" => break,
+            Err(error) => assert_eq!(code(&error), "23502", "{error}"),
+            Ok(_) => panic!("a NULL code was stored"),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the table's serial default was not learned within 10 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    server.stop().await;
+}

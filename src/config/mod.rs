@@ -41,6 +41,11 @@ pub struct Config {
     /// loop like PgBouncer's, the fastest on small machines (measured); 0 is
     /// one per CPU.
     pub threads: usize,
+    /// How often the proxy re-reads the routing facts (key types, column
+    /// orders, replicated tables' per-shard defaults) from the catalog, so
+    /// tables created or changed directly on the shards (e.g. by `shardgate
+    /// migrate`) are learned; zero turns the periodic read off.
+    pub catalog_refresh: Duration,
 }
 
 #[derive(Debug, Clone)]

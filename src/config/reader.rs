@@ -27,6 +27,7 @@ const TOP_KEYS: &[&str] = &[
     "max_merge_memory",
     "migrations",
     "threads",
+    "catalog_refresh",
 ];
 const POOL_KEYS: &[&str] = &[
     "mode",
@@ -371,6 +372,10 @@ impl Reader<'_> {
             },
             None => Some(1),
         };
+        let catalog_refresh = match top.get("catalog_refresh") {
+            Some(node) => self.duration(node, "`catalog_refresh`"),
+            None => Some(Duration::from_secs(30)),
+        };
         let database = match top.get("database") {
             Some(node) => self.string(node, "`database`"),
             None => shards
@@ -395,6 +400,7 @@ impl Reader<'_> {
             max_merge_memory: max_merge_memory?,
             migrations: migrations?,
             threads: threads?,
+            catalog_refresh: catalog_refresh?,
         })
     }
 

@@ -207,6 +207,14 @@ fn facts_for(map: &ShardMap, tables: &TablesFound) -> CatalogFacts {
 }
 
 impl ShardMap {
+    /// True when this map already holds exactly these facts.
+    pub fn knows(&self, facts: &CatalogFacts) -> bool {
+        let next = self.with_catalog(facts);
+        next.key_types == self.key_types
+            && next.columns == self.columns
+            && next.per_shard_defaults == self.per_shard_defaults
+    }
+
     /// This map with the catalog's facts added (earlier facts for tables the
     /// catalog no longer shows are dropped: the table may have been recreated).
     pub fn with_catalog(&self, facts: &CatalogFacts) -> ShardMap {
