@@ -90,6 +90,14 @@ def build_shardgate():
     return os.path.join(ROOT, "target", "release", "shardgate")
 
 
+def build_tokio_floor():
+    """The bare tokio forwarder of bench/tokio-floor (its own small crate)."""
+    manifest = os.path.join(ROOT, "bench", "tokio-floor", "Cargo.toml")
+    log("cargo build --release (bench/tokio-floor)")
+    subprocess.run(["cargo", "build", "--release", "--quiet", "--manifest-path", manifest], check=True)
+    return os.path.join(ROOT, "bench", "tokio-floor", "target", "release", "tokio-floor")
+
+
 def ensure_pgbouncer():
     """Path of pgbouncer, installing it with apt-get if missing; None if impossible."""
     path = shutil.which("pgbouncer")
@@ -120,7 +128,7 @@ class Bench:
         os.chmod(self.dir, 0o755)
         self.procs = []  # (name, Popen), stopped in reverse order
         self.as_root = os.geteuid() == 0
-        self.pg_port = self.sg_port = self.pb_port = None
+        self.pg_port = self.sg_port = self.pb_port = self.floor_port = None
         self.sg = self.pb = None
         atexit.register(self.cleanup)
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -226,6 +234,15 @@ tables:
         self._wait_port("shardgate", self.sg, self.sg_port, timeout=60 if wrapper else 15)
         log(f"shardgate pid {self.sg.pid} on 127.0.0.1:{self.sg_port}, pool {pool_mode}/{pool_size}")
         return self.sg
+
+    # --- tokio floor (bare forwarder) ---------------------------------------
+    def start_tokio_floor(self, binary):
+        self.floor_port = free_port()
+        self.floor = self._spawn("tokio-floor", [binary, f"127.0.0.1:{self.floor_port}",
+                                                 f"127.0.0.1:{self.pg_port}"])
+        self._wait_port("tokio-floor", self.floor, self.floor_port)
+        log(f"tokio-floor pid {self.floor.pid} on 127.0.0.1:{self.floor_port} (bare forwarder, 1:1)")
+        return self.floor
 
     # --- PgBouncer --------------------------------------------------------
     def start_pgbouncer(self, path, pool_size, max_prepared=None):

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 from harness import DB, PG_USER, log  # noqa: E402
 
-TARGETS = ["direct", "shardgate", "pgbouncer"]
+TARGETS = ["direct", "shardgate", "pgbouncer", "floor"]
 
 
 def parse_args():
@@ -35,6 +35,9 @@ def parse_args():
     p.add_argument("--no-pgbouncer", action="store_true")
     p.add_argument("--routed", action="store_true",
                    help="shardgate with SQL routing on (pgbench_accounts sharded by aid; one shard)")
+    p.add_argument("--floor", action="store_true",
+                   help="also run bench/tokio-floor, a bare tokio TCP forwarder (1:1, no pooling): "
+                        "the CPU any tokio proxy pays before doing work of its own")
     p.add_argument("--out", help="markdown file (default bench/results/pgbench-<date>.md)")
     a = p.parse_args()
     a.secs = a.secs or (3 if a.quick else 10)
@@ -91,8 +94,11 @@ def main():
     b.psql(DB, "VACUUM ANALYZE")
     sg = b.start_shardgate(binary, a.pool, routed=a.routed)
     pb = b.start_pgbouncer(pb_path, a.pool, 200 if pb_prepared_ok else None) if pb_path else None
-    ports = {"direct": b.pg_port, "shardgate": b.sg_port, "pgbouncer": b.pb_port}
-    pids = {"shardgate": sg.pid, "pgbouncer": pb.pid if pb else None}
+    floor = b.start_tokio_floor(harness.build_tokio_floor()) if a.floor else None
+    ports = {"direct": b.pg_port, "shardgate": b.sg_port, "pgbouncer": b.pb_port,
+             "floor": b.floor_port if floor else None}
+    pids = {"shardgate": sg.pid, "pgbouncer": pb.pid if pb else None,
+            "floor": floor.pid if floor else None}
 
     load_before = open("/proc/loadavg").read().split()[:3]
     runs = []  # dicts: round, mode, clients, target, tps, txns, cpu_us_per_txn
@@ -112,7 +118,7 @@ def main():
                     cpu0 = harness.proc_cpu_seconds(pid) if pid else None
                     res = pgbench(ports[target], mode, clients, a.secs)
                     cpu1 = harness.proc_cpu_seconds(pid) if pid else None
-                    if pid and (sg.poll() is not None or (pb and pb.poll() is not None)):
+                    if pid and any(p_ and p_.poll() is not None for p_ in (sg, pb, floor)):
                         sys.exit(f"a proxy died:\n{b.tail_log('shardgate')}\n{b.tail_log('pgbouncer')}")
                     if res is None:
                         continue
@@ -141,19 +147,22 @@ def main():
                     spread = max(spread, (max(tps) - min(tps)) / mean)
                 cpus = [r["cpu"] for r in rs if r["cpu"] is not None]
                 cell[target] = (mean, statistics.mean(cpus) if cpus else None)
-            d, s, p = (cell[t][0] for t in TARGETS)
+            d, s, p, fl = (cell[t][0] for t in TARGETS)
             rows.append([mode, clients, d, s, p,
                          s / d if s and d else None, s / p if s and p else None,
                          cell["shardgate"][1], cell["pgbouncer"][1],
-                         spread if a.rounds > 1 else None])
+                         spread if a.rounds > 1 else None, fl, cell["floor"][1]])
 
     header = ["mode", "clients", "direct tps", "shardgate tps", "pgbouncer tps", "shardgate/direct",
               "shardgate/pgbouncer", "shardgate µs CPU/txn", "pgbouncer µs CPU/txn", "spread"]
+    if a.floor:
+        header += ["floor tps", "floor µs CPU/txn"]
     table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for m, c, d, s, p, sd, sp, sc, pc, spr in rows:
+    for m, c, d, s, p, sd, sp, sc, pc, spr, fl, fc in rows:
+        extra = f" {fmt(fl, ',.0f')} | {fmt(fc, '.1f')} |" if a.floor else ""
         table.append(f"| {m} | {c} | {fmt(d, ',.0f')} | {fmt(s, ',.0f')} | {fmt(p, ',.0f')} | "
                      f"{fmt(sd, '.2f')} | {fmt(sp, '.2f')} | {fmt(sc, '.1f')} | {fmt(pc, '.1f')} | "
-                     f"{'—' if spr is None else f'{spr * 100:.0f}%'} |")
+                     f"{'—' if spr is None else f'{spr * 100:.0f}%'} |{extra}")
     print("\n".join(table))
 
     commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=harness.ROOT,
@@ -176,7 +185,7 @@ def main():
 Command: `bench/pgbench.sh {' '.join(sys.argv[1:])}`  
 shardgate `{commit}`, {pgb_v}, {pb_v}, {platform.node()} ({os.cpu_count()} CPUs, {cpu_model}).  
 `pgbench -i -s {a.scale}`; each cell: `pgbench -n -S -M <mode> -c <clients> [-j 2] -T {a.secs}`,
-mean of {a.rounds} round(s), targets interleaved direct → shardgate → pgbouncer within each round.
+mean of {a.rounds} round(s), targets interleaved direct → shardgate → pgbouncer{' → floor' if a.floor else ''} within each round.
 shardgate SQL routing: {'on (pgbench_accounts sharded by aid, hash, one shard: every statement analysed)' if a.routed else 'off (no tables in the map: pooling only)'}.
 Both proxies: transaction pooling, pool size {a.pool}, one Postgres (fsync=off, max_connections=300,
 shared_buffers=128MB). pgbench, the proxy and Postgres share the same {os.cpu_count()} cores.
@@ -188,8 +197,9 @@ Load average before/after: {' '.join(load_before)} / {' '.join(load_after)} (mac
   shardgate/pgbouncer compares with the incumbent pooler.
 - *µs CPU/txn*: the proxy process's utime+stime during the run divided by the transactions it
   served (includes kernel time for its socket I/O; not Postgres's or pgbench's CPU).
-- *spread*: largest (max−min)/mean of the tps between rounds over the three targets of the row;
+- *spread*: largest (max−min)/mean of the tps between rounds over the targets of the row;
   a ratio is not meaningful beyond that noise.
+{"- *floor*: bench/tokio-floor, a bare tokio TCP forwarder (one backend connection per client, bytes copied unread, no pooling): what a proxy on shardgate's runtime pays per transaction before any work of its own." + chr(10) if a.floor else ""}
 {''.join('- ' + n_ + chr(10) for n_ in notes)}
 ## Every run
 

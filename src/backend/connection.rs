@@ -531,9 +531,16 @@ impl BackendConnection {
     /// purposes (measured: the peek was the only syscall per transaction
     /// PgBouncer does not make). Used by bb8's check and the hot stack alike.
     pub fn fit_for_checkout(&mut self) -> bool {
+        self.fit_for_checkout_at(Instant::now())
+    }
+
+    /// [`BackendConnection::fit_for_checkout`] with the time already read
+    /// (the hot stack reads the clock once for this and the lifetime check).
+    pub fn fit_for_checkout_at(&mut self, now: Instant) -> bool {
         !self.is_broken()
             && !self.needs_reset()
-            && (self.idle_for() < super::HEALTH_CHECK_AFTER_IDLE || self.poll_idle_health())
+            && (now.saturating_duration_since(self.idle_since) < super::HEALTH_CHECK_AFTER_IDLE
+                || self.poll_idle_health())
     }
 
     /// How long the connection has been idle (since its last ReadyForQuery 'I').

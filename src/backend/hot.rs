@@ -17,7 +17,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::pool::PooledBackend;
 
@@ -69,8 +69,10 @@ impl HotStack {
     pub fn pop(&self, max_lifetime: Option<Duration>) -> Option<PooledBackend> {
         loop {
             let mut conn = self.lock().pop()?;
-            let too_old = max_lifetime.is_some_and(|limit| conn.created_at().elapsed() >= limit);
-            let healthy = conn.fit_for_checkout();
+            let now = Instant::now();
+            let too_old = max_lifetime
+                .is_some_and(|limit| now.saturating_duration_since(conn.created_at()) >= limit);
+            let healthy = conn.fit_for_checkout_at(now);
             if healthy && !too_old {
                 return Some(conn);
             }

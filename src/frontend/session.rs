@@ -162,6 +162,8 @@ pub struct Session {
     /// decoded so every Bind routes it without decoding the frame again.
     unnamed_text: String,
     unnamed_types: Vec<u8>,
+    /// What `scan_statement` found in that statement's text.
+    unnamed_effects: StatementEffects,
     /// Whether the attached backend holds that unnamed statement.
     unnamed_on_backend: bool,
     /// Where the client's last unnamed Parse frame ended in the input, while
@@ -225,6 +227,7 @@ impl Session {
             unnamed_parse: Vec::new(),
             unnamed_text: String::new(),
             unnamed_types: Vec::new(),
+            unnamed_effects: StatementEffects::default(),
             unnamed_on_backend: false,
             unnamed_answered_end: None,
             last_scan: None,
@@ -400,10 +403,29 @@ impl Session {
                 }
                 self.forward(frame, Expect::UntilReady);
             }
+            tag::PARSE
+                if self.shared.router.is_some()
+                    && !self.unnamed_parse.is_empty()
+                    && self.unnamed_parse.as_slice() == frame =>
+            {
+                // Drivers re-send the same unnamed Parse for every execution:
+                // the bytes equal the recorded one, so nothing is decoded or
+                // scanned again.
+                let effects = self.unnamed_effects;
+                self.note_effects(effects);
+                if effects.sets {
+                    self.settings.statement_sent(&self.unnamed_text);
+                }
+                self.answer_unnamed_parse(frame);
+                return Ok(Step::Next);
+            }
             tag::PARSE => {
                 let parse = Parse::decode(body).map_err(protocol_violation)?;
                 let effects = self.scan_cached(parse.query);
                 self.note_effects(effects);
+                if parse.name.is_empty() {
+                    self.unnamed_effects = effects;
+                }
                 if self.shared.router.is_some() {
                     // Routed at Bind, when the parameters are known; the
                     // statement is created on that backend then.
@@ -846,20 +868,26 @@ impl Session {
                 self.unnamed_text.push_str(parse.query);
                 self.unnamed_types.extend_from_slice(parse.param_types);
             }
-            self.unnamed_on_backend = false;
-            // The answer's buffer is the one the batch will use anyway (a
-            // fresh small one would be reallocated at checkout).
-            buffers::ensure(&mut self.client_out);
-            let retractable = self
-                .queue
-                .local_slice_retractable(synth::PARSE_COMPLETE, &mut self.client_out);
-            self.unnamed_answered_end = retractable.then(|| frame.as_ptr() as usize + frame.len());
+            self.answer_unnamed_parse(frame);
         } else if let Err(error) = self.statements.define_local(parse) {
             self.client_error_in_batch(error);
         } else {
             self.queue
                 .local_slice(synth::PARSE_COMPLETE, &mut self.client_out);
         }
+    }
+
+    /// ParseComplete for the recorded unnamed statement (routing mode); the
+    /// statement itself goes to the backend its Bind routes to.
+    fn answer_unnamed_parse(&mut self, frame: &[u8]) {
+        self.unnamed_on_backend = false;
+        // The answer's buffer is the one the batch will use anyway (a
+        // fresh small one would be reallocated at checkout).
+        buffers::ensure(&mut self.client_out);
+        let retractable = self
+            .queue
+            .local_slice_retractable(synth::PARSE_COMPLETE, &mut self.client_out);
+        self.unnamed_answered_end = retractable.then(|| frame.as_ptr() as usize + frame.len());
     }
 
     fn target_shard(&self, hint: Option<Hint<'_>>) -> Result<Option<usize>, ProxyError> {
@@ -883,9 +911,18 @@ impl Session {
         let Some(pool) = self.shared.pools.get(shard) else {
             return Ok(());
         };
-        let waiting = Instant::now();
-        let checkout = pool.checkout().await;
-        self.shared.metrics.pool_wait(waiting.elapsed());
+        let checkout = match pool.checkout_parked() {
+            Some(conn) => {
+                self.shared.metrics.pool_wait(std::time::Duration::ZERO);
+                Ok(conn)
+            }
+            None => {
+                let waiting = Instant::now();
+                let checkout = pool.checkout().await;
+                self.shared.metrics.pool_wait(waiting.elapsed());
+                checkout
+            }
+        };
         self.shared
             .metrics
             .set_backend_up(shard, !matches!(&checkout, Err(e) if e.is_unavailable()));
