@@ -467,13 +467,24 @@ fn key_value(
     v: &ValueExpr,
     params: &[Param],
 ) -> Result<Option<KeyValue>, RouteError> {
+    key_value_as(f, leaf, v, params, leaf_type(map, f, leaf))
+}
+
+/// [`key_value`] with the key's type already looked up (`kind`; the lookup
+/// hashes the table name, so the hot path does it once per statement).
+fn key_value_as(
+    f: &MapFunction,
+    leaf: &KeyLeaf,
+    v: &ValueExpr,
+    params: &[Param],
+    kind: Option<KeyType>,
+) -> Result<Option<KeyValue>, RouteError> {
     let bad = |e: crate::sharding::ShardingError| match e {
         crate::sharding::ShardingError::InvalidValue { .. } => {
             RouteError::BadKeyText(format!("sharding key {}: {e}", leaf.column))
         }
         _ => RouteError::InvalidKey(format!("sharding key {}: {e}", leaf.column)),
     };
-    let kind = leaf_type(map, f, leaf);
     match v {
         ValueExpr::Null => Ok(None),
         ValueExpr::Known(k) => Ok(Some(k.clone())),
@@ -558,10 +569,11 @@ fn shard_of(
     v: &ValueExpr,
     params: &[Param],
 ) -> Result<Option<usize>, RouteError> {
-    let Some(key) = key_value(map, f, leaf, v, params)? else {
+    let kind = leaf_type(map, f, leaf);
+    let Some(key) = key_value_as(f, leaf, v, params, kind)? else {
         return Ok(None);
     };
-    let placed = match leaf_type(map, f, leaf) {
+    let placed = match kind {
         Some(kind) => f.function.shard_for_as(&key, kind),
         None => f.function.shard_for(&key),
     };

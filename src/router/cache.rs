@@ -40,10 +40,38 @@ pub struct Router {
 /// cheaper than the shared cache's lock and hash (the proxy's hot path).
 #[derive(Debug, Default)]
 pub struct Memo {
+    /// The last statement text with bound parameters (extended protocol).
+    plain: MemoEntry,
+    /// The last literal-free form of a text with inlined values (simple
+    /// protocol: `… WHERE aid = 42` memoised as `… WHERE aid = $1`).
+    literal_free: MemoEntry,
+}
+
+/// One memoised text, its analysis and the map it was made with.
+#[derive(Debug, Default)]
+struct MemoEntry {
     sql: String,
     generation: u64,
     analysis: Option<Arc<Analysis>>,
     map: Option<Arc<ShardMap>>,
+}
+
+impl MemoEntry {
+    /// The analysis and map when this entry holds `sql` for `generation`.
+    fn hit(&self, generation: u64, sql: &str) -> Option<(&Analysis, &ShardMap)> {
+        if self.generation != generation || self.sql != sql {
+            return None;
+        }
+        Some((self.analysis.as_deref()?, self.map.as_deref()?))
+    }
+
+    fn store(&mut self, generation: u64, sql: &str, analysis: Arc<Analysis>, map: Arc<ShardMap>) {
+        self.sql.clear();
+        self.sql.push_str(sql);
+        self.generation = generation;
+        self.analysis = Some(analysis);
+        self.map = Some(map);
+    }
 }
 
 impl Router {
@@ -95,29 +123,34 @@ impl Router {
         params: &[Param],
     ) -> Result<(Route, StatementKind), RouteError> {
         let generation = self.generation.load(Ordering::Acquire);
-        let fresh = memo.generation == generation && memo.sql == sql;
-        if let (true, Some(analysis), Some(map)) = (fresh, &memo.analysis, &memo.map) {
+        if let Some((analysis, map)) = memo.plain.hit(generation, sql) {
             return Ok((analysis.route(map, params)?, analysis.kind));
         }
         if leading_hint(sql).is_some() {
             return self.route_statement(sql, params);
         }
-        let (analysis, literals) = self.analysis_of(sql, params.len())?;
-        if !literals.is_empty() {
-            // Texts with inlined values rarely repeat: not worth a memo.
-            // (Routed from this analysis: analysing again would double the
-            // literal extraction and the cache lookup, half the cost of a
-            // simple-protocol query.)
-            return self.route_literals(sql, params, &analysis, literals);
+        if params.is_empty() {
+            let first = max_param(sql);
+            if let Some((normalized, all)) = extract_literals(sql, first) {
+                // Texts with inlined values rarely repeat, their literal-free
+                // form does: that is what the memo keeps for them.
+                if let Some((analysis, map)) = memo.literal_free.hit(generation, &normalized) {
+                    return self.route_literals(sql, params, analysis, map, all);
+                }
+                if let Ok(analysis) = self.analyze(&normalized) {
+                    let map = self.map();
+                    let routed = self.route_literals(sql, params, &analysis, &map, all);
+                    memo.literal_free
+                        .store(generation, &normalized, analysis, map);
+                    return routed;
+                }
+            }
         }
+        let analysis = self.analyze(sql)?;
         let map = self.map();
         let route = analysis.route(&map, params)?;
         let kind = analysis.kind;
-        memo.sql.clear();
-        memo.sql.push_str(sql);
-        memo.generation = generation;
-        memo.analysis = Some(analysis);
-        memo.map = Some(map);
+        memo.plain.store(generation, sql, analysis, map);
         Ok((route, kind))
     }
 
@@ -149,20 +182,17 @@ impl Router {
     /// analysis and, when literals were extracted, the parameters of the
     /// literal-free form: NULL for each `$n` the text itself has (nothing is
     /// bound to them), then the literals; empty when none were extracted.
-    fn analysis_of(
+    fn analysis_of<'s>(
         &self,
-        sql: &str,
+        sql: &'s str,
         params: usize,
-    ) -> Result<(Arc<Analysis>, Vec<Param<'static>>), RouteError> {
+    ) -> Result<(Arc<Analysis>, Vec<Param<'s>>), RouteError> {
         // Statements with bound parameters come from drivers that bind
         // their values: their text is already stable.
         if params == 0 {
             let first = max_param(sql);
-            if let Some((normalized, literals)) = extract_literals(sql, first) {
+            if let Some((normalized, all)) = extract_literals(sql, first) {
                 if let Ok(analysis) = self.analyze(&normalized) {
-                    let mut all = Vec::with_capacity(first + literals.len());
-                    all.resize(first, Param::null());
-                    all.extend(literals);
                     return Ok((analysis, all));
                 }
             }
@@ -189,10 +219,11 @@ impl Router {
             return Ok((Route::Single(shard), kind));
         }
         let (analysis, literals) = analysed?;
+        let map = self.map();
         if literals.is_empty() {
-            return Ok((analysis.route(&self.map(), params)?, analysis.kind));
+            return Ok((analysis.route(&map, params)?, analysis.kind));
         }
-        self.route_literals(sql, params, &analysis, literals)
+        self.route_literals(sql, params, &analysis, &map, literals)
     }
 
     /// The route of `sql` from the analysis of its literal-free form and
@@ -203,14 +234,15 @@ impl Router {
         sql: &str,
         params: &[Param<'_>],
         analysis: &Analysis,
-        all: Vec<Param<'static>>,
+        map: &ShardMap,
+        all: Vec<Param<'_>>,
     ) -> Result<(Route, StatementKind), RouteError> {
-        match analysis.route(&self.map(), &all) {
+        match analysis.route(map, &all) {
             Ok(route) => Ok((route, analysis.kind)),
             // Errors are worded for the text as written.
             Err(_) => {
                 let analysis = self.analyze(sql)?;
-                Ok((analysis.route(&self.map(), params)?, analysis.kind))
+                Ok((analysis.route(map, params)?, analysis.kind))
             }
         }
     }

@@ -10,23 +10,29 @@
 //! normalized text does not analyse (a literal where Postgres allows no
 //! parameter, e.g. `INTERVAL '1 day'`), the router uses the original text.
 
+use std::borrow::Cow;
+use std::fmt::Write;
+
 use super::route::Param;
 use crate::sharding::oid;
 
-/// The normalized text and the literals taken out of it, in `$n` order
-/// after the statement's own parameters. `None`: nothing to extract.
-pub fn extract_literals(sql: &str, first_param: usize) -> Option<(String, Vec<Param<'static>>)> {
+/// The normalized text and the parameters of that form: NULL for each of
+/// the statement's own `$1..$first_param` (nothing is bound to them), then
+/// the literals taken out, in `$n` order. Literals borrow from `sql` unless
+/// they had to be rewritten (`''` escapes, `007`): a simple-protocol query
+/// costs no allocation per literal. `None`: nothing to extract.
+pub fn extract_literals(sql: &str, first_param: usize) -> Option<(String, Vec<Param<'_>>)> {
+    fn push_param<'a>(out: &mut String, params: &mut Vec<Param<'a>>, p: Param<'a>) {
+        params.push(p);
+        // Writing to a String cannot fail.
+        let _ = write!(out, "${}", params.len());
+    }
     let bytes = sql.as_bytes();
-    let mut out = String::with_capacity(sql.len());
-    let mut params = Vec::new();
+    let mut out = String::with_capacity(sql.len() + 4);
+    let mut params: Vec<Param<'_>> = Vec::with_capacity(first_param + 2);
+    params.resize(first_param, Param::null());
     let mut copied = 0;
     let mut i = 0;
-    let push_param = |out: &mut String, params: &mut Vec<Param<'static>>, p: Param<'_>| {
-        let p = p.into_owned();
-        params.push(p);
-        out.push('$');
-        out.push_str(&(first_param + params.len()).to_string());
-    };
     while i < bytes.len() {
         let b = bytes[i];
         match b {
@@ -91,17 +97,22 @@ pub fn extract_literals(sql: &str, first_param: usize) -> Option<(String, Vec<Pa
                 };
                 let start = i;
                 i += 1;
-                let mut value = String::new();
+                // Borrowed from `sql` unless a `''` escape needs rewriting.
+                let mut value: Cow<'_, str> = Cow::Borrowed("");
                 let mut closed = false;
                 let mut seg = i;
                 while i < bytes.len() {
                     if bytes[i] == b'\'' {
-                        value.push_str(&sql[seg..i]);
                         if bytes.get(i + 1) == Some(&b'\'') {
-                            value.push('\'');
+                            let owned = value.to_mut();
+                            owned.push_str(&sql[seg..=i]);
                             i += 2;
                             seg = i;
                             continue;
+                        }
+                        match &mut value {
+                            Cow::Owned(owned) => owned.push_str(&sql[seg..i]),
+                            borrowed => *borrowed = Cow::Borrowed(&sql[seg..i]),
                         }
                         closed = true;
                         break;
@@ -120,7 +131,7 @@ pub fn extract_literals(sql: &str, first_param: usize) -> Option<(String, Vec<Pa
                     && sql[i..].trim_start().starts_with('\'');
                 if !prefixed && !continued {
                     out.push_str(&sql[copied..start]);
-                    push_param(&mut out, &mut params, Param::text(&value));
+                    push_param(&mut out, &mut params, Param::text_cow(value, None));
                     copied = i;
                 }
             }
@@ -138,12 +149,12 @@ pub fn extract_literals(sql: &str, first_param: usize) -> Option<(String, Vec<Pa
                     n.is_ascii_alphanumeric() || n == b'_' || n == b'.'
                 };
                 if !word_after {
-                    if let Ok(v) = sql[start..i].parse::<i64>() {
+                    if let Some(value) = integer_literal(&sql[start..i]) {
                         out.push_str(&sql[copied..start]);
                         push_param(
                             &mut out,
                             &mut params,
-                            Param::typed_text(&v.to_string(), oid::INT8),
+                            Param::text_cow(value, Some(oid::INT8)),
                         );
                         copied = i;
                     }
@@ -163,12 +174,12 @@ pub fn extract_literals(sql: &str, first_param: usize) -> Option<(String, Vec<Pa
                     n.is_ascii_alphanumeric() || n == b'_' || n == b'.'
                 };
                 if !word_before && !word_after {
-                    if let Ok(v) = sql[start..i].parse::<i64>() {
+                    if let Some(value) = integer_literal(&sql[start..i]) {
                         out.push_str(&sql[copied..start]);
                         push_param(
                             &mut out,
                             &mut params,
-                            Param::typed_text(&v.to_string(), oid::INT8),
+                            Param::text_cow(value, Some(oid::INT8)),
                         );
                         copied = i;
                     }
@@ -192,11 +203,29 @@ pub fn extract_literals(sql: &str, first_param: usize) -> Option<(String, Vec<Pa
             _ => i += 1,
         }
     }
-    if params.is_empty() {
+    if params.len() == first_param {
         return None;
     }
     out.push_str(&sql[copied..]);
     Some((out, params))
+}
+
+/// An integer literal's value as an int8 parameter's text: the literal as
+/// written when that is already canonical (no leading zeros, no `-0`), else
+/// its canonical form; `None` when it does not fit in 64 bits.
+fn integer_literal(text: &str) -> Option<Cow<'_, str>> {
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    let canonical = !digits.starts_with('0') || (digits == "0" && !text.starts_with('-'));
+    // Up to 18 digits always fit: no need to parse what routing parses anyway.
+    if canonical && digits.len() <= 18 {
+        return Some(Cow::Borrowed(text));
+    }
+    let v = text.parse::<i64>().ok()?;
+    Some(if canonical {
+        Cow::Borrowed(text)
+    } else {
+        Cow::Owned(v.to_string())
+    })
 }
 
 /// A `-` at `i` is a sign (not subtraction) when what precedes it is an
@@ -212,9 +241,13 @@ fn unary_position(bytes: &[u8], i: usize) -> bool {
 /// The highest `$n` in `sql` (outside strings and comments is not checked:
 /// a `$n` inside a string only makes the numbering start higher).
 pub fn max_param(sql: &str) -> usize {
+    // Most texts with inlined values have no `$` at all (a fast search).
+    let Some(first) = sql.find('$') else {
+        return 0;
+    };
     let bytes = sql.as_bytes();
     let mut max = 0;
-    let mut i = 0;
+    let mut i = first;
     while i < bytes.len() {
         if bytes[i] == b'$' {
             let start = i + 1;
@@ -289,7 +322,43 @@ mod tests {
         let (sql, _) = extract_literals("SELECT * FROM t WHERE a = $1 AND b = 3", 1).unwrap();
         assert_eq!(sql, "SELECT * FROM t WHERE a = $1 AND b = $2");
         assert_eq!(max_param("SELECT $1, $12"), 12);
+        assert_eq!(max_param("SELECT 1"), 0);
+        // 19 digits: beyond int8, left as written.
+        assert_eq!(norm("SELECT 99999999999999999999"), None);
+        assert!(norm("SELECT 999999999999999999").is_some());
         // Unterminated input is left to the parser.
         assert_eq!(norm("SELECT 'open"), None);
+    }
+
+    #[test]
+    fn literals_borrow_the_text_unless_it_is_rewritten() {
+        let sql = "SELECT * FROM t WHERE a = $1 AND b = 42 AND c = 'x' AND d = 'it''s' AND e = 007 AND f = -0 AND g = 0";
+        let (normalized, params) = extract_literals(sql, 1).expect("literals");
+        assert_eq!(
+            normalized,
+            "SELECT * FROM t WHERE a = $1 AND b = $2 AND c = $3 AND d = $4 AND e = $5 AND f = $6 AND g = $7"
+        );
+        // $1 is the statement's own: NULL (nothing bound), then the literals.
+        assert_eq!(params[0].value, None);
+        let values: Vec<(&[u8], bool)> = params[1..]
+            .iter()
+            .map(|p| {
+                let v = p.value.as_ref().expect("a literal is not NULL");
+                (v.as_ref(), matches!(v, Cow::Borrowed(_)))
+            })
+            .collect();
+        assert_eq!(
+            values,
+            vec![
+                (&b"42"[..], true),
+                (&b"x"[..], true),
+                (&b"it's"[..], false),
+                (&b"7"[..], false),
+                (&b"0"[..], false),
+                (&b"0"[..], true),
+            ]
+        );
+        assert_eq!(params[1].type_oid, Some(oid::INT8));
+        assert_eq!(params[2].type_oid, None);
     }
 }

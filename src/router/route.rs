@@ -145,6 +145,19 @@ impl<'a> Param<'a> {
         }
     }
 
+    /// A text-format parameter that borrows its text where it can.
+    pub fn text_cow(value: Cow<'a, str>, type_oid: Option<u32>) -> Param<'a> {
+        let value = match value {
+            Cow::Borrowed(text) => Cow::Borrowed(text.as_bytes()),
+            Cow::Owned(text) => Cow::Owned(text.into_bytes()),
+        };
+        Param {
+            value: Some(value),
+            format: ParamFormat::Text,
+            type_oid,
+        }
+    }
+
     /// A text-format parameter with a declared type OID.
     pub fn typed_text(value: &str, type_oid: u32) -> Param<'static> {
         Param {

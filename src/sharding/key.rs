@@ -317,7 +317,9 @@ fn invalid(value: &str, expected: &'static str, reason: &str) -> ShardingError {
 }
 
 fn parse_int(text: &str, expected: &'static str) -> Result<i64, ShardingError> {
-    let t = text.trim();
+    // Postgres' int8in skips C `isspace` around the digits (not Unicode
+    // spaces, which it rejects, and which `str::trim` would strip).
+    let t = text.trim_matches(|c| matches!(c, ' ' | '\t' | '\n' | '\u{0B}' | '\u{0C}' | '\r'));
     if t.is_empty() {
         return Err(invalid(text, expected, "empty string"));
     }
@@ -642,6 +644,21 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 mod tests {
     use super::super::pg_golden;
     use super::*;
+
+    #[test]
+    fn integer_keys_skip_the_spaces_postgres_skips_and_no_others() {
+        // int8in: C isspace around the digits is fine ...
+        for text in [" 42", "42 ", "\t42\n", "\u{0B}\u{0C}42\r"] {
+            assert_eq!(
+                KeyValue::parse_as(KeyType::Int, text),
+                Ok(KeyValue::Int(42)),
+                "{text:?}"
+            );
+        }
+        // ... a no-break space is not (Postgres: invalid input syntax).
+        assert!(KeyValue::parse_as(KeyType::Int, "\u{A0}42").is_err());
+        assert!(KeyValue::parse_as(KeyType::Int, "4 2").is_err());
+    }
 
     #[test]
     fn golden_dates_parse_to_postgres_internal_values() {

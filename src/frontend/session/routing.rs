@@ -56,13 +56,19 @@ pub(super) enum TxVerb {
 /// statement are not.
 pub(super) fn tx_verb(sql: &str) -> Option<TxVerb> {
     let text = sql.trim().trim_end_matches(';').trim_end();
+    let mut words = text.split_ascii_whitespace();
+    let first = words.next()?;
+    let is = |w: &str, k: &str| w.eq_ignore_ascii_case(k);
+    // Decided by the first word for almost every statement, before the
+    // whole text is scanned (this runs for every simple query).
+    const VERBS: [&str; 6] = ["begin", "start", "commit", "end", "rollback", "abort"];
+    if !VERBS.iter().any(|verb| is(first, verb)) {
+        return None;
+    }
     if text.contains(';') || text.contains("/*") || text.contains("--") {
         return None;
     }
-    let mut words = text.split_ascii_whitespace();
-    let first = words.next()?;
     let second = words.next();
-    let is = |w: &str, k: &str| w.eq_ignore_ascii_case(k);
     let plain_end =
         |w: Option<&str>| w.is_none() || w.is_some_and(|w| is(w, "work") || is(w, "transaction"));
     if is(first, "begin") || (is(first, "start") && second.is_some_and(|w| is(w, "transaction"))) {
