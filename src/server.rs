@@ -280,7 +280,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
                 accepted = listener.accept() => match accepted {
                     Ok((socket, _)) => {
                         let shared = accept_shared.clone();
-                        tokio::spawn(async move { serve_client(shared, socket).await });
+                        tokio::spawn(serve_client(shared, socket));
                     }
                     Err(error) => {
                         // EMFILE and friends: back off instead of spinning.
@@ -310,15 +310,22 @@ async fn serve_client(shared: Arc<Shared>, socket: tokio::net::TcpStream) {
             let slot = CancelSlot::default();
             let (pid, secret) = client.key;
             shared.cancels.register(pid, secret, slot.clone());
-            let session = Session::new(shared.clone(), *client, slot);
+            // Boxed: an async fn keeps its by-value argument twice in its
+            // state (as passed and as moved into its body), which cost every
+            // idle client another copy of the session.
+            let session = Box::new(Session::new(shared.clone(), *client, slot));
             session.run().await;
             shared.cancels.unregister(pid);
         }
         Accepted::Cancel { pid, secret } => {
             for (shard, backend_pid, backend_secret) in shared.cancels.targets(pid, secret) {
                 if let Some(shard) = shared.config.shards.get(shard) {
-                    if let Err(error) =
-                        crate::backend::send_cancel(shard, backend_pid, backend_secret).await
+                    if let Err(error) = Box::pin(crate::backend::send_cancel(
+                        shard,
+                        backend_pid,
+                        backend_secret,
+                    ))
+                    .await
                     {
                         tracing::warn!(%error, shard = %shard.name, "forwarding a cancel request failed");
                     }

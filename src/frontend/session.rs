@@ -239,7 +239,7 @@ impl Session {
     }
 
     /// Runs until the client leaves; the backend is returned clean afterwards.
-    pub async fn run(mut self) {
+    pub async fn run(mut self: Box<Self>) {
         let _exit = self.message_loop().await;
         self.detach_on_exit().await;
     }
@@ -362,9 +362,9 @@ impl Session {
                 if tag == tag::BIND && body.first() == Some(&0) {
                     // A Bind replacing the unnamed portal stops its fan-out
                     // rather than reading the rest into memory.
-                    self.close_portals(|p| !p.is("")).await;
+                    Box::pin(self.close_portals(|p| !p.is(""))).await;
                 }
-                self.park_live_portals().await;
+                Box::pin(self.park_live_portals()).await;
             }
         }
         if self.copy_in.is_some() && tag != tag::TERMINATE {
@@ -382,7 +382,7 @@ impl Session {
                     self.shardgate_set(name, value)?;
                     return Ok(Step::Next);
                 }
-                if !self.suspended.is_empty() && self.cursor_statement(sql).await {
+                if !self.suspended.is_empty() && Box::pin(self.cursor_statement(sql)).await {
                     return Ok(Step::Next);
                 }
                 let effects = scan_statement(sql);
@@ -464,7 +464,7 @@ impl Session {
                         return Ok(Step::Next);
                     }
                     // The unnamed portal is replaced.
-                    self.close_portals(|p| !p.is("")).await;
+                    Box::pin(self.close_portals(|p| !p.is(""))).await;
                 }
                 let attach = match self.router() {
                     Some(router) => self.route_bind(&router, &bind).await,
@@ -491,7 +491,7 @@ impl Session {
                 if let Some(index) = suspended {
                     if tag == tag::CLOSE {
                         let name = target.name.to_string();
-                        self.close_portals(|p| !p.is(&name)).await;
+                        Box::pin(self.close_portals(|p| !p.is(&name))).await;
                         let mut out = BytesMut::new();
                         synth::close_complete(&mut out);
                         self.queue.local(out, &mut self.client_out);
@@ -544,12 +544,12 @@ impl Session {
                     if !self.queue.is_empty() {
                         return Ok(Step::Wait);
                     }
-                    self.serve_portal(index, max_rows).await;
+                    Box::pin(self.serve_portal(index, max_rows)).await;
                     return Ok(Step::Next);
                 }
                 if let Some(portal) = self.pending_portal.as_mut().filter(|p| p.is(name)) {
                     portal.set_max_rows(max_rows);
-                    self.execute_fanout().await;
+                    Box::pin(self.execute_fanout()).await;
                     return Ok(Step::Next);
                 }
                 if self.backend.is_none() && self.shared.router.is_some() {
@@ -575,10 +575,10 @@ impl Session {
                 }
                 if !self.suspended.is_empty() {
                     // Portals outside a transaction block end with it.
-                    self.close_portals(|p| p.in_transaction).await;
+                    Box::pin(self.close_portals(|p| p.in_transaction)).await;
                 }
                 if self.implicit_multi {
-                    return Ok(self.finish_implicit_batch().await);
+                    return Ok(Box::pin(self.finish_implicit_batch()).await);
                 }
                 if !self.unsynced.is_empty() {
                     self.sync_other_shards().await;
@@ -967,7 +967,9 @@ impl Session {
 
     async fn detach_on_exit(&mut self) {
         // A portal still streaming gives its connections back first.
-        self.close_portals(|_| false).await;
+        if !self.suspended.is_empty() {
+            Box::pin(self.close_portals(|_| false)).await;
+        }
         if let Some(attached) = self.backend.as_mut() {
             if self.tainted {
                 attached.conn.mark_broken();

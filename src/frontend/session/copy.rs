@@ -220,7 +220,7 @@ fn one_byte(c: char, what: &str) -> Result<u8, ProxyError> {
 }
 
 /// Whether `sql` starts with the word COPY (after whitespace).
-fn starts_with_copy(sql: &str) -> bool {
+pub(super) fn starts_with_copy(sql: &str) -> bool {
     let text = sql.trim_start();
     text.get(..4)
         .is_some_and(|w| w.eq_ignore_ascii_case("copy"))
@@ -1025,23 +1025,23 @@ impl Session {
                 let error =
                     ProxyError::error("57014", format!("COPY from stdin failed: {message}"))
                         .with_detail("nothing of this COPY was committed on any shard");
-                self.copy_in_abort(copy, error).await;
+                Box::pin(self.copy_in_abort(copy, error)).await;
                 return;
             }
         };
         let done = match step {
             Ok(done) => done,
             Err(error) => {
-                self.copy_in_abort(copy, error).await;
+                Box::pin(self.copy_in_abort(copy, error)).await;
                 return;
             }
         };
         if let Err(error) = flush_shards(&mut copy, done).await {
-            self.copy_in_abort(copy, error).await;
+            Box::pin(self.copy_in_abort(copy, error)).await;
             return;
         }
         if done {
-            self.copy_in_done(copy).await;
+            Box::pin(self.copy_in_done(copy)).await;
         } else {
             self.copy_in = Some(copy);
         }

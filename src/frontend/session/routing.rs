@@ -208,7 +208,9 @@ impl Session {
                 .map(|(route, kind)| (route, super::multi::writes(kind)))
         };
         match decide(self, memo) {
-            Err(error) if error.may_need_catalog() && self.shared.refresh_catalog().await => {
+            Err(error)
+                if error.may_need_catalog() && Box::pin(self.shared.refresh_catalog()).await =>
+            {
                 decide(self, memo).map_err(route_error)
             }
             other => other.map_err(route_error),
@@ -317,7 +319,14 @@ impl Session {
         frame: &[u8],
         sql: &str,
     ) -> Attach {
-        if let Some(handled) = self.routed_copy_in(router, frame, sql).await {
+        // Boxed, as the other rare paths below: their state would otherwise
+        // be part of every idle session's future (bench/idle_connections.sh).
+        let copy = if super::copy::starts_with_copy(sql) {
+            Box::pin(self.routed_copy_in(router, frame, sql)).await
+        } else {
+            None
+        };
+        if let Some(handled) = copy {
             return handled;
         }
         if let Some(statement) = explain_shards(sql) {
@@ -357,14 +366,16 @@ impl Session {
                 if !self.queue.is_empty() {
                     return Attach::Wait;
                 }
-                self.end_multi(commit).await;
+                Box::pin(self.end_multi(commit)).await;
                 return Attach::Answered;
             }
             Destination::Refuse(error) => {
                 self.report(error, false);
                 return Attach::Failed;
             }
-            Destination::Shards(route) => return self.fanout_query(router, sql, route).await,
+            Destination::Shards(route) => {
+                return Box::pin(self.fanout_query(router, sql, route)).await
+            }
         };
         if attach == Attach::Ready {
             if verb == Some(TxVerb::Begin) {
