@@ -8,7 +8,9 @@
 //! before doing any work of its own; shardgate's CPU minus this is the cost
 //! of shardgate's own code.
 //!
-//! Usage: `tokio-floor LISTEN_ADDR BACKEND_ADDR`.
+//! Usage: `tokio-floor LISTEN_ADDR BACKEND_ADDR`, or shardgate's own
+//! `serve --config FILE` (listen address and first shard's host:port read
+//! from the map), so `SHARDGATE_BIN=… bench/profile.sh` can profile it.
 
 use std::process::ExitCode;
 
@@ -17,11 +19,19 @@ use tokio::net::{TcpListener, TcpStream};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
-    let (Some(listen), Some(backend)) = (args.get(1).cloned(), args.get(2).cloned()) else {
-        eprintln!("usage: tokio-floor LISTEN_ADDR BACKEND_ADDR");
+    let addresses = if args.get(1).map(String::as_str) == Some("serve") {
+        args.get(3).and_then(|path| addresses_from_map(path))
+    } else {
+        args.get(1).cloned().zip(args.get(2).cloned())
+    };
+    let Some((listen, backend)) = addresses else {
+        eprintln!("usage: tokio-floor LISTEN_ADDR BACKEND_ADDR | tokio-floor serve --config MAP");
         return ExitCode::from(2);
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("tokio-floor: runtime: {error}");
@@ -43,6 +53,20 @@ fn main() -> ExitCode {
             tokio::spawn(forward(client, backend.clone()));
         }
     })
+}
+
+/// `listen:` and the first shard URL's `@host:port` of a generated bench map.
+fn addresses_from_map(path: &str) -> Option<(String, String)> {
+    let map = std::fs::read_to_string(path).ok()?;
+    let listen = map
+        .lines()
+        .find_map(|line| line.strip_prefix("listen:"))?
+        .trim()
+        .to_string();
+    let after_at = &map[map.find("postgres://")?..];
+    let host_port = &after_at[after_at.find('@')? + 1..];
+    let end = host_port.find('/')?;
+    Some((listen, host_port[..end].to_string()))
 }
 
 /// Copies bytes both ways until either side closes.
