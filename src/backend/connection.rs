@@ -543,11 +543,6 @@ impl BackendConnection {
                 || self.poll_idle_health())
     }
 
-    /// How long the connection has been idle (since its last ReadyForQuery 'I').
-    pub fn idle_for(&self) -> std::time::Duration {
-        self.idle_since.elapsed()
-    }
-
     /// True when the connection cannot go back to the pool as-is: inside a
     /// transaction, or requests were written whose ReadyForQuery was not
     /// reported through [`set_transaction_status`](Self::set_transaction_status).

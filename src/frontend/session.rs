@@ -861,13 +861,12 @@ impl Session {
             // statement sent to some backend unrouted would run on that
             // shard only: a silently wrong answer for a large IN list, a
             // bulk INSERT on the wrong shard.)
-            // Drivers send the same text every time: nothing to re-record.
-            if self.unnamed_parse.as_slice() != frame || self.unnamed_text.as_str() != parse.query {
-                self.forget_unnamed();
-                self.unnamed_parse.extend_from_slice(frame);
-                self.unnamed_text.push_str(parse.query);
-                self.unnamed_types.extend_from_slice(parse.param_types);
-            }
+            // (A Parse with the recorded bytes never gets here: see the
+            // repeated-Parse arm of `handle_client_message`.)
+            self.forget_unnamed();
+            self.unnamed_parse.extend_from_slice(frame);
+            self.unnamed_text.push_str(parse.query);
+            self.unnamed_types.extend_from_slice(parse.param_types);
             self.answer_unnamed_parse(frame);
         } else if let Err(error) = self.statements.define_local(parse) {
             self.client_error_in_batch(error);

@@ -74,6 +74,16 @@ impl MemoEntry {
     }
 }
 
+/// The literal-free form of `sql` and its parameters (see
+/// [`extract_literals`]). Statements with `bound` parameters come from
+/// drivers that bind their values: their text is already stable.
+fn literal_free(sql: &str, bound: usize) -> Option<(String, Vec<Param<'_>>)> {
+    if bound > 0 {
+        return None;
+    }
+    extract_literals(sql, max_param(sql))
+}
+
 impl Router {
     pub fn new(map: ShardMap) -> Router {
         Router::with_capacity(map, DEFAULT_CACHE_CAPACITY)
@@ -129,21 +139,18 @@ impl Router {
         if leading_hint(sql).is_some() {
             return self.route_statement(sql, params);
         }
-        if params.is_empty() {
-            let first = max_param(sql);
-            if let Some((normalized, all)) = extract_literals(sql, first) {
-                // Texts with inlined values rarely repeat, their literal-free
-                // form does: that is what the memo keeps for them.
-                if let Some((analysis, map)) = memo.literal_free.hit(generation, &normalized) {
-                    return self.route_literals(sql, params, analysis, map, all);
-                }
-                if let Ok(analysis) = self.analyze(&normalized) {
-                    let map = self.map();
-                    let routed = self.route_literals(sql, params, &analysis, &map, all);
-                    memo.literal_free
-                        .store(generation, &normalized, analysis, map);
-                    return routed;
-                }
+        if let Some((normalized, all)) = literal_free(sql, params.len()) {
+            // Texts with inlined values rarely repeat, their literal-free
+            // form does: that is what the memo keeps for them.
+            if let Some((analysis, map)) = memo.literal_free.hit(generation, &normalized) {
+                return self.route_literals(sql, params, analysis, map, all);
+            }
+            if let Ok(analysis) = self.analyze(&normalized) {
+                let map = self.map();
+                let routed = self.route_literals(sql, params, &analysis, &map, all);
+                memo.literal_free
+                    .store(generation, &normalized, analysis, map);
+                return routed;
             }
         }
         let analysis = self.analyze(sql)?;
@@ -187,14 +194,9 @@ impl Router {
         sql: &'s str,
         params: usize,
     ) -> Result<(Arc<Analysis>, Vec<Param<'s>>), RouteError> {
-        // Statements with bound parameters come from drivers that bind
-        // their values: their text is already stable.
-        if params == 0 {
-            let first = max_param(sql);
-            if let Some((normalized, all)) = extract_literals(sql, first) {
-                if let Ok(analysis) = self.analyze(&normalized) {
-                    return Ok((analysis, all));
-                }
+        if let Some((normalized, all)) = literal_free(sql, params) {
+            if let Ok(analysis) = self.analyze(&normalized) {
+                return Ok((analysis, all));
             }
         }
         Ok((self.analyze(sql)?, Vec::new()))
