@@ -298,6 +298,43 @@ fn parameters_text_and_binary() {
         untyped.route_with_params(sql, &[Param::typed_text("42", oid::INT4)]),
         Ok(single(42))
     );
+    // A parameter is read in the type its Parse declared, whatever the SQL
+    // casts it to (SQLAlchemy 2.1 + psycopg 3.3: binary int2 for `$1::BIGINT`).
+    for (bytes, declared) in [
+        (42i16.to_be_bytes().to_vec(), oid::INT2),
+        (42i32.to_be_bytes().to_vec(), oid::INT4),
+        (42i64.to_be_bytes().to_vec(), oid::INT8),
+    ] {
+        for router in [&typed, &untyped] {
+            assert_eq!(
+                router.route_with_params(
+                    "SELECT * FROM users WHERE id = $1::BIGINT",
+                    &[Param::binary(&bytes, Some(declared))]
+                ),
+                Ok(single(42)),
+                "declared {declared}"
+            );
+        }
+    }
+    assert_eq!(
+        typed.route_with_params(
+            "INSERT INTO users (id, name) VALUES ($1::BIGINT, $2::VARCHAR), ($3::BIGINT, $4::VARCHAR)",
+            &[
+                Param::binary(&1i16.to_be_bytes(), Some(oid::INT2)),
+                Param::text("a"),
+                Param::binary(&2i32.to_be_bytes(), Some(oid::INT4)),
+                Param::text("b")
+            ]
+        ),
+        Ok(split(&[1, 2]))
+    );
+    // Out of the declared type's range: refused as Postgres would.
+    assert!(typed
+        .route_with_params(
+            "SELECT * FROM users WHERE id = $1::bigint",
+            &[Param::typed_text("70000", oid::INT2)]
+        )
+        .is_err());
     // Untyped text for a hash key: refused, never guessed.
     let err = untyped
         .route_with_params(sql, &[Param::text("42")])

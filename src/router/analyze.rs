@@ -509,9 +509,12 @@ fn key_value_as(
             let Some(bytes) = &p.value else {
                 return Ok(None);
             };
-            let declared = cast
-                .or(p.declared_oid())
-                .filter(|o| KeyType::from_oid(*o).is_ok());
+            // The bytes are in the type the Parse declared (SQLAlchemy with
+            // psycopg binds a small Python int as binary int2 and casts it
+            // `$1::BIGINT` in the SQL): read them as that type, as Postgres
+            // does before applying the cast; the cast types undeclared ones.
+            let key_oid = |o: &u32| KeyType::from_oid(*o).is_ok();
+            let declared = p.declared_oid().filter(key_oid).or(cast.filter(key_oid));
             let need_type = || {
                 RouteError::TypeNeeded(format!(
                     "parameter ${} for the sharding key {} has no declared type and {} placement \
@@ -642,6 +645,9 @@ pub fn analyze(map: &ShardMap, sql: &str) -> Result<Analysis, RouteError> {
 /// accepts: `FOR NO KEY UPDATE` / `FOR KEY SHARE` (row locks) and `TABLE t`.
 /// Only used to analyse; the client's text is what gets forwarded.
 fn rewrite_for_parser(sql: &str) -> Option<String> {
+    if let Some(copy) = super::copy_grammar::for_parser(sql) {
+        return Some(copy);
+    }
     let lower = sql.to_ascii_lowercase();
     if lower.contains("for no key update") || lower.contains("for key share") {
         let mut out = String::with_capacity(sql.len());

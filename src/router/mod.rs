@@ -5,6 +5,7 @@
 //! - [`route`]: the decision ([`Route`]) and its errors ([`RouteError`]).
 //! - [`cache`]: [`Router`], the cached entry point the proxy uses.
 //! - [`explain`]: the human explanation behind `shardgate route`.
+//! - [`copy_grammar`]: COPY as Postgres' grammar has it, rewritten for sqlparser.
 //! - [`hints`]: routing hints from comments and `SET shardgate.…`.
 //! - [`uniqueness`]: unique constraints the shards could only enforce per shard.
 //! - [`volatile`]: functions whose value differs per shard (replicated writes, sequences).
@@ -12,6 +13,7 @@
 pub mod analyze;
 pub mod cache;
 pub mod catalog;
+pub mod copy_grammar;
 pub mod explain;
 pub mod hints;
 pub mod normalize;

@@ -232,7 +232,16 @@ pub(super) fn starts_with_copy(sql: &str) -> bool {
 
 /// `None`: not a single COPY statement sqlparser reads.
 fn parse_copy(sql: &str) -> Option<Result<CopySpec, ProxyError>> {
-    let statements = Parser::parse_sql(&PostgreSqlDialect {}, sql).ok()?;
+    let statements = match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
+        Ok(statements) => statements,
+        // Options sqlparser does not know (FREEZE, HEADER MATCH, WHERE, …):
+        // the shards get the client's text; routing reads the equivalent.
+        Err(_) => Parser::parse_sql(
+            &PostgreSqlDialect {},
+            &crate::router::copy_grammar::for_parser(sql)?,
+        )
+        .ok()?,
+    };
     let [Statement::Copy {
         source,
         to,
