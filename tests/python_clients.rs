@@ -212,37 +212,65 @@ async fn asyncpg_prepared_binary_pool_through_shardgate() {
 /// executemany inside a transaction (one batch over several shards).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn asyncpg_cursors_and_batches_over_a_sharded_table() {
+    script_over_three_shards(
+        "asyncpg_sharded.py",
+        "py_cursor",
+        "functions:\n  by_id: { kind: hash }\n\
+         tables:\n  cur_items: { key: id, function: by_id }\n",
+        ("cur_items", 1100),
+    )
+    .await;
+}
+
+/// The script against Postgres, then through shardgate over the three
+/// shards with `map` (transaction pooling, 4 backends per shard); then
+/// `table` must have rows on every shard and `rows` in all.
+async fn script_over_three_shards(script: &str, name: &str, map: &str, (table, rows): (&str, i64)) {
     python().await;
-    let script = "asyncpg_sharded.py";
-    let direct_db = fresh_db("py_cursor_direct").await;
+    let direct_db = fresh_db(&format!("{name}_direct")).await;
     run_script(
         script,
         &support::fleet().clusters[0].url(&direct_db),
         "direct",
     )
     .await;
-
-    let db = fresh_db("py_cursor").await;
+    let db = fresh_db(name).await;
     let server = support::start_proxy(&support::shard_map(
         &db,
-        "pool: { mode: transaction, size: 4 }\n\
-         functions:\n  by_id: { kind: hash }\n\
-         tables:\n  cur_items: { key: id, function: by_id }\n",
+        &format!("pool: {{ mode: transaction, size: 4 }}\n{map}"),
     ))
     .await;
     let url = format!("postgresql://app@127.0.0.1:{}/{db}", server.address.port());
     run_script(script, &url, "shardgate").await;
     server.stop().await;
-    // The cursors read a table that really is spread over the shards.
-    let per_shard = support::rows_per_shard(&db, "cur_items").await;
+    // The rows really are spread over the shards.
+    let per_shard = support::rows_per_shard(&db, table).await;
     assert!(
         per_shard.iter().all(|n| *n > 0),
-        "rows per shard: {per_shard:?}"
+        "{table}: rows per shard: {per_shard:?}"
     );
-    assert_eq!(per_shard.iter().sum::<i64>(), 1100);
+    assert_eq!(per_shard.iter().sum::<i64>(), rows, "{table}: rows");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlalchemy_psycopg_and_asyncpg_through_shardgate() {
     client_through_shardgate("sqlalchemy_client.py", "py_sqlalchemy").await;
+}
+
+/// Issue #14 through a 3-shard map with routing on: SQLAlchemy ORM flush,
+/// bulk insert, row locks, JSONB and an asyncpg async engine on a sharded
+/// table; asyncpg pool reset at 40 releases; an `executemany` failing
+/// half-way leaves nothing; DEALLOCATE ALL, CLOSE ALL, server-side cursors;
+/// 25P02 after an error in a transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routed_applications_over_three_shards() {
+    script_over_three_shards(
+        "routed_apps.py",
+        "py_routed",
+        "functions:\n  by_id: { kind: hash }\n\
+         tables:\n  ra_employee: { key: id, function: by_id }\n\
+         default_table: replicated\n",
+        ("ra_employee", 51),
+    )
+    .await;
 }

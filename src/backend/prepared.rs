@@ -16,6 +16,9 @@ pub const DEFAULT_PREPARED_CAPACITY: usize = 512;
 struct Entry {
     name: String,
     last_used: u64,
+    /// When it was prepared, on the front end's Parse clock (see
+    /// `frontend::prepared`): a client's Parse after that must not use it.
+    prepared_at: u64,
 }
 
 /// Bounded map from statement hash to the server-side statement name.
@@ -44,12 +47,22 @@ impl PreparedCache {
 
     /// The server-side name for `hash`, marking it recently used.
     pub fn get(&mut self, hash: u64) -> Option<&str> {
+        self.get_prepared_since(hash, 0)
+    }
+
+    /// [`PreparedCache::get`], but only a statement prepared at or after
+    /// `since`: an older one may carry a plan from before a schema change
+    /// that a client's later Parse must not inherit.
+    pub fn get_prepared_since(&mut self, hash: u64, since: u64) -> Option<&str> {
         self.clock += 1;
         let clock = self.clock;
-        self.entries.get_mut(&hash).map(|e| {
-            e.last_used = clock;
-            e.name.as_str()
-        })
+        self.entries
+            .get_mut(&hash)
+            .filter(|e| e.prepared_at >= since)
+            .map(|e| {
+                e.last_used = clock;
+                e.name.as_str()
+            })
     }
 
     /// True if the statement exists on this backend (does not touch recency).
@@ -61,10 +74,21 @@ impl PreparedCache {
     /// statement that had to be evicted to make room (the caller should
     /// `Close` it on the backend), or the previous name for the same hash.
     pub fn insert(&mut self, hash: u64, name: String) -> Option<String> {
+        self.insert_prepared_at(hash, name, 0)
+    }
+
+    /// [`PreparedCache::insert`] of a statement prepared at `prepared_at`.
+    pub fn insert_prepared_at(
+        &mut self,
+        hash: u64,
+        name: String,
+        prepared_at: u64,
+    ) -> Option<String> {
         self.clock += 1;
         let entry = Entry {
             name,
             last_used: self.clock,
+            prepared_at,
         };
         if let Some(old) = self.entries.insert(hash, entry) {
             return Some(old.name);
@@ -130,5 +154,19 @@ mod tests {
         assert_eq!(cache.insert(7, "b".into()), Some("a".into()));
         assert_eq!(cache.get(7), Some("b"));
         assert_eq!(PreparedCache::new(0).capacity(), 1);
+    }
+
+    #[test]
+    fn older_preparations_are_not_reused_for_later_parses() {
+        let mut cache = PreparedCache::new(4);
+        assert_eq!(cache.insert_prepared_at(7, "sg_7".into(), 5), None);
+        assert_eq!(cache.get_prepared_since(7, 5), Some("sg_7"));
+        assert_eq!(cache.get_prepared_since(7, 6), None);
+        // Re-prepared: the caller closes the previous server statement.
+        assert_eq!(
+            cache.insert_prepared_at(7, "sg_7".into(), 6),
+            Some("sg_7".into())
+        );
+        assert_eq!(cache.get_prepared_since(7, 6), Some("sg_7"));
     }
 }

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::BytesMut;
 
@@ -21,6 +22,28 @@ struct Statement {
     server_name: String,
     query: String,
     param_types: Vec<u8>,
+    /// The Parse clock when the client parsed it.
+    parsed_at: u64,
+    /// It went to a backend at least once (a rejection there removes the
+    /// name). Until then a routing-mode Parse was only recorded, and the
+    /// client may define the name again (its first text may have been one
+    /// Postgres would have rejected at Parse).
+    sent: bool,
+}
+
+/// Counts client Parses of named statements, process-wide. Postgres plans
+/// a statement as of its Parse: a backend's copy prepared before a client's
+/// Parse may hold a plan from before a schema change (`ALTER TABLE … TYPE`
+/// after it gives `cached plan must not change result type`), so it is
+/// re-prepared for that client instead of shared (issue #14).
+static PARSE_CLOCK: AtomicU64 = AtomicU64::new(1);
+
+fn parse_tick() -> u64 {
+    PARSE_CLOCK.fetch_add(1, Ordering::Relaxed) + 1
+}
+
+fn parse_clock_now() -> u64 {
+    PARSE_CLOCK.load(Ordering::Relaxed)
 }
 
 impl Statement {
@@ -74,8 +97,13 @@ impl ClientStatements {
             server_name: format!("sg_{hash:016x}"),
             query: parse.query.to_string(),
             param_types: parse.param_types.to_vec(),
+            parsed_at: parse_tick(),
+            sent: true,
         };
-        let action = if cache.get(hash).is_some() {
+        let action = if cache
+            .get_prepared_since(hash, statement.parsed_at)
+            .is_some()
+        {
             ParseAction::Known
         } else {
             let evicted = Self::create_on_backend(&statement, cache, out);
@@ -88,7 +116,7 @@ impl ClientStatements {
     /// A named Parse recorded without a backend (routing waits for Bind,
     /// which knows the parameters); created on the backend on first use.
     pub fn define_local(&mut self, parse: Parse<'_>) -> Result<(), ProxyError> {
-        if self.named.contains_key(parse.name) {
+        if self.named.get(parse.name).is_some_and(|s| s.sent) {
             return Err(ProxyError::error(
                 "42P05",
                 format!("prepared statement \"{}\" already exists", parse.name),
@@ -102,6 +130,8 @@ impl ClientStatements {
                 server_name: format!("sg_{hash:016x}"),
                 query: parse.query.to_string(),
                 param_types: parse.param_types.to_vec(),
+                parsed_at: parse_tick(),
+                sent: false,
             },
         );
         Ok(())
@@ -122,9 +152,14 @@ impl ClientStatements {
         cache: &mut PreparedCache,
         out: &mut BytesMut,
     ) -> bool {
-        let evicted = cache.insert(statement.hash, statement.server_name.clone());
+        let evicted = cache.insert_prepared_at(
+            statement.hash,
+            statement.server_name.clone(),
+            parse_clock_now(),
+        );
         if let Some(evicted) = &evicted {
-            // The cache was full: close the least recently used statement first.
+            // The cache was full (the least recently used statement goes),
+            // or this one is re-prepared: close it on the server first.
             Target {
                 kind: b'S',
                 name: evicted,
@@ -146,8 +181,13 @@ impl ClientStatements {
         cache: &mut PreparedCache,
         out: &mut BytesMut,
     ) -> Option<Option<(u64, bool)>> {
-        let statement = self.named.get(name)?;
-        if cache.get(statement.hash).is_some() {
+        let statement = self.named.get_mut(name)?;
+        statement.sent = true;
+        let statement = &*statement;
+        if cache
+            .get_prepared_since(statement.hash, statement.parsed_at)
+            .is_some()
+        {
             return Some(None);
         }
         let evicted = Self::create_on_backend(statement, cache, out);
@@ -179,6 +219,18 @@ impl ClientStatements {
     /// The client closed (or deallocated) its name; the server statement stays cached.
     pub fn close(&mut self, name: &str) {
         self.named.remove(name);
+    }
+
+    /// A shard rejected the statement with this hash (e.g. an unknown type
+    /// in it): Postgres would not have created the client's name, so a
+    /// corrected Parse under the same name must not get 42P05.
+    pub fn forget_rejected(&mut self, hash: u64) {
+        self.named.retain(|_, s| s.hash != hash);
+    }
+
+    /// `DEALLOCATE ALL`: every name goes.
+    pub fn clear(&mut self) {
+        self.named.clear();
     }
 
     pub fn len(&self) -> usize {

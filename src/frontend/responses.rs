@@ -68,6 +68,9 @@ pub struct ResponseQueue {
     backend_skipping: bool,
     /// Statements whose Parse failed or was skipped: not on the backend.
     pub failed_statements: Vec<u64>,
+    /// Statements whose Parse the backend rejected (not just skipped): as
+    /// in Postgres, the client's name for them must not exist either.
+    pub rejected_statements: Vec<u64>,
     /// Extended-protocol messages were sent since the last Sync (or simple
     /// query): the backend will not answer them all before that Sync.
     batch_open: bool,
@@ -215,6 +218,11 @@ impl ResponseQueue {
             (Expect::UntilReady, tag::READY_FOR_QUERY) => (true, Disposition::Forward),
             (Expect::UntilReady, _) => (false, Disposition::Forward),
             (_, tag::ERROR_RESPONSE) => {
+                if let Expect::Parse(hash) | Expect::HiddenParse(hash) = expect {
+                    if hash != 0 {
+                        self.rejected_statements.push(hash);
+                    }
+                }
                 self.pop_failed();
                 self.skip_to_sync();
                 return Disposition::Forward;

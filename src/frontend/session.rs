@@ -385,6 +385,20 @@ impl Session {
                 if !self.suspended.is_empty() && Box::pin(self.cursor_statement(sql)).await {
                     return Ok(Step::Next);
                 }
+                if let Some(name) = deallocated_name(sql) {
+                    if self.statements.text_of(name).is_some() {
+                        // Protocol and SQL prepared statements share one
+                        // namespace in Postgres (psycopg evicts its cache
+                        // with `DEALLOCATE _pg3_N`): the client's name goes;
+                        // the server copy stays cached for reuse.
+                        self.statements.close(name);
+                        let mut out = BytesMut::new();
+                        synth::command_complete(&mut out, "DEALLOCATE");
+                        synth::ready_for_query(&mut out, self.status);
+                        self.queue.local(out, &mut self.client_out);
+                        return Ok(Step::Next);
+                    }
+                }
                 let effects = scan_statement(sql);
                 self.note_effects(effects);
                 if let Some(router) = self.router() {
@@ -400,6 +414,10 @@ impl Session {
                 }
                 if effects.drops_statements {
                     self.forget_backend_statements();
+                    if deallocates_all(sql) {
+                        // DEALLOCATE ALL removes protocol-level statements too.
+                        self.statements.clear();
+                    }
                 }
                 self.forward(frame, Expect::UntilReady);
             }
@@ -941,6 +959,13 @@ impl Session {
         if let Some(begin) = self.deferred_begin.take() {
             self.backend_out.extend_from_slice(&begin);
             self.queue.sent(Expect::HiddenQuery);
+            if self.status == b'E' {
+                // shardgate failed a statement of this transaction before
+                // it reached a shard: the shard's part starts failed too,
+                // so the client's statement gets 25P02 as from Postgres.
+                synth::query(&mut self.backend_out, TRANSACTION_ABORT_SQL);
+                self.queue.sent(Expect::HiddenAbort);
+            }
         }
         self.unnamed_on_backend = false;
         self.backend = Some(Attached {
@@ -1067,10 +1092,7 @@ impl Session {
             // The backend failed the batch itself: already aborted.
             return;
         }
-        synth::query(
-            &mut self.backend_out,
-            "SELECT 1/0 AS shardgate_aborts_this_transaction_after_a_proxy_error",
-        );
+        synth::query(&mut self.backend_out, TRANSACTION_ABORT_SQL);
         self.queue.sent(Expect::HiddenAbort);
         self.status = b'E';
     }
@@ -1392,8 +1414,16 @@ impl Session {
                 attached.conn.prepared().remove(hash);
             }
         }
+        for hash in std::mem::take(&mut self.queue.rejected_statements) {
+            self.statements.forget_rejected(hash);
+        }
     }
 }
+
+/// A hidden statement that fails, putting the backend's transaction into the
+/// aborted state after shardgate reported an error inside it.
+const TRANSACTION_ABORT_SQL: &str =
+    "SELECT 1/0 AS shardgate_aborts_this_transaction_after_a_proxy_error";
 
 /// Client messages are moved to the backend in batches of about this size,
 /// with the backend's answers read in between.
@@ -1531,6 +1561,55 @@ fn scan_statement(sql: &str) -> StatementEffects {
     effects
 }
 
+/// The statement name of a single `DEALLOCATE [PREPARE] name` (quoted or
+/// not; not `ALL`).
+fn deallocated_name(sql: &str) -> Option<&str> {
+    let mut rest = strip_word(sql.trim_start(), "deallocate")?.trim_start();
+    if let Some(after) = strip_word(rest, "prepare") {
+        rest = after.trim_start();
+    }
+    let rest = rest.trim_end().trim_end_matches(';').trim_end();
+    let name = match rest.strip_prefix('"') {
+        Some(quoted) => quoted.strip_suffix('"').filter(|n| !n.contains('"'))?,
+        None if !rest.is_empty()
+            && rest
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'$')
+            && !rest.eq_ignore_ascii_case("all") =>
+        {
+            rest
+        }
+        None => return None,
+    };
+    // An unquoted name is folded to lower case by Postgres; drivers send
+    // lower-case names, so only those are matched unquoted.
+    (rest.starts_with('"') || !name.bytes().any(|b| b.is_ascii_uppercase())).then_some(name)
+}
+
+/// Whether `sql` is `DEALLOCATE [PREPARE] ALL`.
+fn deallocates_all(sql: &str) -> bool {
+    let Some(mut rest) = strip_word(sql.trim_start(), "deallocate") else {
+        return false;
+    };
+    rest = rest.trim_start();
+    if let Some(after) = strip_word(rest, "prepare") {
+        rest = after.trim_start();
+    }
+    rest.trim_end()
+        .trim_end_matches(';')
+        .trim_end()
+        .eq_ignore_ascii_case("all")
+}
+
+/// `text` after its first word if that word is `word` (any case).
+fn strip_word<'a>(text: &'a str, word: &str) -> Option<&'a str> {
+    let head = text.get(..word.len())?;
+    let rest = &text[word.len()..];
+    (head.eq_ignore_ascii_case(word)
+        && rest.bytes().next().is_some_and(|b| b.is_ascii_whitespace()))
+    .then_some(rest)
+}
+
 fn protocol_violation(error: ProtocolError) -> ProxyError {
     ProxyError::fatal("08P01", format!("protocol violation: {error}"))
 }
@@ -1545,6 +1624,20 @@ fn unknown_statement(name: &str) -> ProxyError {
 #[cfg(test)]
 mod tests {
     use super::scan_statement;
+
+    #[test]
+    fn deallocate_names() {
+        use super::{deallocated_name, deallocates_all};
+        assert_eq!(deallocated_name("DEALLOCATE _pg3_7"), Some("_pg3_7"));
+        assert_eq!(deallocated_name("deallocate prepare s1;"), Some("s1"));
+        assert_eq!(deallocated_name("DEALLOCATE \"My S\""), Some("My S"));
+        assert_eq!(deallocated_name("DEALLOCATE ALL"), None);
+        assert_eq!(deallocated_name("DEALLOCATE S1"), None);
+        assert_eq!(deallocated_name("DEALLOCATEx s1"), None);
+        assert!(deallocates_all("deallocate all"));
+        assert!(deallocates_all("DEALLOCATE PREPARE ALL;"));
+        assert!(!deallocates_all("DEALLOCATE s1"));
+    }
 
     #[test]
     fn statement_scan() {

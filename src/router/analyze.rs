@@ -727,6 +727,10 @@ fn classify_by_tokens(sql: &str, parse_error: &str) -> Result<Analysis, RouteErr
             _,
         ) => fixed(StatementKind::Ddl, Route::Broadcast),
         ("SHOW", _) => fixed(StatementKind::Read, Route::AnyOne),
+        // Cursor and prepared-statement verbs sqlparser does not read
+        // (MOVE, FETCH/CLOSE forms): the session's current backend.
+        ("MOVE" | "FETCH" | "CLOSE", _) => fixed(StatementKind::Read, Route::NoShard),
+        ("DEALLOCATE", _) => fixed(StatementKind::Utility, Route::NoShard),
         ("", _) => fixed(StatementKind::Utility, Route::NoShard),
         (kind, _) => Err(RouteError::Syntax(format!(
             "cannot route this {kind} statement: the SQL parser rejected it ({parse_error}) and \
@@ -1738,6 +1742,56 @@ fn analyze_statement(map: &ShardMap, stmt: &Statement) -> Result<Analysis, Route
                 }
             }
         },
+        // A cursor runs where its query's rows are; FETCH, MOVE and CLOSE
+        // go to the backend the session's transaction is on (a cursor
+        // lives in its transaction, or pins the backend WITH HOLD).
+        Statement::Declare { stmts, .. } => match stmts.as_slice() {
+            [ast::Declare {
+                for_query: Some(q), ..
+            }] => {
+                let c = w.walk_query(q, None)?;
+                (K::Read, c, None, None, None)
+            }
+            _ => {
+                return Err(RouteError::Unsupported(
+                    "DECLARE without a single cursor query is not routed".into(),
+                ))
+            }
+        },
+        Statement::Fetch { .. } => return Ok(fixed(K::Read, Route::NoShard)),
+        Statement::Close { .. } | Statement::Deallocate { .. } => {
+            return Ok(fixed(K::Utility, Route::NoShard))
+        }
+        // SQL PREPARE runs where its statement would (and pins the backend,
+        // see the session's `taints`); EXECUTE goes to that backend.
+        Statement::Prepare { statement, .. } => {
+            let inner = analyze_statement(map, statement)?;
+            if !matches!(
+                inner.plan,
+                Plan::Fixed(Route::AnyOne | Route::NoShard | Route::Single(_))
+            ) {
+                return Err(RouteError::Unsupported(
+                    "SQL PREPARE of a statement on sharded tables: its shard depends on the \
+                     values EXECUTE passes, and the prepared statement lives on one backend; use \
+                     the extended protocol's prepared statements (every driver's default), \
+                     which shardgate routes at each execution"
+                        .into(),
+                ));
+            }
+            return Ok(inner);
+        }
+        Statement::Execute { .. } => return Ok(fixed(K::Write, Route::NoShard)),
+        // Roles and databases are per cluster: every shard's cluster gets them.
+        Statement::CreateUser(_)
+        | Statement::AlterUser(_)
+        | Statement::CreateDatabase { .. }
+        | Statement::DropDomain(_)
+        | Statement::CreateCollation(_)
+        | Statement::AlterDefaultPrivileges(_)
+        | Statement::AlterFunction(_)
+        | Statement::CreateOperator(_)
+        | Statement::DropOperator(_)
+        | Statement::CreateTextSearch(_) => return Ok(fixed(K::Ddl, Route::Broadcast)),
         Statement::Truncate(_) => return Ok(fixed(K::Write, Route::Broadcast)),
         Statement::Vacuum(_) | Statement::Analyze(_) | Statement::Call(_) | Statement::Lock(_) => {
             return Ok(fixed(K::Utility, Route::Broadcast))

@@ -349,9 +349,26 @@ impl Session {
             return;
         }
         let writes = Self::may_write(router, sql);
-        let in_transaction = self.status == b'T';
+        // An extended batch turned into a transaction on its shards (see
+        // below and `multi`) is the client's transaction until its Sync.
+        let in_transaction = self.status == b'T' || self.implicit_multi;
         let outside = runs_outside_transactions(sql);
-        let implicit = !in_transaction && writes && targets.len() > 1 && !outside;
+        // A write on several shards in an extended batch (asyncpg
+        // `executemany`, JDBC batches) with nothing attached yet: Postgres
+        // runs the whole batch as one implicit transaction, so a later
+        // statement's failure undoes this one too. Its shards stay in a
+        // transaction that the client's Sync commits (two-phase) or rolls
+        // back (`finish_implicit_batch`), instead of committing now.
+        let batch_transaction = extended
+            && !in_transaction
+            && writes
+            && targets.len() > 1
+            && !outside
+            && shared.twophase.enabled()
+            && self.backend.is_none()
+            && self.others.is_empty();
+        let implicit =
+            !in_transaction && !batch_transaction && writes && targets.len() > 1 && !outside;
         if in_transaction && writes && !shared.twophase.enabled() {
             let written: Vec<usize> = self
                 .participants()
@@ -385,7 +402,7 @@ impl Session {
                 .await;
             return;
         }
-        let begin = if in_transaction || implicit {
+        let begin = if in_transaction || implicit || batch_transaction {
             Some(self.begin_sql())
         } else {
             None
@@ -416,7 +433,7 @@ impl Session {
             self.deferred_begin = None;
         }
         if let (None, Some(p)) = (&failure, portal) {
-            if p.max_rows > 0 && !implicit {
+            if p.max_rows > 0 && !implicit && !batch_transaction {
                 // Fetched in parts: the fan-out streams from a task of its own.
                 self.start_live_portal(
                     group,
@@ -560,12 +577,16 @@ impl Session {
         let succeeded = result.is_ok();
         if let Err(error) = result {
             self.report_fanout_error(error, extended);
-            if in_transaction {
+            if self.status == b'T' {
                 self.status = b'E';
                 self.batch_status_before = b'E';
             }
         }
-        self.restore_group(group, current_shard, in_transaction)
+        if batch_transaction && !group.is_empty() {
+            self.implicit_multi = true;
+            self.batch_flushed = false;
+        }
+        self.restore_group(group, current_shard, in_transaction || batch_transaction)
             .await;
         if succeeded && !in_transaction && is_ddl(router, sql) {
             // Key types and column orders may have changed with it.

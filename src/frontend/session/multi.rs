@@ -210,6 +210,8 @@ impl Session {
         }
         self.implicit_multi = false;
         self.batch_flushed = false;
+        // A failure was reported in the batch: the rollback below ends it.
+        self.abort_backend_transaction = false;
         // Every backend's batch ends here (their Syncs are sent below), so
         // the queue's skip-to-Sync state ends too.
         self.queue.clear();

@@ -289,6 +289,8 @@ impl Session {
                     return match tx_verb(sql) {
                         Some(TxVerb::Commit) => Destination::EndMulti { commit: true },
                         Some(TxVerb::Rollback) => Destination::EndMulti { commit: false },
+                        // A failed transaction: its backend answers 25P02.
+                        _ if self.status == b'E' && self.backend.is_some() => Destination::Current,
                         _ => {
                             Destination::Refuse(super::multi::control_in_multi_shard_transaction())
                         }

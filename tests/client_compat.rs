@@ -1,0 +1,285 @@
+//! Issue #14: protocol details real drivers depend on, over the raw wire,
+//! each checked against Postgres directly, through shardgate as a plain
+//! pooler (one shard, no `tables`) and with routing on over three shards:
+//! - a fresh Parse never inherits a plan from before a schema change
+//!   (`cached plan must not change result type` after an ALTER);
+//! - protocol and SQL prepared statements share one namespace
+//!   (`DEALLOCATE s1` of a Parse'd `s1`; `DEALLOCATE ALL`);
+//! - a Parse the server rejected leaves no name behind;
+//! - `BEGIN; <error>; SELECT 1` gives 25P02 and status E.
+
+mod support;
+
+use support::wire::{self, Msg, Wire};
+use support::{connect, fleet, fresh_db, shard_map, start_proxy};
+
+/// Where a scenario runs.
+struct Targets {
+    /// (label, port, database, user)
+    list: Vec<(&'static str, u16, String, &'static str)>,
+    _servers: Vec<shardgate::server::RunningServer>,
+}
+
+const SCHEMA: &str = "CREATE TABLE sp (id bigint PRIMARY KEY, b int);\
+                      INSERT INTO sp VALUES (1, 10), (2, 20), (3, 30);";
+
+async fn targets(name: &str) -> Targets {
+    // Postgres itself.
+    let direct_db = fresh_db(&format!("{name}_direct"));
+    connect(&fleet().clusters[0], &direct_db)
+        .await
+        .batch_execute(SCHEMA)
+        .await
+        .expect("direct schema");
+    // A: a plain pooler over one shard, one backend (every client shares it).
+    let pooler_db = fresh_db(&format!("{name}_pool"));
+    connect(&fleet().clusters[0], &pooler_db)
+        .await
+        .batch_execute(SCHEMA)
+        .await
+        .expect("pooler schema");
+    let pooler_map = format!(
+        "listen: 127.0.0.1:0\nauth: trust\nusers:\n  - {{ name: app }}\n\
+         pool: {{ mode: transaction, size: 1 }}\n\
+         shards:\n  - {{ name: s0, url: \"{}\" }}\n",
+        fleet().clusters[0].url(&pooler_db)
+    );
+    let pooler = start_proxy(&pooler_map).await;
+    // C: routing on, three shards, `sp` sharded by id.
+    let routed_db = fresh_db(&format!("{name}_routed"));
+    let routed = start_proxy(&shard_map(
+        &routed_db,
+        "pool: { mode: transaction, size: 1 }\nfunctions:\n  by_id: { kind: hash }\n\
+         tables:\n  sp: { key: id, function: by_id }\ndefault_table: replicated\n",
+    ))
+    .await;
+    let mut loader = Wire::connect(routed.address.port(), "app", &routed_db).await;
+    for statement in SCHEMA.split(';').filter(|s| !s.trim().is_empty()) {
+        let answers = loader.exchange(&wire::query(statement), 1).await;
+        assert!(
+            answers.iter().all(|m| m.tag != b'E'),
+            "{statement}: {answers:?}"
+        );
+    }
+    Targets {
+        list: vec![
+            (
+                "postgres",
+                fleet().clusters[0].port(),
+                direct_db,
+                "postgres",
+            ),
+            ("pooler", pooler.address.port(), pooler_db, "app"),
+            ("routed", routed.address.port(), routed_db, "app"),
+        ],
+        _servers: vec![pooler, routed],
+    }
+}
+
+fn codes(messages: &[Msg]) -> Vec<String> {
+    messages.iter().filter_map(Msg::error_code).collect()
+}
+
+fn tags(messages: &[Msg]) -> String {
+    messages.iter().map(|m| m.tag as char).collect()
+}
+
+fn rows(messages: &[Msg]) -> usize {
+    messages.iter().filter(|m| m.tag == b'D').count()
+}
+
+fn status(messages: &[Msg]) -> u8 {
+    messages
+        .iter()
+        .rev()
+        .find(|m| m.tag == b'Z')
+        .and_then(|m| m.body.first().copied())
+        .unwrap_or(0)
+}
+
+fn batch(parts: &[Vec<u8>]) -> Vec<u8> {
+    parts.concat()
+}
+
+/// Parse of `name`, Bind of it to the unnamed portal, Execute, Sync.
+fn parse_and_run(name: &str, sql: &str, types: &[i32], params: &[Option<&str>]) -> Vec<u8> {
+    batch(&[
+        wire::parse(name, sql, types),
+        wire::bind("", name, params),
+        wire::execute("", 0),
+        wire::sync(),
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fresh_parse_after_a_schema_change_gets_a_fresh_plan() {
+    let targets = targets("cc_stale").await;
+    let select = "SELECT * FROM sp WHERE id = $1";
+    for (label, port, db, user) in &targets.list {
+        let run = parse_and_run("s", select, &[20], &[Some("1")]);
+        let mut first = Wire::connect(*port, user, db).await;
+        let answers = first.exchange(&run, 1).await;
+        assert_eq!(
+            codes(&answers),
+            Vec::<String>::new(),
+            "{label}: first client"
+        );
+        drop(first);
+        let mut ddl = Wire::connect(*port, user, db).await;
+        let answers = ddl
+            .exchange(&wire::query("ALTER TABLE sp ALTER b TYPE text"), 1)
+            .await;
+        assert_eq!(codes(&answers), Vec::<String>::new(), "{label}: ALTER");
+        drop(ddl);
+        // A new client parses the same text: Postgres plans it now.
+        let mut second = Wire::connect(*port, user, db).await;
+        let answers = second.exchange(&run, 1).await;
+        assert_eq!(
+            codes(&answers),
+            Vec::<String>::new(),
+            "{label}: a new client's Parse after the ALTER: {answers:?}"
+        );
+        assert_eq!(rows(&answers), 1, "{label}: the row");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_and_sql_statement_names_are_one_namespace() {
+    let targets = targets("cc_names").await;
+    for (label, port, db, user) in &targets.list {
+        let mut c = Wire::connect(*port, user, db).await;
+        let answers = c
+            .exchange(
+                &batch(&[
+                    wire::parse("s1", "SELECT b FROM sp WHERE id = $1", &[20]),
+                    wire::sync(),
+                ]),
+                1,
+            )
+            .await;
+        assert_eq!(tags(&answers), "1Z", "{label}: Parse s1");
+        let answers = c.exchange(&wire::query("DEALLOCATE s1"), 1).await;
+        assert_eq!(
+            codes(&answers),
+            Vec::<String>::new(),
+            "{label}: DEALLOCATE s1"
+        );
+        let answers = c
+            .exchange(
+                &batch(&[
+                    wire::bind("", "s1", &[Some("1")]),
+                    wire::execute("", 0),
+                    wire::sync(),
+                ]),
+                1,
+            )
+            .await;
+        assert_eq!(codes(&answers), vec!["26000"], "{label}: s1 is gone");
+        // The name is free again, and DEALLOCATE ALL frees every name.
+        for round in 0..2 {
+            let answers = c
+                .exchange(
+                    &batch(&[
+                        wire::parse("s1", "SELECT b FROM sp WHERE id = $1", &[20]),
+                        wire::parse("s2", "SELECT 2", &[]),
+                        wire::bind("", "s1", &[Some("2")]),
+                        wire::execute("", 0),
+                        wire::sync(),
+                    ]),
+                    1,
+                )
+                .await;
+            assert_eq!(
+                codes(&answers),
+                Vec::<String>::new(),
+                "{label}: round {round}: {answers:?}"
+            );
+            assert_eq!(rows(&answers), 1, "{label}: round {round}");
+            let answers = c.exchange(&wire::query("DEALLOCATE ALL"), 1).await;
+            assert_eq!(
+                codes(&answers),
+                Vec::<String>::new(),
+                "{label}: DEALLOCATE ALL"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_parse_leaves_no_name_behind() {
+    let targets = targets("cc_rejected").await;
+    for (label, port, db, user) in &targets.list {
+        let mut c = Wire::connect(*port, user, db).await;
+        // Rejected by the server (pooler) or at its first use (routing mode
+        // records the Parse and creates it where its Bind routes).
+        let answers = c
+            .exchange(
+                &parse_and_run("bad", "SELECT $1::no_such_type", &[], &[Some("1")]),
+                1,
+            )
+            .await;
+        assert_eq!(codes(&answers), vec!["42704"], "{label}: {answers:?}");
+        // Parsed again correctly under the same name: no 42P05.
+        let answers = c
+            .exchange(
+                &parse_and_run("bad", "SELECT $1::int", &[], &[Some("7")]),
+                1,
+            )
+            .await;
+        assert_eq!(
+            codes(&answers),
+            Vec::<String>::new(),
+            "{label}: {answers:?}"
+        );
+        assert_eq!(rows(&answers), 1, "{label}");
+        // A Parse that was only recorded may be defined again too.
+        let answers = c
+            .exchange(
+                &batch(&[
+                    wire::parse("bad2", "SELECT $1::no_such_type", &[]),
+                    wire::sync(),
+                ]),
+                1,
+            )
+            .await;
+        let rejected_at_parse = codes(&answers) == vec!["42704"];
+        let answers = c
+            .exchange(&parse_and_run("bad2", "SELECT 1", &[], &[]), 1)
+            .await;
+        assert_eq!(
+            codes(&answers),
+            Vec::<String>::new(),
+            "{label} (rejected at Parse: {rejected_at_parse}): {answers:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_inside_a_transaction_aborts_it() {
+    let targets = targets("cc_abort").await;
+    for (label, port, db, user) in &targets.list {
+        let mut c = Wire::connect(*port, user, db).await;
+        assert_eq!(status(&c.exchange(&wire::query("BEGIN"), 1).await), b'T');
+        let extended = |sql: &str| {
+            batch(&[
+                wire::parse("", sql, &[]),
+                wire::bind("", "", &[]),
+                wire::execute("", 0),
+                wire::sync(),
+            ])
+        };
+        let answers = c.exchange(&extended("INVALID SQL"), 1).await;
+        assert_eq!(codes(&answers), vec!["42601"], "{label}");
+        assert_eq!(status(&answers), b'E', "{label}: status after the error");
+        let answers = c.exchange(&extended("SELECT 1"), 1).await;
+        assert_eq!(codes(&answers), vec!["25P02"], "{label}: {answers:?}");
+        assert_eq!(status(&answers), b'E', "{label}");
+        let answers = c
+            .exchange(&wire::query("SELECT b FROM sp WHERE id = 1"), 1)
+            .await;
+        assert_eq!(codes(&answers), vec!["25P02"], "{label}: {answers:?}");
+        let answers = c.exchange(&wire::query("COMMIT"), 1).await;
+        assert_eq!(tags(&answers), "CZ", "{label}");
+        assert_eq!(status(&answers), b'I', "{label}");
+    }
+}
