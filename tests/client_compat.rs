@@ -6,7 +6,9 @@
 //! - protocol and SQL prepared statements share one namespace
 //!   (`DEALLOCATE s1` of a Parse'd `s1`; `DEALLOCATE ALL`);
 //! - a Parse the server rejected leaves no name behind;
-//! - `BEGIN; <error>; SELECT 1` gives 25P02 and status E.
+//! - `BEGIN; <error>; SELECT 1` gives 25P02 and status E;
+//! - a shard's error reaches the client with every field (constraint,
+//!   table, schema, …) as Postgres sends it.
 
 mod support;
 
@@ -21,7 +23,8 @@ struct Targets {
 }
 
 const SCHEMA: &str = "CREATE TABLE sp (id bigint PRIMARY KEY, b int);\
-                      INSERT INTO sp VALUES (1, 10), (2, 20), (3, 30);";
+                      INSERT INTO sp VALUES (1, 10), (2, 20), (3, 30);\
+                      CREATE TABLE ck (id int PRIMARY KEY, v int CHECK (v > 0));";
 
 async fn targets(name: &str) -> Targets {
     // Postgres itself.
@@ -281,5 +284,38 @@ async fn an_error_inside_a_transaction_aborts_it() {
         let answers = c.exchange(&wire::query("COMMIT"), 1).await;
         assert_eq!(tags(&answers), "CZ", "{label}");
         assert_eq!(status(&answers), b'I', "{label}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shard_errors_keep_every_field() {
+    let targets = targets("cc_fields").await;
+    let mut expected: Option<Vec<(u8, String)>> = None;
+    for (label, port, db, user) in &targets.list {
+        let mut c = Wire::connect(*port, user, db).await;
+        // `ck` is replicated in the routed map: the INSERT runs on every
+        // shard (two-phase commit) and the error comes from the fan-out.
+        let answers = c
+            .exchange(&wire::query("INSERT INTO ck VALUES (1, -1)"), 1)
+            .await;
+        let error = answers
+            .iter()
+            .find(|m| m.tag == b'E')
+            .unwrap_or_else(|| panic!("{label}: no error: {answers:?}"));
+        let fields: Vec<(u8, String)> = wire::fields(&error.body)
+            .into_iter()
+            .filter(|(k, _)| !matches!(k, b'F' | b'L' | b'R' | b'W'))
+            .collect();
+        for kind in [b'n', b't', b's', b'D'] {
+            assert!(
+                fields.iter().any(|(k, v)| *k == kind && !v.is_empty()),
+                "{label}: field {} missing: {fields:?}",
+                kind as char
+            );
+        }
+        match &expected {
+            None => expected = Some(fields),
+            Some(postgres) => assert_eq!(&fields, postgres, "{label} vs Postgres"),
+        }
     }
 }

@@ -423,9 +423,18 @@ async fn bad_rows_name_their_line_and_commit_nothing() {
         .expect_err("duplicate key");
     let db_error = error.as_db_error().expect("server error");
     assert_eq!(db_error.code().code(), "23505", "{db_error:?}");
+    // The shard's own fields, unchanged; the shard named in CONTEXT.
+    assert_eq!(db_error.constraint(), Some("users_pkey"), "{db_error:?}");
     assert!(
         db_error
             .detail()
+            .unwrap_or_default()
+            .starts_with("Key (id)="),
+        "{db_error:?}"
+    );
+    assert!(
+        db_error
+            .where_()
             .unwrap_or_default()
             .contains("on shard \"s"),
         "{db_error:?}"

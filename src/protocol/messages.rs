@@ -256,6 +256,20 @@ pub fn error_fields(body: &[u8]) -> ErrorFields<'_> {
     fields
 }
 
+/// Every field of an ErrorResponse or NoticeResponse, in order.
+pub fn error_field_list(body: &[u8]) -> Vec<(u8, &str)> {
+    let mut fields = Vec::new();
+    let mut cursor = Cursor::new(b'E', body);
+    while let Ok(kind) = cursor.u8() {
+        if kind == 0 {
+            break;
+        }
+        let Ok(value) = cursor.cstr() else { break };
+        fields.push((kind, value));
+    }
+    fields
+}
+
 /// `CommandComplete` tag, e.g. `INSERT 0 1`, `COMMIT`.
 pub fn command_tag(body: &[u8]) -> &str {
     Cursor::new(b'C', body).cstr().unwrap_or("")

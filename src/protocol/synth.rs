@@ -18,6 +18,10 @@ pub struct ProxyError {
     pub message: String,
     pub detail: Option<String>,
     pub hint: Option<String>,
+    /// Every other field, in order, as a shard sent it (position, context,
+    /// schema, table, column, data type, constraint, file, line, routine):
+    /// ORMs map errors by them (SQLAlchemy, Django: constraint names).
+    pub extra: Vec<(u8, String)>,
 }
 
 impl ProxyError {
@@ -28,7 +32,42 @@ impl ProxyError {
             message: message.into(),
             detail: None,
             hint: None,
+            extra: Vec::new(),
         }
+    }
+
+    /// A shard's ErrorResponse body as the client's error: every field as
+    /// the shard sent it, and the shard named on a line added to CONTEXT
+    /// (a field clients show but do not parse). `context_note` follows it.
+    pub fn from_shard(body: &[u8], shard: &str, context_note: &str) -> ProxyError {
+        let mut error = ProxyError::error("XX000", String::new());
+        let mut context = None;
+        for (kind, value) in crate::protocol::messages::error_field_list(body) {
+            match kind {
+                b'S' => {
+                    if let Some(severity) = ["ERROR", "FATAL", "PANIC", "WARNING", "NOTICE"]
+                        .into_iter()
+                        .find(|s| *s == value)
+                    {
+                        error.severity = severity;
+                    }
+                }
+                b'V' => {}
+                b'C' => error.code = crate::backend::intern_sqlstate(value.as_bytes()),
+                b'M' => error.message = value.to_string(),
+                b'D' => error.detail = Some(value.to_string()),
+                b'H' => error.hint = Some(value.to_string()),
+                b'W' => context = Some(value.to_string()),
+                other => error.extra.push((other, value.to_string())),
+            }
+        }
+        let note = format!("on shard \"{shard}\"{context_note}");
+        let context = match context {
+            Some(c) => format!("{c}\n{note}"),
+            None => note,
+        };
+        error.extra.push((b'W', context));
+        error
     }
 
     pub fn fatal(code: &'static str, message: impl Into<String>) -> Self {
@@ -62,6 +101,7 @@ impl ProxyError {
         if let Some(hint) = &self.hint {
             fields.push((b'H', hint.clone()));
         }
+        fields.extend(self.extra.iter().cloned());
         fields
     }
 

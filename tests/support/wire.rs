@@ -75,7 +75,7 @@ fn row_description_without_table_oids(body: &[u8]) -> Vec<String> {
     out
 }
 
-fn fields(body: &[u8]) -> Vec<(u8, String)> {
+pub fn fields(body: &[u8]) -> Vec<(u8, String)> {
     let mut out = Vec::new();
     let mut rest = body;
     while let Some((&kind, tail)) = rest.split_first() {

@@ -325,22 +325,10 @@ pub fn error_response_fields(body: &[u8]) -> Vec<(u8, String)> {
     out
 }
 
-/// A shard's ErrorResponse as the client's error: SQLSTATE, message, detail
-/// and hint kept, the shard named in the detail.
+/// A shard's ErrorResponse as the client's error: every field kept, the
+/// shard named in CONTEXT.
 pub fn shard_error(body: &[u8], shard: &str) -> ProxyError {
-    let fields = error_response_fields(body);
-    let get = |k: u8| fields.iter().find(|(c, _)| *c == k).map(|(_, v)| v.clone());
-    let code = intern_sqlstate(get(b'C').as_deref().unwrap_or("XX000"));
-    let mut err = ProxyError::error(code, get(b'M').unwrap_or_default());
-    let detail = match get(b'D') {
-        Some(d) => format!("{d} (on shard {shard})"),
-        None => format!("on shard {shard}"),
-    };
-    err = err.with_detail(detail);
-    if let Some(h) = get(b'H') {
-        err = err.with_hint(h);
-    }
-    err
+    ProxyError::from_shard(body, shard, "")
 }
 
 /// SQLSTATE codes are `&'static str` in [`ProxyError`]; codes from shards

@@ -35,7 +35,7 @@ use sqlparser::parser::Parser;
 
 use super::{Attach, Attached, Session};
 use crate::backend::BackendConnection;
-use crate::executor::control::{self, static_sqlstate};
+use crate::executor::control;
 use crate::executor::copy_rows::{
     CopyDataError, CopyFormat, CopyOptions, Piece, RowFramer, BINARY_TRAILER,
 };
@@ -408,41 +408,14 @@ fn lost(shard: &str, why: &dyn std::fmt::Display) -> ProxyError {
     )
 }
 
-/// A shard's ErrorResponse, SQLSTATE and fields kept, the shard named.
+/// A shard's ErrorResponse, every field kept, the shard named in CONTEXT
+/// (where its line numbers count only the rows sent to that shard).
 fn shard_error(shard: &str, body: &[u8]) -> ProxyError {
-    let mut code = "";
-    let mut message = String::new();
-    let mut detail = None;
-    let mut hint = None;
-    let mut context = None;
-    let mut cursor = Cursor::new(tag::ERROR_RESPONSE, body);
-    while let Ok(kind) = cursor.u8() {
-        if kind == 0 {
-            break;
-        }
-        let Ok(value) = cursor.cstr() else { break };
-        match kind {
-            b'C' => code = value,
-            b'M' => message = value.to_owned(),
-            b'D' => detail = Some(value.to_owned()),
-            b'H' => hint = Some(value.to_owned()),
-            b'W' => context = Some(value.to_owned()),
-            _ => {}
-        }
-    }
-    let mut full = format!("on shard \"{shard}\"");
-    if let Some(d) = detail {
-        full.push_str(": ");
-        full.push_str(&d);
-    }
-    if let Some(c) = context {
-        full.push_str(&format!(
-            " (context on that shard: {c}; its line numbers count the rows sent to that shard)"
-        ));
-    }
-    let mut error = ProxyError::error(static_sqlstate(code), message).with_detail(full);
-    error.hint = hint;
-    error
+    ProxyError::from_shard(
+        body,
+        shard,
+        "; line numbers there count the rows sent to that shard",
+    )
 }
 
 /// Reads one complete message from `conn`.

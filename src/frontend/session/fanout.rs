@@ -359,7 +359,7 @@ impl Session {
         // statement's failure undoes this one too. Its shards stay in a
         // transaction that the client's Sync commits (two-phase) or rolls
         // back (`finish_implicit_batch`), instead of committing now.
-        let batch_transaction = extended
+        let batch_transaction = portal.is_some_and(|p| p.max_rows == 0)
             && !in_transaction
             && writes
             && targets.len() > 1
@@ -433,7 +433,7 @@ impl Session {
             self.deferred_begin = None;
         }
         if let (None, Some(p)) = (&failure, portal) {
-            if p.max_rows > 0 && !implicit && !batch_transaction {
+            if p.max_rows > 0 && !implicit {
                 // Fetched in parts: the fan-out streams from a task of its own.
                 self.start_live_portal(
                     group,
