@@ -319,3 +319,45 @@ async fn shard_errors_keep_every_field() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn application_name_is_empty_unless_the_client_sets_one() {
+    let targets = targets("cc_appname").await;
+    for (label, port, db, user) in &targets.list {
+        let c = Wire::connect(*port, user, db).await;
+        assert_eq!(c.parameter("application_name"), Some(""), "{label}");
+        let mut c = c;
+        let answers = c.exchange(&wire::query("SHOW application_name"), 1).await;
+        let row = answers
+            .iter()
+            .find(|m| m.tag == b'D')
+            .unwrap_or_else(|| panic!("{label}: {answers:?}"));
+        // One column: length 0, an empty string.
+        assert_eq!(row.body, vec![0, 1, 0, 0, 0, 0], "{label}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fatal_backend_error_ends_the_client_session() {
+    let targets = targets("cc_fatal").await;
+    for (label, port, db, user) in &targets.list {
+        let mut c = Wire::connect(*port, user, db).await;
+        c.send(&wire::query(
+            "SELECT pg_terminate_backend(pg_backend_pid())",
+        ))
+        .await;
+        let mut seen = Vec::new();
+        let closed = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while let Some(msg) = c.recv().await {
+                seen.push(msg);
+            }
+        })
+        .await;
+        assert!(
+            closed.is_ok(),
+            "{label}: the connection stayed open: {seen:?}"
+        );
+        assert_eq!(codes(&seen), vec!["57P01"], "{label}: {seen:?}");
+        assert!(!seen.iter().any(|m| m.tag == b'Z'), "{label}: {seen:?}");
+    }
+}

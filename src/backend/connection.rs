@@ -26,9 +26,11 @@ use super::error::{intern_sqlstate, BackendError, ServerError};
 use super::prepared::PreparedCache;
 use crate::config::ShardConfig;
 
-/// `application_name` sent to shards unless the caller passes its own, so
-/// shardgate's sessions are recognisable in `pg_stat_activity`.
-pub const DEFAULT_APPLICATION_NAME: &str = "shardgate";
+/// `application_name` sent to shards unless the caller passes its own:
+/// empty, as Postgres reports it to a client that set none (a client's own
+/// name is replayed on its backend; issue #14). The control plane's
+/// connections name themselves (`shardgate-catalog`, `shardgate-2pc`, …).
+pub const DEFAULT_APPLICATION_NAME: &str = "";
 
 /// Largest message accepted while starting up or resetting. Real startup
 /// messages are tiny; the bound stops a bogus length from making us
@@ -447,7 +449,8 @@ impl BackendConnection {
     /// Connect to `shard`, authenticate (trust, cleartext, md5 or
     /// SCRAM-SHA-256 without channel binding) and read up to the first
     /// ReadyForQuery, all within `connect_timeout`. Sends
-    /// `application_name=shardgate`.
+    /// an empty `application_name` (what a client that sets none sees from
+    /// Postgres, and then from shardgate).
     pub async fn connect(
         shard: &ShardConfig,
         shard_index: usize,

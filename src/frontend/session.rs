@@ -174,6 +174,9 @@ pub struct Session {
     last_scan: Option<(String, StatementEffects)>,
     /// When the first statement since the last ReadyForQuery was forwarded.
     batch_started: Option<Instant>,
+    /// The backend sent a FATAL for the client's statement: the client's
+    /// connection closes once it has the message.
+    client_closing: bool,
 }
 
 impl Session {
@@ -231,6 +234,7 @@ impl Session {
             unnamed_on_backend: false,
             unnamed_answered_end: None,
             last_scan: None,
+            client_closing: false,
         }
     }
 
@@ -302,6 +306,10 @@ impl Session {
                     if let Err(error) = self.process_backend_input().await {
                         tracing::warn!(%error, "malformed message from backend");
                         self.backend_lost();
+                    }
+                    if self.client_closing {
+                        let _ = self.flush_client().await;
+                        return Exit::Client;
                     }
                 }
                 None => {}
@@ -1190,6 +1198,15 @@ impl Session {
                     self.batch_failed = true;
                     let shard = self.backend.as_ref().map(|a| a.shard);
                     let fields = messages::error_fields(frame.body);
+                    if disposition == Disposition::Forward
+                        && matches!(fields.severity, "FATAL" | "PANIC")
+                    {
+                        // The backend ends the session (e.g. the client's own
+                        // `pg_terminate_backend(pg_backend_pid())`): as with
+                        // Postgres and PgBouncer, the client's connection
+                        // closes after the message (drivers wait for that).
+                        self.client_closing = true;
+                    }
                     self.shared.metrics.error(shard, fields.code);
                     if disposition == Disposition::Swallow {
                         // Replaying the session's settings failed on this

@@ -21,7 +21,8 @@ pub struct ProxyError {
     /// Every other field, in order, as a shard sent it (position, context,
     /// schema, table, column, data type, constraint, file, line, routine):
     /// ORMs map errors by them (SQLAlchemy, Django: constraint names).
-    pub extra: Vec<(u8, String)>,
+    /// (A boxed slice: errors travel in `Result`s and stay small.)
+    pub extra: Box<[(u8, String)]>,
 }
 
 impl ProxyError {
@@ -32,7 +33,7 @@ impl ProxyError {
             message: message.into(),
             detail: None,
             hint: None,
-            extra: Vec::new(),
+            extra: Box::default(),
         }
     }
 
@@ -42,6 +43,7 @@ impl ProxyError {
     pub fn from_shard(body: &[u8], shard: &str, context_note: &str) -> ProxyError {
         let mut error = ProxyError::error("XX000", String::new());
         let mut context = None;
+        let mut extra = Vec::new();
         for (kind, value) in crate::protocol::messages::error_field_list(body) {
             match kind {
                 b'S' => {
@@ -58,7 +60,7 @@ impl ProxyError {
                 b'D' => error.detail = Some(value.to_string()),
                 b'H' => error.hint = Some(value.to_string()),
                 b'W' => context = Some(value.to_string()),
-                other => error.extra.push((other, value.to_string())),
+                other => extra.push((other, value.to_string())),
             }
         }
         let note = format!("on shard \"{shard}\"{context_note}");
@@ -66,7 +68,8 @@ impl ProxyError {
             Some(c) => format!("{c}\n{note}"),
             None => note,
         };
-        error.extra.push((b'W', context));
+        extra.push((b'W', context));
+        error.extra = extra.into_boxed_slice();
         error
     }
 

@@ -37,7 +37,7 @@ pub struct Answer {
     pub fields: Vec<(String, u32)>,
     pub rows: Vec<Vec<u8>>,
     pub tag: Option<String>,
-    /// (SQLSTATE, message, detail)
+    /// (SQLSTATE, message, detail and context: the shard is named there)
     pub error: Option<(String, String, String)>,
     /// CopyData payloads (COPY … TO STDOUT), and whether CopyOutResponse/CopyDone came.
     pub copy: Vec<Vec<u8>>,
@@ -106,7 +106,11 @@ pub fn decode(bytes: &[u8], answer: &mut Answer) {
                         .map(|(_, v)| v.clone())
                         .unwrap_or_default()
                 };
-                answer.error = Some((get(b'C'), get(b'M'), get(b'D')));
+                answer.error = Some((
+                    get(b'C'),
+                    get(b'M'),
+                    format!("{}\n{}", get(b'D'), get(b'W')),
+                ));
             }
             _ => {}
         }
@@ -468,7 +472,15 @@ impl Fixture {
             answer.error = Some((
                 e.code.to_string(),
                 e.message.clone(),
-                e.detail.clone().unwrap_or_default(),
+                format!(
+                    "{}\n{}",
+                    e.detail.clone().unwrap_or_default(),
+                    e.extra
+                        .iter()
+                        .find(|(k, _)| *k == b'W')
+                        .map(|(_, v)| v.as_str())
+                        .unwrap_or_default()
+                ),
             ));
         }
         for t in &targets {
