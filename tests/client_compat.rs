@@ -361,3 +361,38 @@ async fn a_fatal_backend_error_ends_the_client_session() {
         assert!(!seen.iter().any(|m| m.tag == b'Z'), "{label}: {seen:?}");
     }
 }
+
+/// psycopg's pipeline: two statements and one Sync, the first failing.
+/// Postgres skips the rest up to the Sync; a fan-out (here DDL, run on
+/// every shard) must be skipped too and the Sync answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_pipeline_skips_a_fanout_and_answers_its_sync() {
+    let targets = targets("cc_pipeline").await;
+    for (label, port, db, user) in &targets.list {
+        let mut c = Wire::connect(*port, user, db).await;
+        let unnamed = |sql: &str| {
+            batch(&[
+                wire::parse("", sql, &[]),
+                wire::bind("", "", &[]),
+                wire::describe(b'P', ""),
+                wire::execute("", 0),
+            ])
+        };
+        let pipeline = batch(&[
+            unnamed("SELECT * FROM nosuchtable"),
+            unnamed("CREATE TABLE voila ()"),
+            wire::sync(),
+        ]);
+        let answers = c.exchange(&pipeline, 1).await;
+        assert_eq!(codes(&answers), vec!["42P01"], "{label}: {answers:?}");
+        assert_eq!(status(&answers), b'I', "{label}");
+        let answers = c
+            .exchange(
+                &wire::query("SELECT count(*) FROM pg_class WHERE relname = 'voila'"),
+                1,
+            )
+            .await;
+        let row = answers.iter().find(|m| m.tag == b'D').expect("a row");
+        assert!(row.body.ends_with(b"0"), "{label}: CREATE TABLE ran");
+    }
+}

@@ -254,6 +254,13 @@ impl Session {
             return Attach::Wait;
         }
         self.batch_flushed = false;
+        if self.queue.backend_skipping() {
+            // An earlier statement of this batch failed on the backend:
+            // Postgres skips the rest of the batch up to its Sync, and so
+            // must the fan-out (psycopg's pipeline waited forever).
+            self.skip_until_sync = true;
+            return Attach::Failed;
+        }
         let types = param_types
             .get(2..)
             .unwrap_or_default()
