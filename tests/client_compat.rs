@@ -396,3 +396,45 @@ async fn a_failed_pipeline_skips_a_fanout_and_answers_its_sync() {
         assert!(row.body.ends_with(b"0"), "{label}: CREATE TABLE ran");
     }
 }
+
+/// A temporary table over three shards is refused with a hint (it failed
+/// in two-phase commit); pinned to one shard it works, and with one shard
+/// (the pooler) it always does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn temporary_tables_need_one_shard() {
+    let targets = targets("cc_temp").await;
+    for (label, port, db, user) in &targets.list {
+        let mut c = Wire::connect(*port, user, db).await;
+        let create = wire::query("CREATE TEMP TABLE tt (a int)");
+        let answers = c.exchange(&create, 1).await;
+        if *label == "routed" {
+            assert_eq!(codes(&answers), vec!["0A000"], "{label}: {answers:?}");
+            let answers = c
+                .exchange(&wire::query("SET shardgate.shard = 's1'"), 1)
+                .await;
+            assert_eq!(codes(&answers), Vec::<String>::new(), "{label}");
+            let answers = c.exchange(&create, 1).await;
+            assert_eq!(
+                codes(&answers),
+                Vec::<String>::new(),
+                "{label}: {answers:?}"
+            );
+        } else {
+            assert_eq!(
+                codes(&answers),
+                Vec::<String>::new(),
+                "{label}: {answers:?}"
+            );
+        }
+        let answers = c
+            .exchange(&wire::query("INSERT INTO tt VALUES (1), (2)"), 1)
+            .await;
+        assert_eq!(
+            codes(&answers),
+            Vec::<String>::new(),
+            "{label}: {answers:?}"
+        );
+        let answers = c.exchange(&wire::query("SELECT a FROM tt"), 1).await;
+        assert_eq!(rows(&answers), 2, "{label}: {answers:?}");
+    }
+}

@@ -1781,6 +1781,26 @@ fn analyze_statement(map: &ShardMap, stmt: &Statement) -> Result<Analysis, Route
             return Ok(inner);
         }
         Statement::Execute { .. } => return Ok(fixed(K::Write, Route::NoShard)),
+        // A temporary object lives in one backend session: created on every
+        // shard it would need two-phase commit, which Postgres refuses for
+        // temporary objects, and later statements could not find it.
+        Statement::CreateTable(ast::CreateTable {
+            temporary: true, ..
+        })
+        | Statement::CreateView(ast::CreateView {
+            temporary: true, ..
+        })
+        | Statement::CreateSequence {
+            temporary: true, ..
+        } if map.shard_count() > 1 => {
+            return Err(RouteError::Unsupported(
+                "temporary tables, views and sequences over several shards: each would live in \
+                 one backend session of one shard; pin the session to a shard first (SET \
+                 shardgate.shard = 's0', or a /* shardgate: shard=s0 */ comment), or use a \
+                 regular table"
+                    .into(),
+            ))
+        }
         // Roles and databases are per cluster: every shard's cluster gets them.
         Statement::CreateUser(_)
         | Statement::AlterUser(_)
