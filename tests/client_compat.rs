@@ -438,3 +438,25 @@ async fn temporary_tables_need_one_shard() {
         assert_eq!(rows(&answers), 2, "{label}: {answers:?}");
     }
 }
+
+/// A Terminate before the startup packet: Postgres closes without a word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminate_before_startup_closes_silently() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let targets = targets("cc_terminate").await;
+    for (label, port, _, _) in &targets.list {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", *port))
+            .await
+            .expect("connect");
+        stream.write_all(&wire::terminate()).await.expect("send");
+        let mut answer = Vec::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            stream.read_to_end(&mut answer),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{label}: the connection stayed open"))
+        .ok();
+        assert_eq!(answer, Vec::<u8>::new(), "{label}: answered a Terminate");
+    }
+}

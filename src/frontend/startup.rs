@@ -102,6 +102,12 @@ pub async fn accept(shared: &Arc<Shared>, tcp: TcpStream) -> Accepted {
 }
 
 async fn handshake(shared: &Arc<Shared>, tcp: TcpStream) -> Accepted {
+    // A Terminate before any startup packet (drivers closing a connection
+    // they no longer need): Postgres closes without a word, so do we.
+    let mut first = [0u8; 5];
+    if matches!(tcp.peek(&mut first).await, Ok(5)) && first == TERMINATE_FRAME {
+        return Accepted::Closed;
+    }
     let socket = match negotiate_tls::<()>(tcp, shared.tls.clone()).await {
         Ok(Some(socket)) => socket,
         // Direct TLS without a configured certificate, or an I/O error.
@@ -417,6 +423,9 @@ async fn finish(
         key: (pid, secret),
     }))
 }
+
+/// A frontend Terminate message: tag `X`, length 4.
+const TERMINATE_FRAME: [u8; 5] = [b'X', 0, 0, 0, 4];
 
 /// Settings Postgres reports back with ParameterStatus (GUC_REPORT), by the
 /// lower-case name a client may use in the startup packet.
