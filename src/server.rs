@@ -71,6 +71,7 @@ impl Shared {
                 if !router.map().knows(&facts) {
                     router.learn(|map| map.with_catalog(&facts));
                 }
+                self.read_type_oids().await;
                 self.catalog_reads.fetch_add(1, Ordering::AcqRel);
                 true
             }
@@ -79,6 +80,38 @@ impl Shared {
                 false
             }
         }
+    }
+
+    /// Maps every shard's user-defined type OIDs to the first shard's
+    /// (`protocol::type_oids`). Kept as it was when a shard cannot be read.
+    async fn read_type_oids(&self) {
+        if self.config.shards.len() < 2 {
+            return;
+        }
+        let timeout = self.config.pool.connect_timeout;
+        let reads = self
+            .config
+            .shards
+            .iter()
+            .map(|shard| catalog::load_types(shard, timeout));
+        let mut types = Vec::with_capacity(self.config.shards.len());
+        for result in futures::future::join_all(reads).await {
+            match result {
+                Ok(found) => types.push(found),
+                Err(error) => {
+                    tracing::warn!(%error, "reading the shards' type OIDs failed");
+                    return;
+                }
+            }
+        }
+        let oids = crate::protocol::type_oids::TypeOids::build(&types);
+        if !oids.is_empty() && self.fanout.type_oids().get().is_none() {
+            tracing::info!(
+                "user-defined types have different OIDs on the shards: clients see the first \
+                 shard's, catalog reads go to it"
+            );
+        }
+        self.fanout.type_oids().set(oids);
     }
 
     async fn read_catalog(&self, map: &ShardMap) -> Result<catalog::CatalogFacts, CatalogError> {

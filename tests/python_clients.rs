@@ -274,3 +274,67 @@ async fn routed_applications_over_three_shards() {
     )
     .await;
 }
+
+/// Issue #14: an enum type with a different OID on each of three shards
+/// (a padding type created on two of them first): asyncpg (type
+/// introspection by OID, binary enum arrays) and psycopg (a registered enum,
+/// its OID declared in Parse) read and write rows on every shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_defined_types_with_different_oids_per_shard() {
+    python().await;
+    let schema = "CREATE TYPE rt_mood AS ENUM ('sad', 'ok', 'happy');\
+                  CREATE TABLE rt_items (id bigint PRIMARY KEY, m rt_mood, ms rt_mood[]);";
+    let direct_db = fresh_db("py_types_direct").await;
+    support::connect(&support::fleet().clusters[0], &direct_db)
+        .await
+        .batch_execute(schema)
+        .await
+        .expect("direct schema");
+    run_script(
+        "routed_types.py",
+        &support::fleet().clusters[0].url(&direct_db),
+        "direct",
+    )
+    .await;
+    let db = fresh_db("py_types").await;
+    let mut oids = Vec::new();
+    for (i, cluster) in support::fleet().clusters.iter().enumerate() {
+        let client = support::connect(cluster, &db).await;
+        for pad in 0..i {
+            client
+                .batch_execute(&format!("CREATE TYPE rt_pad{pad} AS (a int)"))
+                .await
+                .expect("padding type");
+        }
+        client
+            .batch_execute(schema)
+            .await
+            .expect("schema on a shard");
+        let oid: u32 = client
+            .query_one("SELECT 'rt_mood'::regtype::oid", &[])
+            .await
+            .expect("oid")
+            .get(0);
+        oids.push(oid);
+    }
+    assert!(
+        oids.windows(2).all(|w| w[0] != w[1]),
+        "OIDs do not differ: {oids:?}"
+    );
+    let server = support::start_proxy(&support::shard_map(
+        &db,
+        "pool: { mode: transaction, size: 4 }\n\
+         functions:\n  by_id: { kind: hash }\n\
+         tables:\n  rt_items: { key: id, function: by_id }\n\
+         default_table: replicated\n",
+    ))
+    .await;
+    let url = format!("postgresql://app@127.0.0.1:{}/{db}", server.address.port());
+    run_script("routed_types.py", &url, "shardgate").await;
+    server.stop().await;
+    let per_shard = support::rows_per_shard(&db, "rt_items").await;
+    assert!(
+        per_shard.iter().all(|n| *n > 0),
+        "rows per shard: {per_shard:?}"
+    );
+}

@@ -696,7 +696,9 @@ impl Session {
     fn ensure_unnamed_before(&mut self, next: &[u8]) {
         let answered_end = self.unnamed_answered_end.take();
         if !self.unnamed_on_backend && !self.unnamed_parse.is_empty() {
+            let from = self.backend_out.len();
             self.backend_out.extend_from_slice(&self.unnamed_parse);
+            self.translate_parse_types(from);
             let adjacent = !next.is_empty() && answered_end == Some(next.as_ptr() as usize);
             let expect = if adjacent
                 && self
@@ -1243,6 +1245,9 @@ impl Session {
             }
             if disposition == Disposition::Forward {
                 self.client_out.extend_from_slice(&rest[..total]);
+                if matches!(tag, tag::ROW_DESCRIPTION | tag::PARAMETER_DESCRIPTION) {
+                    self.translate_type_oids(tag, total);
+                }
             }
             *at += total;
             self.queue.after(&mut self.client_out);
@@ -1315,10 +1320,12 @@ impl Session {
         let Some(attached) = self.backend.as_mut() else {
             return;
         };
-        match self
-            .statements
-            .define(parse, attached.conn.prepared(), &mut self.backend_out)
-        {
+        let from = self.backend_out.len();
+        let defined =
+            self.statements
+                .define(parse, attached.conn.prepared(), &mut self.backend_out);
+        self.translate_parse_types(from);
+        match defined {
             Ok(ParseAction::Known) => {
                 let mut out = BytesMut::new();
                 synth::parse_complete(&mut out);
@@ -1340,10 +1347,12 @@ impl Session {
         let Some(attached) = self.backend.as_mut() else {
             return false;
         };
-        match self
+        let from = self.backend_out.len();
+        let ensured = self
             .statements
-            .ensure(name, attached.conn.prepared(), &mut self.backend_out)
-        {
+            .ensure(name, attached.conn.prepared(), &mut self.backend_out);
+        self.translate_parse_types(from);
+        match ensured {
             Some(Some((hash, evicted))) => {
                 if evicted {
                     self.queue.sent(Expect::HiddenClose);
@@ -1418,6 +1427,38 @@ impl Session {
         self.statements.describe_into(target, &mut self.backend_out);
         self.queue.sent(Expect::DescribeStatement);
         Step::Next
+    }
+
+    /// A RowDescription or ParameterDescription of `total` bytes just
+    /// forwarded from the backend: its user-defined type OIDs become the
+    /// first shard's (`protocol::type_oids`).
+    fn translate_type_oids(&mut self, tag: u8, total: usize) {
+        let Some(shard) = self.backend.as_ref().map(|a| a.shard).filter(|s| *s != 0) else {
+            return;
+        };
+        let Some(map) = self.shared.fanout.type_oids().get() else {
+            return;
+        };
+        let start = self.client_out.len() - total + 5;
+        let body = &mut self.client_out[start..];
+        if tag == tag::ROW_DESCRIPTION {
+            map.rewrite_row_description(shard, body);
+        } else {
+            map.rewrite_parameter_description(shard, body);
+        }
+    }
+
+    /// Parse messages written to the backend from `from` on: declared
+    /// parameter types in the attached shard's OIDs (`protocol::type_oids`).
+    fn translate_parse_types(&mut self, from: usize) {
+        let Some(shard) = self.backend.as_ref().map(|a| a.shard).filter(|s| *s != 0) else {
+            return;
+        };
+        if let Some(map) = self.shared.fanout.type_oids().get() {
+            if let Some(frames) = self.backend_out.get_mut(from..) {
+                map.rewrite_parse_frames(shard, frames);
+            }
+        }
     }
 
     /// Statements whose Parse failed are not on the backend after all.
@@ -1542,7 +1583,10 @@ fn scan_statement(sql: &str) -> StatementEffects {
         let is = |w: &[u8]| word.eq_ignore_ascii_case(w);
         match word.first().map(|b| b | 0x20) {
             Some(b's') if is(b"set") => effects.sets = true,
-            Some(b's') if is(b"set_config") => effects.taints = true,
+            // asyncpg turns `jit` off around every type introspection with
+            // set_config('jit', …, false): a planner knob whose value cannot
+            // change a result, so it does not pin the backend.
+            Some(b's') if is(b"set_config") && !sets_jit(&bytes[i..]) => effects.taints = true,
             Some(b'r') if is(b"reset") => effects.sets = true,
             Some(b'd') if is(b"discard") => effects.sets = true,
             Some(b'd') if is(b"deallocate") => deallocate = true,
@@ -1576,6 +1620,15 @@ fn scan_statement(sql: &str) -> StatementEffects {
         previous = word;
     }
     effects
+}
+
+/// Whether the text after `set_config` starts with `('jit'`.
+fn sets_jit(rest: &[u8]) -> bool {
+    let mut words = rest
+        .split(|b| b.is_ascii_whitespace())
+        .filter(|w| !w.is_empty())
+        .flat_map(|w| w.split_inclusive(|b| *b == b'('));
+    matches!(words.next(), Some(b"(")) && words.next().is_some_and(|w| w.starts_with(b"'jit'"))
 }
 
 /// The statement name of a single `DEALLOCATE [PREPARE] name` (quoted or
@@ -1641,6 +1694,19 @@ fn unknown_statement(name: &str) -> ProxyError {
 #[cfg(test)]
 mod tests {
     use super::scan_statement;
+
+    #[test]
+    fn asyncpg_jit_switch_does_not_pin() {
+        assert!(
+            !scan_statement(
+                "SELECT current_setting('jit') AS cur, set_config('jit', 'off', false) AS new"
+            )
+            .taints
+        );
+        assert!(!scan_statement("SELECT set_config( 'jit', $1, false)").taints);
+        assert!(scan_statement("SELECT set_config('search_path', 'x', false)").taints);
+        assert!(scan_statement("SELECT set_config('jitx', 'x', false)").taints);
+    }
 
     #[test]
     fn deallocate_names() {

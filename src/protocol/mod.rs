@@ -7,6 +7,7 @@
 
 pub mod messages;
 pub mod synth;
+pub mod type_oids;
 
 use thiserror::Error;
 

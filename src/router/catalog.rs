@@ -61,6 +61,78 @@ WHERE c.relkind IN ('r', 'p', 'f') AND a.attnum > 0 AND NOT a.attisdropped \
   AND c.relname = ANY($1) \
 ORDER BY n.nspname, c.relname, a.attnum";
 
+/// Every user-defined type of a shard (OID, `schema.name`), for the type
+/// OID translation (`protocol::type_oids`).
+const TYPES_SQL: &str = "\
+SELECT t.oid::int8, n.nspname || '.' || t.typname \
+FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace \
+WHERE t.oid >= 16384 AND n.nspname !~ '^pg_(toast|temp_|toast_temp_)'";
+
+/// Reads `shard`'s user-defined types as (OID, `schema.name`).
+pub async fn load_types(
+    shard: &ShardConfig,
+    timeout: Duration,
+) -> Result<Vec<(u32, String)>, CatalogError> {
+    let read = async {
+        let client = connect(shard, timeout).await?;
+        let rows = client
+            .query(TYPES_SQL, &[])
+            .await
+            .map_err(|e| query_error(shard, e))?;
+        Ok(rows
+            .iter()
+            .filter_map(|row| {
+                let oid: i64 = row.get(0);
+                Some((u32::try_from(oid).ok()?, row.get::<_, String>(1)))
+            })
+            .collect())
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Ok(result) => result,
+        Err(_) => Err(CatalogError::Timeout {
+            shard: shard.name.clone(),
+            seconds: timeout.as_secs().max(1),
+        }),
+    }
+}
+
+fn query_error(shard: &ShardConfig, e: tokio_postgres::Error) -> CatalogError {
+    CatalogError::Query {
+        shard: shard.name.clone(),
+        message: match e.as_db_error() {
+            Some(db) => db.message().to_string(),
+            None => e.to_string(),
+        },
+    }
+}
+
+/// A control-plane connection to `shard`.
+async fn connect(
+    shard: &ShardConfig,
+    timeout: Duration,
+) -> Result<tokio_postgres::Client, CatalogError> {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host(&shard.host)
+        .port(shard.port)
+        .user(&shard.user)
+        .dbname(&shard.database)
+        .application_name("shardgate-catalog")
+        .connect_timeout(timeout);
+    if let Some(password) = &shard.password {
+        config.password(password);
+    }
+    let (client, connection) = config
+        .connect(NoTls)
+        .await
+        .map_err(|e| query_error(shard, e))?;
+    tokio::spawn(async move {
+        // A broken connection surfaces as an error of the query.
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
 /// Reads the facts for `map`'s tables from `shard`.
 pub async fn load(
     shard: &ShardConfig,
@@ -81,29 +153,8 @@ async fn load_inner(
     map: &ShardMap,
     timeout: Duration,
 ) -> Result<CatalogFacts, CatalogError> {
-    let fail = |e: tokio_postgres::Error| CatalogError::Query {
-        shard: shard.name.clone(),
-        message: match e.as_db_error() {
-            Some(db) => db.message().to_string(),
-            None => e.to_string(),
-        },
-    };
-    let mut config = tokio_postgres::Config::new();
-    config
-        .host(&shard.host)
-        .port(shard.port)
-        .user(&shard.user)
-        .dbname(&shard.database)
-        .application_name("shardgate-catalog")
-        .connect_timeout(timeout);
-    if let Some(password) = &shard.password {
-        config.password(password);
-    }
-    let (client, connection) = config.connect(NoTls).await.map_err(fail)?;
-    tokio::spawn(async move {
-        // A broken connection surfaces as an error of the query below.
-        let _ = connection.await;
-    });
+    let fail = |e: tokio_postgres::Error| query_error(shard, e);
+    let client = connect(shard, timeout).await?;
     let bare: Vec<String> = map
         .tables
         .keys()

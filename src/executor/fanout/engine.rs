@@ -96,6 +96,8 @@ struct Stream {
     entry_status: u8,
     error: Option<ProxyError>,
     name: String,
+    /// The shard's index (its type OIDs are translated to the first shard's).
+    shard: usize,
     /// NoticeResponse frames to pass on (first target only: the shards run
     /// the same statement, so their notices repeat).
     notices: Option<Vec<Bytes>>,
@@ -159,13 +161,16 @@ pub async fn gather<W: AsyncWrite + Unpin, M: Merge>(
             entry_status: t.conn.transaction_status(),
             error: None,
             name: t.conn.shard_name().to_string(),
+            shard: 0,
             notices: None,
         })
         .collect();
     if let Some(first) = streams.first_mut() {
         first.notices = Some(Vec::new());
     }
+    let type_oids = ex.type_oids().get();
     for (i, t) in targets.iter_mut().enumerate() {
+        streams[i].shard = t.shard;
         match batches.get(i).and_then(|b| b.as_ref()) {
             None => {
                 let s = &mut streams[i];
@@ -174,6 +179,17 @@ pub async fn gather<W: AsyncWrite + Unpin, M: Merge>(
                 s.ready = Some(t.conn.transaction_status());
             }
             Some(batch) => {
+                let translated;
+                let batch = match &type_oids {
+                    // Declared parameter types in this shard's OIDs.
+                    Some(map) => {
+                        let mut copy = batch.clone();
+                        map.rewrite_parse_frames(t.shard, &mut copy);
+                        translated = copy;
+                        &translated
+                    }
+                    None => batch,
+                };
                 if t.conn.write_all(batch).await.is_err() {
                     let s = &mut streams[i];
                     s.dead = true;
@@ -194,7 +210,13 @@ pub async fn gather<W: AsyncWrite + Unpin, M: Merge>(
     loop {
         // Parse what has arrived.
         for (i, s) in streams.iter_mut().enumerate() {
-            if let Err(e) = pump(s, merge, memory, draining || !want_more) {
+            if let Err(e) = pump(
+                s,
+                merge,
+                memory,
+                draining || !want_more,
+                type_oids.as_deref(),
+            ) {
                 targets[i].conn.mark_broken();
                 s.dead = true;
                 s.finished = true;
@@ -449,6 +471,7 @@ fn pump<M: Merge>(
     merge: &M,
     memory: &mut Memory,
     discard: bool,
+    type_oids: Option<&crate::protocol::type_oids::TypeOids>,
 ) -> Result<(), ProxyError> {
     loop {
         let (frame_tag, len) = match next_frame(&s.buf, MAX_BACKEND_MESSAGE) {
@@ -486,12 +509,17 @@ fn pump<M: Merge>(
                 }
             }
             tag::ROW_DESCRIPTION => {
-                let fields = decode_row_description(&body).map_err(|e| {
+                let mut fields = decode_row_description(&body).map_err(|e| {
                     ProxyError::error(
                         "08P01",
                         format!("invalid RowDescription from shard {}: {e}", s.name),
                     )
                 })?;
+                if let Some(map) = type_oids {
+                    for field in &mut fields {
+                        field.type_oid = map.client_oid(s.shard, field.type_oid);
+                    }
+                }
                 if s.fields.is_none() {
                     s.fields = Some(fields);
                 }

@@ -114,6 +114,9 @@ pub struct FanoutExecutor {
     max_merge_memory: u64,
     bytewise: AtomicBool,
     cache: Mutex<HashMap<String, Arc<Plan>>>,
+    /// The shards' user-defined type OIDs mapped to the first shard's
+    /// (see `protocol::type_oids`); the sessions use it too.
+    type_oids: crate::protocol::type_oids::TypeOidsCell,
 }
 
 /// Cached plans; the cache is cleared when full (ad-hoc SQL with inlined values).
@@ -134,7 +137,13 @@ impl FanoutExecutor {
             max_merge_memory: config.max_merge_memory,
             bytewise: AtomicBool::new(false),
             cache: Mutex::new(HashMap::new()),
+            type_oids: Default::default(),
         }
+    }
+
+    /// The current type OID translation (`None`: the shards agree).
+    pub fn type_oids(&self) -> &crate::protocol::type_oids::TypeOidsCell {
+        &self.type_oids
     }
 
     /// Whether the shards' database collation (`datcollate`) is C, POSIX or

@@ -579,8 +579,18 @@ impl Session {
         if self.backend.is_some() {
             return Attach::Ready;
         }
-        let shard = self.session_shard.unwrap_or_else(|| router.pick_any());
+        let shard = self.session_shard.unwrap_or_else(|| self.any_shard(router));
         self.attach_shard(shard, extended).await
+    }
+
+    /// A shard for a statement any shard can answer: round-robin, or the
+    /// first shard while user-defined types have different OIDs on the
+    /// shards (catalog reads must answer with the OIDs clients see).
+    pub(super) fn any_shard(&self, router: &Router) -> usize {
+        if self.shared.fanout.type_oids().get().is_some() {
+            return 0;
+        }
+        router.pick_any()
     }
 }
 
@@ -596,7 +606,7 @@ impl Session {
         query: &str,
         param_types: &[u8],
     ) {
-        let shard = self.session_shard.unwrap_or_else(|| router.pick_any());
+        let shard = self.session_shard.unwrap_or_else(|| self.any_shard(router));
         let Some(pool) = self.shared.pools.get(shard) else {
             return;
         };
