@@ -24,7 +24,8 @@ struct Targets {
 
 const SCHEMA: &str = "CREATE TABLE sp (id bigint PRIMARY KEY, b int);\
                       INSERT INTO sp VALUES (1, 10), (2, 20), (3, 30);\
-                      CREATE TABLE ck (id int PRIMARY KEY, v int CHECK (v > 0));";
+                      CREATE TABLE ck (id int PRIMARY KEY, v int CHECK (v > 0));\
+                      CREATE TABLE names (name text PRIMARY KEY);";
 
 async fn targets(name: &str) -> Targets {
     // Postgres itself.
@@ -53,7 +54,8 @@ async fn targets(name: &str) -> Targets {
     let routed = start_proxy(&shard_map(
         &routed_db,
         "pool: { mode: transaction, size: 1 }\nfunctions:\n  by_id: { kind: hash }\n\
-         tables:\n  sp: { key: id, function: by_id }\ndefault_table: replicated\n",
+         tables:\n  sp: { key: id, function: by_id }\n  names: { key: name, function: by_id }\n\
+         default_table: replicated\n",
     ))
     .await;
     let mut loader = Wire::connect(routed.address.port(), "app", &routed_db).await;
@@ -458,5 +460,48 @@ async fn terminate_before_startup_closes_silently() {
         .unwrap_or_else(|_| panic!("{label}: the connection stayed open"))
         .ok();
         assert_eq!(answer, Vec::<u8>::new(), "{label}: answered a Terminate");
+    }
+}
+
+/// `client_encoding` LATIN9: a statement with a non-ASCII byte is answered
+/// (shardgate closed the connection with 08P01), and a text key in it is
+/// placed as the server stores it (a UTF-8 client finds the row by key).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_latin9_client_is_answered_and_its_text_keys_route() {
+    let targets = targets("cc_latin9").await;
+    for (label, port, db, user) in &targets.list {
+        let mut c = Wire::connect(*port, user, db).await;
+        let answers = c
+            .exchange(&wire::query("SET client_encoding TO 'LATIN9'"), 1)
+            .await;
+        assert_eq!(codes(&answers), Vec::<String>::new(), "{label}");
+        // 'Müller €' in LATIN9: ü = 0xFC, € = 0xA4.
+        let mut insert = b"INSERT INTO names VALUES ('M\xfcller \xa4')".to_vec();
+        insert.push(0);
+        let mut frame = vec![b'Q'];
+        frame.extend_from_slice(&((insert.len() + 4) as i32).to_be_bytes());
+        frame.extend_from_slice(&insert);
+        let answers = c.exchange(&frame, 1).await;
+        assert_eq!(
+            codes(&answers),
+            Vec::<String>::new(),
+            "{label}: {answers:?}"
+        );
+        let answers = c.exchange(&wire::query("SELECT name FROM names"), 1).await;
+        let row = answers.iter().find(|m| m.tag == b'D').expect("a row");
+        assert!(
+            row.body.ends_with(b"M\xfcller \xa4"),
+            "{label}: {:?}",
+            row.body
+        );
+        // A UTF-8 client finds it by its key (routed to the same shard).
+        let mut utf8 = Wire::connect(*port, user, db).await;
+        let answers = utf8
+            .exchange(
+                &wire::query("SELECT name FROM names WHERE name = 'Müller €'"),
+                1,
+            )
+            .await;
+        assert_eq!(rows(&answers), 1, "{label}: {answers:?}");
     }
 }

@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod buffers;
 pub mod cancel;
+pub mod encoding;
 pub mod prepared;
 pub mod responses;
 pub mod session;

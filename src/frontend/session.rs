@@ -177,6 +177,9 @@ pub struct Session {
     /// The backend sent a FATAL for the client's statement: the client's
     /// connection closes once it has the message.
     client_closing: bool,
+    /// The simple query being routed was converted from a client encoding
+    /// other than UTF-8: only its original bytes may reach a shard.
+    text_transcoded: bool,
 }
 
 impl Session {
@@ -235,7 +238,13 @@ impl Session {
             unnamed_answered_end: None,
             last_scan: None,
             client_closing: false,
+            text_transcoded: false,
         }
+    }
+
+    /// The session's `client_encoding`, as SQL text (may be quoted).
+    fn client_encoding(&self) -> Option<&str> {
+        self.settings.latest("client_encoding")
     }
 
     pub fn key(&self) -> (i32, i32) {
@@ -385,7 +394,23 @@ impl Session {
         match tag {
             tag::TERMINATE => return Ok(Step::Terminate),
             tag::QUERY => {
-                let sql = messages::query_text(body).map_err(protocol_violation)?;
+                let decoded;
+                let sql = match messages::query_text(body) {
+                    Ok(sql) => sql,
+                    Err(ProtocolError::Utf8 { .. }) => {
+                        // A client_encoding other than UTF-8: the shards get
+                        // the bytes; shardgate reads them for routing.
+                        let raw = messages::query_bytes(body).map_err(protocol_violation)?;
+                        decoded = super::encoding::decode(raw, self.client_encoding());
+                        if self.shared.router.is_some() && !decoded.exact {
+                            self.report(non_utf8_unroutable(self.client_encoding()), false);
+                            return Ok(Step::Next);
+                        }
+                        self.text_transcoded = true;
+                        decoded.text.as_str()
+                    }
+                    Err(error) => return Err(protocol_violation(error)),
+                };
                 if let Some((name, value)) = hints::shardgate_setting(sql) {
                     self.shardgate_set(name, value)?;
                     return Ok(Step::Next);
@@ -410,7 +435,9 @@ impl Session {
                 let effects = scan_statement(sql);
                 self.note_effects(effects);
                 if let Some(router) = self.router() {
-                    attach_or_return!(self.attach_query(&router, frame, sql).await);
+                    let attach = self.attach_query(&router, frame, sql).await;
+                    self.text_transcoded = false;
+                    attach_or_return!(attach);
                 } else {
                     attach_or_return!(self.attach_for(route_hint(sql), false).await);
                 }
@@ -446,7 +473,20 @@ impl Session {
                 return Ok(Step::Next);
             }
             tag::PARSE => {
-                let parse = Parse::decode(body).map_err(protocol_violation)?;
+                let parse = match Parse::decode(body) {
+                    Ok(parse) => parse,
+                    Err(ProtocolError::Utf8 { .. }) => {
+                        self.client_error_in_batch(
+                            non_utf8_unroutable(self.client_encoding()).with_hint(
+                                "the extended protocol needs UTF-8 statement text through \
+                                 shardgate; set client_encoding to UTF8 (the data may still \
+                                 be in any encoding the database converts)",
+                            ),
+                        );
+                        return Ok(Step::Next);
+                    }
+                    Err(error) => return Err(protocol_violation(error)),
+                };
                 let effects = self.scan_cached(parse.query);
                 self.note_effects(effects);
                 if parse.name.is_empty() {
@@ -1678,6 +1718,20 @@ fn strip_word<'a>(text: &'a str, word: &str) -> Option<&'a str> {
     (head.eq_ignore_ascii_case(word)
         && rest.bytes().next().is_some_and(|b| b.is_ascii_whitespace()))
     .then_some(rest)
+}
+
+/// A statement in a client encoding shardgate cannot route exactly.
+fn non_utf8_unroutable(encoding: Option<&str>) -> ProxyError {
+    ProxyError::error(
+        "0A000",
+        format!(
+            "this statement's text is not UTF-8 (client_encoding {}); through shardgate with \
+             routing on, only LATIN1, LATIN9 and WIN1252 statements are read, and only those \
+             that run on one shard",
+            encoding.unwrap_or("unknown")
+        ),
+    )
+    .with_hint("set client_encoding to UTF8 for this statement")
 }
 
 fn protocol_violation(error: ProtocolError) -> ProxyError {

@@ -77,6 +77,23 @@ impl SessionSettings {
         self.recompute();
     }
 
+    /// The value `name` has for statements sent now (in-flight and
+    /// uncommitted changes included), as SQL text.
+    pub fn latest(&self, name: &str) -> Option<&str> {
+        for change in self.in_flight.iter().rev().chain(self.pending.iter().rev()) {
+            match change {
+                Change::Set { name: n, value } if n == name => return Some(value),
+                Change::Reset { name: n } if n == name => return None,
+                Change::ResetAll => return None,
+                _ => {}
+            }
+        }
+        self.settings
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
     /// Notes the SETs a statement about to run contains.
     pub fn statement_sent(&mut self, sql: &str) {
         if !mentions_set(sql) {

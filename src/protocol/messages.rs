@@ -113,6 +113,17 @@ pub fn query_text(body: &[u8]) -> Result<&str, ProtocolError> {
     Cursor::new(b'Q', body).cstr()
 }
 
+/// `Query`: the SQL text's bytes, whatever their encoding.
+pub fn query_bytes(body: &[u8]) -> Result<&[u8], ProtocolError> {
+    body.iter()
+        .position(|&b| b == 0)
+        .map(|end| &body[..end])
+        .ok_or(ProtocolError::Malformed {
+            tag: b'Q',
+            what: "missing string terminator",
+        })
+}
+
 /// `Parse`: statement name, SQL text, and the raw parameter-type section.
 #[derive(Debug, Clone, Copy)]
 pub struct Parse<'a> {

@@ -256,8 +256,11 @@ mod tests {
             body.extend_from_slice(&[0, 4, 255, 255, 255, 255, 0, 0]);
         }
         map.rewrite_row_description(1, &mut body);
-        assert_eq!(&body[3 + 6..3 + 10], &16500u32.to_be_bytes());
-        assert_eq!(&body[3 + 18 + 2 + 6..3 + 18 + 2 + 10], &23u32.to_be_bytes());
+        // count (2) | "m\0" | table oid (4) | column (2) | type oid at 10.
+        assert_eq!(&body[10..14], &16500u32.to_be_bytes());
+        assert_eq!(&body[4..8], &1234u32.to_be_bytes(), "table OID untouched");
+        // The second field starts at 4 + 18: "n\0", then its type at 30.
+        assert_eq!(&body[30..34], &23u32.to_be_bytes());
         // ParameterDescription.
         let mut params = vec![0, 2];
         params.extend_from_slice(&16599u32.to_be_bytes());

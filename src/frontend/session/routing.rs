@@ -323,7 +323,11 @@ impl Session {
     ) -> Attach {
         // Boxed, as the other rare paths below: their state would otherwise
         // be part of every idle session's future (bench/idle_connections.sh).
-        let copy = if super::copy::starts_with_copy(sql) {
+        let copy = if super::copy::starts_with_copy(sql) && self.text_transcoded {
+            // COPY's statement goes to the shards as text too.
+            self.report(super::non_utf8_unroutable(self.client_encoding()), false);
+            return Attach::Failed;
+        } else if super::copy::starts_with_copy(sql) {
             Box::pin(self.routed_copy_in(router, frame, sql)).await
         } else {
             None
@@ -373,6 +377,12 @@ impl Session {
             }
             Destination::Refuse(error) => {
                 self.report(error, false);
+                return Attach::Failed;
+            }
+            Destination::Shards(route) if self.text_transcoded => {
+                // The fan-out sends the text again: it would go out as UTF-8.
+                let _ = route;
+                self.report(super::non_utf8_unroutable(self.client_encoding()), false);
                 return Attach::Failed;
             }
             Destination::Shards(route) => {
