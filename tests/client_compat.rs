@@ -505,3 +505,56 @@ async fn a_latin9_client_is_answered_and_its_text_keys_route() {
         assert_eq!(rows(&answers), 1, "{label}: {answers:?}");
     }
 }
+
+/// One extended batch (one Sync) with a one-shard write, a write on every
+/// shard (replicated table) and a failing write: as in Postgres, nothing of
+/// it stays; without the failure, all of it commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_mixing_one_shard_and_all_shard_writes_is_atomic() {
+    let targets = targets("cc_mixed_batch").await;
+    for (label, port, db, user) in &targets.list {
+        let mut c = Wire::connect(*port, user, db).await;
+        let write = |sql: &str| {
+            batch(&[
+                wire::parse("", sql, &[]),
+                wire::bind("", "", &[]),
+                wire::execute("", 0),
+            ])
+        };
+        let failing = batch(&[
+            write("INSERT INTO sp VALUES (100, 1)"),
+            write("INSERT INTO ck VALUES (100, 5)"),
+            write("INSERT INTO sp VALUES (1, 0)"),
+            wire::sync(),
+        ]);
+        let answers = c.exchange(&failing, 1).await;
+        assert_eq!(codes(&answers), vec!["23505"], "{label}: {answers:?}");
+        for (sql, want) in [
+            ("SELECT count(*) FROM sp WHERE id = 100", "0"),
+            ("SELECT count(*) FROM ck WHERE id = 100", "0"),
+        ] {
+            let answers = c.exchange(&wire::query(sql), 1).await;
+            let row = answers.iter().find(|m| m.tag == b'D').expect("a row");
+            assert!(
+                row.body.ends_with(want.as_bytes()),
+                "{label}: {sql}: {answers:?}"
+            );
+        }
+        let good = batch(&[
+            write("INSERT INTO sp VALUES (101, 1)"),
+            write("INSERT INTO ck VALUES (101, 5)"),
+            wire::sync(),
+        ]);
+        let answers = c.exchange(&good, 1).await;
+        assert_eq!(
+            codes(&answers),
+            Vec::<String>::new(),
+            "{label}: {answers:?}"
+        );
+        let answers = c
+            .exchange(&wire::query("SELECT count(*) FROM ck WHERE id = 101"), 1)
+            .await;
+        let row = answers.iter().find(|m| m.tag == b'D').expect("a row");
+        assert!(row.body.ends_with(b"1"), "{label}: {answers:?}");
+    }
+}

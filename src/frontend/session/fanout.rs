@@ -244,6 +244,22 @@ impl Session {
         sql: &str,
         param_types: &[u8],
     ) -> Attach {
+        // A write on several shards after a statement of the same batch on
+        // the attached backend: that statement's implicit transaction
+        // becomes the batch's, so this write and it commit (or roll back)
+        // together at the Sync, as in one Postgres.
+        if self.statement_writes
+            && self.backend.is_some()
+            && !self.implicit_multi
+            && self.status == b'I'
+            && self.queue.batch_open()
+            && !self.tainted
+            && self.mode == crate::config::PoolMode::Transaction
+            && self.shared.twophase.enabled()
+            && !runs_outside_transactions(sql)
+        {
+            self.begin_batch_transaction();
+        }
         // Answers owed by a backend come first (in an open batch it is
         // asked for them with a Flush): the fan-out runs on that backend too.
         if !self.queue.is_empty() && self.backend.is_some() {

@@ -97,6 +97,17 @@ impl Session {
     /// answers (Flush), joins the next shard, and commits all of them
     /// together at the client's Sync (two-phase commit when several wrote).
     pub(super) async fn switch_in_batch(&mut self, shard: usize, extended: bool) -> Attach {
+        self.begin_batch_transaction();
+        if let Some(not_yet) = self.read_batch_answers() {
+            return not_yet;
+        }
+        self.join_shard(shard, extended).await
+    }
+
+    /// Turns the current backend's implicit transaction (an extended batch
+    /// without a Sync yet) into a regular one that the client's Sync ends
+    /// on every shard of the batch (`finish_implicit_batch`).
+    pub(super) fn begin_batch_transaction(&mut self) {
         if !self.implicit_multi {
             let begin = Parse {
                 name: "",
@@ -120,10 +131,6 @@ impl Session {
             self.implicit_multi = true;
             self.batch_flushed = false;
         }
-        if let Some(not_yet) = self.read_batch_answers() {
-            return not_yet;
-        }
-        self.join_shard(shard, extended).await
     }
 
     /// Before an extended batch moves to another shard: this backend's
