@@ -558,3 +558,45 @@ async fn a_batch_mixing_one_shard_and_all_shard_writes_is_atomic() {
         assert!(row.body.ends_with(b"1"), "{label}: {answers:?}");
     }
 }
+
+/// SQL `EXECUTE` of a statement prepared with the protocol's Parse
+/// (asyncpg's `prepare(name=…)` then `EXECUTE name`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_execute_runs_a_protocol_prepared_statement() {
+    let targets = targets("cc_execute").await;
+    for (label, port, db, user) in &targets.list {
+        let mut c = Wire::connect(*port, user, db).await;
+        let answers = c
+            .exchange(
+                &batch(&[
+                    wire::parse("s1", "SELECT b FROM sp WHERE id = 2", &[]),
+                    wire::parse("s2", "SELECT $1::int + 1", &[]),
+                    wire::sync(),
+                ]),
+                1,
+            )
+            .await;
+        assert_eq!(tags(&answers), "11Z", "{label}");
+        for (sql, want) in [("EXECUTE s1", "20"), ("EXECUTE s2(41)", "42")] {
+            let answers = c.exchange(&wire::query(sql), 1).await;
+            assert_eq!(
+                codes(&answers),
+                Vec::<String>::new(),
+                "{label}: {sql}: {answers:?}"
+            );
+            let row = answers.iter().find(|m| m.tag == b'D').expect("a row");
+            assert!(
+                row.body.ends_with(want.as_bytes()),
+                "{label}: {sql}: {answers:?}"
+            );
+        }
+        // The name is taken: a second Parse of it fails as in Postgres.
+        let answers = c
+            .exchange(
+                &batch(&[wire::parse("s1", "SELECT 1", &[]), wire::sync()]),
+                1,
+            )
+            .await;
+        assert_eq!(codes(&answers), vec!["42P05"], "{label}: {answers:?}");
+    }
+}

@@ -228,6 +228,11 @@ impl ClientStatements {
         self.named.retain(|_, s| s.hash != hash);
     }
 
+    /// The shardgate-owned name the client's statement `name` has on backends.
+    pub fn server_name(&self, name: &str) -> Option<&str> {
+        self.named.get(name).map(|s| s.server_name.as_str())
+    }
+
     /// `DEALLOCATE ALL`: every name goes.
     pub fn clear(&mut self) {
         self.named.clear();

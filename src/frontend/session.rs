@@ -418,6 +418,13 @@ impl Session {
                 if !self.suspended.is_empty() && Box::pin(self.cursor_statement(sql)).await {
                     return Ok(Step::Next);
                 }
+                if let Some((name, rest)) = executed_statement(sql) {
+                    if self.statements.text_of(name).is_some() {
+                        let name = name.to_string();
+                        let rest = rest.to_string();
+                        return Ok(Box::pin(self.execute_protocol_statement(&name, &rest)).await);
+                    }
+                }
                 if let Some(name) = deallocated_name(sql) {
                     if self.statements.text_of(name).is_some() {
                         // Protocol and SQL prepared statements share one
@@ -1469,6 +1476,68 @@ impl Session {
         Step::Next
     }
 
+    /// SQL `EXECUTE name …` of a statement the client prepared with the
+    /// protocol's Parse (one namespace in Postgres; asyncpg's named
+    /// statements): it runs under its server-side name on the backend its
+    /// text routes to, created there first if needed.
+    async fn execute_protocol_statement(&mut self, name: &str, rest: &str) -> Step {
+        let attach = match self.router() {
+            Some(router) => {
+                let text = self
+                    .statements
+                    .text_of(name)
+                    .map(|(q, _)| q.to_string())
+                    .unwrap_or_default();
+                let mut memo = crate::router::Memo::default();
+                match self.route(&router, &mut memo, &text, &[]).await {
+                    Ok((crate::router::Route::Single(shard), _)) => {
+                        self.attach_shard(shard, false).await
+                    }
+                    Ok((crate::router::Route::AnyOne | crate::router::Route::NoShard, _)) => {
+                        self.attach_any(&router, false).await
+                    }
+                    _ => {
+                        self.report(
+                            ProxyError::error(
+                                "0A000",
+                                format!(
+                                    "EXECUTE {name}: the shard of this prepared statement \
+                                     depends on its parameters (or it spans several shards); \
+                                     shardgate routes it only through the extended protocol"
+                                ),
+                            )
+                            .with_hint(
+                                "bind and execute it with the protocol (every driver's way)",
+                            ),
+                            false,
+                        );
+                        return Step::Next;
+                    }
+                }
+            }
+            None => self.attach_for(None, false).await,
+        };
+        match attach {
+            Attach::Ready => {}
+            Attach::Failed | Attach::Answered => return Step::Next,
+            Attach::Wait => return Step::Wait,
+        }
+        if !self.ensure_statement(name) {
+            self.report(unknown_statement(name), false);
+            return Step::Next;
+        }
+        let Some(server_name) = self.statements.server_name(name) else {
+            return Step::Next;
+        };
+        let sql = format!("EXECUTE {server_name}{rest}");
+        let mut frame = BytesMut::new();
+        synth::query(&mut frame, &sql);
+        self.forget_unnamed();
+        self.unnamed_on_backend = false;
+        self.forward(&frame, Expect::UntilReady);
+        Step::Next
+    }
+
     /// A RowDescription or ParameterDescription of `total` bytes just
     /// forwarded from the backend: its user-defined type OIDs become the
     /// first shard's (`protocol::type_oids`).
@@ -1696,6 +1765,20 @@ fn deallocated_name(sql: &str) -> Option<&str> {
     (rest.starts_with('"') || !name.bytes().any(|b| b.is_ascii_uppercase())).then_some(name)
 }
 
+/// `EXECUTE name[ rest]`: the statement name (lower-case unquoted, or
+/// quoted) and the rest of the text (its arguments).
+fn executed_statement(sql: &str) -> Option<(&str, &str)> {
+    let rest = strip_word(sql.trim_start(), "execute")?.trim_start();
+    if let Some(quoted) = rest.strip_prefix('"') {
+        let end = quoted.find('"')?;
+        return Some((&quoted[..end], &quoted[end + 1..]));
+    }
+    let end = rest
+        .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '$'))
+        .unwrap_or(rest.len());
+    (end > 0).then(|| (&rest[..end], &rest[end..]))
+}
+
 /// Whether `sql` is `DEALLOCATE [PREPARE] ALL`.
 fn deallocates_all(sql: &str) -> bool {
     let Some(mut rest) = strip_word(sql.trim_start(), "deallocate") else {
@@ -1760,6 +1843,19 @@ mod tests {
         assert!(!scan_statement("SELECT set_config( 'jit', $1, false)").taints);
         assert!(scan_statement("SELECT set_config('search_path', 'x', false)").taints);
         assert!(scan_statement("SELECT set_config('jitx', 'x', false)").taints);
+    }
+
+    #[test]
+    fn executed_names() {
+        use super::executed_statement;
+        assert_eq!(executed_statement("EXECUTE foobar"), Some(("foobar", "")));
+        assert_eq!(
+            executed_statement("execute s1 (1, 'a');"),
+            Some(("s1", " (1, 'a');"))
+        );
+        assert_eq!(executed_statement("EXECUTE \"My\"(2)"), Some(("My", "(2)")));
+        assert_eq!(executed_statement("EXECUTE"), None);
+        assert_eq!(executed_statement("EXECUTEx"), None);
     }
 
     #[test]
