@@ -19,6 +19,7 @@ use crate::frontend::session::Session;
 use crate::frontend::startup::{self, Accepted, KeyGenerator};
 use crate::frontend::tls;
 use crate::metrics::Metrics;
+use crate::placement;
 use crate::router::catalog::{self, CatalogError};
 use crate::router::{Router, RouterError, ShardMap};
 
@@ -67,9 +68,26 @@ impl Shared {
                 if let Some(aggregates) = &facts.aggregates {
                     self.fanout.set_aggregate_names(aggregates.iter().cloned());
                 }
+                // Placement epochs: compare the map with the placements
+                // recorded on the shards (recording those of tables seen
+                // for the first time); differing tables are fenced.
+                let map = router.map();
+                let key_types = map.with_catalog(&facts).key_types;
+                let fenced = placement::sync(&self.config, &key_types)
+                    .await
+                    .unwrap_or_else(|| map.fenced.clone());
+                let fence_changed = fenced != map.fenced;
+                if fence_changed {
+                    for (table, message) in &fenced {
+                        tracing::error!(table = %table, "{message}");
+                    }
+                    for table in map.fenced.keys().filter(|t| !fenced.contains_key(*t)) {
+                        tracing::info!(table = %table, "placement matches again: routing resumes");
+                    }
+                }
                 // A periodic read that found nothing new keeps the analysis cache.
-                if !router.map().knows(&facts) {
-                    router.learn(|map| map.with_catalog(&facts));
+                if fence_changed || !map.knows(&facts) {
+                    router.learn(|map| map.with_catalog(&facts).with_fence(fenced));
                 }
                 self.catalog_reads.fetch_add(1, Ordering::AcqRel);
                 true

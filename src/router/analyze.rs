@@ -853,6 +853,9 @@ impl<'m> Walker<'m> {
                 return Ok((o, c));
             }
         }
+        if let Some(message) = self.map.fence(schema.as_deref(), &bare) {
+            return Err(RouteError::Fenced(message.to_string()));
+        }
         let found = self
             .map
             .lookup(schema.as_deref(), &bare)
