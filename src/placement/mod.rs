@@ -188,7 +188,10 @@ pub fn expected(
                     .function(function)
                     .map(|f| describe_function(config, &f.kind))
                     .unwrap_or_else(|| format!("undefined function {function}")),
-                shards: shards.clone(),
+                shards: config
+                    .function(function)
+                    .and_then(|f| named_shards(config, &f.kind))
+                    .unwrap_or_else(|| shards.clone()),
                 key_column: key.to_lowercase(),
                 key_type: key_types.get(&name).map(|t| t.name().to_string()),
             },
@@ -196,6 +199,35 @@ pub fn expected(
         out.insert(name, placement);
     }
     out
+}
+
+/// For functions that name their shards (range, list, tenant): those
+/// shards, sorted, since adding, removing or moving other shards in the
+/// list moves none of their keys. `None` for functions over the whole
+/// ordered list (hash, modulo, consistent_hash).
+fn named_shards(config: &Config, kind: &FunctionKind) -> Option<Vec<String>> {
+    let indexes: Vec<usize> = match kind {
+        FunctionKind::Hash | FunctionKind::Modulo | FunctionKind::ConsistentHash { .. } => {
+            return None
+        }
+        FunctionKind::Range { ranges, .. } => ranges.iter().map(|r| r.shard).collect(),
+        FunctionKind::List {
+            values, default, ..
+        } => values.iter().map(|(_, s)| *s).chain(*default).collect(),
+        FunctionKind::Tenant {
+            tenants, default, ..
+        } => tenants.iter().map(|(_, s)| *s).chain(*default).collect(),
+    };
+    let names: BTreeSet<String> = indexes
+        .iter()
+        .map(|i| {
+            config
+                .shards
+                .get(*i)
+                .map_or_else(|| format!("#{i}"), |s| s.name.clone())
+        })
+        .collect();
+    Some(names.into_iter().collect())
 }
 
 /// The canonical text of a function: kind and every parameter that decides
