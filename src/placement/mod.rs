@@ -463,7 +463,7 @@ impl TableReport {
         let mut out: Vec<&Record> = Vec::new();
         for (_, view) in &self.shards {
             if let ShardView::Recorded { record, .. } = view {
-                if !out.iter().any(|r| *r == record) {
+                if !out.contains(&record) {
                     out.push(record);
                 }
             }
