@@ -123,6 +123,13 @@ impl Placement {
             }
     }
 
+    /// Hash functions place a key by its type (the text '42' and the
+    /// integer 42 land apart); the others fix the type themselves.
+    fn needs_key_type(&self) -> bool {
+        !self.replicated
+            && (self.function.starts_with("hash ") || self.function.starts_with("consistent_hash "))
+    }
+
     pub fn describe(&self) -> String {
         if self.replicated {
             return format!("replicated on [{}]", self.shards.join(", "));
@@ -890,7 +897,7 @@ fn missing_records(reports: &[TableReport], expected: &BTreeMap<String, Placemen
             Verdict::NotRecorded if report.exists_somewhere() => {
                 if let Some(placement) = expected.get(&report.table) {
                     // Hash placement depends on the key type: wait until it is known.
-                    if !placement.replicated && placement.key_type.is_none() {
+                    if placement.key_type.is_none() && placement.needs_key_type() {
                         continue;
                     }
                     out.push(Record {
@@ -951,7 +958,7 @@ pub async fn accept(
         }
         overwritten.push((shard.name.clone(), old));
     }
-    if !placement.replicated && placement.key_type.is_none() {
+    if placement.key_type.is_none() && placement.needs_key_type() {
         return Err(PlacementError::Refused(format!(
             "the type of key column \"{}\" of table \"{table}\" could not be read from the \
              catalog (does the table exist on the shards?); its placement depends on it",
