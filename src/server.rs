@@ -42,6 +42,9 @@ pub struct Shared {
     /// Serialises catalog reads; `catalog_reads` counts completed ones.
     catalog_lock: tokio::sync::Mutex<()>,
     catalog_reads: std::sync::atomic::AtomicU64,
+    /// Some shard's recorded placements were read and compared; until then
+    /// every map table is fenced ([`placement::unchecked`]).
+    placements_read: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -73,13 +76,17 @@ impl Shared {
                 // for the first time); differing tables are fenced.
                 let map = router.map();
                 let key_types = map.with_catalog(&facts).key_types;
-                let fenced = placement::sync(&self.config, &key_types)
-                    .await
-                    .unwrap_or_else(|| map.fenced.clone());
+                let fenced = match placement::sync(&self.config, &key_types).await {
+                    Some(fenced) => {
+                        self.placements_read.store(true, Ordering::Release);
+                        fenced
+                    }
+                    None => map.fenced.clone(),
+                };
                 let fence_changed = fenced != map.fenced;
                 if fence_changed {
-                    for (table, message) in &fenced {
-                        tracing::error!(table = %table, "{message}");
+                    for (table, fence) in &fenced {
+                        tracing::error!(table = %table, "{}", fence.message);
                     }
                     for table in map.fenced.keys().filter(|t| !fenced.contains_key(*t)) {
                         tracing::info!(table = %table, "placement matches again: routing resumes");
@@ -224,7 +231,10 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     {
         None
     } else {
-        Some(Arc::new(Router::new(ShardMap::from_config(&config)?)))
+        // Nothing is routed by a placement not compared with the records
+        // yet: the startup catalog read lifts this fence.
+        let map = ShardMap::from_config(&config)?.with_fence(placement::unchecked(&config));
+        Some(Arc::new(Router::new(map)))
     };
     let twophase = TwoPhase::new(&config, Some(metrics.clone()));
     let shared = Arc::new(Shared {
@@ -234,6 +244,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         fanout: FanoutExecutor::new(&config),
         catalog_lock: tokio::sync::Mutex::new(()),
         catalog_reads: std::sync::atomic::AtomicU64::new(0),
+        placements_read: std::sync::atomic::AtomicBool::new(false),
         users: UserDirectory::from_config(&config)?,
         pools: Pools::new(&config),
         tls,
@@ -259,6 +270,22 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
                 ..RecoveryOptions::default()
             },
         ));
+    }
+    if shared.router.is_some()
+        && !shared
+            .placements_read
+            .load(std::sync::atomic::Ordering::Acquire)
+    {
+        // No shard answered at startup: retry every second until one does,
+        // whatever `catalog_refresh` is (every map table is fenced until then).
+        let retry_shared = shared.clone();
+        background.push(tokio::spawn(async move {
+            use std::sync::atomic::Ordering;
+            while !retry_shared.placements_read.load(Ordering::Acquire) {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                retry_shared.refresh_catalog().await;
+            }
+        }));
     }
     if shared.router.is_some() && !shared.config.catalog_refresh.is_zero() {
         // Tables created or changed directly on the shards (`shardgate

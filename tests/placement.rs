@@ -543,3 +543,31 @@ async fn table_created_through_the_proxy_is_recorded() {
         .expect("insert");
     server.stop().await;
 }
+
+/// With no shard answering at startup, no table is routed by an unchecked
+/// placement: 08006 (the cause is the shards) naming the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_routed_before_the_records_were_read() {
+    let closed_port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("addr").port()
+    };
+    let text = format!(
+        "listen: 127.0.0.1:0\nauth: trust\nusers: [ {{ name: app }} ]\ndatabase: app\n\
+         pool: {{ connect_timeout: 500ms }}\nshards:\n  - {{ name: s0, url: \"postgres://postgres@127.0.0.1:{closed_port}/app\" }}\n\
+         functions:\n  f: {{ kind: hash }}\ntables:\n  items: {{ key: id, function: f }}\n"
+    );
+    let server = start_proxy(&text).await;
+    // Clients cannot even log in without a shard; ask the proxy's router.
+    let router = server.shared.router.as_ref().expect("routing is on");
+    let error = router
+        .route("SELECT * FROM items WHERE id = 1")
+        .expect_err("not routed");
+    let message = error.to_string();
+    assert_eq!(error.sqlstate(), "08006", "{message}");
+    assert!(
+        message.contains("table \"items\" is not routed yet: the placements recorded"),
+        "{message}"
+    );
+    server.stop().await;
+}

@@ -39,6 +39,41 @@ use crate::sharding::KeyType;
 /// from the recorded one (object_not_in_prerequisite_state).
 pub const SQLSTATE: &str = "55000";
 
+/// SQLSTATE while no shard's records could be read yet (connection_failure:
+/// the cause is unreachable shards, and clients retry 08xxx).
+pub const UNCHECKED_SQLSTATE: &str = "08006";
+
+/// Why statements naming a table are refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub sqlstate: &'static str,
+    pub message: String,
+}
+
+/// The fence of every map table before any shard's records were read: the
+/// proxy must not route by a placement it has not compared.
+pub fn unchecked(config: &Config) -> HashMap<String, Fence> {
+    config
+        .tables
+        .iter()
+        .map(|t| {
+            let name = t.name.to_lowercase();
+            let message = format!(
+                "table \"{name}\" is not routed yet: the placements recorded on the shards \
+                 (shardgate.placements) could not be read, no shard answered; shardgate retries \
+                 every second"
+            );
+            (
+                name,
+                Fence {
+                    sqlstate: UNCHECKED_SQLSTATE,
+                    message,
+                },
+            )
+        })
+        .collect()
+}
+
 /// Creates the placement table; the advisory lock serialises concurrent
 /// creators, as for `shardgate.tx_decisions`.
 const TABLE_SQL: &str = "
@@ -73,8 +108,9 @@ const UPSERT_SQL: &str = "INSERT INTO shardgate.placements \
      set_by = EXCLUDED.set_by";
 
 const INSERT_SQL: &str = "INSERT INTO shardgate.placements \
-     (table_name, placement, function, shards, key_column, key_type, version, set_by) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (table_name) DO NOTHING";
+     (table_name, placement, function, shards, key_column, key_type, version, set_by, set_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, COALESCE(NULLIF($9, '')::timestamptz, now())) \
+     ON CONFLICT (table_name) DO NOTHING";
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum PlacementError {
@@ -160,6 +196,12 @@ pub struct Record {
 }
 
 impl Record {
+    /// The same placement epoch (when and by whom it was copied to a shard
+    /// does not matter).
+    fn same_epoch(&self, other: &Record) -> bool {
+        self.placement == other.placement && self.version == other.version
+    }
+
     fn describe(&self) -> String {
         format!(
             "version {} (set {} by {}): {}",
@@ -470,7 +512,7 @@ impl TableReport {
         let mut out: Vec<&Record> = Vec::new();
         for (_, view) in &self.shards {
             if let ShardView::Recorded { record, .. } = view {
-                if !out.contains(&record) {
+                if !out.iter().any(|r| r.same_epoch(record)) {
                     out.push(record);
                 }
             }
@@ -495,7 +537,9 @@ impl TableReport {
     fn holders(&self, record: &Record) -> String {
         self.shards
             .iter()
-            .filter(|(_, v)| matches!(v, ShardView::Recorded { record: r, .. } if r == record))
+            .filter(
+                |(_, v)| matches!(v, ShardView::Recorded { record: r, .. } if r.same_epoch(record)),
+            )
             .map(|(s, _)| s.as_str())
             .collect::<Vec<_>>()
             .join(", ")
@@ -608,11 +652,20 @@ pub fn assess(
     out
 }
 
-/// The fenced tables of a set of reports: table → the clients' message.
-pub fn fence(reports: &[TableReport]) -> HashMap<String, String> {
+/// The fenced tables of a set of reports.
+pub fn fence(reports: &[TableReport]) -> HashMap<String, Fence> {
     reports
         .iter()
-        .filter_map(|r| Some((r.table.clone(), r.fence_message()?)))
+        .filter_map(|r| {
+            let message = r.fence_message()?;
+            Some((
+                r.table.clone(),
+                Fence {
+                    sqlstate: SQLSTATE,
+                    message,
+                },
+            ))
+        })
         .collect()
 }
 
@@ -719,7 +772,7 @@ pub async fn write_group(
                             } else {
                                 "sharded"
                             };
-                            let params: [&(dyn ToSql + Sync); 8] = [
+                            let params: [&(dyn ToSql + Sync); 9] = [
                                 &r.table,
                                 &kind,
                                 &r.placement.function,
@@ -728,8 +781,15 @@ pub async fn write_group(
                                 &r.placement.key_type,
                                 &r.version,
                                 &r.set_by,
+                                &r.set_at,
                             ];
-                            client.execute(sql, &params).await.map_err(&fail)?;
+                            // Replace stamps `now()`; a first record or a
+                            // copy keeps the `set_at` it was given, if any.
+                            let used = match mode {
+                                WriteMode::IfAbsent => &params[..],
+                                WriteMode::Replace => &params[..8],
+                            };
+                            client.execute(sql, used).await.map_err(&fail)?;
                         }
                         if i == 0 && shards.len() > 1 {
                             client
@@ -849,7 +909,7 @@ async fn rollback_all(clients: &[Client], prepared: &[(usize, String)]) {
 pub async fn sync(
     config: &Config,
     key_types: &HashMap<String, KeyType>,
-) -> Option<HashMap<String, String>> {
+) -> Option<HashMap<String, Fence>> {
     let expected = expected(config, key_types);
     let tables: Vec<String> = expected.keys().cloned().collect();
     let reads = read_all(config, &tables).await;
@@ -1102,8 +1162,13 @@ mod tests {
         assert_eq!(reports[0].verdict, Verdict::Differs);
         assert_eq!(reports[1].verdict, Verdict::Disagree);
         let fenced = fence(&reports);
-        assert!(fenced["a"].contains("The map says: sharded by id with hash modulus 2"));
-        assert!(fenced["a"].contains("shard(s) s0, s1 hold version 1"));
-        assert!(fenced["b"].contains("disagree"));
+        assert_eq!(fenced["a"].sqlstate, "55000");
+        let a = &fenced["a"].message;
+        assert!(
+            a.contains("The map says: sharded by id with hash modulus 2"),
+            "{a}"
+        );
+        assert!(a.contains("shard(s) s0, s1 hold version 1"), "{a}");
+        assert!(fenced["b"].message.contains("disagree"));
     }
 }

@@ -853,8 +853,11 @@ impl<'m> Walker<'m> {
                 return Ok((o, c));
             }
         }
-        if let Some(message) = self.map.fence(schema.as_deref(), &bare) {
-            return Err(RouteError::Fenced(message.to_string()));
+        if let Some(fence) = self.map.fence(schema.as_deref(), &bare) {
+            return Err(RouteError::Fenced {
+                sqlstate: fence.sqlstate,
+                message: fence.message.clone(),
+            });
         }
         let found = self
             .map

@@ -99,8 +99,11 @@ pub enum RouteError {
     Syntax(String),
     /// A table whose recorded placement differs from the map (see
     /// [`crate::placement`]): routing it could read or write the wrong shard.
-    #[error("{0}")]
-    Fenced(String),
+    #[error("{message}")]
+    Fenced {
+        sqlstate: &'static str,
+        message: String,
+    },
 }
 
 impl RouteError {
@@ -117,7 +120,7 @@ impl RouteError {
             RouteError::MissingParam(_) => "42P02",
             RouteError::BadHint(_) => "22023",
             RouteError::Syntax(_) => "42601",
-            RouteError::Fenced(_) => crate::placement::SQLSTATE,
+            RouteError::Fenced { sqlstate, .. } => sqlstate,
         }
     }
 }

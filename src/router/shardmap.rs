@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 
 use crate::config::{BoundValue, Config, DefaultTable, FunctionKind, TablePlacement, TenantMode};
+use crate::placement::Fence;
 use crate::sharding::{KeyType, KeyValue, RangeSpec, ShardingError, ShardingFunction};
 
 /// A problem turning a config into a shard map (the config validator should
@@ -79,7 +80,7 @@ pub struct ShardMap {
     /// [`crate::placement`]), with the refusal clients get. Set when maps
     /// and catalogs load, read only when a statement is analysed (analyses
     /// are cached), so routed statements pay nothing for it.
-    pub fenced: HashMap<String, String>,
+    pub fenced: HashMap<String, Fence>,
 }
 
 fn bound_to_key(value: &BoundValue) -> Result<KeyValue, ShardingError> {
@@ -219,23 +220,23 @@ impl ShardMap {
     }
 
     /// Sets the fenced tables (lower-cased name → refusal message).
-    pub fn with_fence(mut self, fenced: HashMap<String, String>) -> ShardMap {
+    pub fn with_fence(mut self, fenced: HashMap<String, Fence>) -> ShardMap {
         self.fenced = fenced;
         self
     }
 
     /// The refusal for a statement naming `schema.table` or `table`, when
     /// that table is fenced.
-    pub fn fence(&self, schema: Option<&str>, table: &str) -> Option<&str> {
+    pub fn fence(&self, schema: Option<&str>, table: &str) -> Option<&Fence> {
         if self.fenced.is_empty() {
             return None;
         }
         if let Some(schema) = schema {
-            if let Some(message) = self.fenced.get(format!("{schema}.{table}").as_str()) {
-                return Some(message);
+            if let Some(fence) = self.fenced.get(format!("{schema}.{table}").as_str()) {
+                return Some(fence);
             }
         }
-        self.fenced.get(table).map(String::as_str)
+        self.fenced.get(table)
     }
 
     /// The column order of a configured table, if the proxy supplied it.
