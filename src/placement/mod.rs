@@ -739,8 +739,11 @@ pub async fn write_group(
     }))
     .await;
     let clients: Vec<Client> = connected.into_iter().collect::<Result<_, _>>()?;
+    let (Some(first), Some(first_shard)) = (clients.first(), shards.first()) else {
+        return Err(PlacementError::Refused("the shard map has no shards".into()));
+    };
     let group = format!("{GID_PREFIX}{:016x}_0", rand::random::<u64>());
-    let coordinator = shards.first().map(|s| s.name.clone()).unwrap_or_default();
+    let coordinator = first_shard.name.clone();
     let gids: Vec<String> = (0..shards.len())
         .map(|i| gid(&group, i, &coordinator))
         .collect();
@@ -812,11 +815,10 @@ pub async fn write_group(
         return Err(error);
     }
     if shards.len() == 1 {
-        let shard = &shards[0];
-        return clients[0]
+        return first
             .batch_execute("COMMIT")
             .await
-            .map_err(shard_error(shard, "committing shardgate.placements"));
+            .map_err(shard_error(first_shard, "committing shardgate.placements"));
     }
     // 2. PREPARE the others.
     let prepared = join_all(clients.iter().zip(shards).zip(&gids).skip(1).map(
@@ -846,7 +848,7 @@ pub async fn write_group(
         return Err(error);
     }
     // 3. The coordinator's COMMIT is the decision.
-    clients[0]
+    first
         .batch_execute("COMMIT")
         .await
         .map_err(|e| PlacementError::Shard {
@@ -868,7 +870,7 @@ pub async fn write_group(
     )
     .await;
     if finished.iter().all(Result::is_ok) {
-        let _ = clients[0]
+        let _ = first
             .execute(
                 "DELETE FROM shardgate.tx_decisions WHERE gid_prefix = $1",
                 &[&group],
