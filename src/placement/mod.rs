@@ -725,8 +725,19 @@ pub async fn write_group(
     mode: WriteMode,
 ) -> Result<(), PlacementError> {
     let timeout = config.pool.connect_timeout;
-    let shards = &config.shards;
-    let connected = join_all(shards.iter().map(|shard| async move {
+    // Shards sharing one database share its records: writing them twice in
+    // one group would wait on its own uncommitted row.
+    let mut shards: Vec<&ShardConfig> = Vec::with_capacity(config.shards.len());
+    for shard in &config.shards {
+        if !shards.iter().any(|s| {
+            (s.host.as_str(), s.port, s.database.as_str())
+                == (shard.host.as_str(), shard.port, shard.database.as_str())
+        }) {
+            shards.push(shard);
+        }
+    }
+    let shards = &shards;
+    let connected = join_all(shards.iter().map(|&shard| async move {
         let doing = "preparing shardgate.placements";
         with_timeout(shard, doing, timeout * 4, async {
             let fail = shard_error(shard, doing);
