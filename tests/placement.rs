@@ -291,6 +291,18 @@ fn shardgate() -> Command {
     Command::new(env!("CARGO_BIN_EXE_shardgate"))
 }
 
+/// `shardgate check --shards --config PATH`: its stdout, after asserting its exit code.
+fn check_shards(path: &std::path::Path, code: i32) -> String {
+    let check = shardgate()
+        .args(["check", "--shards", "--config"])
+        .arg(path)
+        .output()
+        .expect("run check --shards");
+    let out = String::from_utf8_lossy(&check.stdout).into_owned();
+    assert_eq!(check.status.code(), Some(code), "{out}");
+    out
+}
+
 fn write_map(dir: &tempfile::TempDir, name: &str, text: &str) -> PathBuf {
     let path = dir.path().join(name);
     std::fs::write(&path, text).expect("write map");
@@ -326,13 +338,7 @@ async fn accept_after_moving_rows_by_hand_resumes_routing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = write_map(&dir, "edited.yaml", &edited);
 
-    let check = shardgate()
-        .args(["check", "--shards", "--config"])
-        .arg(&path)
-        .output()
-        .expect("run check --shards");
-    let out = String::from_utf8_lossy(&check.stdout);
-    assert_eq!(check.status.code(), Some(1), "{out}");
+    let out = check_shards(&path, 1);
     assert!(
         out.contains("items            DIFFERS (not routed)"),
         "{out}"
@@ -447,13 +453,7 @@ async fn accept_after_moving_rows_by_hand_resumes_routing() {
     assert_eq!(db_error(&duplicate).0, "23505");
     server.stop().await;
 
-    let check = shardgate()
-        .args(["check", "--shards", "--config"])
-        .arg(&path)
-        .output()
-        .expect("run check --shards");
-    let out = String::from_utf8_lossy(&check.stdout);
-    assert_eq!(check.status.code(), Some(0), "{out}");
+    let out = check_shards(&path, 0);
     assert!(out.contains("items            ok (version 2)"), "{out}");
 }
 
@@ -570,4 +570,82 @@ async fn nothing_is_routed_before_the_records_were_read() {
         "{message}"
     );
     server.stop().await;
+}
+
+/// Shards that hold different placements for a table: refused the same way
+/// (55000, "disagree", each shard's version); `check --shards` shows it,
+/// a map table created nowhere yet ("not recorded", routed) and a table
+/// missing on one shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_that_disagree_are_refused_and_shown_by_check() {
+    let db = fresh_db_with("disagree", SCHEMA).await;
+    let original = map(
+        &db,
+        &[0, 1, 2],
+        HASH,
+        "  items: { key: id, function: f }\n  absent: { key: id, function: f }\n",
+        "",
+    );
+    populate(&original).await;
+    connect(&fleet().clusters[1], &db)
+        .await
+        .batch_execute(
+            "UPDATE shardgate.placements SET version = 2, function = 'modulo 3', \
+             set_by = 'someone by hand' WHERE table_name = 'items'",
+        )
+        .await
+        .expect("edit one shard's record");
+    connect(&fleet().clusters[2], &db)
+        .await
+        .batch_execute("DROP TABLE keep")
+        .await
+        .expect("drop keep on one shard");
+    let before = items_per_cluster(&db).await;
+    let server = start_proxy(&original).await;
+    let client = connect_proxy(&server, "app", None).await;
+    let error = client
+        .query("SELECT note FROM items WHERE id = 3", &[])
+        .await
+        .expect_err("fenced");
+    let (code, message) = db_error(&error);
+    assert_eq!(code, "55000", "{message}");
+    for needle in [
+        "table \"items\" is not routed: the shards disagree about its placement",
+        "shard(s) s0, s2 hold version 1",
+        "shard(s) s1 hold version 2 (set ",
+        "by someone by hand): sharded by id (integer) with modulo 3",
+        "The map says: sharded by id (integer) with hash modulus 3 over [s0, s1, s2]",
+    ] {
+        assert!(message.contains(needle), "{needle:?} not in: {message}");
+    }
+    let error = client
+        .execute(
+            "INSERT INTO items (id, grp, region) VALUES (100, 1, 'eu')",
+            &[],
+        )
+        .await
+        .expect_err("fenced");
+    assert_eq!(db_error(&error).0, "55000");
+    // A map table that exists nowhere yet is routed (the shards answer).
+    let error = client
+        .query("SELECT * FROM absent WHERE id = 1", &[])
+        .await
+        .expect_err("no such table");
+    assert_eq!(db_error(&error).0, "42P01");
+    server.stop().await;
+    assert_eq!(items_per_cluster(&db).await, before);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_map(&dir, "map.yaml", &original);
+    let out = check_shards(&path, 1);
+    for needle in [
+        "items            SHARDS DISAGREE (not routed)",
+        "    s1: version 2 (set ",
+        "absent           not recorded",
+        "    s0: not recorded; table missing on this shard",
+        "keep             ok (version 1)",
+        "; table missing on this shard",
+    ] {
+        assert!(out.contains(needle), "{needle:?} not in:\n{out}");
+    }
 }

@@ -66,5 +66,9 @@ pub async fn accept_table(config: &Config, table: &str) -> Result<String, Placem
         done.written.version,
         done.written.placement.describe()
     ));
+    out.push_str(
+        "proxies still running with another map for it stop routing it at their next catalog \
+         read (catalog_refresh); proxies with this map resume then\n",
+    );
     Ok(out)
 }

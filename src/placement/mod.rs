@@ -751,7 +751,9 @@ pub async fn write_group(
     .await;
     let clients: Vec<Client> = connected.into_iter().collect::<Result<_, _>>()?;
     let (Some(first), Some(first_shard)) = (clients.first(), shards.first()) else {
-        return Err(PlacementError::Refused("the shard map has no shards".into()));
+        return Err(PlacementError::Refused(
+            "the shard map has no shards".into(),
+        ));
     };
     let group = format!("{GID_PREFIX}{:016x}_0", rand::random::<u64>());
     let coordinator = first_shard.name.clone();
