@@ -287,6 +287,20 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
             }
         }));
     }
+    if let Some(router) = shared.router.clone() {
+        // Statements refused for a fenced table make the proxy re-read the
+        // recorded placements, at most once a second: the table may have
+        // been accepted by an operator or another proxy since.
+        let fence_shared = shared.clone();
+        background.push(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                if router.take_fence_hit() {
+                    fence_shared.refresh_catalog().await;
+                }
+            }
+        }));
+    }
     if shared.router.is_some() && !shared.config.catalog_refresh.is_zero() {
         // Tables created or changed directly on the shards (`shardgate
         // migrate`, psql) are learned within one interval.

@@ -322,8 +322,9 @@ async fn records(client: &Client, table: &str) -> Option<(i64, String, String)> 
 
 /// hash → modulo: refused; `check --shards` says DIFFERS; rows moved by
 /// hand; `placement accept` records version 2 with its actor on every shard
-/// and prints what it overwrote; the running proxy (short catalog_refresh)
-/// routes again and every key is found where modulo puts it.
+/// and prints what it overwrote; the running proxy, whose refused statements
+/// make it re-read the records (periodic reads are off), routes again and
+/// every key is found where modulo puts it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accept_after_moving_rows_by_hand_resumes_routing() {
     let db = fresh_db_with("accept", SCHEMA).await;
@@ -333,7 +334,7 @@ async fn accept_after_moving_rows_by_hand_resumes_routing() {
         &[0, 1, 2],
         "  f: { kind: modulo }\n",
         ITEMS_BY_ID,
-        "catalog_refresh: 300ms\n",
+        "catalog_refresh: 0s\n",
     );
     let dir = tempfile::tempdir().expect("tempdir");
     let path = write_map(&dir, "edited.yaml", &edited);
@@ -422,7 +423,8 @@ async fn accept_after_moving_rows_by_hand_resumes_routing() {
         );
     }
 
-    // The running proxy learns it within its catalog refresh.
+    // The running proxy (no periodic catalog reads) re-reads the records
+    // because its statements were refused, and routes again.
     let mut routed = false;
     for _ in 0..50 {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;

@@ -68,7 +68,7 @@ pub async fn accept_table(config: &Config, table: &str) -> Result<String, Placem
     ));
     out.push_str(
         "proxies still running with another map for it stop routing it at their next catalog \
-         read (catalog_refresh); proxies with this map resume then\n",
+         read (catalog_refresh); proxies with this map that refused it resume within a second\n",
     );
     Ok(out)
 }
