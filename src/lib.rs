@@ -16,6 +16,7 @@ pub mod executor;
 pub mod frontend;
 pub mod metrics;
 pub mod migrate;
+pub mod placement;
 pub mod protocol;
 pub mod router;
 pub mod server;

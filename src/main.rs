@@ -24,7 +24,14 @@ enum Command {
     Check {
         #[arg(long, short)]
         config: PathBuf,
+        /// Also connect to the shards and compare each table's placement in
+        /// the map with the one recorded there (exit 1 if any differs).
+        #[arg(long)]
+        shards: bool,
     },
+    /// Recorded table placements (placement epochs).
+    #[command(subcommand)]
+    Placement(PlacementCommand),
     /// Start N local Postgres clusters with an example sharded schema and print how to connect.
     Demo {
         #[arg(long, default_value_t = 3)]
@@ -42,6 +49,18 @@ enum Command {
     Migrate(shardgate::migrate::cli::MigrateArgs),
 }
 
+#[derive(Subcommand)]
+enum PlacementCommand {
+    /// Record the map's placement of a table on every shard (two-phase
+    /// commit), after its rows were moved to it by hand; prints what it overwrote.
+    Accept {
+        #[arg(long)]
+        table: String,
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -53,7 +72,10 @@ fn main() -> ExitCode {
         .init();
     match cli.command {
         Command::Serve { config } => serve(&config),
-        Command::Check { config } => check(&config),
+        Command::Check { config, shards } => check(&config, shards),
+        Command::Placement(PlacementCommand::Accept { table, config }) => {
+            placement_accept(&config, &table)
+        }
         Command::Route {
             config,
             sql,
@@ -117,11 +139,59 @@ fn serve(path: &Path) -> ExitCode {
     })
 }
 
-fn check(path: &Path) -> ExitCode {
+/// A single-threaded runtime for the commands that talk to the shards.
+fn block_on<T>(work: impl std::future::Future<Output = T>) -> Result<T, ExitCode> {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => Ok(runtime.block_on(work)),
+        Err(error) => {
+            eprintln!("cannot start the runtime: {error}");
+            Err(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn placement_accept(path: &Path, table: &str) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("{error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match block_on(shardgate::placement::cli::accept_table(&config, table)) {
+        Ok(Ok(report)) => {
+            print!("{report}");
+            ExitCode::SUCCESS
+        }
+        Ok(Err(error)) => {
+            eprintln!("shardgate placement accept: {error}");
+            ExitCode::FAILURE
+        }
+        Err(code) => code,
+    }
+}
+
+fn check(path: &Path, shards: bool) -> ExitCode {
     match Config::load(path) {
         Ok(config) => {
             print!("{}", shardgate::check::summary(&config));
-            ExitCode::SUCCESS
+            if !shards {
+                return ExitCode::SUCCESS;
+            }
+            match block_on(shardgate::placement::cli::check_shards(&config)) {
+                Ok((text, true)) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Ok((text, false)) => {
+                    print!("{text}");
+                    ExitCode::FAILURE
+                }
+                Err(code) => code,
+            }
         }
         Err(LoadError::Invalid(errors)) => {
             for error in &errors.0 {

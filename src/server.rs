@@ -19,6 +19,7 @@ use crate::frontend::session::Session;
 use crate::frontend::startup::{self, Accepted, KeyGenerator};
 use crate::frontend::tls;
 use crate::metrics::Metrics;
+use crate::placement;
 use crate::router::catalog::{self, CatalogError};
 use crate::router::{Router, RouterError, ShardMap};
 
@@ -41,6 +42,9 @@ pub struct Shared {
     /// Serialises catalog reads; `catalog_reads` counts completed ones.
     catalog_lock: tokio::sync::Mutex<()>,
     catalog_reads: std::sync::atomic::AtomicU64,
+    /// Some shard's recorded placements were read and compared; until then
+    /// every map table is fenced ([`placement::unchecked`]).
+    placements_read: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -67,9 +71,30 @@ impl Shared {
                 if let Some(aggregates) = &facts.aggregates {
                     self.fanout.set_aggregate_names(aggregates.iter().cloned());
                 }
+                // Placement epochs: compare the map with the placements
+                // recorded on the shards (recording those of tables seen
+                // for the first time); differing tables are fenced.
+                let map = router.map();
+                let key_types = map.with_catalog(&facts).key_types;
+                let fenced = match placement::sync(&self.config, &key_types).await {
+                    Some(fenced) => {
+                        self.placements_read.store(true, Ordering::Release);
+                        fenced
+                    }
+                    None => map.fenced.clone(),
+                };
+                let fence_changed = fenced != map.fenced;
+                if fence_changed {
+                    for (table, fence) in &fenced {
+                        tracing::error!(table = %table, "{}", fence.message);
+                    }
+                    for table in map.fenced.keys().filter(|t| !fenced.contains_key(*t)) {
+                        tracing::info!(table = %table, "placement matches again: routing resumes");
+                    }
+                }
                 // A periodic read that found nothing new keeps the analysis cache.
-                if !router.map().knows(&facts) {
-                    router.learn(|map| map.with_catalog(&facts));
+                if fence_changed || !map.knows(&facts) {
+                    router.learn(|map| map.with_catalog(&facts).with_fence(fenced));
                 }
                 self.read_type_oids().await;
                 self.catalog_reads.fetch_add(1, Ordering::AcqRel);
@@ -239,7 +264,10 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     {
         None
     } else {
-        Some(Arc::new(Router::new(ShardMap::from_config(&config)?)))
+        // Nothing is routed by a placement not compared with the records
+        // yet: the startup catalog read lifts this fence.
+        let map = ShardMap::from_config(&config)?.with_fence(placement::unchecked(&config));
+        Some(Arc::new(Router::new(map)))
     };
     let twophase = TwoPhase::new(&config, Some(metrics.clone()));
     let shared = Arc::new(Shared {
@@ -249,6 +277,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         fanout: FanoutExecutor::new(&config),
         catalog_lock: tokio::sync::Mutex::new(()),
         catalog_reads: std::sync::atomic::AtomicU64::new(0),
+        placements_read: std::sync::atomic::AtomicBool::new(false),
         users: UserDirectory::from_config(&config)?,
         pools: Pools::new(&config),
         tls,
@@ -274,6 +303,36 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
                 ..RecoveryOptions::default()
             },
         ));
+    }
+    if shared.router.is_some()
+        && !shared
+            .placements_read
+            .load(std::sync::atomic::Ordering::Acquire)
+    {
+        // No shard answered at startup: retry every second until one does,
+        // whatever `catalog_refresh` is (every map table is fenced until then).
+        let retry_shared = shared.clone();
+        background.push(tokio::spawn(async move {
+            use std::sync::atomic::Ordering;
+            while !retry_shared.placements_read.load(Ordering::Acquire) {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                retry_shared.refresh_catalog().await;
+            }
+        }));
+    }
+    if let Some(router) = shared.router.clone() {
+        // Statements refused for a fenced table make the proxy re-read the
+        // recorded placements, at most once a second: the table may have
+        // been accepted by an operator or another proxy since.
+        let fence_shared = shared.clone();
+        background.push(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                if router.take_fence_hit() {
+                    fence_shared.refresh_catalog().await;
+                }
+            }
+        }));
     }
     if shared.router.is_some() && !shared.config.catalog_refresh.is_zero() {
         // Tables created or changed directly on the shards (`shardgate

@@ -863,6 +863,12 @@ impl<'m> Walker<'m> {
                 return Ok((o, c));
             }
         }
+        if let Some(fence) = self.map.fence(schema.as_deref(), &bare) {
+            return Err(RouteError::Fenced {
+                sqlstate: fence.sqlstate,
+                message: fence.message.clone(),
+            });
+        }
         let found = self
             .map
             .lookup(schema.as_deref(), &bare)

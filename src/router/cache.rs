@@ -4,7 +4,7 @@
 //! evaluates the key predicates with the bound parameters.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use super::analyze::{analyze, Analysis, StatementKind};
@@ -33,6 +33,10 @@ pub struct Router {
     next: AtomicUsize,
     /// Bumped whenever the map changes: memos of older maps are stale.
     generation: AtomicU64,
+    /// A statement was refused for a fenced table since the last
+    /// [`Router::take_fence_hit`]: the proxy re-reads the recorded
+    /// placements (another proxy's `placement accept` may have lifted it).
+    fence_hit: AtomicBool,
 }
 
 /// One session's memo of its last statement: drivers execute the same
@@ -96,6 +100,7 @@ impl Router {
             capacity: capacity.max(1),
             next: AtomicUsize::new(0),
             generation: AtomicU64::new(1),
+            fence_hit: AtomicBool::new(false),
         }
     }
 
@@ -153,12 +158,25 @@ impl Router {
                 return routed;
             }
         }
-        let analysis = self.analyze(sql)?;
+        let analysis = self.analyze(sql).map_err(|e| self.note(e))?;
         let map = self.map();
         let route = analysis.route(&map, params)?;
         let kind = analysis.kind;
         memo.plain.store(generation, sql, analysis, map);
         Ok((route, kind))
+    }
+
+    /// Notes a refusal for a fenced table (error paths only).
+    fn note(&self, error: RouteError) -> RouteError {
+        if matches!(error, RouteError::Fenced { .. }) {
+            self.fence_hit.store(true, Ordering::Relaxed);
+        }
+        error
+    }
+
+    /// Whether a statement was refused for a fenced table since the last call.
+    pub fn take_fence_hit(&self) -> bool {
+        self.fence_hit.swap(false, Ordering::Relaxed)
     }
 
     /// Cached statements (for tests and metrics).
@@ -220,7 +238,7 @@ impl Router {
             let kind = analysed.map_or(StatementKind::Write, |(a, _)| a.kind);
             return Ok((Route::Single(shard), kind));
         }
-        let (analysis, literals) = analysed?;
+        let (analysis, literals) = analysed.map_err(|e| self.note(e))?;
         let map = self.map();
         if literals.is_empty() {
             return Ok((analysis.route(&map, params)?, analysis.kind));

@@ -97,6 +97,13 @@ pub enum RouteError {
     /// The statement could not be parsed or classified.
     #[error("{0}")]
     Syntax(String),
+    /// A table whose recorded placement differs from the map (see
+    /// [`crate::placement`]): routing it could read or write the wrong shard.
+    #[error("{message}")]
+    Fenced {
+        sqlstate: &'static str,
+        message: String,
+    },
 }
 
 impl RouteError {
@@ -113,6 +120,7 @@ impl RouteError {
             RouteError::MissingParam(_) => "42P02",
             RouteError::BadHint(_) => "22023",
             RouteError::Syntax(_) => "42601",
+            RouteError::Fenced { sqlstate, .. } => sqlstate,
         }
     }
 }

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 
 use crate::config::{BoundValue, Config, DefaultTable, FunctionKind, TablePlacement, TenantMode};
+use crate::placement::Fence;
 use crate::sharding::{KeyType, KeyValue, RangeSpec, ShardingError, ShardingFunction};
 
 /// A problem turning a config into a shard map (the config validator should
@@ -75,6 +76,11 @@ pub struct ShardMap {
     /// sequence, identity, random value), with the default's text, from the
     /// catalog: an INSERT leaving them out would make the copies differ.
     pub per_shard_defaults: HashMap<String, Vec<(String, String)>>,
+    /// Tables whose recorded placement differs from this map (see
+    /// [`crate::placement`]), with the refusal clients get. Set when maps
+    /// and catalogs load, read only when a statement is analysed (analyses
+    /// are cached), so routed statements pay nothing for it.
+    pub fenced: HashMap<String, Fence>,
 }
 
 fn bound_to_key(value: &BoundValue) -> Result<KeyValue, ShardingError> {
@@ -179,6 +185,7 @@ impl ShardMap {
             key_types: HashMap::new(),
             columns: HashMap::new(),
             per_shard_defaults: HashMap::new(),
+            fenced: HashMap::new(),
         })
     }
 
@@ -210,6 +217,26 @@ impl ShardMap {
             .map(|(k, v)| (k.to_lowercase(), v))
             .collect();
         self
+    }
+
+    /// Sets the fenced tables (lower-cased name → refusal message).
+    pub fn with_fence(mut self, fenced: HashMap<String, Fence>) -> ShardMap {
+        self.fenced = fenced;
+        self
+    }
+
+    /// The refusal for a statement naming `schema.table` or `table`, when
+    /// that table is fenced.
+    pub fn fence(&self, schema: Option<&str>, table: &str) -> Option<&Fence> {
+        if self.fenced.is_empty() {
+            return None;
+        }
+        if let Some(schema) = schema {
+            if let Some(fence) = self.fenced.get(format!("{schema}.{table}").as_str()) {
+                return Some(fence);
+            }
+        }
+        self.fenced.get(table)
     }
 
     /// The column order of a configured table, if the proxy supplied it.
