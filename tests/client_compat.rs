@@ -600,3 +600,58 @@ async fn sql_execute_runs_a_protocol_prepared_statement() {
         assert_eq!(codes(&answers), vec!["42P05"], "{label}: {answers:?}");
     }
 }
+
+/// Savepoints and SET in a transaction that spans shards (psycopg's nested
+/// transactions): every shard of the transaction gets them, shards joining
+/// later too, and `ROLLBACK TO` after an error undoes the same work on all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn savepoints_span_the_shards_of_a_transaction() {
+    let targets = targets("cc_savepoints").await;
+    for (label, port, db, user) in &targets.list {
+        let mut c = Wire::connect(*port, user, db).await;
+        let script = [
+            "BEGIN",
+            "INSERT INTO sp VALUES (200, 0)",
+            "SAVEPOINT a",
+            "INSERT INTO sp VALUES (201, 0), (202, 0), (203, 0), (204, 0), (205, 0)",
+            "INSERT INTO sp VALUES (1, 0)",
+            "ROLLBACK TO SAVEPOINT a",
+            "SET LOCAL statement_timeout = '5s'",
+            "INSERT INTO sp VALUES (206, 0), (207, 0), (208, 0), (209, 0), (210, 0)",
+            "SAVEPOINT b",
+            "INSERT INTO sp VALUES (211, 0), (212, 0), (213, 0)",
+            "RELEASE SAVEPOINT b",
+            "COMMIT",
+        ];
+        let mut errors = Vec::new();
+        for sql in script {
+            let answers = c.exchange(&wire::query(sql), 1).await;
+            errors.extend(
+                codes(&answers)
+                    .into_iter()
+                    .map(|code| format!("{sql}: {code}")),
+            );
+        }
+        assert_eq!(
+            errors,
+            vec!["INSERT INTO sp VALUES (1, 0): 23505".to_string()],
+            "{label}"
+        );
+        let answers = c
+            .exchange(
+                &wire::query("SELECT id FROM sp WHERE id >= 200 ORDER BY id"),
+                1,
+            )
+            .await;
+        let ids: Vec<String> = answers
+            .iter()
+            .filter(|m| m.tag == b'D')
+            .map(|m| String::from_utf8_lossy(&m.body[6..]).into_owned())
+            .collect();
+        assert_eq!(
+            ids,
+            ["200", "206", "207", "208", "209", "210", "211", "212", "213"],
+            "{label}"
+        );
+    }
+}

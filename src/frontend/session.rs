@@ -97,6 +97,10 @@ pub struct Session {
     others: Vec<Attached>,
     /// The BEGIN that opened the client's transaction, for shards joining it.
     transaction_begin: Option<Vec<u8>>,
+    /// Savepoints and SETs run on every shard of a multi-shard transaction,
+    /// in order: replayed after the BEGIN on a shard that joins it later,
+    /// so every participant has the same savepoints (see `multi`).
+    transaction_replay: Vec<String>,
     /// The statement being attached for may write (for two-phase commit).
     statement_writes: bool,
     /// A bound portal that runs on several shards at its Execute.
@@ -201,6 +205,7 @@ impl Session {
             backend: None,
             others: Vec::new(),
             transaction_begin: None,
+            transaction_replay: Vec::new(),
             statement_writes: false,
             pending_portal: None,
             suspended: Vec::new(),
@@ -1016,6 +1021,10 @@ impl Session {
         if let Some(begin) = self.deferred_begin.take() {
             self.backend_out.extend_from_slice(&begin);
             self.queue.sent(Expect::HiddenQuery);
+            for statement in &self.transaction_replay {
+                synth::query(&mut self.backend_out, statement);
+                self.queue.sent(Expect::HiddenQuery);
+            }
             if self.status == b'E' {
                 // shardgate failed a statement of this transaction before
                 // it reached a shard: the shard's part starts failed too,
@@ -1080,6 +1089,7 @@ impl Session {
             other.conn.mark_broken();
         }
         self.transaction_begin = None;
+        self.transaction_replay.clear();
         self.cancel.set(None);
         let shard = self.shard_name(attached.shard);
         let was_busy = !self.queue.is_empty() || self.status != b'I';
@@ -1348,6 +1358,7 @@ impl Session {
         }
         if status == b'I' {
             self.transaction_begin = None;
+            self.transaction_replay.clear();
             if !self.others.is_empty() {
                 self.release_others().await;
             }

@@ -922,6 +922,15 @@ impl Session {
             control::run(&mut conn, begin)
                 .await
                 .map_err(|e| e.to_proxy_error())?;
+            // The transaction's savepoints and SETs so far, as they ran on
+            // its other shards (one that failed there fails here too, and
+            // the ROLLBACK TO that followed it recovers here as well).
+            for statement in &self.transaction_replay {
+                match control::run(&mut conn, statement).await {
+                    Err(e) if e.outcome_unknown() => return Err(e.to_proxy_error()),
+                    _ => {}
+                }
+            }
         }
         Ok(Attached {
             conn,

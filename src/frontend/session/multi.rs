@@ -268,6 +268,7 @@ impl Session {
             error.encode(&mut out);
         }
         self.transaction_begin = None;
+        self.transaction_replay.clear();
         self.status = b'I';
         self.batch_status_before = b'I';
         synth::ready_for_query(&mut out, self.status);
@@ -382,11 +383,74 @@ impl Session {
         };
         self.settings.batch_done(b'T', b'I', false, Some(committed));
         self.transaction_begin = None;
+        self.transaction_replay.clear();
         self.status = b'I';
         self.batch_status_before = b'I';
         if extended.is_none() {
             synth::ready_for_query(&mut out, self.status);
         }
+        self.queue.local(out, &mut self.client_out);
+    }
+
+    /// A savepoint command or SET in a transaction on several shards: runs
+    /// on every participant (one after the other) and is kept for shards
+    /// that join later, so a `ROLLBACK TO` undoes the same work everywhere.
+    /// The client's transaction is in the state the participants report:
+    /// `ROLLBACK TO` after an error brings all of them back.
+    pub(super) async fn on_every_participant(&mut self, sql: &str) {
+        let before = self.status;
+        let mut tag = None;
+        let mut failure = None;
+        let mut failed_state = false;
+        let backends = self.backend.iter_mut().chain(self.others.iter_mut());
+        for attached in backends {
+            match crate::executor::control::run_within(
+                &mut attached.conn,
+                sql,
+                twophase::STEP_TIMEOUT,
+            )
+            .await
+            {
+                Ok(tags) => {
+                    tag = tag.or_else(|| tags.last().cloned());
+                }
+                Err(error) => {
+                    failure.get_or_insert_with(|| error.to_proxy_error());
+                }
+            }
+            failed_state |= attached.conn.transaction_status() != b'T';
+        }
+        let mut out = BytesMut::new();
+        match failure {
+            None => {
+                self.transaction_replay.push(sql.to_string());
+                synth::command_complete(&mut out, tag.as_deref().unwrap_or("SET"));
+            }
+            Some(error) => {
+                self.shared.metrics.error(None, error.code);
+                error.encode(&mut out);
+            }
+        }
+        self.status = if failed_state { b'E' } else { b'T' };
+        if self.status == b'E' && !self.backend.iter().any(|a| a.conn.is_broken()) {
+            // Every participant must be in the failed state, not just those
+            // where it failed: the next statement may go to any of them.
+            for attached in self.backend.iter_mut().chain(self.others.iter_mut()) {
+                if attached.conn.transaction_status() == b'T' {
+                    let _ = crate::executor::control::run_within(
+                        &mut attached.conn,
+                        "SELECT 1/0 AS shardgate_aborts_this_transaction_after_a_proxy_error",
+                        twophase::STEP_TIMEOUT,
+                    )
+                    .await;
+                }
+            }
+        }
+        self.settings.statement_sent(sql);
+        self.settings
+            .batch_done(before, self.status, self.status == b'E', None);
+        self.batch_status_before = self.status;
+        synth::ready_for_query(&mut out, self.status);
         self.queue.local(out, &mut self.client_out);
     }
 
@@ -451,7 +515,8 @@ pub(super) fn control_in_multi_shard_transaction() -> ProxyError {
     ProxyError::error(
         "0A000",
         "this statement cannot be applied to a transaction that spans several shards \
-         (savepoints, SET LOCAL and PREPARE TRANSACTION are not supported there)",
+         (PREPARE TRANSACTION, LISTEN/NOTIFY, and savepoints or SET sent with the extended \
+         protocol are not supported there)",
     )
-    .with_hint("keep savepoints and SET LOCAL to one-shard transactions")
+    .with_hint("send savepoints and SET as simple queries, or keep the statement to one-shard transactions")
 }

@@ -36,6 +36,9 @@ pub(super) enum Destination {
     EndDeferred { commit: bool },
     /// COMMIT / ROLLBACK of a transaction on several shards.
     EndMulti { commit: bool },
+    /// SAVEPOINT, RELEASE, ROLLBACK TO, SET or RESET in a transaction on
+    /// several shards: run on each of them.
+    EveryParticipant,
     /// Refused with this error.
     Refuse(ProxyError),
     /// Several shards.
@@ -81,6 +84,32 @@ pub(super) fn tx_verb(sql: &str) -> Option<TxVerb> {
         return Some(TxVerb::Rollback);
     }
     None
+}
+
+/// A single SAVEPOINT, RELEASE, ROLLBACK TO, SET or RESET: what a
+/// multi-shard transaction runs on every participant.
+pub(super) fn participant_control(sql: &str) -> bool {
+    let text = sql.trim().trim_end_matches(';').trim_end();
+    if text.contains(';') {
+        return false;
+    }
+    let mut words = text.split_ascii_whitespace();
+    let first = words.next().unwrap_or("");
+    let is = |w: &str, k: &str| w.eq_ignore_ascii_case(k);
+    if ["savepoint", "release", "set", "reset"]
+        .iter()
+        .any(|k| is(first, k))
+    {
+        return true;
+    }
+    if !(is(first, "rollback") || is(first, "abort")) {
+        return false;
+    }
+    let mut second = words.next().unwrap_or("");
+    if is(second, "work") || is(second, "transaction") {
+        second = words.next().unwrap_or("");
+    }
+    is(second, "to")
 }
 
 /// The statement of `EXPLAIN (SHARDS) statement`, answered by shardgate
@@ -289,6 +318,7 @@ impl Session {
                     return match tx_verb(sql) {
                         Some(TxVerb::Commit) => Destination::EndMulti { commit: true },
                         Some(TxVerb::Rollback) => Destination::EndMulti { commit: false },
+                        _ if participant_control(sql) => Destination::EveryParticipant,
                         // A failed transaction: its backend answers 25P02.
                         _ if self.status == b'E' && self.backend.is_some() => Destination::Current,
                         _ => {
@@ -375,6 +405,13 @@ impl Session {
                 Box::pin(self.end_multi(commit)).await;
                 return Attach::Answered;
             }
+            Destination::EveryParticipant => {
+                if !self.queue.is_empty() {
+                    return Attach::Wait;
+                }
+                Box::pin(self.on_every_participant(sql)).await;
+                return Attach::Answered;
+            }
             Destination::Refuse(error) => {
                 self.report(error, false);
                 return Attach::Failed;
@@ -392,6 +429,10 @@ impl Session {
         if attach == Attach::Ready {
             if verb == Some(TxVerb::Begin) {
                 self.transaction_begin = Some(frame.to_vec());
+            }
+            if self.status != b'I' && participant_control(sql) {
+                // A shard joining this transaction later gets it too.
+                self.transaction_replay.push(sql.to_string());
             }
             if writes && !self.note_write(false) {
                 return Attach::Failed;
@@ -416,6 +457,7 @@ impl Session {
     pub(super) fn end_deferred(&mut self, commit: bool) {
         self.deferred_begin = None;
         self.transaction_begin = None;
+        self.transaction_replay.clear();
         self.settings
             .batch_done(b'T', b'I', false, Some(commit && self.status == b'T'));
         // Postgres answers COMMIT of a failed transaction with ROLLBACK.
@@ -575,6 +617,7 @@ impl Session {
                 let committed = commit && self.status == b'T';
                 self.deferred_begin = None;
                 self.transaction_begin = None;
+                self.transaction_replay.clear();
                 self.settings.batch_done(b'T', b'I', false, Some(committed));
                 self.status = b'I';
                 self.batch_status_before = b'I';
