@@ -384,7 +384,7 @@ def run_suite(suite, target, python, src, binary, args, select=None, report_path
         if args.pytest_args:
             argv += args.pytest_args
         log(f"{suite} on {target} (port {port}): cd {src} && timeout {args.run_timeout} "
-            + " ".join(argv[1:]))
+            + " ".join([os.path.relpath(python, ROOT)] + argv[1:]))
         started = time.time()
         try:
             proc = subprocess.run(argv, cwd=src, env=env, timeout=args.run_timeout,
