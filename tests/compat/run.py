@@ -520,7 +520,7 @@ def git_commit():
 
 def read_list(path):
     with open(path) as f:
-        return [l.split("#")[0].strip() for l in f if l.split("#")[0].strip()]
+        return [l.strip() for l in f if l.strip() and not l.strip().startswith("#")]
 
 
 def subset(args, python, binary):
