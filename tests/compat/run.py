@@ -15,6 +15,9 @@ Suites, at the versions pinned in tests/python/requirements.txt:
   asyncpg    tests/ of asyncpg's source package (the sdist carries them)
   psycopg    tests/ of a psycopg source checkout given with --psycopg-src
              (psycopg's sdist carries no tests); its commit is recorded
+  node-postgres  packages/pg/test/integration of a node-postgres checkout
+             given with --node-postgres-src (npm's `pg` carries no tests);
+             one outcome per test file (each file is one node script)
 
 Writes tests/compat/results/<UTC date>/<suite>.<target>.txt (one line per
 test: outcome, test id, first line of the error) and .json (versions,
@@ -45,7 +48,7 @@ RESULTS = os.path.join(HERE, "results")
 TARGET_DIR = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
 WORK = os.path.join(TARGET_DIR, "compat")
 TARGETS = ["direct", "pgbouncer", "sg-a", "sg-b", "sg-c"]
-SUITES = ["asyncpg", "psycopg"]
+SUITES = ["asyncpg", "psycopg", "node-postgres"]
 PG_USER = "postgres"
 DB = "postgres"
 POOL_SIZE = 20
@@ -164,6 +167,39 @@ def psycopg_tests(src, rev):
         except (OSError, subprocess.CalledProcessError):
             rev = "unknown commit"
     return src, f"psycopg source {rev[:12]} tests/"
+
+
+def node_postgres_tests(src, rev):
+    """packages/pg of a node-postgres checkout, copied to target/compat/src
+    with its runtime dependencies and the integration tests' own (async,
+    bluebird, co, pg-copy-streams) installed by npm; the tests load the
+    checkout's lib/, so the driver is the checkout's version."""
+    if not src:
+        return None, "npm's pg carries no tests: pass --node-postgres-src DIR (a node-postgres checkout)"
+    pkg = os.path.join(src, "packages", "pg")
+    if not os.path.isdir(os.path.join(pkg, "test", "integration")):
+        sys.exit(f"--node-postgres-src {src}: no packages/pg/test/integration")
+    if not rev:
+        try:
+            rev = subprocess.check_output(["git", "-C", src, "rev-parse", "HEAD"], text=True,
+                                          stderr=subprocess.DEVNULL).strip()
+        except (OSError, subprocess.CalledProcessError):
+            rev = "unknown commit"
+    with open(os.path.join(pkg, "package.json")) as f:
+        meta = json.load(f)
+    dest = os.path.join(WORK, "src", f"node-postgres-{rev[:12]}")
+    if not os.path.isdir(os.path.join(dest, "node_modules", "pg-protocol")):
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(pkg, dest, ignore=shutil.ignore_patterns("node_modules"))
+        keep = ("async", "bluebird", "co", "pg-copy-streams")
+        meta_copy = dict(meta)
+        meta_copy["devDependencies"] = {k: v for k, v in meta.get("devDependencies", {}).items() if k in keep}
+        for k in ("peerDependencies", "optionalDependencies", "peerDependenciesMeta"):
+            meta_copy.pop(k, None)
+        with open(os.path.join(dest, "package.json"), "w") as f:
+            json.dump(meta_copy, f, indent=2)
+        run(["npm", "install", "--no-audit", "--no-fund", "--loglevel=error"], cwd=dest)
+    return dest, f"node-postgres source {rev[:12]} packages/pg/test/integration", meta["version"]
 
 
 # --- clusters, PgBouncer, shardgate ----------------------------------------------
@@ -363,8 +399,9 @@ def suite_env(suite, port):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     env["PYTHONPATH"] = HERE
     env["PYTHONDONTWRITEBYTECODE"] = "1"
-    if suite == "asyncpg":
-        # asyncpg's _testbase uses a running server when PGHOST is set.
+    if suite in ("asyncpg", "node-postgres"):
+        # asyncpg's _testbase uses a running server when PGHOST is set;
+        # node-postgres' test helper reads the PG* variables.
         env.update(PGHOST="127.0.0.1", PGPORT=str(port), PGUSER=PG_USER, PGDATABASE=DB)
     else:
         env["PSYCOPG_TEST_DSN"] = f"host=127.0.0.1 port={port} user={PG_USER} dbname={DB}"
@@ -379,6 +416,8 @@ def run_suite(suite, target, python, src, binary, args, select=None, report_path
         if os.path.exists(report_path):
             os.remove(report_path)
         env = suite_env(suite, port)
+        if suite == "node-postgres":
+            return run_node_files(src, env, args, target)
         env["COMPAT_REPORT"] = report_path
         argv = pytest_argv(suite, python, src, args.test_timeout, select)
         if args.pytest_args:
@@ -399,6 +438,43 @@ def run_suite(suite, target, python, src, binary, args, select=None, report_path
         return fold(report_path), {"exit": rc, "cut": cut, "seconds": round(elapsed), "summary": tail}
     finally:
         infra.cleanup()
+
+
+def node_error_line(text):
+    for line in text.splitlines():
+        line = line.strip()
+        if re.match(r"^([A-Za-z]*Error|error:|Error)\b", line) or "Error:" in line[:40]:
+            return line[:300]
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def run_node_files(src, env, args, target):
+    """One node process per integration test file, as the package's Makefile does."""
+    files = []
+    for dirpath, _, names in os.walk(os.path.join(src, "test", "integration")):
+        files += [os.path.relpath(os.path.join(dirpath, n), src) for n in names if n.endswith("-tests.js")]
+    results = {}
+    started = time.time()
+    cut = False
+    per_file = max(args.test_timeout * 4, 60)
+    log(f"node-postgres on {target}: {len(files)} files: cd {src} && timeout {per_file} node FILE")
+    for rel in sorted(files):
+        if time.time() - started > args.run_timeout:
+            cut = True
+            break
+        try:
+            proc = subprocess.run(["node", rel], cwd=src, env=env, timeout=per_file,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+            out = proc.stdout.decode(errors="replace")
+            results[rel] = ("passed", "") if proc.returncode == 0 else ("failed", node_error_line(out))
+        except subprocess.TimeoutExpired:
+            results[rel] = ("failed", f"timeout: still running after {per_file} s")
+    elapsed = time.time() - started
+    c = counts(results)
+    log(f"node-postgres on {target}: {c['passed']} passed, {c['failed']} failed, {elapsed:.0f} s")
+    return results, {"exit": 0 if c["failed"] == 0 else 1, "cut": cut, "seconds": round(elapsed),
+                     "summary": [f"{c['passed']} passed, {c['failed']} failed"]}
 
 
 # --- results -----------------------------------------------------------------
@@ -570,6 +646,8 @@ def main():
     ap.add_argument("--targets", default=",".join(TARGETS), help="comma-separated: " + ",".join(TARGETS))
     ap.add_argument("--psycopg-src", help="a psycopg source checkout (its tests/ and pyproject.toml)")
     ap.add_argument("--psycopg-rev", help="the commit of --psycopg-src when it is not a git work tree")
+    ap.add_argument("--node-postgres-src", help="a node-postgres source checkout (packages/pg)")
+    ap.add_argument("--node-postgres-rev", help="the commit of --node-postgres-src when not a git work tree")
     ap.add_argument("--shardgate-bin", help="default: $SHARDGATE_BIN, else cargo build --release")
     ap.add_argument("--test-timeout", type=int, default=30, help="seconds per test (pytest-timeout)")
     ap.add_argument("--run-timeout", type=int, default=1800, help="seconds per suite and target")
@@ -598,6 +676,13 @@ def main():
             if src is None:
                 log(f"psycopg: skipped: {source}")
                 continue
+        elif suite == "node-postgres":
+            got = node_postgres_tests(args.node_postgres_src, args.node_postgres_rev)
+            if got[0] is None:
+                log(f"node-postgres: skipped: {got[1]}")
+                continue
+            src, source, version = got
+            driver = f"pg {version} (the checkout's lib/)"
         else:
             sys.exit(f"unknown suite {suite}")
         for target in args.targets.split(","):
