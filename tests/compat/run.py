@@ -213,9 +213,11 @@ class Infra:
         os.chmod(self.dir, 0o755)
         self.procs = []
         self.root = os.geteuid() == 0
-        self.logs = os.path.join(WORK, "logs")
+        # One directory per runner process: concurrent runs keep their own logs.
+        self.logs = os.path.join(WORK, "logs", f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
         os.makedirs(self.logs, exist_ok=True)
         self.name = name
+        self.died = []
 
     def _as_pg(self):
         if not self.root:
@@ -242,9 +244,13 @@ class Infra:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if proc.poll() is not None:
-                sys.exit(f"{name} exited with {proc.returncode}; see target/compat/logs/")
+                sys.exit(f"{name} exited with {proc.returncode}; see {self.logs}")
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                # Someone else may have taken the free port first: then ours exits.
+                time.sleep(0.3)
+                if proc.poll() is not None:
+                    sys.exit(f"{name} exited with {proc.returncode} (port {port} taken?); see {self.logs}")
                 return
             except OSError:
                 time.sleep(0.1)
@@ -269,7 +275,7 @@ class Infra:
         proc = self.spawn(name, argv, **self._as_pg())
         for _ in range(300):
             if proc.poll() is not None:
-                sys.exit(f"postgres {name} exited; see target/compat/logs/")
+                sys.exit(f"postgres {name} exited; see {self.logs}")
             if subprocess.run(["pg_isready", "-q", "-h", "127.0.0.1", "-p", str(port)]).returncode == 0:
                 return port
             time.sleep(0.1)
@@ -327,6 +333,11 @@ ignore_startup_parameters = extra_float_digits,options
     def cleanup(self):
         while self.procs:
             name, proc = self.procs.pop()
+            if proc.poll() is not None:
+                # Died during the run: every test after that fails to connect.
+                log(f"NOTE: {name} (pid {proc.pid}) had exited during the run with status "
+                    f"{proc.returncode}; its log: {os.path.relpath(self.logs, ROOT)}/{self.name}.{name}.log")
+                self.died.append(f"{name} exited with status {proc.returncode}")
             if proc.poll() is None:
                 proc.send_signal(signal.SIGQUIT if name.startswith("pg") and name != "pgbouncer"
                                  else signal.SIGTERM)
@@ -409,7 +420,23 @@ def suite_env(suite, port):
 
 
 def run_suite(suite, target, python, src, binary, args, select=None, report_path=None):
+    """Runs once more when a process of the target (Postgres, PgBouncer,
+    shardgate) was gone at the end: on a shared machine something else has
+    been seen to SIGTERM a shardgate (exit status 0 = its orderly shutdown),
+    and every test after that fails to connect."""
+    for attempt in (1, 2):
+        results, meta = run_suite_once(suite, target, python, src, binary, args, select, report_path)
+        if not meta.get("died"):
+            break
+        log(f"{suite} on {target}: {'; '.join(meta['died'])} during attempt {attempt}"
+            + (": running it again" if attempt == 1 else ": giving up, results kept as they are"))
+    meta["attempts"] = attempt
+    return results, meta
+
+
+def run_suite_once(suite, target, python, src, binary, args, select=None, report_path=None):
     infra = Infra(target)
+    meta = None
     try:
         port = start_target(infra, target, binary)
         report_path = report_path or os.path.join(WORK, f"{suite}.{target}.jsonl")
@@ -417,7 +444,8 @@ def run_suite(suite, target, python, src, binary, args, select=None, report_path
             os.remove(report_path)
         env = suite_env(suite, port)
         if suite == "node-postgres":
-            return run_node_files(src, env, args, target)
+            results, meta = run_node_files(src, env, args, target)
+            return results, meta
         env["COMPAT_REPORT"] = report_path
         argv = pytest_argv(suite, python, src, args.test_timeout, select)
         if args.pytest_args:
@@ -435,9 +463,12 @@ def run_suite(suite, target, python, src, binary, args, select=None, report_path
             rc, cut, tail = None, True, ["(cut by --run-timeout)"]
         elapsed = time.time() - started
         log(f"{suite} on {target}: exit {rc}, {elapsed:.0f} s: {' '.join(tail)}")
-        return fold(report_path), {"exit": rc, "cut": cut, "seconds": round(elapsed), "summary": tail}
+        meta = {"exit": rc, "cut": cut, "seconds": round(elapsed), "summary": tail}
+        return fold(report_path), meta
     finally:
         infra.cleanup()
+        if infra.died and meta is not None:
+            meta["died"] = infra.died
 
 
 def node_error_line(text):
@@ -539,6 +570,8 @@ def summarize(day):
             c = counts(res)
             missing = len([t for t in direct if t not in res]) if target != "direct" else 0
             cut = " (cut)" if meta.get("cut") else ""
+            if meta.get("died"):
+                cut += " (" + "; ".join(meta["died"]) + " during the run)"
             lines.append(f"| {target} | {c['passed']} | {c['failed'] + c['error']} | {c['skipped']} | "
                          f"{missing}{cut} | {meta['seconds']} |")
         lines.append("")
@@ -612,11 +645,15 @@ def subset(args, python, binary):
         tid, _, defect = line.partition(" ")
         expected[tid] = defect.strip()
     target = args.subset_target
-    direct, _ = run_suite("asyncpg", "direct", python, src, binary, args, select,
+    direct, direct_meta = run_suite("asyncpg", "direct", python, src, binary, args, select,
                           os.path.join(WORK, "subset.direct.jsonl"))
-    through, _ = run_suite("asyncpg", target, python, src, binary, args, select,
+    through, through_meta = run_suite("asyncpg", target, python, src, binary, args, select,
                            os.path.join(WORK, f"subset.{target}.jsonl"))
     problems = []
+    for name, meta in (("direct", direct_meta), (target, through_meta)):
+        if meta.get("died"):
+            problems.append(f"{name}: {'; '.join(meta['died'])} during the run (twice): "
+                            "the results say nothing about compatibility")
     passed_direct = [t for t, (o, _) in direct.items() if o == "passed"]
     if len(passed_direct) < len(direct) * 0.8 or not passed_direct:
         problems.append(f"only {len(passed_direct)} of {len(direct)} selected tests pass directly")
