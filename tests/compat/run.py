@@ -472,12 +472,13 @@ def run_suite_once(suite, target, python, src, binary, args, select=None, report
 
 
 def node_error_line(text):
-    for line in text.splitlines():
-        line = line.strip()
-        if re.match(r"^([A-Za-z]*Error|error:|Error)\b", line) or "Error:" in line[:40]:
-            return line[:300]
+    """The first line naming an error (not a stack frame), else the last line."""
     lines = [l.strip() for l in text.splitlines() if l.strip()]
-    return lines[-1][:300] if lines else ""
+    for line in lines:
+        if not line.startswith("at ") and ("Error" in line or "error:" in line or "timeout" in line):
+            return line[:300]
+    frames = [l for l in lines if not l.startswith("at ")]
+    return (frames or lines or [""])[-1][:300]
 
 
 def run_node_files(src, env, args, target):
