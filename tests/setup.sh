@@ -3,7 +3,7 @@
 # already there (idempotent): PostgreSQL server binaries and client tools
 # (psql, pgbench), openssl, python3-venv (the Python client tests build a venv
 # from tests/python/requirements.txt), pgjdbc and a JDK (tests/jdbc_client.rs),
-# pgbouncer (tests/compat_subset.rs and tests/compat/run.sh compare with it),
+# pgbouncer (tests/compat/run.sh compares shardgate with it),
 # and, as root, the `postgres` OS user the test clusters run as.
 # Debian/Ubuntu (apt-get); runs apt-get as root, or through sudo.
 # Used by the README's test command (`tests/setup.sh && cargo test`) and .ci/run.

@@ -284,7 +284,7 @@ class Infra:
     def pgbouncer(self, pg_port):
         path = shutil.which("pgbouncer")
         if not path:
-            sys.exit("pgbouncer not installed (tests/setup.sh --compat installs it)")
+            sys.exit("pgbouncer not installed (tests/setup.sh installs it)")
         port = free_port()
         userlist = os.path.join(self.dir, "userlist.txt")
         with open(userlist, "w") as f:
@@ -511,10 +511,16 @@ def run_node_files(src, env, args, target):
 
 # --- results -----------------------------------------------------------------
 
+def repo_relative(msg):
+    """Messages name files by their path in the repo (no machine's paths in results)."""
+    return msg.replace(ROOT + "/", "").replace("\t", " ")
+
+
 def write_outcomes(day_dir, suite, target, results, meta):
     os.makedirs(day_dir, exist_ok=True)
     with open(os.path.join(day_dir, f"{suite}.{target}.txt"), "w") as f:
         for tid, (outcome, msg) in sorted(results.items()):
+            msg = repo_relative(msg)
             f.write(f"{outcome}\t{tid}\t{msg}\n" if msg else f"{outcome}\t{tid}\n")
     with open(os.path.join(day_dir, f"{suite}.{target}.json"), "w") as f:
         json.dump(meta, f, indent=1, sort_keys=True)
@@ -619,7 +625,9 @@ def shardgate_binary(args):
 
 def git_commit():
     try:
-        rev = subprocess.check_output(["git", "-C", ROOT, "rev-parse", "--short=12", "HEAD"], text=True).strip()
+        # The last commit that changed the proxy (the runner's own commits do not).
+        rev = subprocess.check_output(["git", "-C", ROOT, "log", "-1", "--format=%h", "--abbrev=12", "--",
+                                       "src", "Cargo.toml", "Cargo.lock"], text=True).strip()
         dirty = subprocess.run(["git", "-C", ROOT, "diff", "--quiet", "HEAD", "--", "src"]).returncode
         return rev + ("+dirty src" if dirty else "")
     except (OSError, subprocess.CalledProcessError):

@@ -5,7 +5,7 @@
 #   tests/compat/run.sh --psycopg-src ~/src/psycopg       # + psycopg's suite
 #   tests/compat/run.sh --suites asyncpg --targets direct,sg-b
 #   tests/compat/run.sh --subset                          # the bounded CI check
-# Needs what tests/setup.sh --compat installs; run as root or as a user that can
+# Needs what tests/setup.sh installs; run as root or as a user that can
 # run Postgres (as root the clusters run as the postgres OS user).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
