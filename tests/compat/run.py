@@ -557,8 +557,10 @@ def summarize(day):
     lines = [f"# Driver compatibility, {day}", "",
              "Written by `tests/compat/run.sh` (regenerated from the per-test files in "
              f"`{day}/`: `outcome<TAB>test id<TAB>first line of the error`).", "",
-             "Cells: passed / failed+errors / skipped, of the tests run; \"cut\" = the run hit "
-             "`--run-timeout` and the tests it did not reach count as failed. "
+             "Counts are of tests (node-postgres: of test files). \"not reached\": tests run "
+             "directly that a run cut by `--run-timeout` did not reach. Under each table, the "
+             "tests that pass directly but not through a shardgate target, those that also pass "
+             "through PgBouncer first. "
              "Targets: direct Postgres 15; PgBouncer (transaction mode); shardgate A (one shard, "
              "no `tables`); B (one shard, `default_table: replicated`); C (three shards, "
              "`default_table: replicated`).", ""]
