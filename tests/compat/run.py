@@ -671,6 +671,8 @@ def subset(args, python, binary):
     for tid in sorted(passed_direct):
         got = through.get(tid, ("not reached", ""))
         ok = got[0] == "passed"
+        if tid in expected and "(intermittent)" in expected[tid]:
+            continue  # fails through shardgate only now and then: run, never judged
         if tid in expected:
             if ok:
                 problems.append(f"{tid}: passes through {target} now; remove it from "
