@@ -421,9 +421,10 @@ def suite_env(suite, port):
 
 def run_suite(suite, target, python, src, binary, args, select=None, report_path=None):
     """Runs once more when a process of the target (Postgres, PgBouncer,
-    shardgate) was gone at the end: on a shared machine something else has
-    been seen to SIGTERM a shardgate (exit status 0 = its orderly shutdown),
-    and every test after that fails to connect."""
+    shardgate) was gone at the end: on a shared development machine another
+    session's `pkill -f "shardgate serve"` once stopped the runner's
+    shardgate (exit status 0 = its orderly shutdown), and every test after
+    that fails to connect."""
     for attempt in (1, 2):
         results, meta = run_suite_once(suite, target, python, src, binary, args, select, report_path)
         if not meta.get("died"):
