@@ -398,7 +398,8 @@ async fn lost_commit_prepared_is_finished_in_the_background() {
     let killed: i64 = f.clients[2]
         .query_one(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-             WHERE datname = current_database() AND application_name = 'shardgate'",
+             WHERE datname = current_database() AND backend_type = 'client backend' \
+             AND application_name = '' AND pid <> pg_backend_pid()",
             &[],
         )
         .await
