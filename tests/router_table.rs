@@ -602,3 +602,40 @@ fn replicated_writes_leaving_per_shard_defaults() {
     ];
     check(&r, &cases, &[]);
 }
+
+/// Literals in type modifiers (`varchar(10)`) make the literal-free form of
+/// a statement unparseable; its tokenizer guess must not stand in for the
+/// full analysis, which refuses a unique key without the sharding key and a
+/// temporary table over several shards (both went through as plain DDL).
+#[test]
+fn checks_hold_for_statements_with_literals_in_type_modifiers() {
+    let r = router(DEMO, &[("users", KeyType::Int)]);
+    for sql in [
+        "CREATE TABLE users (id bigint, email varchar(100) UNIQUE)",
+        "CREATE TEMP TABLE scratch (a varchar(1), b numeric(10, 2))",
+    ] {
+        let mut memo = shardgate::router::Memo::default();
+        let memo_route = r.route_statement_memo(&mut memo, sql, &[]);
+        assert_eq!(
+            memo_route.map_err(|e| e.sqlstate()),
+            Err("0A000"),
+            "{sql} (session path)"
+        );
+        assert_eq!(
+            r.route_statement(sql, &[]).map_err(|e| e.sqlstate()),
+            Err("0A000"),
+            "{sql}"
+        );
+    }
+    // The same statements without refusable parts still run everywhere.
+    let mut memo = shardgate::router::Memo::default();
+    assert_eq!(
+        r.route_statement_memo(
+            &mut memo,
+            "CREATE TABLE notes (id bigint, body varchar(100))",
+            &[]
+        )
+        .map(|(route, _)| route),
+        Ok(Route::Broadcast)
+    );
+}

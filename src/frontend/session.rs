@@ -423,14 +423,18 @@ impl Session {
                 if !self.suspended.is_empty() && Box::pin(self.cursor_statement(sql)).await {
                     return Ok(Step::Next);
                 }
-                if let Some((name, rest)) = executed_statement(sql) {
+                // SQL EXECUTE / DEALLOCATE of the client's protocol-level
+                // statements (one namespace in Postgres); nothing to look
+                // for when it has none.
+                let named = !self.statements.is_empty();
+                if let Some((name, rest)) = executed_statement(sql).filter(|_| named) {
                     if self.statements.text_of(name).is_some() {
                         let name = name.to_string();
                         let rest = rest.to_string();
                         return Ok(Box::pin(self.execute_protocol_statement(&name, &rest)).await);
                     }
                 }
-                if let Some(name) = deallocated_name(sql) {
+                if let Some(name) = deallocated_name(sql).filter(|_| named) {
                     if self.statements.text_of(name).is_some() {
                         // Protocol and SQL prepared statements share one
                         // namespace in Postgres (psycopg evicts its cache

@@ -150,7 +150,15 @@ impl Router {
             if let Some((analysis, map)) = memo.literal_free.hit(generation, &normalized) {
                 return self.route_literals(sql, params, analysis, map, all);
             }
-            if let Ok(analysis) = self.analyze(&normalized) {
+            // Only a real parse of the literal-free form counts: literals in
+            // type modifiers (`varchar(10)`) become placeholders sqlparser
+            // rejects, and the tokenizer's guess would skip the checks the
+            // full analysis makes (unique keys, temporary tables).
+            if let Some(analysis) = self
+                .analyze(&normalized)
+                .ok()
+                .filter(|analysis| !analysis.by_tokenizer)
+            {
                 let map = self.map();
                 let routed = self.route_literals(sql, params, &analysis, &map, all);
                 memo.literal_free
@@ -213,7 +221,12 @@ impl Router {
         params: usize,
     ) -> Result<(Arc<Analysis>, Vec<Param<'s>>), RouteError> {
         if let Some((normalized, all)) = literal_free(sql, params) {
-            if let Ok(analysis) = self.analyze(&normalized) {
+            // As in `route_statement_memo`: a tokenizer guess does not count.
+            if let Some(analysis) = self
+                .analyze(&normalized)
+                .ok()
+                .filter(|analysis| !analysis.by_tokenizer)
+            {
                 return Ok((analysis, all));
             }
         }
