@@ -1604,7 +1604,7 @@ impl Session {
 
 /// A hidden statement that fails, putting the backend's transaction into the
 /// aborted state after shardgate reported an error inside it.
-const TRANSACTION_ABORT_SQL: &str =
+pub(super) const TRANSACTION_ABORT_SQL: &str =
     "SELECT 1/0 AS shardgate_aborts_this_transaction_after_a_proxy_error";
 
 /// Client messages are moved to the backend in batches of about this size,

@@ -185,9 +185,14 @@ pub struct TypeOidsCell {
 }
 
 impl TypeOidsCell {
+    /// Whether the shards' OIDs differ (a translation is in force).
+    pub fn is_active(&self) -> bool {
+        self.active.load(Ordering::Acquire)
+    }
+
     /// The translation, or `None` when the shards agree.
     pub fn get(&self) -> Option<Arc<TypeOids>> {
-        if !self.active.load(Ordering::Acquire) {
+        if !self.is_active() {
             return None;
         }
         let map = match self.map.read() {

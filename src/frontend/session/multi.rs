@@ -439,7 +439,7 @@ impl Session {
                 if attached.conn.transaction_status() == b'T' {
                     let _ = crate::executor::control::run_within(
                         &mut attached.conn,
-                        "SELECT 1/0 AS shardgate_aborts_this_transaction_after_a_proxy_error",
+                        super::TRANSACTION_ABORT_SQL,
                         twophase::STEP_TIMEOUT,
                     )
                     .await;

@@ -90,26 +90,26 @@ pub(super) fn tx_verb(sql: &str) -> Option<TxVerb> {
 /// multi-shard transaction runs on every participant.
 pub(super) fn participant_control(sql: &str) -> bool {
     let text = sql.trim().trim_end_matches(';').trim_end();
-    if text.contains(';') {
-        return false;
-    }
     let mut words = text.split_ascii_whitespace();
     let first = words.next().unwrap_or("");
     let is = |w: &str, k: &str| w.eq_ignore_ascii_case(k);
-    if ["savepoint", "release", "set", "reset"]
+    // Decided by the first word for almost every statement (this runs for
+    // every statement inside a transaction) before the text is scanned.
+    let control = if ["savepoint", "release", "set", "reset"]
         .iter()
         .any(|k| is(first, k))
     {
-        return true;
-    }
-    if !(is(first, "rollback") || is(first, "abort")) {
-        return false;
-    }
-    let mut second = words.next().unwrap_or("");
-    if is(second, "work") || is(second, "transaction") {
-        second = words.next().unwrap_or("");
-    }
-    is(second, "to")
+        true
+    } else if is(first, "rollback") || is(first, "abort") {
+        let mut second = words.next().unwrap_or("");
+        if is(second, "work") || is(second, "transaction") {
+            second = words.next().unwrap_or("");
+        }
+        is(second, "to")
+    } else {
+        false
+    };
+    control && !text.contains(';')
 }
 
 /// The statement of `EXPLAIN (SHARDS) statement`, answered by shardgate
@@ -353,14 +353,14 @@ impl Session {
     ) -> Attach {
         // Boxed, as the other rare paths below: their state would otherwise
         // be part of every idle session's future (bench/idle_connections.sh).
-        let copy = if super::copy::starts_with_copy(sql) && self.text_transcoded {
+        let copy = if !super::copy::starts_with_copy(sql) {
+            None
+        } else if self.text_transcoded {
             // COPY's statement goes to the shards as text too.
             self.report(super::non_utf8_unroutable(self.client_encoding()), false);
             return Attach::Failed;
-        } else if super::copy::starts_with_copy(sql) {
-            Box::pin(self.routed_copy_in(router, frame, sql)).await
         } else {
-            None
+            Box::pin(self.routed_copy_in(router, frame, sql)).await
         };
         if let Some(handled) = copy {
             return handled;
@@ -416,9 +416,8 @@ impl Session {
                 self.report(error, false);
                 return Attach::Failed;
             }
-            Destination::Shards(route) if self.text_transcoded => {
+            Destination::Shards(_) if self.text_transcoded => {
                 // The fan-out sends the text again: it would go out as UTF-8.
-                let _ = route;
                 self.report(super::non_utf8_unroutable(self.client_encoding()), false);
                 return Attach::Failed;
             }
@@ -640,7 +639,7 @@ impl Session {
     /// first shard while user-defined types have different OIDs on the
     /// shards (catalog reads must answer with the OIDs clients see).
     pub(super) fn any_shard(&self, router: &Router) -> usize {
-        if self.shared.fanout.type_oids().get().is_some() {
+        if self.shared.fanout.type_oids().is_active() {
             return 0;
         }
         router.pick_any()
