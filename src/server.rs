@@ -409,21 +409,6 @@ async fn serve_client(shared: Arc<Shared>, socket: tokio::net::TcpStream) {
             session.run().await;
             shared.cancels.unregister(pid);
         }
-        Accepted::Cancel { pid, secret } => {
-            for (shard, backend_pid, backend_secret) in shared.cancels.targets(pid, secret) {
-                if let Some(shard) = shared.config.shards.get(shard) {
-                    if let Err(error) = Box::pin(crate::backend::send_cancel(
-                        shard,
-                        backend_pid,
-                        backend_secret,
-                    ))
-                    .await
-                    {
-                        tracing::warn!(%error, shard = %shard.name, "forwarding a cancel request failed");
-                    }
-                }
-            }
-        }
-        Accepted::Closed => {}
+        Accepted::Cancel | Accepted::Closed => {}
     }
 }

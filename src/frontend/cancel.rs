@@ -4,6 +4,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use crate::server::Shared;
+
 /// The backend a client is currently attached to: shard index, backend pid, secret.
 pub type CancelTarget = Option<(usize, i32, i32)>;
 
@@ -39,6 +41,21 @@ impl CancelSlot {
             }
         }
         targets
+    }
+}
+
+/// Forward a client's CancelRequest to every backend its session is using
+/// now, and return once each shard has closed the cancel connection (it
+/// does so after signalling the backend) or the bounded wait ran out.
+pub async fn forward(shared: &Shared, pid: i32, secret: i32) {
+    for (shard, backend_pid, backend_secret) in shared.cancels.targets(pid, secret) {
+        let Some(shard) = shared.config.shards.get(shard) else {
+            continue;
+        };
+        let sent = crate::backend::send_cancel(shard, backend_pid, backend_secret);
+        if let Err(error) = Box::pin(sent).await {
+            tracing::warn!(%error, shard = %shard.name, "forwarding a cancel request failed");
+        }
     }
 }
 

@@ -24,6 +24,7 @@ use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
 use super::auth::{Md5Source, ScramSource};
+use super::cancel;
 use crate::config::AuthMethod;
 use crate::protocol::synth::ProxyError;
 use crate::server::Shared;
@@ -49,11 +50,9 @@ pub struct ClientStartup {
 
 pub enum Accepted {
     Client(Box<ClientStartup>),
-    /// The connection carried a CancelRequest, which was handled.
-    Cancel {
-        pid: i32,
-        secret: i32,
-    },
+    /// The connection carried a CancelRequest, which was forwarded before
+    /// the connection closed.
+    Cancel,
     /// The client went away or was refused; nothing more to do.
     Closed,
 }
@@ -136,10 +135,13 @@ async fn handshake(shared: &Arc<Shared>, tcp: TcpStream) -> Accepted {
                     }
                     SecretKey::Bytes(_) => return Accepted::Closed,
                 };
-                return Accepted::Cancel {
-                    pid: cancel.pid,
-                    secret,
-                };
+                // Forwarded while the client's connection is still open:
+                // Postgres closes it only after signalling the backend, and
+                // drivers (asyncpg) wait for that close before their next
+                // statement. Closing first let the cancel land on that
+                // next statement.
+                cancel::forward(shared, cancel.pid, secret).await;
+                return Accepted::Cancel;
             }
             PgWireFrontendMessage::Startup(startup) => {
                 let (user, database, settings) = match check_startup(shared, &startup) {

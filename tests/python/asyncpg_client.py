@@ -177,6 +177,31 @@ async def run(dsn):
         await conn.executemany("INSERT INTO apg_items (id, v) VALUES ($1, $2)", [(i, f"em{i}") for i in range(4000, 4500)])
         eq(await conn.fetchval("SELECT count(*) FROM apg_items WHERE v LIKE 'em%'"), 500, "executemany")
 
+    with step("a cancel lands only on the statement it was sent for"):
+        # asyncpg answers a failing COPY generator with CopyFail plus a
+        # CancelRequest, and waits for the cancel connection to close before
+        # its next statement. A proxy that closes that connection before the
+        # backend was signalled cancels the *next* statement instead (seen 15
+        # in 200 through shardgate until the cancel was forwarded first).
+        # A temporary table keeps the backend attached to this client, as in
+        # asyncpg's own test, so the cancel finds it.
+        await conn.execute("CREATE TEMP TABLE apg_cancel (a bytea)")
+
+        async def failing_records():
+            yield (b"x" * 524288,)
+            raise ValueError("generator failed")
+
+        for i in range(100):
+            await expect_error(ValueError, conn.copy_records_to_table("apg_cancel", records=failing_records()),
+                               f"COPY generator failure {i}")
+            eq(conn.is_in_transaction(), False, f"not in a transaction after the failed COPY {i}")
+            eq(await conn.fetchval("SELECT count(*) FROM apg_cancel"), 0, f"statement after the cancel {i}")
+        # A statement cancelled by the client's timeout; the next one runs.
+        for i in range(20):
+            await expect_error(asyncio.TimeoutError, conn.fetchval("SELECT pg_sleep(10)", timeout=0.05),
+                               f"statement timed out {i}")
+            eq(await conn.fetchval("SELECT $1::int + 1", i), i + 1, f"statement after a timeout {i}")
+
     with step("pool connections released (reset query) more often than shardgate has backends"):
         # asyncpg runs `SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;`
         # on every pool release. None of it leaves session state behind, so in
