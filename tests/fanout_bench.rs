@@ -26,6 +26,9 @@ const ROWS_PER_SHARD: i64 = 1_000_000;
 #[derive(Default)]
 struct Sink(u64);
 
+/// Never vanishes: it has no peer.
+impl shardgate::executor::fanout::ClientSink for Sink {}
+
 impl AsyncWrite for Sink {
     fn poll_write(
         mut self: Pin<&mut Self>,

@@ -886,6 +886,61 @@ async fn a_cancel_request_stops_a_fan_out_on_every_shard() {
     server.stop().await;
 }
 
+/// A client that vanishes (killed: no Terminate, no cancel) during a
+/// fan-out: the shards stop within a second, as Postgres would stop a
+/// single backend once it noticed (#15-4: they used to run to the end).
+#[tokio::test]
+async fn a_vanished_client_stops_its_fan_out_on_every_shard() {
+    use support::wire;
+    let db = sharded_db("fanout_vanished").await;
+    let server = start_proxy(&shard_map(&db, MAP)).await;
+    let client = connect_proxy(&server, "app", None).await;
+    insert_users(&client, 1..=30).await;
+    for in_transaction in [false, true] {
+        let mut raw =
+            wire::Wire::connect(server.address.port(), "app", &server.shared.config.database).await;
+        if in_transaction {
+            raw.send(&wire::query("BEGIN")).await;
+            raw.until_ready(1).await;
+        }
+        // Keyless: all three shards, 0.51 s per row, about 5 s each.
+        raw.send(&wire::query(
+            "SELECT count(*) FROM users WHERE pg_sleep(0.51) IS NOT NULL",
+        ))
+        .await;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        while support::active_queries_like(&db, "pg_sleep(0.51)").await < 3 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the fan-out started on every shard"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        drop(raw);
+        let gone = std::time::Instant::now();
+        while support::active_queries_like(&db, "pg_sleep(0.51)").await > 0 {
+            assert!(
+                gone.elapsed() < std::time::Duration::from_secs(1),
+                "every shard stopped within 1 s of the client vanishing \
+                 (in a transaction: {in_transaction})"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        eprintln!(
+            "in a transaction: {in_transaction}: shards stopped {:?} after the client vanished",
+            gone.elapsed()
+        );
+    }
+    // The proxy serves on.
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM users", &[])
+        .await
+        .expect("other clients unaffected")
+        .get(0);
+    assert_eq!(n, 30);
+    server.stop().await;
+}
+
 /// Runs one extended-protocol batch (Parse, then Bind/Execute per row, one
 /// Sync) through a raw client and returns the message tags it got back.
 async fn one_batch(

@@ -8,6 +8,7 @@ pub mod buffers;
 pub mod cancel;
 pub mod encoding;
 pub mod prepared;
+pub mod presence;
 pub mod responses;
 pub mod session;
 pub mod settings;

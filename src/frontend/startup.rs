@@ -25,6 +25,7 @@ use tokio_util::codec::Framed;
 
 use super::auth::{Md5Source, ScramSource};
 use super::cancel;
+use super::presence::TERMINATE_FRAME;
 use crate::config::AuthMethod;
 use crate::protocol::synth::ProxyError;
 use crate::server::Shared;
@@ -425,9 +426,6 @@ async fn finish(
         key: (pid, secret),
     }))
 }
-
-/// A frontend Terminate message: tag `X`, length 4.
-const TERMINATE_FRAME: [u8; 5] = [b'X', 0, 0, 0, 4];
 
 /// Settings Postgres reports back with ParameterStatus (GUC_REPORT), by the
 /// lower-case name a client may use in the startup packet.

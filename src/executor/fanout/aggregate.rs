@@ -11,9 +11,8 @@
 //! statement is one round trip whatever the number of groups.
 
 use bytes::{BufMut, Bytes, BytesMut};
-use tokio::io::AsyncWrite;
 
-use super::engine::{gather, Memory, Output};
+use super::engine::{gather, ClientSink, Memory, Output};
 use super::merge::{Collect, SelectMerge, Window};
 use super::plan::{final_sql, refuse, AggPlan, Combine, DistinctKind, SelectPlan};
 use super::value::oid;
@@ -133,7 +132,7 @@ fn text_array(values: &[Option<&[u8]>]) -> Bytes {
     b.freeze()
 }
 
-pub(crate) async fn run<W: AsyncWrite + Unpin>(
+pub(crate) async fn run<W: ClientSink>(
     ex: &FanoutExecutor,
     req: &Request<'_>,
     plan: &AggPlan,

@@ -4,9 +4,10 @@
 //! ReadyForQuery (cancelling shards whose work is no longer needed).
 
 use std::collections::VecDeque;
+use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
-use futures::future::{join_all, select_all, FutureExt};
+use futures::future::{join_all, poll_fn, select_all, FutureExt};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::wire::{decode_row_description, shard_error, Field, Row};
@@ -109,6 +110,30 @@ pub struct Gathered {
     pub statuses: Vec<u8>,
 }
 
+/// What a client's connection showed while the shards were working.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presence {
+    /// Closed (EOF, an error, or a Terminate as its last words).
+    Gone,
+    /// It sent more (a pipeline): still there; watching stops here, since
+    /// telling EOF apart would mean reading those bytes.
+    Talking,
+}
+
+/// Where merged output goes: a client's socket, or a buffer. A socket also
+/// tells when its client vanished while the shards were still working and
+/// nothing was being written (a long aggregate, `pg_sleep`): their
+/// statements are then cancelled instead of running to the end.
+pub trait ClientSink: AsyncWrite + Unpin {
+    /// Ready with what the connection showed; pending while it is quiet.
+    /// The default is never ready: buffers and channels have no peer.
+    fn poll_presence(&mut self, _cx: &mut Context<'_>) -> Poll<Presence> {
+        Poll::Pending
+    }
+}
+
+impl ClientSink for Vec<u8> {}
+
 /// Where the merged output goes.
 pub struct Output<'o, W> {
     pub out: &'o mut BytesMut,
@@ -116,9 +141,11 @@ pub struct Output<'o, W> {
     pub client_lost: bool,
     /// Write merged output before every wait for the shards.
     pub eager: bool,
+    /// Watch the client for a close while waiting for the shards.
+    pub watching: bool,
 }
 
-impl<W: AsyncWrite + Unpin> Output<'_, W> {
+impl<W: ClientSink> Output<'_, W> {
     pub async fn flush_if_full(&mut self) {
         if self.out.len() >= FLUSH_AT {
             self.flush().await;
@@ -137,7 +164,7 @@ impl<W: AsyncWrite + Unpin> Output<'_, W> {
 }
 
 /// Sends `batches[i]` (None: nothing) to `targets[i]` and merges the answers.
-pub async fn gather<W: AsyncWrite + Unpin, M: Merge>(
+pub async fn gather<W: ClientSink, M: Merge>(
     ex: &FanoutExecutor,
     targets: &mut [ShardConn<'_>],
     batches: &[Option<BytesMut>],
@@ -337,8 +364,41 @@ pub async fn gather<W: AsyncWrite + Unpin, M: Merge>(
             output.flush().await;
             continue;
         }
-        let ((i, result), _, rest) = select_all(reads).await;
-        drop(rest);
+        let read = if output.watching && !output.client_lost {
+            let client = &mut *output.client;
+            let presence = poll_fn(|cx| client.poll_presence(cx));
+            tokio::select! {
+                biased;
+                ((i, result), _, _) = select_all(reads) => Ok((i, result)),
+                presence = presence => Err(presence),
+            }
+        } else {
+            let ((i, result), _, _) = select_all(reads).await;
+            Ok((i, result))
+        };
+        let (i, result) = match read {
+            Ok(read) => read,
+            Err(Presence::Talking) => {
+                output.watching = false;
+                continue;
+            }
+            Err(Presence::Gone) => {
+                // Nobody will read the answer: stop every shard's work, also
+                // inside a transaction (the session ends and rolls it back).
+                output.client_lost = true;
+                first_error.get_or_insert_with(|| {
+                    ProxyError::error(
+                        "08006",
+                        "the client closed its connection during the statement",
+                    )
+                });
+                if !draining {
+                    draining = true;
+                    cancel_unfinished(ex, targets, &mut streams, true).await;
+                }
+                continue;
+            }
+        };
         match result {
             Ok(0) | Err(_) => {
                 let s = &mut streams[i];

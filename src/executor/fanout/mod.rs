@@ -55,7 +55,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
-use tokio::io::AsyncWrite;
 
 use crate::backend::BackendConnection;
 use crate::config::{Config, ShardConfig, TablePlacement};
@@ -63,6 +62,7 @@ use crate::protocol::messages::Bind;
 use crate::protocol::synth::{self, ProxyError};
 use crate::router::Route;
 use engine::{gather, Memory, Output};
+pub use engine::{ClientSink, Presence};
 use merge::{Pass, SelectMerge, Window};
 use plan::{Count, Plan, Tables};
 use wire::{BindParams, OutParam};
@@ -276,7 +276,7 @@ impl Request<'_> {
 }
 
 /// Runs a statement on several shards; see the module documentation.
-pub async fn run<W: AsyncWrite + Unpin>(
+pub async fn run<W: ClientSink>(
     executor: &FanoutExecutor,
     request: FanoutRequest<'_>,
     targets: &mut [ShardConn<'_>],
@@ -290,7 +290,7 @@ pub async fn run<W: AsyncWrite + Unpin>(
 /// (a portal fetched in parts, whose client waits for a few rows), merged
 /// output is written whenever the executor would wait for the shards, not
 /// only in 32 KiB pieces.
-pub async fn run_flushing<W: AsyncWrite + Unpin>(
+pub async fn run_flushing<W: ClientSink>(
     executor: &FanoutExecutor,
     request: FanoutRequest<'_>,
     targets: &mut [ShardConn<'_>],
@@ -327,6 +327,7 @@ pub async fn run_flushing<W: AsyncWrite + Unpin>(
         client,
         client_lost: false,
         eager,
+        watching: true,
     };
     let mut memory = Memory {
         used: 0,
@@ -385,7 +386,7 @@ pub async fn run_flushing<W: AsyncWrite + Unpin>(
 }
 
 /// SELECT merged by the proxy.
-async fn select<W: AsyncWrite + Unpin>(
+async fn select<W: ClientSink>(
     ex: &FanoutExecutor,
     req: &Request<'_>,
     plan: &plan::SelectPlan,
@@ -427,7 +428,7 @@ async fn select<W: AsyncWrite + Unpin>(
 /// A statement run as sent: writes on several shards (tags summed, RETURNING
 /// rows concatenated) or a Broadcast (every shard must succeed; rows and
 /// tags of the first shard, since replicated tables hold the same rows).
-async fn passthrough<W: AsyncWrite + Unpin>(
+async fn passthrough<W: ClientSink>(
     ex: &FanoutExecutor,
     req: &Request<'_>,
     targets: &mut [ShardConn<'_>],
@@ -470,7 +471,7 @@ async fn passthrough<W: AsyncWrite + Unpin>(
 
 /// COPY … TO STDOUT: CopyOutResponse once, CopyData of every shard,
 /// CopyDone, `COPY <sum>`.
-async fn copy_out<W: AsyncWrite + Unpin>(
+async fn copy_out<W: ClientSink>(
     ex: &FanoutExecutor,
     req: &Request<'_>,
     targets: &mut [ShardConn<'_>],

@@ -7,16 +7,15 @@
 use std::collections::{BTreeMap, HashMap};
 
 use sqlparser::ast::{self, SetExpr, Statement};
-use tokio::io::AsyncWrite;
 
-use super::engine::{gather, Memory, Output};
+use super::engine::{gather, ClientSink, Memory, Output};
 use super::merge::Collect;
 use super::plan::{referenced_params, renumber_params};
 use super::wire::{encode_row_description, OutParam};
 use super::{sum_tags, tag_count, FanoutExecutor, FanoutOutcome, Request, ShardConn};
 use crate::protocol::synth::{self, ProxyError};
 
-pub(crate) async fn run<W: AsyncWrite + Unpin>(
+pub(crate) async fn run<W: ClientSink>(
     ex: &FanoutExecutor,
     req: &Request<'_>,
     insert: &ast::Insert,

@@ -105,6 +105,10 @@ impl ChannelWriter {
     }
 }
 
+/// A portal's rows go to the session through a channel; the session
+/// watches the client itself.
+impl crate::executor::fanout::ClientSink for ChannelWriter {}
+
 impl AsyncWrite for ChannelWriter {
     fn poll_write(
         mut self: Pin<&mut Self>,
