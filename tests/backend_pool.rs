@@ -40,6 +40,7 @@ fn pool_config(size: u32, connect_timeout: Duration, checkout_timeout: Duration)
         checkout_timeout,
         idle_timeout: Duration::from_secs(600),
         max_lifetime: Duration::from_secs(3600),
+        ..PoolConfig::default()
     }
 }
 

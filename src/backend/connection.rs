@@ -66,8 +66,32 @@ pub(crate) async fn open_stream(host: &str, port: u16) -> io::Result<Stream> {
     } else {
         let tcp = TcpStream::connect((host, port)).await?;
         tcp.set_nodelay(true)?;
+        detect_dead_peers(&tcp)?;
         Ok(Stream::Tcp(tcp))
     }
+}
+
+/// Idle time before the first keepalive probe, and the bound on data a
+/// shard's host leaves unacknowledged.
+pub(crate) const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+
+/// A shard host that vanishes (powered off, partitioned) sends no FIN:
+/// without these a statement waiting on it hangs for the kernel's ~15
+/// minutes of retransmissions, and an idle pooled connection to it looks
+/// alive forever. Keepalive probes (after 30 s idle, every 10 s, 3 tries)
+/// find idle ones; TCP_USER_TIMEOUT fails a connection whose sent data
+/// stays unacknowledged for 30 s. A live server that is merely slow is not
+/// affected (its kernel acknowledges): that is `pool.query_timeout`'s job.
+fn detect_dead_peers(tcp: &TcpStream) -> io::Result<()> {
+    let socket = socket2::SockRef::from(tcp);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(Duration::from_secs(10))
+        .with_retries(3);
+    socket.set_tcp_keepalive(&keepalive)?;
+    #[cfg(target_os = "linux")]
+    socket.set_tcp_user_timeout(Some(KEEPALIVE_IDLE))?;
+    Ok(())
 }
 
 impl Stream {
@@ -855,6 +879,31 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use tokio::net::TcpListener;
+
+    #[tokio::test]
+    async fn backend_sockets_detect_dead_peers() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let Stream::Tcp(tcp) = open_stream("127.0.0.1", port).await.expect("connect") else {
+            panic!("a TCP stream");
+        };
+        let socket = socket2::SockRef::from(&tcp);
+        assert!(socket.keepalive().expect("SO_KEEPALIVE"));
+        assert_eq!(
+            socket.tcp_keepalive_time().expect("TCP_KEEPIDLE"),
+            KEEPALIVE_IDLE
+        );
+        assert_eq!(
+            socket.tcp_keepalive_interval().expect("TCP_KEEPINTVL"),
+            Duration::from_secs(10)
+        );
+        assert_eq!(socket.tcp_keepalive_retries().expect("TCP_KEEPCNT"), 3);
+        #[cfg(target_os = "linux")]
+        assert_eq!(
+            socket.tcp_user_timeout().expect("TCP_USER_TIMEOUT"),
+            Some(KEEPALIVE_IDLE)
+        );
+    }
 
     fn shard(port: u16) -> ShardConfig {
         ShardConfig {

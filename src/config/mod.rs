@@ -105,6 +105,14 @@ pub struct PoolConfig {
     pub checkout_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_lifetime: Duration,
+    /// A statement (one round from request to ReadyForQuery on a shard)
+    /// not answered within this fails with 57014 naming the shard, and its
+    /// backend is dropped: the bound on a hung shard. Zero: none.
+    pub query_timeout: Duration,
+    /// A client idle inside a transaction for this long is disconnected
+    /// (25P03, as Postgres' idle_in_transaction_session_timeout), freeing
+    /// its backends. Zero: never.
+    pub idle_transaction_timeout: Duration,
 }
 
 impl Default for PoolConfig {
@@ -116,6 +124,8 @@ impl Default for PoolConfig {
             checkout_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(600),
             max_lifetime: Duration::from_secs(3600),
+            query_timeout: Duration::ZERO,
+            idle_transaction_timeout: Duration::ZERO,
         }
     }
 }

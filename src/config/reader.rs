@@ -36,6 +36,8 @@ const POOL_KEYS: &[&str] = &[
     "checkout_timeout",
     "idle_timeout",
     "max_lifetime",
+    "query_timeout",
+    "idle_transaction_timeout",
 ];
 const FUNCTION_KINDS: &[&str] = &[
     "hash",
@@ -518,6 +520,21 @@ impl Reader<'_> {
                         self.error(n.mark, format!("`pool.{key}` must be greater than zero"));
                         ok = false;
                     }
+                    None => ok = false,
+                }
+            }
+        }
+        // Zero (the default) turns these off, as in PgBouncer.
+        for (key, slot) in [
+            ("query_timeout", &mut pool.query_timeout),
+            (
+                "idle_transaction_timeout",
+                &mut pool.idle_transaction_timeout,
+            ),
+        ] {
+            if let Some(n) = entries.get(key) {
+                match self.duration(n, &format!("`pool.{key}`")) {
+                    Some(d) => *slot = d,
                     None => ok = false,
                 }
             }

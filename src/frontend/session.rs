@@ -86,6 +86,13 @@ enum Exit {
     ClientError,
 }
 
+/// What a session's wait is bounded by (see [`Session::deadline`]).
+#[derive(Debug, Clone, Copy)]
+enum Deadline {
+    Query,
+    IdleInTransaction,
+}
+
 pub struct Session {
     shared: Arc<Shared>,
     client: MaybeTls,
@@ -140,6 +147,10 @@ pub struct Session {
     /// A BEGIN answered by shardgate and not yet sent: it goes ahead of the
     /// first statement that needs a shard (see `routing`).
     deferred_begin: Option<Vec<u8>>,
+    /// The backend of the client's open transaction died between its
+    /// statements: the error its next statement gets (see
+    /// [`Session::backend_lost`]).
+    lost_transaction: Option<ProxyError>,
     /// shardgate reported an error inside the client's transaction block
     /// while the backend's transaction is still healthy: it must be aborted
     /// too, as Postgres would have (done at the batch's Sync).
@@ -178,6 +189,9 @@ pub struct Session {
     last_scan: Option<(String, StatementEffects)>,
     /// When the first statement since the last ReadyForQuery was forwarded.
     batch_started: Option<Instant>,
+    /// When the last ReadyForQuery reached the client (idle-in-transaction
+    /// timing).
+    ready_at: Instant,
     /// The backend sent a FATAL for the client's statement: the client's
     /// connection closes once it has the message.
     client_closing: bool,
@@ -224,6 +238,7 @@ impl Session {
             session_shard: None,
             session_key: None,
             deferred_begin: None,
+            lost_transaction: None,
             abort_backend_transaction: false,
             settings,
             statements: ClientStatements::default(),
@@ -235,6 +250,7 @@ impl Session {
             tainted: false,
             key: startup.key,
             batch_started: None,
+            ready_at: Instant::now(),
             unnamed_parse: Vec::new(),
             unnamed_text: String::new(),
             unnamed_types: Vec::new(),
@@ -290,10 +306,17 @@ impl Session {
             // Wait for input from whichever side has something.
             let client_read;
             let mut backend_read = None;
+            let deadline = self.deadline();
             match self.backend.as_mut() {
                 Some(attached) => {
                     buffers::ensure(&mut self.backend_in);
                     let backlog = self.client_backlog;
+                    let timer = async {
+                        match deadline {
+                            Some((at, _)) => tokio::time::sleep_until(at.into()).await,
+                            None => std::future::pending().await,
+                        }
+                    };
                     tokio::select! {
                         biased;
                         read = attached.conn.read_buf(&mut self.backend_in) => {
@@ -304,6 +327,27 @@ impl Session {
                         read = read_client(&mut self.client, &mut self.client_in), if !backlog => client_read = Some(read),
                         // Messages already read wait: no need to wait for more.
                         _ = std::future::ready(()), if backlog => client_read = None,
+                        () = timer => {
+                            match deadline.map(|(_, kind)| kind) {
+                                Some(Deadline::Query) => {
+                                    self.query_timed_out();
+                                    continue;
+                                }
+                                Some(Deadline::IdleInTransaction) | None => {
+                                    ProxyError::fatal(
+                                        "25P03",
+                                        "terminating connection due to idle-in-transaction timeout",
+                                    )
+                                    .with_detail(format!(
+                                        "pool.idle_transaction_timeout is {:?}",
+                                        self.shared.config.pool.idle_transaction_timeout
+                                    ))
+                                    .encode(&mut self.client_out);
+                                    let _ = self.flush_client().await;
+                                    return Exit::Client;
+                                }
+                            }
+                        }
                     }
                 }
                 None => {
@@ -370,6 +414,9 @@ impl Session {
         let tag = frame[0];
         let body = &frame[5..];
         if self.skip_until_sync && tag != tag::SYNC && tag != tag::TERMINATE {
+            return Ok(Step::Next);
+        }
+        if self.lost_transaction.is_some() && self.report_lost_transaction(tag, body) {
             return Ok(Step::Next);
         }
         if self.status == b'I' && self.pending_portal.as_ref().is_some_and(|p| p.kept()) {
@@ -1081,8 +1128,88 @@ impl Session {
         self.release_others().await;
     }
 
-    /// The backend connection failed: tell the client, forget the backend.
+    /// When the session must stop waiting: the statement in flight has run
+    /// past `query_timeout`, or the client has sat idle inside a
+    /// transaction past `idle_transaction_timeout`.
+    fn deadline(&self) -> Option<(Instant, Deadline)> {
+        let pool = &self.shared.config.pool;
+        if !self.queue.is_empty() {
+            let started = self.batch_started?;
+            return (!pool.query_timeout.is_zero())
+                .then(|| (started + pool.query_timeout, Deadline::Query));
+        }
+        if matches!(self.status, b'T' | b'E') && !pool.idle_transaction_timeout.is_zero() {
+            return Some((
+                self.ready_at + pool.idle_transaction_timeout,
+                Deadline::IdleInTransaction,
+            ));
+        }
+        None
+    }
+
+    /// The statement in flight ran past `query_timeout`: the client is told
+    /// (57014 naming the shard) and the backend dropped, since a hung
+    /// server may never answer a cancel (one is still sent, for a backend
+    /// that is merely slow).
+    fn query_timed_out(&mut self) {
+        let Some(attached) = self.backend.as_ref() else {
+            return;
+        };
+        let shard = self.shard_name(attached.shard);
+        let (pid, secret) = attached.conn.cancel_key();
+        if let Some(config) = self.shared.config.shards.get(attached.shard).cloned() {
+            tokio::spawn(async move {
+                let _ = crate::backend::send_cancel(&config, pid, secret).await;
+            });
+        }
+        let timeout = format!("{:?}", self.shared.config.pool.query_timeout);
+        let error = ProxyError::error(
+            "57014",
+            format!("canceling statement due to query_timeout: shard \"{shard}\" did not answer within {timeout}"),
+        );
+        tracing::warn!(shard = %shard, %timeout, "query_timeout: dropping the backend");
+        self.lose_backend(error);
+    }
+
+    /// The backend connection failed (EOF, a read error, or a FATAL nobody
+    /// asked for): forget the backend, and tell the client only what
+    /// concerns it, in protocol order.
+    ///
+    /// - A statement in flight gets 08006 naming the shard, and
+    ///   ReadyForQuery.
+    /// - Nothing in flight, outside a transaction: nothing was lost; the
+    ///   next statement takes another backend. Nothing is sent: an
+    ///   unrequested message after ReadyForQuery desynchronises drivers
+    ///   (asyncpg: "another operation is in progress", #15-2).
+    /// - Nothing in flight, inside a transaction: the transaction is gone;
+    ///   the client's next statement gets 08006 (a ROLLBACK just succeeds).
+    ///
+    /// Either way an open transaction stays failed until the client ends it,
+    /// as after any error: its later statements must not run outside it.
     fn backend_lost(&mut self) {
+        self.backend_ended(None);
+    }
+
+    /// [`Session::backend_lost`], with the server's own words when it said
+    /// why (a FATAL: shutdown, termination, postmaster death).
+    fn backend_ended(&mut self, cause: Option<&str>) {
+        let Some(attached) = self.backend.as_ref() else {
+            return;
+        };
+        let shard = self.shard_name(attached.shard);
+        let error = match cause {
+            Some(cause) => ProxyError::error(
+                "08006",
+                format!("lost the connection to shard \"{shard}\": {cause}"),
+            ),
+            None => ProxyError::error("08006", format!("lost the connection to shard \"{shard}\"")),
+        };
+        self.lose_backend(error);
+    }
+
+    /// Drops the attached backend (and the transaction's other shards);
+    /// `error` is what the client hears, as [`Session::backend_lost`] says.
+    fn lose_backend(&mut self, error: ProxyError) {
         let Some(mut attached) = self.backend.take() else {
             return;
         };
@@ -1092,23 +1219,67 @@ impl Session {
         for mut other in std::mem::take(&mut self.others) {
             other.conn.mark_broken();
         }
+        let in_transaction = self.status != b'I';
         self.transaction_begin = None;
         self.transaction_replay.clear();
         self.cancel.set(None);
-        let shard = self.shard_name(attached.shard);
-        let was_busy = !self.queue.is_empty() || self.status != b'I';
+        let in_flight = !self.queue.is_empty();
+        // The client has not sent its Sync yet: ReadyForQuery waits for it.
+        let unsynced = self.queue.batch_open();
         self.queue.clear();
         self.backend_in.clear();
         self.backend_out.clear();
         self.passthrough = 0;
-        if was_busy {
-            ProxyError::error("08006", format!("lost the connection to shard \"{shard}\""))
-                .with_detail("the statement or transaction in progress there was aborted")
-                .encode(&mut self.client_out);
-            self.status = b'I';
-            synth::ready_for_query(&mut self.client_out, self.status);
+        self.batch_started = None;
+        if in_transaction {
+            // Later statements meet a failed transaction (25P02) on whichever
+            // backend they get, until the client's ROLLBACK or COMMIT.
+            let mut begin = BytesMut::new();
+            synth::query(&mut begin, "BEGIN");
+            self.deferred_begin = Some(begin.to_vec());
+            self.status = b'E';
+            self.batch_status_before = b'E';
+        }
+        let error = if in_transaction {
+            error.with_detail("the transaction in progress was aborted")
+        } else {
+            error.with_detail("the statement in progress there was aborted")
+        };
+        if in_flight {
+            self.shared.metrics.error(Some(attached.shard), error.code);
+            error.encode(&mut self.client_out);
+            if unsynced {
+                self.skip_until_sync = true;
+            } else {
+                synth::ready_for_query(&mut self.client_out, self.status);
+            }
+        } else if in_transaction {
+            self.lost_transaction = Some(error);
         }
         drop(attached);
+    }
+
+    /// Reports [`Session::lost_transaction`] as the answer to this client
+    /// message, unless the message ends the transaction (that just ends
+    /// it). True if the message was answered.
+    fn report_lost_transaction(&mut self, tag: u8, body: &[u8]) -> bool {
+        let text = match tag {
+            tag::QUERY => messages::query_text(body).ok(),
+            tag::PARSE => messages::Parse::decode(body).ok().map(|p| p.query),
+            tag::BIND | tag::EXECUTE | tag::DESCRIBE => None,
+            _ => return false,
+        };
+        let Some(error) = self.lost_transaction.take() else {
+            return false;
+        };
+        let ends = text.and_then(routing::tx_verb).is_some_and(|verb| {
+            matches!(verb, routing::TxVerb::Commit | routing::TxVerb::Rollback)
+        });
+        if ends {
+            return false;
+        }
+        self.report(error, tag != tag::QUERY);
+        true
     }
 
     /// Reports a shardgate error in protocol order: simple queries get
@@ -1252,6 +1423,9 @@ impl Session {
             let Some((frame, total)) = next_frame(rest, MAX_BACKEND_MESSAGE)? else {
                 return Ok(());
             };
+            // Nothing of the client's in flight: whatever comes now was not
+            // asked for (a FATAL as the server shuts down or is killed).
+            let unsolicited = self.queue.is_empty();
             let disposition = self.queue.on_backend(tag);
             let mut ready = None;
             match tag {
@@ -1261,13 +1435,35 @@ impl Session {
                     self.batch_failed = true;
                     let shard = self.backend.as_ref().map(|a| a.shard);
                     let fields = messages::error_fields(frame.body);
-                    if disposition == Disposition::Forward
-                        && matches!(fields.severity, "FATAL" | "PANIC")
-                    {
-                        // The backend ends the session (e.g. the client's own
-                        // `pg_terminate_backend(pg_backend_pid())`): as with
-                        // Postgres and PgBouncer, the client's connection
-                        // closes after the message (drivers wait for that).
+                    let fatal = matches!(fields.severity, "FATAL" | "PANIC");
+                    if fatal && self.mode == PoolMode::Transaction && !self.tainted {
+                        // The backend ends (its shard shuts down or died, or
+                        // it was terminated), but the client's session holds
+                        // nothing of it beyond the statement in flight or
+                        // an open transaction: it goes on with other
+                        // backends (#15-2). Closing it, as Postgres closes
+                        // its own connection, would fail that client's next
+                        // statements on every other shard too.
+                        tracing::info!(
+                            shard = %self.shard_name(shard.unwrap_or(0)),
+                            code = fields.code,
+                            message = fields.message,
+                            unsolicited,
+                            "a backend connection ended"
+                        );
+                        if unsolicited {
+                            self.shared.metrics.error(shard, fields.code);
+                        }
+                        let cause = fields.message.to_string();
+                        *at = input.len();
+                        self.backend_ended(Some(&cause));
+                        return Ok(());
+                    }
+                    if disposition == Disposition::Forward && fatal {
+                        // A session-pooled or pinned backend ends: its
+                        // session state is gone, so as with Postgres the
+                        // client's connection closes after the message
+                        // (drivers wait for that).
                         self.client_closing = true;
                     }
                     self.shared.metrics.error(shard, fields.code);
@@ -1314,12 +1510,16 @@ impl Session {
             self.queue.after(&mut self.client_out);
             self.forget_failed_statements();
             if let Some(status) = ready {
-                self.on_ready(status, disposition).await;
+                self.on_ready(status, disposition, *at < input.len()).await;
             }
         }
     }
 
-    async fn on_ready(&mut self, status: u8, disposition: Disposition) {
+    /// `trailing`: the backend sent more after this ReadyForQuery; it keeps
+    /// the backend until that is read (a FATAL right behind the answer
+    /// must not reach the client after its ReadyForQuery, nor the backend
+    /// the pool).
+    async fn on_ready(&mut self, status: u8, disposition: Disposition, trailing: bool) {
         if let Some(attached) = self.backend.as_mut() {
             attached.conn.set_transaction_status(status);
         }
@@ -1342,6 +1542,7 @@ impl Session {
         // One query per ReadyForQuery; with pipelining the next one is
         // already under way, so its clock starts now.
         let now = Instant::now();
+        self.ready_at = now;
         let started = self.batch_started.take().unwrap_or(now);
         if !self.queue.is_empty() {
             self.batch_started = Some(now);
@@ -1371,6 +1572,7 @@ impl Session {
             && self.queue.is_empty()
             && self.mode == PoolMode::Transaction
             && !self.tainted
+            && !trailing
         {
             self.detach().await;
         }

@@ -227,6 +227,9 @@ pub async fn gather<W: ClientSink, M: Merge>(
             }
         }
     }
+    let deadline = Some(ex.query_timeout())
+        .filter(|t| !t.is_zero())
+        .map(|t| tokio::time::Instant::now() + t);
     let mut first_error: Option<ProxyError> = streams.iter().find_map(|s| s.error.clone());
     let mut draining = first_error.is_some();
     let mut header_done = false;
@@ -364,25 +367,67 @@ pub async fn gather<W: ClientSink, M: Merge>(
             output.flush().await;
             continue;
         }
-        let read = if output.watching && !output.client_lost {
-            let client = &mut *output.client;
-            let presence = poll_fn(|cx| client.poll_presence(cx));
-            tokio::select! {
-                biased;
-                ((i, result), _, _) = select_all(reads) => Ok((i, result)),
-                presence = presence => Err(presence),
+        let watching = output.watching && !output.client_lost;
+        let client = &mut *output.client;
+        let presence = poll_fn(|cx| {
+            if watching {
+                client.poll_presence(cx).map(Some)
+            } else {
+                Poll::Pending
             }
-        } else {
-            let ((i, result), _, _) = select_all(reads).await;
-            Ok((i, result))
+        });
+        let timer = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let read = tokio::select! {
+            biased;
+            ((i, result), _, _) = select_all(reads) => Ok((i, result)),
+            presence = presence => Err(presence),
+            () = timer => Err(None),
         };
         let (i, result) = match read {
             Ok(read) => read,
-            Err(Presence::Talking) => {
+            Err(None) => {
+                // query_timeout: the shards still working are given up (a
+                // hung server may never answer, nor take a cancel); the
+                // rest are cancelled.
+                let mut late = Vec::new();
+                for (t, s) in targets.iter_mut().zip(streams.iter_mut()) {
+                    if s.ready.is_none() && !s.dead {
+                        // A backend that is merely slow stops; a hung one
+                        // never hears it (the task gives up on its own).
+                        if let Some(shard) = ex.shards.get(t.shard).cloned() {
+                            let (pid, secret) = t.conn.cancel_key();
+                            tokio::spawn(async move {
+                                let _ = send_cancel(&shard, pid, secret).await;
+                            });
+                        }
+                        t.conn.mark_broken();
+                        s.dead = true;
+                        s.finished = true;
+                        s.described = true;
+                        late.push(s.name.clone());
+                    }
+                }
+                first_error.get_or_insert(ProxyError::error(
+                    "57014",
+                    format!(
+                        "canceling statement due to query_timeout: shard {} did not answer within {:?}",
+                        late.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", "),
+                        ex.query_timeout(),
+                    ),
+                ));
+                draining = true;
+                continue;
+            }
+            Err(Some(Presence::Talking)) => {
                 output.watching = false;
                 continue;
             }
-            Err(Presence::Gone) => {
+            Err(Some(Presence::Gone)) => {
                 // Nobody will read the answer: stop every shard's work, also
                 // inside a transaction (the session ends and rolls it back).
                 output.client_lost = true;

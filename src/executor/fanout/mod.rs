@@ -112,6 +112,8 @@ pub struct FanoutExecutor {
     shards: Vec<ShardConfig>,
     tables: std::sync::RwLock<Tables>,
     max_merge_memory: u64,
+    /// `pool.query_timeout`: the bound on waiting for a shard's answer.
+    query_timeout: std::time::Duration,
     bytewise: AtomicBool,
     cache: Mutex<HashMap<String, Arc<Plan>>>,
     /// The shards' user-defined type OIDs mapped to the first shard's
@@ -135,6 +137,7 @@ impl FanoutExecutor {
             shards: config.shards.clone(),
             tables: std::sync::RwLock::new(tables),
             max_merge_memory: config.max_merge_memory,
+            query_timeout: config.pool.query_timeout,
             bytewise: AtomicBool::new(false),
             cache: Mutex::new(HashMap::new()),
             type_oids: Default::default(),
@@ -170,6 +173,10 @@ impl FanoutExecutor {
 
     pub fn text_collation_bytewise(&self) -> bool {
         self.bytewise.load(Ordering::Relaxed)
+    }
+
+    pub fn query_timeout(&self) -> std::time::Duration {
+        self.query_timeout
     }
 
     pub fn max_merge_memory(&self) -> u64 {

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use bytes::{BufMut, BytesMut};
 
 use super::{Attach, Session};
+use crate::backend::BackendError;
 use crate::protocol::messages::{Bind, Cursor, Parse};
 use crate::protocol::synth::{self, ProxyError};
 use crate::protocol::{next_frame, tag, ProtocolError, MAX_BACKEND_MESSAGE};
@@ -632,7 +633,29 @@ impl Session {
             return Attach::Ready;
         }
         let shard = self.session_shard.unwrap_or_else(|| self.any_shard(router));
-        self.attach_shard(shard, extended).await
+        if self.session_shard.is_some() || self.shared.fanout.type_oids().is_active() {
+            // The client chose the shard, or catalog reads must come from
+            // the first shard (their rows carry its type OIDs).
+            return self.attach_shard(shard, extended).await;
+        }
+        // Any shard will do, so a shard that cannot be reached is passed
+        // over for the next (#15-3): a dead shard fails only its own keys.
+        let count = self.shared.pools.shards.len().max(1);
+        for tried in 0..count {
+            let candidate = (shard + tried) % count;
+            match self.checkout(candidate).await {
+                Ok(()) => return Attach::Ready,
+                Err(error) if tried + 1 < count && unreachable(&error) => {
+                    tracing::debug!(%error, "any-shard statement: trying the next shard");
+                }
+                Err(error) => {
+                    let error = ProxyError::error(error.sqlstate(), error.to_string());
+                    self.report(error, extended);
+                    return Attach::Failed;
+                }
+            }
+        }
+        Attach::Failed
     }
 
     /// A shard for a statement any shard can answer: round-robin, or the
@@ -658,47 +681,166 @@ impl Session {
         query: &str,
         param_types: &[u8],
     ) {
-        let shard = self.session_shard.unwrap_or_else(|| self.any_shard(router));
-        let Some(pool) = self.shared.pools.get(shard) else {
-            return;
+        let preferred = self.session_shard.unwrap_or_else(|| self.any_shard(router));
+        // Any shard knows the types; one that cannot be reached, or whose
+        // backend dies on the way, is passed over (#15-3: asyncpg prepares
+        // with Parse/Describe/Flush before it binds, so a dead shard failed
+        // clients of the live ones).
+        let count = if self.session_shard.is_some() {
+            1
+        } else {
+            self.shared.pools.shards.len().max(1)
         };
-        let answer = match pool.checkout().await {
-            Ok(mut conn) => {
-                // The statement must resolve names as the session would.
-                if conn.settings_signature() != self.settings.signature() {
-                    let sql = self.settings.replay_sql();
-                    match crate::executor::control::run(&mut conn, &sql).await {
-                        Ok(_) => conn.set_settings_signature(self.settings.signature()),
-                        Err(error) => {
-                            pool.release(conn).await;
-                            self.report(error.to_proxy_error(), true);
-                            return;
-                        }
-                    }
+        let mut answer = Err(ProxyError::error(
+            "08006",
+            "no shard to describe the statement",
+        ));
+        for tried in 0..count {
+            let shard = if count == 1 {
+                preferred
+            } else {
+                (preferred + tried) % count
+            };
+            answer = self.describe_on(shard, query, param_types).await;
+            match &answer {
+                Err(error)
+                    if tried + 1 < count
+                        && (error.code.starts_with("08") || error.code == "57014") =>
+                {
+                    tracing::debug!(code = error.code, message = %error.message, "describe: trying the next shard");
                 }
-                let mut request = BytesMut::new();
-                Parse {
-                    name: "",
-                    query,
-                    param_types,
+                Ok(Answer::Failed(frames)) if tried + 1 < count && is_fatal(frames) => {
+                    tracing::debug!("describe: the backend ended; trying the next shard");
                 }
-                .encode_as("", &mut request);
-                request.put_u8(tag::DESCRIBE);
-                request.put_i32(6);
-                request.put_slice(b"S\0");
-                synth::sync(&mut request);
-                let answer = exchange(&mut conn, &request).await;
-                pool.release(conn).await;
-                answer
+                _ => break,
             }
-            Err(error) => Err(ProxyError::error(error.sqlstate(), error.to_string())),
-        };
+        }
         match answer {
             Ok(Answer::Described(frames)) => self.queue.local(frames, &mut self.client_out),
             // The shard's own error, every field kept.
             Ok(Answer::Failed(frames)) => self.report_frames(frames, true),
             Err(error) => self.report(error, true),
         }
+    }
+
+    /// One attempt of [`Session::describe_aside`] on `shard`.
+    async fn describe_on(
+        &mut self,
+        shard: usize,
+        query: &str,
+        param_types: &[u8],
+    ) -> Result<Answer, ProxyError> {
+        let Some(pool) = self.shared.pools.get(shard) else {
+            return Err(ProxyError::error("08006", "no such shard"));
+        };
+        let mut conn = pool
+            .checkout()
+            .await
+            .map_err(|error| ProxyError::error(error.sqlstate(), error.to_string()))?;
+        // The statement must resolve names as the session would.
+        if conn.settings_signature() != self.settings.signature() {
+            let sql = self.settings.replay_sql();
+            match crate::executor::control::run(&mut conn, &sql).await {
+                Ok(_) => conn.set_settings_signature(self.settings.signature()),
+                Err(error) => {
+                    pool.release(conn).await;
+                    return Err(error.to_proxy_error());
+                }
+            }
+        }
+        let type_oids = self.shared.fanout.type_oids().get().filter(|_| shard != 0);
+        let mut request = BytesMut::new();
+        Parse {
+            name: "",
+            query,
+            param_types,
+        }
+        .encode_as("", &mut request);
+        if let Some(map) = &type_oids {
+            map.rewrite_parse_frames(shard, &mut request);
+        }
+        request.put_u8(tag::DESCRIBE);
+        request.put_i32(6);
+        request.put_slice(b"S\0");
+        synth::sync(&mut request);
+        let query_timeout = self.shared.config.pool.query_timeout;
+        let mut answer = if query_timeout.is_zero() {
+            exchange(&mut conn, &request).await
+        } else {
+            match tokio::time::timeout(query_timeout, exchange(&mut conn, &request)).await {
+                Ok(answer) => answer,
+                Err(_) => {
+                    conn.mark_broken();
+                    Err(ProxyError::error(
+                        "57014",
+                        format!(
+                            "canceling statement due to query_timeout: shard \"{}\" did not answer within {query_timeout:?}",
+                            self.shard_name(shard)
+                        ),
+                    ))
+                }
+            }
+        };
+        if matches!(&answer, Ok(Answer::Failed(frames)) if is_fatal(frames)) {
+            conn.mark_broken();
+        }
+        pool.release(conn).await;
+        if let (Some(map), Ok(Answer::Described(frames))) = (&type_oids, &mut answer) {
+            // In the OIDs clients see (the first shard's).
+            rewrite_description_frames(map, shard, frames);
+        }
+        answer
+    }
+}
+
+/// A checkout failure that says the shard cannot be reached now (down,
+/// refusing, not answering), as opposed to a full pool or a refused login.
+fn unreachable(error: &BackendError) -> bool {
+    matches!(
+        error,
+        BackendError::Unavailable { .. }
+            | BackendError::ConnectTimeout { .. }
+            | BackendError::Broken { .. }
+    )
+}
+
+/// An ErrorResponse that ends the backend (FATAL or PANIC).
+fn is_fatal(frames: &[u8]) -> bool {
+    frames.first() == Some(&tag::ERROR_RESPONSE)
+        && frames.len() > 5
+        && matches!(
+            crate::protocol::messages::error_fields(&frames[5..]).severity,
+            "FATAL" | "PANIC"
+        )
+}
+
+/// ParameterDescription and RowDescription frames of `shard` rewritten to
+/// the type OIDs clients see.
+fn rewrite_description_frames(
+    map: &crate::protocol::type_oids::TypeOids,
+    shard: usize,
+    frames: &mut BytesMut,
+) {
+    let mut at = 0;
+    while at + 5 <= frames.len() {
+        let kind = frames[at];
+        let length = u32::from_be_bytes([
+            frames[at + 1],
+            frames[at + 2],
+            frames[at + 3],
+            frames[at + 4],
+        ]);
+        let end = at + 1 + length as usize;
+        if end > frames.len() || length < 4 {
+            return;
+        }
+        let body = &mut frames[at + 5..end];
+        match kind {
+            tag::ROW_DESCRIPTION => map.rewrite_row_description(shard, body),
+            tag::PARAMETER_DESCRIPTION => map.rewrite_parameter_description(shard, body),
+            _ => {}
+        }
+        at = end;
     }
 }
 

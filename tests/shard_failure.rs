@@ -1,0 +1,449 @@
+//! A failing shard hurts only its own keys (#15-2, #15-3): a backend that
+//! ends between a client's statements never reaches that client as a stray
+//! message, a lost transaction is reported once at the client's next
+//! statement, and with a shard down, statements for the other shards (and
+//! the Describe a driver sends before it binds) keep working.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use shardgate::devcluster::DevCluster;
+use support::wire::{self, Wire};
+use support::{connect, fleet, fresh_db_with, shard_map, start_proxy};
+
+const SCHEMA: &str = "CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL);";
+
+const MAP: &str = "\
+functions:
+  by_user: { kind: hash }
+tables:
+  users: { key: id, function: by_user }
+";
+
+fn shard_of(id: i64) -> usize {
+    shardgate::sharding::ShardingFunction::hash(3)
+        .and_then(|f| f.shard_for(&shardgate::sharding::KeyValue::Int(id)))
+        .expect("hash")
+}
+
+/// Keys 1.. that fall on three different shards.
+fn keys_on_three_shards() -> [i64; 3] {
+    let mut found = [None, None, None];
+    for id in 1..1000i64 {
+        let s = shard_of(id);
+        if found[s].is_none() {
+            found[s] = Some(id);
+        }
+    }
+    found.map(|k| k.expect("every shard gets some key"))
+}
+
+fn select(id: i64) -> Vec<u8> {
+    wire::query(&format!("SELECT name FROM users WHERE id = {id}"))
+}
+
+fn tags(messages: &[wire::Msg]) -> String {
+    messages.iter().map(|m| m.tag as char).collect()
+}
+
+/// Terminates every backend of `db` on fleet cluster `cluster` (as a
+/// shard's shutdown or an operator's `pg_terminate_backend` would).
+async fn terminate_backends(cluster: usize, db: &str) -> i64 {
+    connect(&fleet().clusters[cluster], db)
+        .await
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .expect("pg_terminate_backend")
+        .get(0)
+}
+
+/// Nothing arrives unasked within `wait`.
+async fn nothing_arrives(raw: &mut Wire, wait: Duration, what: &str) {
+    if let Ok(message) = tokio::time::timeout(wait, raw.recv()).await {
+        panic!(
+            "{what}: unrequested {:?}",
+            message.map(|m| (m.tag as char, m.normalized()))
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_ending_between_statements_reaches_no_client() {
+    let db = fresh_db_with("backend_ends_idle", SCHEMA).await;
+    let server = start_proxy(&shard_map(&db, MAP)).await;
+    let [k0, k1, k2] = keys_on_three_shards();
+    let mut setup = Wire::connect(server.address.port(), "app", &db).await;
+    for (k, name) in [(k0, "zero"), (k1, "one"), (k2, "two")] {
+        let answer = setup
+            .exchange(
+                &wire::query(&format!(
+                    "INSERT INTO users (id, name) VALUES ({k}, '{name}')"
+                )),
+                1,
+            )
+            .await;
+        assert_eq!(tags(&answer), "CZ", "insert {k}");
+    }
+
+    // Autocommit: the client's backend on shard s1 is terminated after
+    // its answer. Nothing reaches the client; its next statements, on any
+    // shard, run.
+    let mut idle = Wire::connect(server.address.port(), "app", &db).await;
+    assert_eq!(tags(&idle.exchange(&select(k1), 1).await), "TDCZ");
+    // A transaction holds shard s1's backend while idle, so the FATAL of
+    // its termination arrives while nothing of that client is in flight.
+    let mut in_tx = Wire::connect(server.address.port(), "app", &db).await;
+    assert_eq!(tags(&in_tx.exchange(&wire::query("BEGIN"), 1).await), "CZ");
+    assert_eq!(tags(&in_tx.exchange(&select(k1), 1).await), "TDCZ");
+
+    assert!(terminate_backends(1, &db).await >= 1, "backends terminated");
+    nothing_arrives(&mut idle, Duration::from_millis(300), "autocommit client").await;
+    nothing_arrives(
+        &mut in_tx,
+        Duration::from_millis(300),
+        "client in a transaction",
+    )
+    .await;
+
+    for k in [k0, k1, k2, k1] {
+        let answer = idle.exchange(&select(k), 1).await;
+        assert_eq!(tags(&answer), "TDCZ", "autocommit key {k}: {answer:?}");
+    }
+
+    // The transaction is gone: its next statement (for another shard) is
+    // told so, once, naming the shard; the transaction stays failed until
+    // the client ends it, then everything runs.
+    let answer = in_tx.exchange(&select(k0), 1).await;
+    assert_eq!(tags(&answer), "EZ", "{answer:?}");
+    let text = answer[0].normalized();
+    assert!(text.contains("08006") && text.contains("s1"), "{text}");
+    assert_eq!(answer[1].body, b"E", "transaction failed until it ends");
+    let answer = in_tx.exchange(&select(k2), 1).await;
+    assert_eq!(tags(&answer), "EZ", "{answer:?}");
+    assert!(answer[0].normalized().contains("25P02"), "{answer:?}");
+    let answer = in_tx.exchange(&wire::query("ROLLBACK"), 1).await;
+    assert_eq!(tags(&answer), "CZ", "{answer:?}");
+    assert_eq!(answer[1].body, b"I");
+    for k in [k0, k1, k2] {
+        let answer = in_tx.exchange(&select(k), 1).await;
+        assert_eq!(tags(&answer), "TDCZ", "after ROLLBACK, key {k}: {answer:?}");
+    }
+    server.stop().await;
+}
+
+/// A map whose third shard is a cluster of this test's own, so it can be
+/// killed without touching the shared fleet.
+fn map_with_own_third_shard(db: &str, own: &DevCluster) -> String {
+    let fleet = &fleet().clusters;
+    format!(
+        "listen: 127.0.0.1:0\nauth: trust\nusers: [ {{ name: app }} ]\n\
+         pool: {{ size: 4, connect_timeout: 1s }}\n\
+         shards:\n  - {{ name: s0, url: \"{}\" }}\n  - {{ name: s1, url: \"{}\" }}\n  - {{ name: s2, url: \"{}\" }}\n{MAP}",
+        fleet[0].url(db),
+        fleet[1].url(db),
+        own.url(db),
+    )
+}
+
+async fn connect_through(port: u16, db: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::Config::new()
+        .host("127.0.0.1")
+        .port(port)
+        .user("app")
+        .dbname(db)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connect through shardgate");
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_shard_fails_only_its_own_keys() {
+    let db = fresh_db_with("dead_shard", SCHEMA).await;
+    let mut own = DevCluster::start("dead-shard").expect("own cluster");
+    own.create_database(&db).expect("database on own cluster");
+    own.psql(&db, SCHEMA).expect("schema on own cluster");
+    let server = start_proxy(&map_with_own_third_shard(&db, &own)).await;
+    let port = server.address.port();
+    let keys = keys_on_three_shards();
+    let setup = connect_through(port, &db).await;
+    for k in keys {
+        setup
+            .execute("INSERT INTO users (id, name) VALUES ($1, 'n')", &[&k])
+            .await
+            .expect("insert");
+    }
+    // Clients that used every shard before it died.
+    let mut before = Vec::new();
+    for _ in 0..5 {
+        let client = connect_through(port, &db).await;
+        for k in keys {
+            client
+                .query_one("SELECT name FROM users WHERE id = $1", &[&k])
+                .await
+                .expect("lookup before the kill");
+        }
+        before.push(client);
+    }
+
+    own.kill().expect("kill -9 the third shard");
+
+    // Fresh connections prepare first as asyncpg does (Parse, Describe,
+    // Flush: no Bind yet, so no key: the Describe may go to any shard),
+    // then look up live keys.
+    let mut failures = Vec::new();
+    for i in 0..30 {
+        let mut raw = Wire::connect(port, "app", &db).await;
+        let mut prepare = wire::parse("s1", "SELECT name FROM users WHERE id = $1", &[20]);
+        prepare.extend(wire::describe(b'S', "s1"));
+        prepare.extend(wire::flush());
+        raw.send(&prepare).await;
+        let mut described = String::new();
+        while !described.ends_with('T') && !described.ends_with('E') {
+            match raw.recv().await {
+                Some(message) => {
+                    described.push(message.tag as char);
+                    if message.tag == b'E' {
+                        failures.push(format!(
+                            "connection {i}: describe: {}",
+                            message.normalized()
+                        ));
+                    }
+                }
+                None => {
+                    failures.push(format!("connection {i}: closed during describe"));
+                    break;
+                }
+            }
+        }
+        if described.ends_with('E') {
+            raw.exchange(&wire::sync(), 1).await;
+        }
+        for k in &keys[..2] {
+            let id = k.to_string();
+            let mut lookup = wire::bind("", "s1", &[Some(&id)]);
+            lookup.extend(wire::execute("", 0));
+            lookup.extend(wire::sync());
+            let answer = raw.exchange(&lookup, 1).await;
+            if tags(&answer) != "2DCZ" {
+                failures.push(format!("connection {i}: key {k}: {answer:?}"));
+            }
+        }
+        // Statements any shard can answer pass over the dead one.
+        let answer = raw.exchange(&wire::query("SELECT 1"), 1).await;
+        if tags(&answer) != "TDCZ" {
+            failures.push(format!("connection {i}: SELECT 1: {answer:?}"));
+        }
+    }
+    for (i, client) in before.iter().enumerate() {
+        for k in &keys[..2] {
+            if let Err(error) = client
+                .query_one("SELECT name FROM users WHERE id = $1", &[k])
+                .await
+            {
+                failures.push(format!("earlier client {i}: key {k}: {error}"));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "statements for live shards failed:\n{}",
+        failures.join("\n")
+    );
+
+    // The dead shard's own keys fail with 08006 naming it.
+    let error = before[0]
+        .query_one("SELECT name FROM users WHERE id = $1", &[&keys[2]])
+        .await
+        .expect_err("dead shard");
+    let db_error = error.as_db_error().expect("a server error");
+    assert_eq!(db_error.code().code(), "08006", "{db_error:?}");
+    assert!(db_error.message().contains("s2"), "{db_error:?}");
+
+    // Back: its keys answer again, on the same client connections (the
+    // row itself may be gone: test clusters run without fsync).
+    own.restart().expect("restart the third shard");
+    let restarted = Instant::now();
+    loop {
+        match before[0]
+            .query("SELECT name FROM users WHERE id = $1", &[&keys[2]])
+            .await
+        {
+            Ok(_) => break,
+            Err(error) => assert!(
+                restarted.elapsed() < Duration::from_secs(10),
+                "shard s2 still failing 10 s after its restart: {error}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "shard s2 answered {:?} after its restart",
+        restarted.elapsed()
+    );
+    server.stop().await;
+}
+
+/// Stops (SIGSTOP) a cluster's postmaster and every backend, as a hung
+/// host would look; continues them when dropped, whatever the test did.
+struct Frozen(i32);
+
+impl Frozen {
+    fn freeze(cluster: &DevCluster) -> Frozen {
+        let pid = cluster.postmaster_pid().expect("postmaster running");
+        signal_tree(pid, "-STOP");
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        signal_tree(self.0, "-CONT");
+    }
+}
+
+fn signal_tree(pid: i32, signal: &str) {
+    let _ = std::process::Command::new("pkill")
+        .args([signal, "-P", &pid.to_string()])
+        .status();
+    let _ = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_shard_fails_its_statements_within_query_timeout() {
+    let db = fresh_db_with("hung_shard", SCHEMA).await;
+    let own = DevCluster::start("hung-shard").expect("own cluster");
+    own.create_database(&db).expect("database on own cluster");
+    own.psql(&db, SCHEMA).expect("schema on own cluster");
+    let map = map_with_own_third_shard(&db, &own).replace(
+        "connect_timeout: 1s }",
+        "connect_timeout: 1s, query_timeout: 2s }",
+    );
+    assert!(map.contains("query_timeout: 2s"), "{map}");
+    let server = start_proxy(&map).await;
+    let port = server.address.port();
+    let keys = keys_on_three_shards();
+    let client = connect_through(port, &db).await;
+    for k in keys {
+        client
+            .execute("INSERT INTO users (id, name) VALUES ($1, 'n')", &[&k])
+            .await
+            .expect("insert");
+    }
+
+    // Two idle pooled connections to s2 (one per statement below; each
+    // timed-out statement drops its backend, and a new connection to a
+    // hung server fails with 08006 after connect_timeout instead).
+    let second = connect_through(port, &db).await;
+    for c in [&client, &second] {
+        c.batch_execute("BEGIN").await.expect("begin");
+        c.query_one("SELECT name FROM users WHERE id = $1", &[&keys[2]])
+            .await
+            .expect("warm s2");
+    }
+    for c in [&client, &second] {
+        c.batch_execute("COMMIT").await.expect("commit");
+    }
+
+    let frozen = Frozen::freeze(&own);
+    let bound = Duration::from_secs(2) + Duration::from_millis(1500);
+    // A statement over every shard, and one for the hung shard.
+    for sql in [
+        "SELECT count(*) FROM users".to_string(),
+        format!("SELECT name FROM users WHERE id = {}", keys[2]),
+    ] {
+        let started = Instant::now();
+        let error = client.simple_query(&sql).await.expect_err("hung shard");
+        let elapsed = started.elapsed();
+        let db_error = error
+            .as_db_error()
+            .unwrap_or_else(|| panic!("{sql}: {error}"));
+        assert_eq!(db_error.code().code(), "57014", "{sql}: {db_error:?}");
+        assert!(db_error.message().contains("s2"), "{sql}: {db_error:?}");
+        assert!(
+            elapsed < bound,
+            "{sql}: failed after {elapsed:?}, bound {bound:?}"
+        );
+        eprintln!("{sql}: {} after {elapsed:?}", db_error.message());
+        // The same client goes on with the live shards (simple queries:
+        // they take no pooled connection of s2, which the next statement
+        // needs; a Describe may, see below).
+        for k in &keys[..2] {
+            client
+                .simple_query(&format!("SELECT name FROM users WHERE id = {k}"))
+                .await
+                .unwrap_or_else(|e| panic!("key {k} after the timeout: {e}"));
+        }
+    }
+    // Prepared lookups of live keys: their Describe, which any shard may
+    // answer, passes over the hung one (after connect_timeout at worst).
+    for k in &keys[..2] {
+        let started = Instant::now();
+        client
+            .query_one("SELECT name FROM users WHERE id = $1", &[k])
+            .await
+            .unwrap_or_else(|e| panic!("prepared lookup of key {k}: {e}"));
+        assert!(started.elapsed() < bound, "{:?}", started.elapsed());
+    }
+    drop(frozen);
+    let resumed = Instant::now();
+    loop {
+        match client
+            .query_one("SELECT name FROM users WHERE id = $1", &[&keys[2]])
+            .await
+        {
+            Ok(_) => break,
+            Err(error) => assert!(
+                resumed.elapsed() < Duration::from_secs(10),
+                "shard s2 still failing 10 s after SIGCONT: {error}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_transaction_is_ended_after_idle_transaction_timeout() {
+    let db = fresh_db_with("idle_transaction", SCHEMA).await;
+    let server = start_proxy(&shard_map(
+        &db,
+        &format!("pool: {{ size: 1, checkout_timeout: 10s, idle_transaction_timeout: 1s }}\n{MAP}"),
+    ))
+    .await;
+    let [k0, _, _] = keys_on_three_shards();
+    let mut idle = Wire::connect(server.address.port(), "app", &db).await;
+    assert_eq!(tags(&idle.exchange(&wire::query("BEGIN"), 1).await), "CZ");
+    let insert = format!("INSERT INTO users (id, name) VALUES ({k0}, 'never')");
+    assert_eq!(tags(&idle.exchange(&wire::query(&insert), 1).await), "CZ");
+    let started = Instant::now();
+    let message = idle.recv().await.expect("the timeout's FATAL");
+    let elapsed = started.elapsed();
+    let text = message.normalized();
+    assert!(text.contains("FATAL") && text.contains("25P03"), "{text}");
+    assert!(idle.recv().await.is_none(), "connection closed");
+    assert!(
+        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(3),
+        "{elapsed:?}"
+    );
+    // Rolled back, and the one backend of the shard is free again.
+    let mut other = Wire::connect(server.address.port(), "app", &db).await;
+    let answer = other.exchange(&select(k0), 1).await;
+    assert_eq!(tags(&answer), "TCZ", "nothing committed: {answer:?}");
+    // A client that is busy, not idle, is not cut off.
+    assert_eq!(tags(&other.exchange(&wire::query("BEGIN"), 1).await), "CZ");
+    let slow = format!("SELECT pg_sleep(1.5), name FROM users WHERE id = {k0}");
+    assert_eq!(tags(&other.exchange(&wire::query(&slow), 1).await), "TCZ");
+    assert_eq!(tags(&other.exchange(&wire::query("COMMIT"), 1).await), "CZ");
+    server.stop().await;
+}
