@@ -220,3 +220,57 @@ async fn proxy_clients_are_served_in_order() {
     );
     server.stop().await;
 }
+
+/// Fail fast survives the gate: checkouts queued behind the pool's permits
+/// hear a connect failure as soon as it happens, not after
+/// `checkout_timeout` (a server that accepts TCP and never answers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_checkouts_hear_a_connect_failure_at_once() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = silent.local_addr().expect("addr").port();
+    let shard = ShardConfig {
+        name: "s7".to_owned(),
+        url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+        host: "127.0.0.1".to_owned(),
+        port,
+        user: "postgres".to_owned(),
+        password: None,
+        database: "postgres".to_owned(),
+    };
+    let connect_timeout = Duration::from_millis(700);
+    let pool = Arc::new(ShardPool::new(
+        &shard,
+        7,
+        &PoolConfig {
+            mode: PoolMode::Transaction,
+            size: 2,
+            connect_timeout,
+            checkout_timeout: Duration::from_secs(20),
+            idle_timeout: Duration::from_secs(600),
+            max_lifetime: Duration::from_secs(3600),
+        },
+    ));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let pool = pool.clone();
+        tasks.push(tokio::spawn(async move {
+            let result = pool.checkout().await.map(|_| ());
+            (result, started.elapsed())
+        }));
+    }
+    for task in tasks {
+        let (result, elapsed) = task.await.expect("checkout task");
+        let err = result.expect_err("nothing answers");
+        assert_eq!(err.sqlstate(), "08006", "{err}");
+        assert!(
+            err.to_string()
+                .contains("no answer within connect_timeout (700ms)"),
+            "{err}"
+        );
+        assert!(elapsed < connect_timeout * 4, "{elapsed:?}: {err}");
+    }
+    drop(silent);
+}
