@@ -31,7 +31,7 @@ pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
 #[derive(Debug, Default)]
 pub struct HotStack {
     conns: Mutex<Vec<Bb8Connection>>,
-    /// Checkouts in progress (popping here or waiting on bb8).
+    /// Checkouts past the pool's gate (popping here or waiting on bb8).
     waiting: AtomicUsize,
 }
 
