@@ -205,7 +205,10 @@ class Bench:
                        check=True, stdout=subprocess.DEVNULL)
 
     # --- shardgate --------------------------------------------------------
-    def start_shardgate(self, binary, pool_size, pool_mode="transaction", wrapper=(), routed=False):
+    def start_shardgate(self, binary, pool_size, pool_mode="transaction", wrapper=(), routed=False,
+                        pool_extra="", map_extra=""):
+        """`pool_extra` is appended inside `pool: { ... }` (e.g. ", checkout_timeout: 3s"),
+        `map_extra` to the map as top-level lines (e.g. "metrics: 127.0.0.1:9930\n")."""
         self.sg_port = free_port()
         config = os.path.join(self.dir, "shardgate.yaml")
         with open(config, "w") as f:
@@ -215,11 +218,11 @@ auth: trust
 database: {DB}
 users:
   - {{ name: {PG_USER} }}
-pool: {{ mode: {pool_mode}, size: {pool_size} }}
+pool: {{ mode: {pool_mode}, size: {pool_size}{pool_extra} }}
 shards:
   - {{ name: s0, url: "postgres://{PG_USER}@127.0.0.1:{self.pg_port}/{DB}" }}
 default_table: replicated
-""")
+{map_extra}""")
             if routed:
                 # SQL routing on: every statement is analysed (cache hit) and
                 # its key evaluated, as with a real sharded map.

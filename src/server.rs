@@ -346,6 +346,16 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
             }
         }));
     }
+    // `backend_up` of a proxy without traffic: probe each shard at startup
+    // and every PROBE_EVERY (a no-op for a pool whose connections are all
+    // in use), all shards at once so a hanging one delays no other.
+    let probe_shared = shared.clone();
+    background.push(tokio::spawn(async move {
+        loop {
+            futures::future::join_all(probe_shared.pools.shards.iter().map(|p| p.probe())).await;
+            tokio::time::sleep(crate::backend::PROBE_EVERY).await;
+        }
+    }));
     let (shutdown, mut stopped) = watch::channel(false);
     let mut metrics_address = None;
     if let Some(listener) = metrics_listener {

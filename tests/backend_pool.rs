@@ -383,10 +383,15 @@ async fn unreachable_shards_fail_with_08006_within_connect_timeout() {
     let elapsed = started.elapsed();
     println!("refused: 08006 after {elapsed:?}: {err}");
     assert_eq!(err.sqlstate(), "08006");
-    assert_eq!(
-        err.to_string(),
-        format!("shard s9 (127.0.0.1:{closed_port}) is unavailable: connection refused")
+    // What happened and when, not the configured limit (issue #15-8).
+    let text = err.to_string();
+    assert!(
+        text.starts_with(&format!(
+            "shard s9 (127.0.0.1:{closed_port}) is unavailable: connection refused after "
+        )) && text.ends_with(" ms"),
+        "{text}"
     );
+    assert!(!text.contains("connect_timeout"), "{text}");
     assert!(err.is_unavailable());
     assert!(elapsed < Duration::from_secs(1), "{elapsed:?}");
 
@@ -409,7 +414,7 @@ async fn unreachable_shards_fail_with_08006_within_connect_timeout() {
     assert_eq!(err.sqlstate(), "08006");
     assert!(
         err.to_string()
-            .contains("is unavailable: no connection within connect_timeout (700ms)"),
+            .contains("is unavailable: no answer within connect_timeout (700ms)"),
         "{err}"
     );
     assert!(elapsed >= connect_timeout, "{elapsed:?}");

@@ -2,19 +2,8 @@
 
 mod support;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
 async fn scrape(address: std::net::SocketAddr) -> String {
-    let mut stream = tokio::net::TcpStream::connect(address)
-        .await
-        .expect("connect");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("send");
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.expect("read");
-    text
+    support::scrape_metrics(address).await
 }
 
 fn value(text: &str, series: &str) -> Option<f64> {
@@ -80,5 +69,86 @@ async fn queries_errors_connections_and_pools_are_counted() {
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     let text = scrape(address).await;
     assert_eq!(value(&text, "shardgate_client_connections"), Some(0.0));
+    server.stop().await;
+}
+
+async fn wait_for_value(
+    address: std::net::SocketAddr,
+    series: &str,
+    want: f64,
+    within: std::time::Duration,
+) -> String {
+    let started = std::time::Instant::now();
+    loop {
+        let text = scrape(address).await;
+        if value(&text, series) == Some(want) {
+            return text;
+        }
+        assert!(
+            started.elapsed() < within,
+            "{series} is not {want} after {within:?}:\n{text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// `backend_up` tells the truth without any client traffic: 1 for a healthy
+/// shard soon after startup, 0 soon after it stops; and a client then hears
+/// what actually happened, with the time it took, not the configured
+/// connect_timeout (issue #15-8).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_up_is_right_on_an_idle_proxy_and_errors_say_what_happened() {
+    let mut cluster =
+        shardgate::devcluster::DevCluster::start("metrics-up").expect("start own cluster");
+    let map = format!(
+        "listen: 127.0.0.1:0\nmetrics: 127.0.0.1:0\nauth: trust\nusers: [ {{ name: app }} ]\n\
+         pool: {{ size: 4, connect_timeout: 2s, checkout_timeout: 5s }}\n\
+         shards:\n  - {{ name: s0, url: \"{}\" }}\n",
+        cluster.url("postgres")
+    );
+    let server = support::start_proxy(&map).await;
+    let address = server.metrics_address.expect("metrics address");
+    let up = "shardgate_backend_up{shard=\"s0\"}";
+    let text = wait_for_value(address, up, 1.0, std::time::Duration::from_secs(5)).await;
+    assert_eq!(value(&text, "shardgate_client_connections"), Some(0.0));
+    // The help text says what the value means.
+    assert!(
+        text.contains("# HELP shardgate_backend_up 1 if the shard was reachable at the last connect attempt or health probe"),
+        "{text}"
+    );
+
+    // A client connected before the shard goes away (startup needs no shard).
+    let client = support::connect_proxy(&server, "app", None).await;
+    cluster.stop().expect("stop the shard");
+    wait_for_value(
+        address,
+        up,
+        0.0,
+        // PROBE_EVERY (5 s) plus a generous margin for a loaded machine.
+        std::time::Duration::from_secs(12),
+    )
+    .await;
+
+    let started = std::time::Instant::now();
+    let err = client
+        .simple_query("SELECT 1")
+        .await
+        .expect_err("the shard is down");
+    let elapsed = started.elapsed();
+    let db = err.as_db_error().expect("an ErrorResponse");
+    println!("{} after {elapsed:?}: {}", db.code().code(), db.message());
+    assert_eq!(db.code().code(), "08006");
+    assert!(
+        db.message()
+            .contains("is unavailable: connection refused after "),
+        "{}",
+        db.message()
+    );
+    assert!(
+        !db.message().contains("connect_timeout"),
+        "{}",
+        db.message()
+    );
+    assert!(elapsed < std::time::Duration::from_secs(2), "{elapsed:?}");
     server.stop().await;
 }

@@ -22,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 use tokio_postgres::fallible_iterator::FallibleIterator;
 
-use super::error::{intern_sqlstate, BackendError, ServerError};
+use super::error::{fmt_elapsed, intern_sqlstate, BackendError, ServerError};
 use super::prepared::PreparedCache;
 use crate::config::ShardConfig;
 
@@ -498,11 +498,24 @@ impl BackendConnection {
             addr: &addr,
             extra,
         };
+        let started = Instant::now();
         match tokio::time::timeout(connect_timeout, startup.run()).await {
             Ok(Ok(mut conn)) => {
                 conn.shard_index = shard_index;
                 Ok(conn)
             }
+            // Say how long the attempt took: "refused after 3ms" and "no
+            // answer within connect_timeout" call for different fixes, and
+            // a client may hear an attempt that began before it asked.
+            Ok(Err(BackendError::Unavailable {
+                shard,
+                addr,
+                reason,
+            })) => Err(BackendError::Unavailable {
+                shard,
+                addr,
+                reason: format!("{reason} after {}", fmt_elapsed(started.elapsed())),
+            }),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(BackendError::ConnectTimeout {
                 shard: shard.name.clone(),

@@ -21,7 +21,7 @@ pub enum BackendError {
     },
     /// Connect + startup + authentication did not finish within `connect_timeout`.
     #[error(
-        "shard {shard} ({addr}) is unavailable: no connection within connect_timeout ({})",
+        "shard {shard} ({addr}) is unavailable: no answer within connect_timeout ({})",
         fmt_duration(*timeout)
     )]
     ConnectTimeout {
@@ -122,6 +122,19 @@ pub(crate) fn fmt_duration(d: Duration) -> String {
     }
 }
 
+/// `0.4 ms`, `170 ms`, `2.05 s`: how long something actually took, for
+/// messages that must not be confused with a configured limit.
+pub(crate) fn fmt_elapsed(d: Duration) -> String {
+    let ms = d.as_secs_f64() * 1000.0;
+    if ms < 10.0 {
+        format!("{ms:.1} ms")
+    } else if ms < 1000.0 {
+        format!("{ms:.0} ms")
+    } else {
+        format!("{:.2} s", d.as_secs_f64())
+    }
+}
+
 /// Turn a SQLSTATE sent by a backend into a `&'static str`.
 ///
 /// `sqlstate()` returns `&'static str` so callers can keep codes around
@@ -195,7 +208,12 @@ mod tests {
             addr: "10.0.0.1:5432".into(),
             timeout: Duration::from_millis(1500),
         };
-        assert!(e.to_string().contains("within connect_timeout (1500ms)"));
+        assert!(e
+            .to_string()
+            .contains("no answer within connect_timeout (1500ms)"));
+        assert_eq!(fmt_elapsed(Duration::from_micros(400)), "0.4 ms");
+        assert_eq!(fmt_elapsed(Duration::from_millis(170)), "170 ms");
+        assert_eq!(fmt_elapsed(Duration::from_millis(2046)), "2.05 s");
         assert_eq!(e.sqlstate(), "08006");
     }
 

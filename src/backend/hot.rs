@@ -7,6 +7,10 @@
 //! the one the next session takes, so returned connections wait here, still
 //! checked out from bb8, and the next checkout pops one.
 //!
+//! Parked connections hold no gate permit (see `pool.rs`): only a checkout
+//! that got its permit, in arrival order, may pop one, so the stack never
+//! lets a newcomer overtake a waiter.
+//!
 //! Invariants, so nobody starves and bb8 keeps its duties:
 //! - nothing is parked while a checkout is waiting on bb8 (`waiting`), and a
 //!   park that races with a new waiter hands the connection back to bb8;
@@ -19,15 +23,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use super::pool::PooledBackend;
+use super::pool::Bb8Connection;
 
 /// How long a connection may sit here before it goes back to bb8.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Default)]
 pub struct HotStack {
-    conns: Mutex<Vec<PooledBackend>>,
-    /// Checkouts in progress (popping here or waiting on bb8).
+    conns: Mutex<Vec<Bb8Connection>>,
+    /// Checkouts past the pool's gate (popping here or waiting on bb8).
     waiting: AtomicUsize,
 }
 
@@ -66,7 +70,7 @@ impl HotStack {
     }
 
     /// A parked connection that is still good, if any.
-    pub fn pop(&self, max_lifetime: Option<Duration>) -> Option<PooledBackend> {
+    pub fn pop(&self, max_lifetime: Option<Duration>) -> Option<Bb8Connection> {
         loop {
             let mut conn = self.lock().pop()?;
             let now = Instant::now();
@@ -85,7 +89,7 @@ impl HotStack {
     }
 
     /// Parks a clean connection, or gives it back to bb8 when someone waits there.
-    pub fn park(&self, conn: PooledBackend) {
+    pub fn park(&self, conn: Bb8Connection) {
         if conn.is_broken() || conn.needs_reset() || self.waiting.load(Ordering::SeqCst) > 0 {
             drop(conn);
             return;
@@ -100,7 +104,7 @@ impl HotStack {
     }
 
     /// Everything parked (returned to bb8 when dropped).
-    pub fn drain(&self) -> Vec<PooledBackend> {
+    pub fn drain(&self) -> Vec<Bb8Connection> {
         std::mem::take(&mut *self.lock())
     }
 
@@ -108,7 +112,7 @@ impl HotStack {
         self.lock().len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<PooledBackend>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Bb8Connection>> {
         match self.conns.lock() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),

@@ -21,6 +21,6 @@ pub use connection::{BackendConnection, DEFAULT_APPLICATION_NAME};
 pub use error::{intern_sqlstate, BackendError, ServerError};
 pub use pool::{
     release, release_within, BackendManager, PooledBackend, Pools, ShardPool,
-    HEALTH_CHECK_AFTER_IDLE, RESET_TIMEOUT,
+    HEALTH_CHECK_AFTER_IDLE, PROBE_EVERY, RESET_TIMEOUT, WAIT_MAX_WINDOW,
 };
 pub use prepared::PreparedCache;

@@ -25,8 +25,8 @@ use std::time::Duration;
 
 use prometheus::core::Collector;
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::backend::{BackendError, ShardPool};
@@ -139,6 +139,8 @@ struct ShardSeries {
     pool_idle: IntGauge,
     /// `backend_up{shard}`.
     up: IntGauge,
+    /// `pool_wait_max_seconds{shard}`.
+    wait_max: Gauge,
     /// `prepared_transactions_disabled{shard}`.
     prepare_disabled: IntGauge,
 }
@@ -264,15 +266,25 @@ impl Metrics {
             &registry,
             histogram(
                 "shardgate_pool_wait_seconds",
-                "Time spent waiting to check a backend connection out of a pool.",
+                "Time spent waiting to check a backend connection out of a pool (p99: histogram_quantile(0.99, rate(shardgate_pool_wait_seconds_bucket[1m]))).",
                 LATENCY_BUCKETS,
             ),
+        );
+        let wait_max = register(
+            &registry,
+            defined(GaugeVec::new(
+                Opts::new(
+                    "shardgate_pool_wait_max_seconds",
+                    "Longest wait for a backend connection of the shard's pool in the last 10-20 s (checkouts are served first come, first served).",
+                ),
+                &["shard"],
+            )),
         );
         let up = register(
             &registry,
             gauge_vec(
                 "shardgate_backend_up",
-                "1 if the shard accepted connections at the last check, else 0.",
+                "1 if the shard was reachable at the last connect attempt or health probe (every 5 s while its pool is not busy; from startup), else 0. A shard answering with an error (bad password) counts as reachable.",
                 &["shard"],
             ),
         );
@@ -327,6 +339,7 @@ impl Metrics {
                     pool_active: pool.with_label_values(&[name, "active"]),
                     pool_idle: pool.with_label_values(&[name, "idle"]),
                     up: up.with_label_values(&[name]),
+                    wait_max: wait_max.with_label_values(&[name]),
                     prepare_disabled: prepare_disabled.with_label_values(&[name]),
                 }
             })
@@ -432,12 +445,23 @@ impl Metrics {
         }
     }
 
-    /// Copies the occupancy of every pool into `pool_connections`; meant for
-    /// the scrape-time `refresh` callback of [`serve`].
+    /// Longest recent checkout wait of `shard`'s pool.
+    pub fn set_pool_wait_max(&self, shard: usize, wait: Duration) {
+        if let Some(series) = self.shards.get(shard) {
+            series.wait_max.set(wait.as_secs_f64());
+        }
+    }
+
+    /// Copies the occupancy, reachability and longest recent wait of every
+    /// pool into `pool_connections`, `backend_up` and
+    /// `pool_wait_max_seconds`; meant for the scrape-time `refresh` callback
+    /// of [`serve`].
     pub fn record_pools(&self, pools: &[ShardPool]) {
         for pool in pools {
             let (connections, idle) = pool.state();
             self.set_pool_state(pool.index(), connections.saturating_sub(idle), idle);
+            self.set_backend_up(pool.index(), pool.is_up());
+            self.set_pool_wait_max(pool.index(), pool.wait_max());
         }
     }
 
@@ -612,6 +636,8 @@ mod tests {
             "shardgate_pool_connections{shard=\"s1\",state=\"active\"} 0",
             "# TYPE shardgate_pool_wait_seconds histogram",
             "shardgate_pool_wait_seconds_count 0",
+            "# TYPE shardgate_pool_wait_max_seconds gauge",
+            "shardgate_pool_wait_max_seconds{shard=\"s1\"} 0",
             "# TYPE shardgate_backend_up gauge",
             "shardgate_backend_up{shard=\"s0\"} 0",
             "# TYPE shardgate_fanout_shards histogram",
@@ -633,6 +659,7 @@ mod tests {
         let b = m.client_connected();
         drop(a);
         m.set_pool_state(1, 4, 6);
+        m.set_pool_wait_max(1, Duration::from_millis(250));
         m.set_backend_up(1, true);
         m.set_backend_up(0, false);
         m.twophase(TwoPhaseOutcome::Committed);
@@ -648,6 +675,7 @@ mod tests {
             "shardgate_pool_connections{shard=\"s1\",state=\"idle\"} 6",
             "shardgate_backend_up{shard=\"s1\"} 1",
             "shardgate_backend_up{shard=\"s0\"} 0",
+            "shardgate_pool_wait_max_seconds{shard=\"s1\"} 0.25",
             "shardgate_twophase_total{outcome=\"committed\"} 1",
             "shardgate_twophase_in_doubt 2",
             "shardgate_prepared_transactions_disabled{shard=\"s1\"} 1",

@@ -195,3 +195,18 @@ pub async fn rows_per_shard(db: &str, table: &str) -> Vec<i64> {
     }
     out
 }
+
+/// The raw HTTP response of `GET /metrics` at `address`.
+pub async fn scrape_metrics(address: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect to /metrics");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("send");
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.expect("read");
+    text
+}
