@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proptest::prelude::*;
-use support::wire::{self, Wire};
+use support::wire::{self, read_to_close, Wire};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -28,19 +28,6 @@ fn panic_counter() -> Arc<AtomicUsize> {
             counter
         })
         .clone()
-}
-
-/// Reads until EOF (or 5 s); returns everything the server sent.
-async fn read_to_close(stream: &mut TcpStream) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return out,
-            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
-            Err(_) => panic!("server neither answered nor closed within 5 s"),
-        }
-    }
 }
 
 fn fatal_code(bytes: &[u8]) -> Option<String> {
