@@ -417,21 +417,23 @@ async fn serve_client(shared: Arc<Shared>, socket: tokio::net::TcpStream) {
     };
     let accepted = startup::accept(&shared, socket).await;
     drop(login);
-    match accepted {
-        Accepted::Client(client) => {
-            let _connected = shared.metrics.client_connected();
-            let slot = CancelSlot::default();
-            let (pid, secret) = client.key;
-            shared.cancels.register(pid, secret, slot.clone());
-            // Boxed: an async fn keeps its by-value argument twice in its
-            // state (as passed and as moved into its body), which cost every
-            // idle client another copy of the session.
-            let session = Box::new(Session::new(shared.clone(), *client, slot));
-            // Boxed too: inline, the message loop's state made every
-            // connection's task 2 KB before it had even logged in.
-            Box::pin(session.run()).await;
-            shared.cancels.unregister(pid);
-        }
-        Accepted::Cancel | Accepted::Closed => {}
+    if let Accepted::Client(client) = accepted {
+        // A task of its own: this one (sized for the handshake) ends, and
+        // an idle client keeps only the session's state; inline, the
+        // session's state made every half-open connection's task 2 KB.
+        tokio::spawn(serve_session(shared, client));
     }
+}
+
+async fn serve_session(shared: Arc<Shared>, client: Box<startup::ClientStartup>) {
+    let _connected = shared.metrics.client_connected();
+    let slot = CancelSlot::default();
+    let (pid, secret) = client.key;
+    shared.cancels.register(pid, secret, slot.clone());
+    // Boxed: an async fn keeps its by-value argument twice in its
+    // state (as passed and as moved into its body), which cost every
+    // idle client another copy of the session.
+    let session = Box::new(Session::new(shared.clone(), *client, slot));
+    session.run().await;
+    shared.cancels.unregister(pid);
 }

@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::BytesMut;
+use futures::FutureExt;
 use pgwire::tokio::server::MaybeTls;
 use tokio::io::AsyncReadExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -269,9 +270,19 @@ pub async fn read_client(
     memory: &mut ClientMemory,
     max_message: usize,
 ) -> std::io::Result<usize> {
-    memory.settle(input, output);
-    if let MaybeTls::Plain(tcp) = client {
-        tcp.readable().await?;
+    match client {
+        MaybeTls::Plain(tcp) => {
+            // A client streaming large messages (COPY's 64 KiB CopyData)
+            // keeps its buffer while more is ready; the reservation goes
+            // back when it would wait.
+            if tcp.readable().now_or_never().is_none() {
+                memory.settle(input, output);
+                tcp.readable().await?;
+            }
+        }
+        _ => {
+            memory.settle(input, output);
+        }
     }
     if memory.make_room(input, max_message).await.is_none() {
         // Waits here until the caller's other branch (the shard's answers)
