@@ -108,7 +108,9 @@ pub async fn accept(shared: &Arc<Shared>, tcp: TcpStream) -> Accepted {
         };
         Box::pin(handshake(shared, socket)).await
     };
-    match tokio::time::timeout(timeout, login).await {
+    // Pinned here so the connection closes after the failure is recorded.
+    let mut login = std::pin::pin!(login);
+    match tokio::time::timeout(timeout, login.as_mut()).await {
         Ok(accepted) => accepted,
         Err(_) => {
             shared
