@@ -13,8 +13,9 @@ use crate::config::{Config, DefaultTable};
 use crate::executor::fanout::FanoutExecutor;
 use crate::executor::recovery::{self, RecoveryOptions};
 use crate::executor::twophase::TwoPhase;
-use crate::frontend::auth::{CredentialError, UserDirectory};
+use crate::frontend::auth::{CredentialError, LoginFailures, UserDirectory};
 use crate::frontend::cancel::{CancelRegistry, CancelSlot};
+use crate::frontend::limits::ClientLimiter;
 use crate::frontend::session::Session;
 use crate::frontend::startup::{self, Accepted, KeyGenerator};
 use crate::frontend::tls;
@@ -32,6 +33,10 @@ pub struct Shared {
     pub keys: Arc<KeyGenerator>,
     pub cancels: CancelRegistry,
     pub metrics: Arc<Metrics>,
+    /// `max_client_memory` and the login slots (see `frontend::limits`).
+    pub limiter: Arc<ClientLimiter>,
+    /// Failed logins: counted and logged (rate-limited).
+    pub login_failures: LoginFailures,
     /// SQL routing; `None` when the map names no tables (a plain pooler:
     /// statements go to the hinted shard or the first one).
     pub router: Option<Arc<Router>>,
@@ -271,6 +276,8 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     };
     let twophase = TwoPhase::new(&config, Some(metrics.clone()));
     let shared = Arc::new(Shared {
+        limiter: Arc::new(ClientLimiter::new(&config.limits)),
+        login_failures: LoginFailures::new(metrics.clone()),
         metrics,
         router,
         twophase,
@@ -356,6 +363,16 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
             tokio::time::sleep(crate::backend::PROBE_EVERY).await;
         }
     }));
+    {
+        // Freed memory back to the system after bursts (see `limits`).
+        let limiter = shared.limiter.clone();
+        background.push(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                limiter.trim.run_if_requested();
+            }
+        }));
+    }
     let (shutdown, mut stopped) = watch::channel(false);
     let mut metrics_address = None;
     if let Some(listener) = metrics_listener {
@@ -404,21 +421,29 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
 }
 
 async fn serve_client(shared: Arc<Shared>, socket: tokio::net::TcpStream) {
-    // Boxed: the handshake's state is large and only needed until the
-    // client is authenticated; an idle session keeps just its own.
-    match Box::pin(startup::accept(&shared, socket)).await {
-        Accepted::Client(client) => {
-            let _connected = shared.metrics.client_connected();
-            let slot = CancelSlot::default();
-            let (pid, secret) = client.key;
-            shared.cancels.register(pid, secret, slot.clone());
-            // Boxed: an async fn keeps its by-value argument twice in its
-            // state (as passed and as moved into its body), which cost every
-            // idle client another copy of the session.
-            let session = Box::new(Session::new(shared.clone(), *client, slot));
-            session.run().await;
-            shared.cancels.unregister(pid);
-        }
-        Accepted::Cancel | Accepted::Closed => {}
+    let Some(login) = shared.limiter.login() else {
+        startup::too_many_logins(&shared, &socket);
+        return;
+    };
+    let accepted = startup::accept(&shared, socket).await;
+    drop(login);
+    if let Accepted::Client(client) = accepted {
+        // A task of its own: this one (sized for the handshake) ends, and
+        // an idle client keeps only the session's state; inline, the
+        // session's state made every half-open connection's task 2 KB.
+        tokio::spawn(serve_session(shared, client));
     }
+}
+
+async fn serve_session(shared: Arc<Shared>, client: Box<startup::ClientStartup>) {
+    let _connected = shared.metrics.client_connected();
+    let slot = CancelSlot::default();
+    let (pid, secret) = client.key;
+    shared.cancels.register(pid, secret, slot.clone());
+    // Boxed: an async fn keeps its by-value argument twice in its
+    // state (as passed and as moved into its body), which cost every
+    // idle client another copy of the session.
+    let session = Box::new(Session::new(shared.clone(), *client, slot));
+    session.run().await;
+    shared.cancels.unregister(pid);
 }

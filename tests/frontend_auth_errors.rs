@@ -79,10 +79,12 @@ async fn scram_with_password_and_stored_verifier() {
         .await
         .expect_err("wrong password must fail");
     assert_eq!(code(&wrong), Some("28P01"), "{wrong}");
+    // Like Postgres: an unknown user fails like a wrong password (28P01),
+    // after the same exchange, so user names cannot be enumerated.
     let unknown = try_connect(port, "mallory", Some("x"), &db)
         .await
         .expect_err("unknown user must fail");
-    assert_eq!(code(&unknown), Some("28000"), "{unknown}");
+    assert_eq!(code(&unknown), Some("28P01"), "{unknown}");
     let no_db = try_connect(port, "app", Some("pw-app"), "elsewhere")
         .await
         .expect_err("unknown database must fail");

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proptest::prelude::*;
-use support::wire::{self, Wire};
+use support::wire::{self, read_to_close, Wire};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -28,19 +28,6 @@ fn panic_counter() -> Arc<AtomicUsize> {
             counter
         })
         .clone()
-}
-
-/// Reads until EOF (or 5 s); returns everything the server sent.
-async fn read_to_close(stream: &mut TcpStream) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return out,
-            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
-            Err(_) => panic!("server neither answered nor closed within 5 s"),
-        }
-    }
 }
 
 fn fatal_code(bytes: &[u8]) -> Option<String> {
@@ -94,19 +81,20 @@ async fn malformed_messages_get_a_clean_error_or_close() {
     stream.write_all(&packet).await.expect("send");
     read_to_close(&mut stream).await;
 
-    // After authentication: invalid length, oversized length, unknown type.
-    for bad in [
-        vec![b'Q', 0, 0, 0, 2],
-        vec![b'Q', 0x7f, 0xff, 0xff, 0xff],
-        vec![b'Q', 0xff, 0xff, 0xff, 0xf0],
-        vec![b'z', 0, 0, 0, 4],
+    // After authentication: invalid length, oversized length (54000,
+    // program_limit_exceeded, refused from the header), unknown type.
+    for (bad, code) in [
+        (vec![b'Q', 0, 0, 0, 2], "08P01"),
+        (vec![b'Q', 0x7f, 0xff, 0xff, 0xff], "54000"),
+        (vec![b'Q', 0xff, 0xff, 0xff, 0xf0], "08P01"),
+        (vec![b'z', 0, 0, 0, 4], "08P01"),
         // Parse with a parameter count that does not match its length.
-        vec![b'P', 0, 0, 0, 10, 0, b'x', 0, 0, 9, 0],
+        (vec![b'P', 0, 0, 0, 10, 0, b'x', 0, 0, 9, 0], "08P01"),
     ] {
         let mut client = Wire::connect(port, "app", &db).await;
         client.send(&bad).await;
         let answer = read_to_close(&mut client.stream).await;
-        assert_eq!(fatal_code(&answer).as_deref(), Some("08P01"), "for {bad:?}");
+        assert_eq!(fatal_code(&answer).as_deref(), Some(code), "for {bad:?}");
     }
 
     // A truncated message, then the client goes away.

@@ -136,6 +136,7 @@ async fn pool_checkouts_are_first_come_first_served() {
             checkout_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(600),
             max_lifetime: Duration::from_secs(3600),
+            ..PoolConfig::default()
         },
     ));
     let stop_at = Instant::now() + RUN_FOR;
@@ -250,6 +251,7 @@ async fn queued_checkouts_hear_a_connect_failure_at_once() {
             checkout_timeout: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(600),
             max_lifetime: Duration::from_secs(3600),
+            ..PoolConfig::default()
         },
     ));
     let started = Instant::now();

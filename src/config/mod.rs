@@ -46,6 +46,39 @@ pub struct Config {
     /// tables created or changed directly on the shards (e.g. by `shardgate
     /// migrate`) are learned; zero turns the periodic read off.
     pub catalog_refresh: Duration,
+    /// Client-side resource limits (message size, buffered bytes, logins).
+    pub limits: ClientLimits,
+}
+
+/// Bounds on what clients can make the proxy hold (issue #15-6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientLimits {
+    /// Largest message a client may send (`max_message_size`); larger ones
+    /// are refused from their length header with 54000 and the connection
+    /// closed. Postgres accepts up to 1 GiB; a proxy holding whole messages
+    /// for several clients needs a smaller default.
+    pub max_message_size: usize,
+    /// Bytes of large client messages all sessions together may hold
+    /// (`max_client_memory`; each counted twice, read and on its way to the
+    /// shard); a session whose message does not fit waits (its socket is
+    /// not read) until others finish. At least twice `max_message_size`.
+    pub max_client_memory: usize,
+    /// How long a client may take from connect to authenticated (`login_timeout`).
+    pub login_timeout: Duration,
+    /// Connections not yet authenticated, at most (`max_pending_logins`);
+    /// more are refused with 53300 at once.
+    pub max_pending_logins: usize,
+}
+
+impl Default for ClientLimits {
+    fn default() -> Self {
+        ClientLimits {
+            max_message_size: 64 << 20,
+            max_client_memory: 256 << 20,
+            login_timeout: Duration::from_secs(15),
+            max_pending_logins: 1000,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -28,6 +28,10 @@ const TOP_KEYS: &[&str] = &[
     "migrations",
     "threads",
     "catalog_refresh",
+    "max_message_size",
+    "max_client_memory",
+    "login_timeout",
+    "max_pending_logins",
 ];
 const POOL_KEYS: &[&str] = &[
     "mode",
@@ -378,6 +382,7 @@ impl Reader<'_> {
             Some(node) => self.duration(node, "`catalog_refresh`"),
             None => Some(Duration::from_secs(30)),
         };
+        let limits = self.limits(&top);
         let database = match top.get("database") {
             Some(node) => self.string(node, "`database`"),
             None => shards
@@ -403,7 +408,86 @@ impl Reader<'_> {
             migrations: migrations?,
             threads: threads?,
             catalog_refresh: catalog_refresh?,
+            limits: limits?,
         })
+    }
+
+    /// `max_message_size`, `max_client_memory`, `login_timeout`, `max_pending_logins`.
+    fn limits(&mut self, top: &Entries<'_>) -> Option<ClientLimits> {
+        let mut limits = ClientLimits::default();
+        let mut ok = true;
+        for (key, slot) in [
+            ("max_message_size", &mut limits.max_message_size),
+            ("max_client_memory", &mut limits.max_client_memory),
+        ] {
+            let Some(node) = top.get(key) else { continue };
+            let Some(text) = self.string(node, &format!("`{key}`")) else {
+                ok = false;
+                continue;
+            };
+            // A message is at most 1 GiB in Postgres (and its length an i32).
+            let (most, range) = if key == "max_message_size" {
+                (1 << 30, "1kB to 1GiB")
+            } else {
+                (1 << 40, "1kB to 1TiB")
+            };
+            match parse_size(&text) {
+                Ok(size) if (1024..=most).contains(&size) => *slot = size as usize,
+                Ok(_) => {
+                    self.error(node.mark, format!("`{key}` must be from {range}"));
+                    ok = false;
+                }
+                Err(message) => {
+                    self.error(node.mark, format!("`{key}`: {message}"));
+                    ok = false;
+                }
+            }
+        }
+        if limits.max_client_memory / 2 < limits.max_message_size {
+            // A message of the largest allowed size (charged twice: read
+            // buffer and its copy to the shard) must always fit, or its
+            // session would wait forever.
+            let node = top
+                .get("max_client_memory")
+                .or_else(|| top.get("max_message_size"));
+            if let (Some(node), true) = (node, ok) {
+                self.error(
+                    node.mark,
+                    format!(
+                        "`max_client_memory` ({} bytes) must be at least twice `max_message_size` ({} bytes): each message is held twice, read and on its way to the shard",
+                        limits.max_client_memory, limits.max_message_size
+                    ),
+                );
+                ok = false;
+            }
+        }
+        if let Some(node) = top.get("login_timeout") {
+            match self.duration(node, "`login_timeout`") {
+                Some(d) if !d.is_zero() => limits.login_timeout = d,
+                Some(_) => {
+                    self.error(node.mark, "`login_timeout` must be greater than zero");
+                    ok = false;
+                }
+                None => ok = false,
+            }
+        }
+        if let Some(node) = top.get("max_pending_logins") {
+            match self
+                .string(node, "`max_pending_logins`")
+                .map(|t| t.parse::<usize>())
+            {
+                Some(Ok(n)) if (1..=1_000_000).contains(&n) => limits.max_pending_logins = n,
+                Some(_) => {
+                    self.error(
+                        node.mark,
+                        "`max_pending_logins` must be a whole number from 1 to 1000000",
+                    );
+                    ok = false;
+                }
+                None => ok = false,
+            }
+        }
+        ok.then_some(limits)
     }
 
     fn tls(&mut self, node: &Node) -> Option<TlsConfig> {
@@ -1313,6 +1397,47 @@ mod tests {
         assert_eq!(
             redact_url("postgres://u:secret@h/d"),
             "postgres://u:***@h/d"
+        );
+    }
+
+    #[test]
+    fn client_limits_and_their_errors() {
+        let base = "shards: [ { name: s0, url: \"postgres://u@h/d\" } ]\nauth: trust\n";
+        let read = |extra: &str| read(Path::new("m.yaml"), &format!("{base}{extra}"), &env);
+        let defaults = read("").expect("defaults").limits;
+        assert_eq!(defaults, ClientLimits::default());
+        let set = read("max_message_size: 1MiB\nmax_client_memory: 4MiB\nlogin_timeout: 2s\nmax_pending_logins: 50\n")
+            .expect("limits")
+            .limits;
+        assert_eq!(
+            (
+                set.max_message_size,
+                set.max_client_memory,
+                set.login_timeout,
+                set.max_pending_logins
+            ),
+            (1 << 20, 4 << 20, Duration::from_secs(2), 50)
+        );
+        let error = read("max_message_size: 128MiB\nmax_client_memory: 200MiB\n")
+            .expect_err("budget below one message")
+            .to_string();
+        assert!(
+            error.starts_with("m.yaml:4:20: `max_client_memory`"),
+            "{error}"
+        );
+        let error = read("max_message_size: 2GiB\n")
+            .expect_err("too large")
+            .to_string();
+        assert!(
+            error.contains("m.yaml:3:19: `max_message_size` must be from 1kB to 1GiB"),
+            "{error}"
+        );
+        let error = read("max_mesage_size: 1MiB\n")
+            .expect_err("typo")
+            .to_string();
+        assert!(
+            error.contains("did you mean `max_message_size`?"),
+            "{error}"
         );
     }
 

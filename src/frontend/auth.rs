@@ -1,17 +1,27 @@
 //! Client authentication material: the map's users turned into what pgwire's
 //! md5 and SCRAM mechanisms need, computed once at startup (SCRAM's PBKDF2 is
 //! deliberately slow, so it must not run per login).
+//!
+//! Unknown users go through the same exchange as known ones (a mock SCRAM
+//! verifier derived from the name and a server secret, the md5 mechanism
+//! with a salt no answer can match) and fail with the same 28P01, as in
+//! Postgres: a client cannot tell which user names exist. Failures are
+//! counted and logged, at most one line a second per reason.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use base64::Engine;
 use pgwire::api::auth::sasl::scram::{gen_salted_password, ScramSecret, SCRAM_ITERATIONS};
 use pgwire::api::auth::{AuthSource, LoginInfo, Password};
 use pgwire::error::{PgWireError, PgWireResult};
+use sha2::{Digest, Sha256};
 
 use crate::config::{AuthMethod, Config, Secret};
+use crate::metrics::{AuthFailure, Metrics};
 
 /// What shardgate knows about one user's password.
 #[derive(Clone)]
@@ -38,6 +48,10 @@ enum Credential {
 pub struct UserDirectory {
     pub method: AuthMethod,
     users: Arc<HashMap<String, Credential>>,
+    /// Keys the mock SCRAM verifiers of unknown users: derived from the
+    /// map's secrets, so it is stable across restarts of one map (as a
+    /// stored verifier's salt is) and unknown to anyone without them.
+    mock_key: [u8; 32],
 }
 
 impl std::fmt::Debug for UserDirectory {
@@ -59,7 +73,17 @@ pub struct CredentialError {
 impl UserDirectory {
     pub fn from_config(config: &Config) -> Result<UserDirectory, CredentialError> {
         let mut users = HashMap::new();
+        let mut mock_key = Sha256::new();
+        mock_key.update(b"shardgate mock SCRAM key\0");
         for user in &config.users {
+            mock_key.update(user.name.as_bytes());
+            mock_key.update([0]);
+            if let Some(Secret::Plain(text) | Secret::ScramVerifier(text) | Secret::Md5Hash(text)) =
+                &user.password
+            {
+                mock_key.update(text.as_bytes());
+            }
+            mock_key.update([0]);
             let credential = match &user.password {
                 None => Credential::None,
                 Some(secret) => credential(&user.name, secret, config.auth).map_err(|reason| {
@@ -74,11 +98,32 @@ impl UserDirectory {
         Ok(UserDirectory {
             method: config.auth,
             users: Arc::new(users),
+            mock_key: mock_key.finalize().into(),
         })
     }
 
     pub fn exists(&self, user: &str) -> bool {
         self.users.contains_key(user)
+    }
+
+    /// What an unknown user (or one without a SCRAM credential) is
+    /// challenged with: the same salt and iteration count on every attempt,
+    /// like a real user's, and keys no proof can match. Postgres does the
+    /// same (`scram_mock_salt`).
+    fn mock_scram(&self, user: &str) -> ScramSecret {
+        let derive = |purpose: &[u8]| -> [u8; 32] {
+            let mut hash = Sha256::new();
+            hash.update(self.mock_key);
+            hash.update(purpose);
+            hash.update(user.as_bytes());
+            hash.finalize().into()
+        };
+        ScramSecret::Verifier {
+            salt: derive(b"salt\0")[..16].to_vec(),
+            iterations: SCRAM_ITERATIONS,
+            stored_key: derive(b"stored\0").to_vec(),
+            server_key: derive(b"server\0").to_vec(),
+        }
     }
 
     fn md5_hex(&self, user: &str) -> Option<&str> {
@@ -214,8 +259,54 @@ impl AuthSource for ScramSource {
         let user = login.user().unwrap_or_default();
         match self.0.scram(user) {
             Some(secret) => Ok((secret, None)),
-            None => Err(PgWireError::InvalidPassword(user.to_string())),
+            None => Ok((self.0.mock_scram(user), None)),
         }
+    }
+}
+
+/// Counts failed logins and logs them: at most one line a second per
+/// reason, with how many were left out since the last one, so a password
+/// guesser cannot flood the log.
+pub struct LoginFailures {
+    metrics: Arc<Metrics>,
+    logged: Mutex<[(Option<Instant>, u64); AuthFailure::ALL.len()]>,
+}
+
+impl LoginFailures {
+    const INTERVAL: Duration = Duration::from_secs(1);
+
+    pub fn new(metrics: Arc<Metrics>) -> LoginFailures {
+        LoginFailures {
+            metrics,
+            logged: Mutex::new([(None, 0); AuthFailure::ALL.len()]),
+        }
+    }
+
+    /// Records one failure; `user` is what the client sent (never a password).
+    pub fn record(&self, reason: AuthFailure, user: Option<&str>, client: Option<SocketAddr>) {
+        self.metrics.auth_failure(reason);
+        let now = Instant::now();
+        let suppressed = {
+            let Ok(mut logged) = self.logged.lock() else {
+                return;
+            };
+            let (last, suppressed) = &mut logged[reason as usize];
+            if last.is_some_and(|at| now.duration_since(at) < Self::INTERVAL) {
+                *suppressed += 1;
+                return;
+            }
+            *last = Some(now);
+            std::mem::take(suppressed)
+        };
+        let client = client.map(|a| a.to_string()).unwrap_or_default();
+        // `?user`: Debug quotes and escapes it, so a name cannot forge log lines.
+        tracing::warn!(
+            reason = reason.as_str(),
+            user = ?user.unwrap_or_default(),
+            %client,
+            suppressed,
+            "client login failed"
+        );
     }
 }
 
@@ -235,6 +326,29 @@ mod tests {
         ));
         assert!(parse_verifier("SCRAM-SHA-256$4096:c2FsdA==$AAAA:BBBB").is_err());
         assert!(parse_verifier("SCRAM-SHA-256$x").is_err());
+    }
+
+    #[test]
+    fn mock_verifiers_are_stable_per_user_and_map() {
+        let config = |password: &str| {
+            let text = format!(
+                "auth: scram-sha-256\nusers: [ {{ name: app, password: {password} }} ]\nshards: [ {{ name: s0, url: \"postgres://u@h/d\" }} ]\n"
+            );
+            Config::parse(std::path::Path::new("m.yaml"), &text, &|_| None).unwrap()
+        };
+        let directory = UserDirectory::from_config(&config("one")).unwrap();
+        let salt = |d: &UserDirectory, user: &str| match d.mock_scram(user) {
+            ScramSecret::Verifier {
+                salt, iterations, ..
+            } => (salt, iterations),
+            ScramSecret::SaltedPassword { .. } => panic!("verifier expected"),
+        };
+        assert_eq!(salt(&directory, "mallory"), salt(&directory, "mallory"));
+        assert_eq!(salt(&directory, "mallory").1, SCRAM_ITERATIONS);
+        assert_eq!(salt(&directory, "mallory").0.len(), 16);
+        assert_ne!(salt(&directory, "mallory"), salt(&directory, "eve"));
+        let other = UserDirectory::from_config(&config("two")).unwrap();
+        assert_ne!(salt(&directory, "mallory"), salt(&other, "mallory"));
     }
 
     #[test]

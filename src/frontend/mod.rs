@@ -7,6 +7,7 @@ pub mod auth;
 pub mod buffers;
 pub mod cancel;
 pub mod encoding;
+pub mod limits;
 pub mod prepared;
 pub mod presence;
 pub mod responses;

@@ -10,10 +10,11 @@ use std::time::Instant;
 
 use bytes::{Buf, BytesMut};
 use pgwire::tokio::server::MaybeTls;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use super::buffers;
 use super::cancel::CancelSlot;
+use super::limits::{self, ClientMemory};
 use super::prepared::{ClientStatements, ParseAction};
 use super::responses::{Disposition, Expect, ResponseQueue};
 use super::settings::SessionSettings;
@@ -23,9 +24,7 @@ use crate::config::PoolMode;
 use crate::metrics::Route;
 use crate::protocol::messages::{self, Bind, Parse, Target};
 use crate::protocol::synth::{self, ProxyError};
-use crate::protocol::{
-    frame_length, next_frame, tag, ProtocolError, MAX_BACKEND_MESSAGE, MAX_CLIENT_MESSAGE,
-};
+use crate::protocol::{frame_length, next_frame, tag, ProtocolError, MAX_BACKEND_MESSAGE};
 use crate::router::hints::{self, Hint};
 use crate::server::Shared;
 
@@ -97,6 +96,8 @@ pub struct Session {
     shared: Arc<Shared>,
     client: MaybeTls,
     client_in: BytesMut,
+    /// This session's share of `max_client_memory` (see `limits`).
+    client_memory: ClientMemory,
     client_out: BytesMut,
     backend: Option<Attached>,
     /// Other shards of a multi-shard transaction, idle in their transaction
@@ -211,10 +212,12 @@ impl Session {
         } else {
             BytesMut::from(&startup.read_buf[..])
         };
+        let client_memory = shared.limiter.session();
         Session {
             shared,
             client: startup.io,
             client_in,
+            client_memory,
             client_out: BytesMut::new(),
             backend: None,
             others: Vec::new(),
@@ -307,6 +310,7 @@ impl Session {
             let client_read;
             let mut backend_read = None;
             let deadline = self.deadline();
+            let max_message = self.shared.config.limits.max_message_size;
             match self.backend.as_mut() {
                 Some(attached) => {
                     buffers::ensure(&mut self.backend_in);
@@ -324,7 +328,7 @@ impl Session {
                             client_read = None;
                         }
                         // With a backlog, read no more from the client (backpressure).
-                        read = read_client(&mut self.client, &mut self.client_in), if !backlog => client_read = Some(read),
+                        read = limits::read_client(&mut self.client, &mut self.client_in, &mut self.backend_out, &mut self.client_memory, max_message), if !backlog => client_read = Some(read),
                         // Messages already read wait: no need to wait for more.
                         _ = std::future::ready(()), if backlog => client_read = None,
                         () = timer => {
@@ -351,7 +355,16 @@ impl Session {
                     }
                 }
                 None => {
-                    client_read = Some(read_client(&mut self.client, &mut self.client_in).await)
+                    client_read = Some(
+                        limits::read_client(
+                            &mut self.client,
+                            &mut self.client_in,
+                            &mut self.backend_out,
+                            &mut self.client_memory,
+                            max_message,
+                        )
+                        .await,
+                    )
                 }
             }
             match client_read {
@@ -393,9 +406,12 @@ impl Session {
                 break Ok(true);
             }
             let rest = &input[consumed..];
-            let total = match frame_length(rest, MAX_CLIENT_MESSAGE) {
+            let total = match frame_length(rest, self.shared.config.limits.max_message_size) {
                 Ok(Some(total)) if rest.len() >= total => total,
                 Ok(_) => break Ok(true),
+                Err(ProtocolError::TooLarge { tag, length, limit }) => {
+                    break Err(limits::too_large(tag, length, limit))
+                }
                 Err(error) => break Err(protocol_violation(error)),
             };
             match self.handle_client_message(&rest[..total]).await {
@@ -1817,21 +1833,6 @@ const BACKEND_WRITE_BATCH: usize = 256 * 1024;
 /// not routing (routing keeps every one: see `parse_deferred`), and their
 /// buffers are freed once replaced.
 const MAX_REMEMBERED_UNNAMED: usize = 64 * 1024;
-
-/// Reads what the client sent. A plain TCP client is awaited without a
-/// buffer (readiness first), so idle clients hold none.
-async fn read_client(client: &mut MaybeTls, buf: &mut BytesMut) -> std::io::Result<usize> {
-    if let MaybeTls::Plain(tcp) = client {
-        tcp.readable().await?;
-        buffers::ensure(buf);
-        // `read_buf` (not `try_read_buf`): tokio's poll_read treats a short
-        // read as "drained" and clears readiness, saving the extra recv()
-        // that would otherwise return EAGAIN on every message (strace).
-        return tcp.read_buf(buf).await;
-    }
-    buffers::ensure(buf);
-    client.read_buf(buf).await
-}
 
 fn route_hint(sql: &str) -> Option<Hint<'_>> {
     if sql

@@ -7,8 +7,8 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
+use bytes::BufMut;
 use bytes::BytesMut;
 use futures::{SinkExt, StreamExt};
 use pgwire::api::auth::md5pass::Md5PasswordAuth;
@@ -16,17 +16,21 @@ use pgwire::api::auth::mechanism::AuthMechanismFactory;
 use pgwire::api::auth::sasl::scram::ScramAuth;
 use pgwire::api::auth::sasl::SaslMechanisms;
 use pgwire::api::auth::{AuthDriver, AuthOutcome, ServerParameterProvider};
+use pgwire::api::DefaultClient;
 use pgwire::api::{ClientInfo, PgWireConnectionState, PidSecretKeyGenerator};
+use pgwire::error::PgWireError;
 use pgwire::messages::startup::{NegotiateProtocolVersion, SecretKey, Startup};
 use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 use pgwire::tokio::server::{negotiate_tls, MaybeTls, PgWireMessageServerCodec};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_util::codec::Framed;
+use tokio_util::codec::{Framed, FramedParts};
 
 use super::auth::{Md5Source, ScramSource};
 use super::cancel;
 use super::presence::TERMINATE_FRAME;
 use crate::config::AuthMethod;
+use crate::metrics::AuthFailure;
 use crate::protocol::synth::ProxyError;
 use crate::server::Shared;
 
@@ -57,9 +61,6 @@ pub enum Accepted {
     /// The client went away or was refused; nothing more to do.
     Closed,
 }
-
-/// How long a client may take from connect to authenticated.
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Issues shardgate's own (pid, secret) pairs: pids count up, secrets are random.
 pub struct KeyGenerator {
@@ -94,25 +95,137 @@ impl ServerParameterProvider for MirroredParameters {
     }
 }
 
+/// Runs the handshake within `login_timeout` (what a half-open connection
+/// may hold a login slot for).
 pub async fn accept(shared: &Arc<Shared>, tcp: TcpStream) -> Accepted {
-    match tokio::time::timeout(STARTUP_TIMEOUT, handshake(shared, tcp)).await {
+    let client = tcp.peer_addr().ok();
+    let timeout = shared.config.limits.login_timeout;
+    let login = async {
+        // Until its first packet is complete a connection costs its socket,
+        // this small future and the bytes it sent; the handshake's state
+        // (4 KB) and pgwire's buffers exist only after that.
+        let Some(socket) = open(shared, tcp).await else {
+            return Accepted::Closed;
+        };
+        Box::pin(handshake(shared, socket)).await
+    };
+    // Pinned here so the connection closes after the failure is recorded.
+    let mut login = std::pin::pin!(login);
+    match tokio::time::timeout(timeout, login.as_mut()).await {
         Ok(accepted) => accepted,
-        Err(_) => Accepted::Closed,
+        Err(_) => {
+            shared
+                .login_failures
+                .record(AuthFailure::Timeout, None, client);
+            Accepted::Closed
+        }
     }
 }
 
-async fn handshake(shared: &Arc<Shared>, tcp: TcpStream) -> Accepted {
+/// Postgres's limit on the startup packet (`MAX_STARTUP_PACKET_LENGTH`).
+const MAX_STARTUP_PACKET: usize = 10_000;
+const SSL_REQUEST: u32 = 80_877_103;
+const GSSENC_REQUEST: u32 = 80_877_104;
+
+/// Reads the client's first packet (answering SSLRequest/GSSENCRequest on
+/// the way) into a buffer of exactly its size, and frames the connection
+/// for pgwire with it. pgwire's `negotiate_tls` would hold two 8 KiB
+/// buffers for every connection that sent part of a packet (15 KB each
+/// measured); it is used only for direct TLS.
+async fn open(shared: &Shared, mut tcp: TcpStream) -> Option<StartupSocket> {
     // A Terminate before any startup packet (drivers closing a connection
     // they no longer need): Postgres closes without a word, so do we.
     let mut first = [0u8; 5];
-    if matches!(tcp.peek(&mut first).await, Ok(5)) && first == TERMINATE_FRAME {
-        return Accepted::Closed;
+    let peeked = tcp.peek(&mut first).await.ok()?;
+    if peeked == 5 && first == TERMINATE_FRAME {
+        return None;
     }
-    let socket = match negotiate_tls::<()>(tcp, shared.tls.clone()).await {
-        Ok(Some(socket)) => socket,
-        // Direct TLS without a configured certificate, or an I/O error.
-        Ok(None) | Err(_) => return Accepted::Closed,
-    };
+    if peeked > 0 && first[0] == 0x16 {
+        // Direct TLS (sslnegotiation=direct): pgwire checks the ALPN.
+        return Box::pin(negotiate_tls::<()>(tcp, shared.tls.clone()))
+            .await
+            .ok()
+            .flatten();
+    }
+    let addr = tcp.peer_addr().ok()?;
+    tcp.set_nodelay(true).ok()?;
+    for _ in 0..3 {
+        let mut length = [0u8; 4];
+        tcp.read_exact(&mut length).await.ok()?;
+        let length = u32::from_be_bytes(length) as usize;
+        if !(8..=MAX_STARTUP_PACKET).contains(&length) {
+            let error = ProxyError::fatal("08P01", "invalid length of startup packet");
+            refuse_raw(&mut tcp, error).await;
+            return None;
+        }
+        let mut packet = BytesMut::with_capacity(length);
+        packet.extend_from_slice(&(length as u32).to_be_bytes());
+        while packet.len() < length {
+            let want = length - packet.len();
+            if tcp.read_buf(&mut (&mut packet).limit(want)).await.ok()? == 0 {
+                return None;
+            }
+        }
+        let code = u32::from_be_bytes([packet[4], packet[5], packet[6], packet[7]]);
+        let (io, secure) = match (length, code) {
+            (8, SSL_REQUEST) => match &shared.tls {
+                Some(acceptor) => {
+                    tcp.write_all(b"S").await.ok()?;
+                    let tls = Box::pin(acceptor.accept(tcp)).await.ok()?;
+                    (MaybeTls::Tls(Box::new(tls)), true)
+                }
+                None => {
+                    tcp.write_all(b"N").await.ok()?;
+                    continue;
+                }
+            },
+            (8, GSSENC_REQUEST) => {
+                tcp.write_all(b"N").await.ok()?;
+                continue;
+            }
+            _ => (MaybeTls::Plain(tcp), false),
+        };
+        let mut parts = FramedParts::new(
+            io,
+            PgWireMessageServerCodec::new(DefaultClient::new(addr, secure)),
+        );
+        if !secure {
+            parts.read_buf = packet;
+        }
+        let mut socket = Framed::from_parts(parts);
+        socket.set_state(PgWireConnectionState::AwaitingStartup);
+        return Some(socket);
+    }
+    // More than an SSLRequest and a GSSENCRequest in a row.
+    let error = ProxyError::fatal("08P01", "unexpected encryption request after negotiation");
+    refuse_raw(&mut tcp, error).await;
+    None
+}
+
+/// Sends a FATAL error on a connection not framed yet.
+async fn refuse_raw(tcp: &mut TcpStream, error: ProxyError) {
+    let mut buf = BytesMut::new();
+    error.encode(&mut buf);
+    let _ = tcp.write_all(&buf).await;
+}
+
+/// Refuses a connection beyond `max_pending_logins` like Postgres refuses
+/// one beyond `max_connections`, without waiting on the client.
+pub fn too_many_logins(shared: &Shared, tcp: &TcpStream) {
+    shared
+        .login_failures
+        .record(AuthFailure::TooManyLogins, None, tcp.peer_addr().ok());
+    let mut buf = BytesMut::new();
+    ProxyError::fatal(
+        "53300",
+        "sorry, too many clients logging in already (max_pending_logins)",
+    )
+    .encode(&mut buf);
+    // Best effort: a fresh socket's send buffer takes it whole.
+    let _ = tcp.try_write(&buf);
+}
+
+async fn handshake(shared: &Arc<Shared>, socket: StartupSocket) -> Accepted {
     let mut socket = socket;
     let mut login: Option<Login> = None;
     loop {
@@ -222,7 +335,17 @@ async fn auth_step(
         Ok(AuthOutcome::Authenticated { final_message, .. }) => {
             Next::Done(finish(shared, socket, login.take(), final_message).await)
         }
-        Err(_) => {
+        Err(error) => {
+            let user = login.as_ref().map(|l| l.0.as_str());
+            let reason = match error {
+                PgWireError::InvalidPassword(_) if user.is_some_and(|u| shared.users.exists(u)) => {
+                    AuthFailure::WrongPassword
+                }
+                PgWireError::InvalidPassword(_) => AuthFailure::UnknownUser,
+                _ => AuthFailure::Protocol,
+            };
+            let client = pgwire::api::ClientInfo::socket_addr(&socket);
+            shared.login_failures.record(reason, user, Some(client));
             auth_failed(&mut socket, login.as_ref()).await;
             Next::Done(Accepted::Closed)
         }
@@ -266,7 +389,10 @@ fn check_startup(shared: &Shared, startup: &Startup) -> Result<Login, ProxyError
             "shardgate does not support replication connections",
         ));
     }
-    if !shared.users.exists(&user) {
+    // With a password method an unknown user goes through the exchange and
+    // fails like a wrong password (no enumeration of user names); trust
+    // has no secret to protect and answers like Postgres does.
+    if shared.users.method == AuthMethod::Trust && !shared.users.exists(&user) {
         return Err(ProxyError::fatal(
             "28000",
             format!("role \"{user}\" does not exist"),

@@ -127,6 +127,44 @@ impl ReloadResult {
     }
 }
 
+/// Why a client's login failed; the `reason` label of
+/// `shardgate_client_auth_failures_total` (a closed set: no user names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AuthFailure {
+    /// A user of the map with a wrong password.
+    WrongPassword,
+    /// A user the map does not name (the client got the same 28P01).
+    UnknownUser,
+    /// The exchange itself was broken (wrong message, bad SCRAM data).
+    Protocol,
+    /// No login within `login_timeout`.
+    Timeout,
+    /// Refused at once: `max_pending_logins` connections were logging in.
+    TooManyLogins,
+}
+
+impl AuthFailure {
+    /// All reasons, in label-index order.
+    pub const ALL: [AuthFailure; 5] = [
+        AuthFailure::WrongPassword,
+        AuthFailure::UnknownUser,
+        AuthFailure::Protocol,
+        AuthFailure::Timeout,
+        AuthFailure::TooManyLogins,
+    ];
+
+    /// The `reason` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthFailure::WrongPassword => "wrong_password",
+            AuthFailure::UnknownUser => "unknown_user",
+            AuthFailure::Protocol => "protocol",
+            AuthFailure::Timeout => "timeout",
+            AuthFailure::TooManyLogins => "too_many_logins",
+        }
+    }
+}
+
 /// Handles of one shard, labelled once at construction.
 #[derive(Debug)]
 struct ShardSeries {
@@ -167,6 +205,8 @@ pub struct Metrics {
     twophase_in_doubt: IntGauge,
     /// `config_reloads_total{result}`, indexed like [`ReloadResult::ALL`].
     config_reloads: [IntCounter; 2],
+    /// `client_auth_failures_total{reason}`, indexed like [`AuthFailure::ALL`].
+    auth_failures: [IntCounter; 5],
 }
 
 /// Registers a collector whose definition is fixed in this file. Failing
@@ -327,6 +367,14 @@ impl Metrics {
                 &["result"],
             ),
         );
+        let auth_failures = register(
+            &registry,
+            counter_vec(
+                "shardgate_client_auth_failures_total",
+                "Client logins that failed, per reason (wrong_password|unknown_user|protocol|timeout|too_many_logins).",
+                &["reason"],
+            ),
+        );
 
         let shards = shard_names
             .iter()
@@ -357,6 +405,7 @@ impl Metrics {
             twophase_in_doubt,
             config_reloads: ReloadResult::ALL
                 .map(|r| config_reloads.with_label_values(&[r.as_str()])),
+            auth_failures: AuthFailure::ALL.map(|r| auth_failures.with_label_values(&[r.as_str()])),
         })
     }
 
@@ -492,6 +541,11 @@ impl Metrics {
     /// Counts a shard-map reload attempt.
     pub fn config_reload(&self, result: ReloadResult) {
         self.config_reloads[result as usize].inc();
+    }
+
+    /// Counts a failed client login.
+    pub fn auth_failure(&self, reason: AuthFailure) {
+        self.auth_failures[reason as usize].inc();
     }
 
     /// Everything in the text exposition format (version 0.0.4).
@@ -668,8 +722,11 @@ mod tests {
         m.set_prepared_transactions_disabled(9, true);
         m.config_reload(ReloadResult::Success);
         m.fanout(2);
+        m.auth_failure(AuthFailure::UnknownUser);
         let text = m.render();
         for line in [
+            "shardgate_client_auth_failures_total{reason=\"unknown_user\"} 1",
+            "shardgate_client_auth_failures_total{reason=\"wrong_password\"} 0",
             "shardgate_client_connections 1",
             "shardgate_pool_connections{shard=\"s1\",state=\"active\"} 4",
             "shardgate_pool_connections{shard=\"s1\",state=\"idle\"} 6",

@@ -11,8 +11,6 @@ pub mod type_oids;
 
 use thiserror::Error;
 
-/// Largest message a client may send (Postgres itself caps most at 1 GiB).
-pub const MAX_CLIENT_MESSAGE: usize = 256 << 20;
 /// Largest message accepted from a backend.
 pub const MAX_BACKEND_MESSAGE: usize = 1 << 30;
 

@@ -8,6 +8,7 @@ use std::sync::OnceLock;
 
 use shardgate::devcluster::{DevCluster, DevFleet};
 
+pub mod process;
 pub mod wire;
 
 /// Number of clusters (shards) in the shared fleet.

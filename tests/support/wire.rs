@@ -217,9 +217,22 @@ pub fn cancel_packet(pid: i32, secret: i32) -> Vec<u8> {
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Reads until the server closes (or 5 s pass: a failure); everything it sent.
+pub async fn read_to_close(stream: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return out,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("server neither answered nor closed within 5 s"),
+        }
+    }
+}
+
 impl Wire {
-    /// Connects and completes a trust-auth startup.
-    pub async fn connect(port: u16, user: &str, database: &str) -> Wire {
+    /// Connects and sends a startup packet; the answers are the caller's.
+    pub async fn begin(port: u16, user: &str, database: &str) -> Wire {
         let stream = TcpStream::connect(("127.0.0.1", port))
             .await
             .expect("connect");
@@ -231,6 +244,12 @@ impl Wire {
             parameters: Vec::new(),
         };
         wire.send(&startup_packet(user, database, &[])).await;
+        wire
+    }
+
+    /// Connects and completes a trust-auth startup.
+    pub async fn connect(port: u16, user: &str, database: &str) -> Wire {
+        let mut wire = Wire::begin(port, user, database).await;
         loop {
             let msg = wire.recv().await.expect("startup answer");
             match msg.tag {
