@@ -441,6 +441,21 @@ fn keys_on_three_shards() -> [i64; 3] {
     found.map(|k| k.expect("every shard gets some key"))
 }
 
+async fn no_prepared_xacts_left(db: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let left = prepared_xacts(db).await;
+        if left == 0 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{left} prepared transactions still left after 15 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 async fn prepared_xacts(db: &str) -> i64 {
     let mut n = 0;
     for cluster in &fleet().clusters {
@@ -1016,7 +1031,9 @@ async fn one_extended_batch_over_several_shards_commits_together() {
             "key {k} rolled back with the batch"
         );
     }
-    assert_eq!(prepared_xacts(&db).await, 0);
+    // A part whose COMMIT/ROLLBACK PREPARED step timed out under load is
+    // resolved in the background within moments: none may stay.
+    no_prepared_xacts_left(&db).await;
     // The connection pool is clean afterwards: a normal statement works.
     let client = connect_proxy(&server, "app", None).await;
     let n: i64 = client
