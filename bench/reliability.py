@@ -106,16 +106,40 @@ class Env:
                 return proc
         raise RuntimeError(f"shard s{i} has no postgres process")
 
+    def shard_pids(self, i):
+        """The postmaster and its children. Postgres children call setsid(),
+        so a signal to the postmaster's process group reaches only it."""
+        pm = self.postmaster(i).pid
+        pids = [pm]
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    with open(f"/proc/{d}/stat") as f:
+                        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
+                    continue
+                if ppid == pm:
+                    pids.append(int(d))
+        return pids
+
+    def signal_shard(self, i, sig):
+        """Postmaster first (no new children), then every child."""
+        for pid in self.shard_pids(i):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
     def kill_shard(self, i):
         """kill -9 of the postmaster and every backend (the machine dies)."""
         proc = self.postmaster(i)
-        os.killpg(proc.pid, signal.SIGKILL)
+        self.signal_shard(i, signal.SIGKILL)
         proc.wait()
         self.shards[i].procs = [(n, p) for (n, p) in self.shards[i].procs if p is not proc]
 
     def stop_shard(self, i, sig):
         """SIGSTOP / SIGCONT to the postmaster and every backend (a hung machine)."""
-        os.killpg(self.postmaster(i).pid, sig)
+        self.signal_shard(i, sig)
 
     def restart_shard(self, i, argv):
         b = self.shards[i]
@@ -718,6 +742,7 @@ class Report:
 
     def detail(self, scenario, text):
         self.details.append((scenario, text))
+        print(f"DETAIL {scenario}: {text}", flush=True)
 
 
 async def run(env, args, report):
