@@ -292,6 +292,26 @@ pub fn parameter_status(body: &[u8]) -> Result<(&str, &str), ProtocolError> {
     Ok((cursor.cstr()?, cursor.cstr()?))
 }
 
+/// Checks the body of a `SASLInitialResponse` ('p' during SCRAM: mechanism
+/// name, an i32 length, then that many bytes or -1 for none) before pgwire
+/// decodes it: pgwire 0.42's `into_sasl_initial_response` panics when the
+/// length is missing or larger than what follows (found by
+/// `tests/fuzz` `frontend_decoder`). Postgres requires the length to match
+/// the rest exactly.
+pub fn check_sasl_initial_response(body: &[u8]) -> Result<(), ProtocolError> {
+    let malformed = |what| ProtocolError::Malformed { tag: b'p', what };
+    let nul = nul_position(body).ok_or(malformed("missing SASL mechanism name"))?;
+    let rest = &body[nul + 1..];
+    let Some((length, data)) = rest.split_first_chunk::<4>() else {
+        return Err(malformed("missing SASL response length"));
+    };
+    match i32::from_be_bytes(*length) {
+        -1 if data.is_empty() => Ok(()),
+        n if n >= 0 && n as usize == data.len() => Ok(()),
+        _ => Err(malformed("SASL response length does not match the message")),
+    }
+}
+
 pub fn put_cstr(out: &mut BytesMut, text: &str) {
     out.put_slice(text.as_bytes());
     out.put_u8(0);
@@ -300,6 +320,24 @@ pub fn put_cstr(out: &mut BytesMut, text: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fuzz input that made pgwire panic: 32 announced bytes, 28 sent.
+    #[test]
+    fn sasl_initial_response_lengths() {
+        let mut body = b"SCRAM-SHA-256\0\0\0\0\x20".to_vec();
+        body.extend_from_slice(b"n,,n=,r=rOprNGfwEbeRWgbNEkqO");
+        assert!(check_sasl_initial_response(&body).is_err());
+        body[17] = 28;
+        assert_eq!(check_sasl_initial_response(&body), Ok(()));
+        assert!(check_sasl_initial_response(b"SCRAM-SHA-256\0\xff\xff\xff\xff").is_ok());
+        for bad in [
+            &b"SCRAM-SHA-256"[..],
+            b"SCRAM-SHA-256\0\0\0",
+            b"x\0\xff\xff\xff\xfe",
+        ] {
+            assert!(check_sasl_initial_response(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn parse_roundtrip_with_new_name() {

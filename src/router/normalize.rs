@@ -16,6 +16,10 @@ use std::fmt::Write;
 use super::route::Param;
 use crate::sharding::oid;
 
+/// The most parameters a statement can have bound: Bind counts them in an
+/// int16 (Postgres: 65535).
+pub const MAX_PARAMS: usize = u16::MAX as usize;
+
 /// The normalized text and the parameters of that form: NULL for each of
 /// the statement's own `$1..$first_param` (nothing is bound to them), then
 /// the literals taken out, in `$n` order. Literals borrow from `sql` unless
@@ -26,6 +30,11 @@ pub fn extract_literals(sql: &str, first_param: usize) -> Option<(String, Vec<Pa
         params.push(p);
         // Writing to a String cannot fail.
         let _ = write!(out, "${}", params.len());
+    }
+    if first_param > MAX_PARAMS {
+        // No client can bind that many (`SELECT $99999999999, 1`); allocating
+        // a NULL for each would abort the process (found by tests/fuzz).
+        return None;
     }
     let bytes = sql.as_bytes();
     let mut out = String::with_capacity(sql.len() + 4);
@@ -271,6 +280,20 @@ pub fn max_param(sql: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fuzz input that aborted the process: a `$n` far beyond any
+    /// bindable parameter made extraction allocate a NULL for each.
+    #[test]
+    fn huge_parameter_numbers_are_not_allocated() {
+        let sql =
+            "UPDATE PREPARE double_it(inp) AS Spgbench_accounts SET abELECT $55555555555555555al5";
+        assert_eq!(extract_literals(sql, max_param(sql)), None);
+        let sql = "SELECT $99999999, 1";
+        assert_eq!(extract_literals(sql, max_param(sql)), None);
+        let sql = "SELECT $2, 7";
+        let (text, params) = extract_literals(sql, max_param(sql)).expect("extracted");
+        assert_eq!((text.as_str(), params.len()), ("SELECT $2, $3", 3));
+    }
 
     fn norm(sql: &str) -> Option<(String, Vec<String>)> {
         extract_literals(sql, 0).map(|(s, p)| {
