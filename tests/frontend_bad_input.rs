@@ -289,3 +289,65 @@ async fn a_large_pipeline_with_large_answers_does_not_stall() {
     drop(writer.await.expect("writer task"));
     server.stop().await;
 }
+
+/// Malformed messages during a SCRAM login (found by tests/fuzz: pgwire
+/// panicked on each): a FATAL 08P01, the connection closed, no panic, and
+/// the proxy serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_login_messages_get_a_clean_error() {
+    let panics = panic_counter();
+    let before = panics.load(Ordering::SeqCst);
+    let db = support::fresh_db("bad_login");
+    let server = support::start_proxy(&support::shard_map(
+        &db,
+        "auth: scram-sha-256\nusers:\n  - { name: app, password: \"pw-app\" }\n",
+    ))
+    .await;
+    let mut sasl_initial = b"SCRAM-SHA-256\0\0\0\0\x20".to_vec();
+    sasl_initial.extend_from_slice(b"n,,n=,r=rOprNGfwEbeRWgbNEkqO");
+    let mut bad_sasl = vec![b'p'];
+    bad_sasl.extend_from_slice(&(sasl_initial.len() as i32 + 4).to_be_bytes());
+    bad_sasl.extend_from_slice(&sasl_initial);
+    let cases: [(&str, Vec<u8>); 3] = [
+        (
+            "SASL initial response announcing more than it carries",
+            bad_sasl,
+        ),
+        (
+            "password message shorter than its length field",
+            vec![b'p', 0, 0, 0, 2],
+        ),
+        ("a Bind during login", vec![b'B', 0, 0, 0, 4]),
+    ];
+    for (what, message) in cases {
+        let mut stream = TcpStream::connect(server.address).await.expect("connect");
+        stream
+            .write_all(&wire::startup_packet("app", &db, &[]))
+            .await
+            .expect("startup");
+        // AuthenticationSASL arrives first.
+        let mut head = [0u8; 5];
+        stream.read_exact(&mut head).await.expect("auth request");
+        assert_eq!(head[0], b'R', "{what}");
+        let rest = i32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize - 4;
+        let mut body = vec![0u8; rest];
+        stream
+            .read_exact(&mut body)
+            .await
+            .expect("auth request body");
+        stream.write_all(&message).await.expect("bad message");
+        let answer = read_to_close(&mut stream).await;
+        assert_eq!(
+            fatal_code(&answer).as_deref(),
+            Some("08P01"),
+            "{what}: {answer:?}"
+        );
+    }
+    assert_eq!(panics.load(Ordering::SeqCst), before, "no panic");
+    let client = support::connect_proxy(&server, "app", Some("pw-app")).await;
+    client
+        .simple_query("SELECT 1")
+        .await
+        .expect("proxy serves on");
+    server.stop().await;
+}

@@ -228,7 +228,25 @@ pub fn too_many_logins(shared: &Shared, tcp: &TcpStream) {
 async fn handshake(shared: &Arc<Shared>, socket: StartupSocket) -> Accepted {
     let mut socket = socket;
     let mut login: Option<Login> = None;
+    let mut password_messages = 0usize;
     loop {
+        if login.is_some() {
+            // pgwire panics on some malformed messages during login (found
+            // by tests/fuzz): only a well-formed password message or a
+            // Terminate goes on to it.
+            let sasl_initial =
+                password_messages == 0 && shared.users.method == AuthMethod::ScramSha256;
+            if let Err(error) = guard_login_message(&mut socket, sasl_initial).await {
+                shared.login_failures.record(
+                    AuthFailure::Protocol,
+                    login.as_ref().map(|l| l.0.as_str()),
+                    peer_address(socket.get_ref()),
+                );
+                refuse(&mut socket, error).await;
+                return Accepted::Closed;
+            }
+            password_messages += 1;
+        }
         let message = match socket.next().await {
             Some(Ok(message)) => message,
             Some(Err(error)) => {
@@ -312,6 +330,58 @@ async fn handshake(shared: &Arc<Shared>, socket: StartupSocket) -> Accepted {
                 return Accepted::Closed;
             }
         }
+    }
+}
+
+fn peer_address(io: &MaybeTls) -> Option<std::net::SocketAddr> {
+    match io {
+        MaybeTls::Plain(tcp) => tcp.peer_addr().ok(),
+        MaybeTls::Tls(tls) => tls.get_ref().0.peer_addr().ok(),
+        _ => None,
+    }
+}
+
+/// The longest password message taken during login (Postgres allows
+/// 1,000 bytes for a password; SCRAM messages are smaller still).
+const MAX_LOGIN_MESSAGE: usize = 16 * 1024;
+
+/// Reads the next login message whole into the socket's buffer and checks
+/// what pgwire would otherwise trust: its tag (`p` or `X`), its length, and
+/// a SASLInitialResponse's inner length.
+async fn guard_login_message(
+    socket: &mut StartupSocket,
+    sasl_initial: bool,
+) -> Result<(), ProxyError> {
+    let malformed = |what: String| ProxyError::fatal("08P01", what);
+    let total = loop {
+        match crate::protocol::frame_length(socket.read_buffer(), MAX_LOGIN_MESSAGE) {
+            Ok(Some(total)) if socket.read_buffer().len() >= total => break total,
+            Ok(_) => {}
+            Err(error) => return Err(malformed(format!("invalid login message: {error}"))),
+        }
+        if let Some(&tag) = socket.read_buffer().first() {
+            if !matches!(tag, b'p' | b'X') {
+                return Err(malformed(format!(
+                    "expected a password message during login, got message type '{}'",
+                    tag.escape_ascii()
+                )));
+            }
+        }
+        let mut chunk = [0u8; 1024];
+        match socket.get_mut().read(&mut chunk).await {
+            Ok(0) | Err(_) => return Err(malformed("connection closed during login".into())),
+            Ok(n) => socket.read_buffer_mut().extend_from_slice(&chunk[..n]),
+        }
+    };
+    let frame = &socket.read_buffer()[..total];
+    match frame[0] {
+        b'p' if sasl_initial => crate::protocol::messages::check_sasl_initial_response(&frame[5..])
+            .map_err(|error| malformed(format!("invalid SASL initial response: {error}"))),
+        b'p' | b'X' => Ok(()),
+        tag => Err(malformed(format!(
+            "expected a password message during login, got message type '{}'",
+            tag.escape_ascii()
+        ))),
     }
 }
 
