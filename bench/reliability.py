@@ -167,7 +167,7 @@ class Env:
         with open(config, "w") as f:
             f.write(f"listen: 127.0.0.1:{self.sg_port}\nmetrics: 127.0.0.1:{self.metrics_port}\n"
                     f"auth: trust\ndatabase: {DB}\nusers:\n  - {{ name: {PG_USER} }}\n"
-                    f"pool: {{ mode: transaction, size: {POOL} }}\nshards:\n")
+                    f"pool: {{ mode: transaction, size: {POOL}, query_timeout: {QUERY_TIMEOUT:.0f}s }}\nshards:\n")
             for i, b in enumerate(self.shards):
                 f.write(f"  - {{ name: s{i}, url: \"postgres://{PG_USER}@127.0.0.1:{b.pg_port}/{DB}\" }}\n")
             f.write("functions:\n  by_id: { kind: modulo }\n"

@@ -8,7 +8,9 @@ mod support;
 use std::collections::BTreeSet;
 
 use futures::future::join_all;
-use support::{connect, connect_proxy, fleet, fresh_db, shard_map, start_proxy};
+use support::{
+    connect, connect_proxy, fleet, fresh_db, keys_on_three_shards, shard_map, start_proxy,
+};
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 const SCHEMA: &str = "\
@@ -424,21 +426,7 @@ async fn session_routing_settings_pick_the_shard() {
 }
 
 fn shard_of(id: i64) -> usize {
-    shardgate::sharding::ShardingFunction::hash(3)
-        .and_then(|f| f.shard_for(&shardgate::sharding::KeyValue::Int(id)))
-        .expect("hash")
-}
-
-/// Keys 1.. that fall on three different shards.
-fn keys_on_three_shards() -> [i64; 3] {
-    let mut found = [None, None, None];
-    for id in 1..1000i64 {
-        let s = shard_of(id);
-        if found[s].is_none() {
-            found[s] = Some(id);
-        }
-    }
-    found.map(|k| k.expect("every shard gets some key"))
+    support::hash3_shard_of(id)
 }
 
 async fn no_prepared_xacts_left(db: &str) {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use shardgate::devcluster::DevCluster;
 use support::wire::{self, Wire};
-use support::{connect, fleet, fresh_db_with, shard_map, start_proxy};
+use support::{connect, fleet, fresh_db_with, keys_on_three_shards, shard_map, start_proxy};
 
 const SCHEMA: &str = "CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL);";
 
@@ -20,24 +20,6 @@ functions:
 tables:
   users: { key: id, function: by_user }
 ";
-
-fn shard_of(id: i64) -> usize {
-    shardgate::sharding::ShardingFunction::hash(3)
-        .and_then(|f| f.shard_for(&shardgate::sharding::KeyValue::Int(id)))
-        .expect("hash")
-}
-
-/// Keys 1.. that fall on three different shards.
-fn keys_on_three_shards() -> [i64; 3] {
-    let mut found = [None, None, None];
-    for id in 1..1000i64 {
-        let s = shard_of(id);
-        if found[s].is_none() {
-            found[s] = Some(id);
-        }
-    }
-    found.map(|k| k.expect("every shard gets some key"))
-}
 
 fn select(id: i64) -> Vec<u8> {
     wire::query(&format!("SELECT name FROM users WHERE id = {id}"))

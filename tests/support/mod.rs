@@ -211,3 +211,23 @@ pub async fn scrape_metrics(address: std::net::SocketAddr) -> String {
     stream.read_to_string(&mut text).await.expect("read");
     text
 }
+
+/// The shard of `id` under a 3-shard `hash` function (Postgres' own
+/// `PARTITION BY HASH` placement).
+pub fn hash3_shard_of(id: i64) -> usize {
+    shardgate::sharding::ShardingFunction::hash(3)
+        .and_then(|f| f.shard_for(&shardgate::sharding::KeyValue::Int(id)))
+        .expect("hash")
+}
+
+/// Keys 1.. that fall on three different shards under [`hash3_shard_of`].
+pub fn keys_on_three_shards() -> [i64; 3] {
+    let mut found = [None, None, None];
+    for id in 1..1000i64 {
+        let s = hash3_shard_of(id);
+        if found[s].is_none() {
+            found[s] = Some(id);
+        }
+    }
+    found.map(|k| k.expect("every shard gets some key"))
+}
