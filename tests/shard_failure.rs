@@ -307,9 +307,11 @@ async fn a_hung_shard_fails_its_statements_within_query_timeout() {
     let own = DevCluster::start("hung-shard").expect("own cluster");
     own.create_database(&db).expect("database on own cluster");
     own.psql(&db, SCHEMA).expect("schema on own cluster");
+    // connect_timeout above query_timeout: a statement that needs a new
+    // connection to the hung shard must still fail within query_timeout.
     let map = map_with_own_third_shard(&db, &own).replace(
         "connect_timeout: 1s }",
-        "connect_timeout: 1s, query_timeout: 2s }",
+        "connect_timeout: 10s, query_timeout: 2s }",
     );
     assert!(map.contains("query_timeout: 2s"), "{map}");
     let server = start_proxy(&map).await;
@@ -367,8 +369,20 @@ async fn a_hung_shard_fails_its_statements_within_query_timeout() {
                 .unwrap_or_else(|e| panic!("key {k} after the timeout: {e}"));
         }
     }
+    // Both pooled connections to s2 are gone: the next statement for it
+    // waits for a new one, which the stopped server never gives.
+    let started = Instant::now();
+    let error = client
+        .simple_query(&format!("SELECT name FROM users WHERE id = {}", keys[2]))
+        .await
+        .expect_err("no connection to the hung shard");
+    let db_error = error.as_db_error().expect("a server error");
+    assert_eq!(db_error.code().code(), "57014", "{db_error:?}");
+    assert!(db_error.message().contains("s2"), "{db_error:?}");
+    assert!(started.elapsed() < bound, "{:?}", started.elapsed());
+    eprintln!("{} after {:?}", db_error.message(), started.elapsed());
     // Prepared lookups of live keys: their Describe, which any shard may
-    // answer, passes over the hung one (after connect_timeout at worst).
+    // answer, passes over the hung one (after query_timeout at worst).
     for k in &keys[..2] {
         let started = Instant::now();
         client

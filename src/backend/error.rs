@@ -62,6 +62,14 @@ pub enum BackendError {
     /// not idle). Only seen by the pool itself, which then opens a new one.
     #[error("shard {shard}: backend connection is broken")]
     Broken { shard: String },
+    /// No connection (free or new) within `pool.query_timeout`: the bound on
+    /// a statement waiting for a hung shard, whose connections are stuck
+    /// and whose postmaster never answers a connect.
+    #[error(
+        "canceling statement due to query_timeout: no connection to shard {shard} within {}",
+        fmt_duration(*timeout)
+    )]
+    QueryTimeout { shard: String, timeout: Duration },
 }
 
 impl BackendError {
@@ -75,6 +83,7 @@ impl BackendError {
             BackendError::Server { error, .. } => error.sqlstate,
             BackendError::Auth { .. } => "28000",
             BackendError::Protocol { .. } => "08P01",
+            BackendError::QueryTimeout { .. } => "57014",
         }
     }
 
@@ -87,7 +96,8 @@ impl BackendError {
             | BackendError::Server { shard, .. }
             | BackendError::Auth { shard, .. }
             | BackendError::Protocol { shard, .. }
-            | BackendError::Broken { shard } => shard,
+            | BackendError::Broken { shard }
+            | BackendError::QueryTimeout { shard, .. } => shard,
         }
     }
 

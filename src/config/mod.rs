@@ -76,7 +76,7 @@ impl Default for ClientLimits {
             max_message_size: 64 << 20,
             max_client_memory: 256 << 20,
             login_timeout: Duration::from_secs(15),
-            max_pending_logins: 1000,
+            max_pending_logins: 10_000,
         }
     }
 }

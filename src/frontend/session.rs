@@ -1064,7 +1064,7 @@ impl Session {
             }
             None => {
                 let waiting = Instant::now();
-                let checkout = pool.checkout().await;
+                let checkout = checkout_within(pool, self.shared.config.pool.query_timeout).await;
                 self.shared.metrics.pool_wait(waiting.elapsed());
                 checkout
             }
@@ -1833,6 +1833,25 @@ const BACKEND_WRITE_BATCH: usize = 256 * 1024;
 /// not routing (routing keeps every one: see `parse_deferred`), and their
 /// buffers are freed once replaced.
 const MAX_REMEMBERED_UNNAMED: usize = 64 * 1024;
+
+/// A checkout bounded by `query_timeout` too (zero: only by the pool's
+/// own timeouts): behind a hung shard every pooled connection is stuck and
+/// a connect is never answered, and the statement must still fail in time.
+pub(super) async fn checkout_within(
+    pool: &crate::backend::ShardPool,
+    query_timeout: std::time::Duration,
+) -> Result<PooledBackend, BackendError> {
+    if query_timeout.is_zero() {
+        return pool.checkout().await;
+    }
+    match tokio::time::timeout(query_timeout, pool.checkout()).await {
+        Ok(checkout) => checkout,
+        Err(_) => Err(BackendError::QueryTimeout {
+            shard: pool.name().to_string(),
+            timeout: query_timeout,
+        }),
+    }
+}
 
 fn route_hint(sql: &str) -> Option<Hint<'_>> {
     if sql

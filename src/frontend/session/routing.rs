@@ -705,7 +705,9 @@ impl Session {
             match &answer {
                 Err(error)
                     if tried + 1 < count
-                        && (error.code.starts_with("08") || error.code == "57014") =>
+                        && (error.code.starts_with("08")
+                            || error.code.starts_with("57P")
+                            || error.code == "57014") =>
                 {
                     tracing::debug!(code = error.code, message = %error.message, "describe: trying the next shard");
                 }
@@ -733,8 +735,7 @@ impl Session {
         let Some(pool) = self.shared.pools.get(shard) else {
             return Err(ProxyError::error("08006", "no such shard"));
         };
-        let mut conn = pool
-            .checkout()
+        let mut conn = super::checkout_within(pool, self.shared.config.pool.query_timeout)
             .await
             .map_err(|error| ProxyError::error(error.sqlstate(), error.to_string()))?;
         // The statement must resolve names as the session would.
@@ -796,12 +797,17 @@ impl Session {
 /// A checkout failure that says the shard cannot be reached now (down,
 /// refusing, not answering), as opposed to a full pool or a refused login.
 fn unreachable(error: &BackendError) -> bool {
-    matches!(
-        error,
+    match error {
         BackendError::Unavailable { .. }
-            | BackendError::ConnectTimeout { .. }
-            | BackendError::Broken { .. }
-    )
+        | BackendError::ConnectTimeout { .. }
+        | BackendError::Broken { .. }
+        | BackendError::QueryTimeout { .. } => true,
+        // Starting up, shutting down, in recovery after a crash.
+        BackendError::Server { error, .. } => {
+            error.sqlstate.starts_with("57P") || error.sqlstate.starts_with("08")
+        }
+        _ => false,
+    }
 }
 
 /// An ErrorResponse that ends the backend (FATAL or PANIC).
