@@ -44,6 +44,9 @@ pub struct Shared {
     pub twophase: TwoPhase,
     /// Runs and merges statements that need several shards.
     pub fanout: FanoutExecutor,
+    /// Shards that just failed to answer; any-shard statements try others
+    /// first.
+    pub suspects: crate::backend::SuspectShards,
     /// Serialises catalog reads; `catalog_reads` counts completed ones.
     catalog_lock: tokio::sync::Mutex<()>,
     catalog_reads: std::sync::atomic::AtomicU64,
@@ -282,6 +285,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         router,
         twophase,
         fanout: FanoutExecutor::new(&config),
+        suspects: crate::backend::SuspectShards::new(config.shards.len()),
         catalog_lock: tokio::sync::Mutex::new(()),
         catalog_reads: std::sync::atomic::AtomicU64::new(0),
         placements_read: std::sync::atomic::AtomicBool::new(false),

@@ -382,14 +382,22 @@ async fn a_hung_shard_fails_its_statements_within_query_timeout() {
     assert!(started.elapsed() < bound, "{:?}", started.elapsed());
     eprintln!("{} after {:?}", db_error.message(), started.elapsed());
     // Prepared lookups of live keys: their Describe, which any shard may
-    // answer, passes over the hung one (after query_timeout at worst).
-    for k in &keys[..2] {
-        let started = Instant::now();
-        client
-            .query_one("SELECT name FROM users WHERE id = $1", &[k])
-            .await
-            .unwrap_or_else(|e| panic!("prepared lookup of key {k}: {e}"));
-        assert!(started.elapsed() < bound, "{:?}", started.elapsed());
+    // answer, does not wait on the hung one: it timed out above, so it is
+    // tried last for a while.
+    for round in 0..3 {
+        for k in &keys[..2] {
+            let started = Instant::now();
+            let fresh = connect_through(port, &db).await;
+            fresh
+                .query_one("SELECT name FROM users WHERE id = $1", &[k])
+                .await
+                .unwrap_or_else(|e| panic!("prepared lookup of key {k}: {e}"));
+            assert!(
+                started.elapsed() < Duration::from_secs(1),
+                "round {round}, key {k}: {:?}",
+                started.elapsed()
+            );
+        }
     }
     drop(frozen);
     let resumed = Instant::now();

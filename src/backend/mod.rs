@@ -15,6 +15,7 @@ mod error;
 mod hot;
 mod pool;
 mod prepared;
+mod suspect;
 
 pub use cancel::send_cancel;
 pub use connection::{BackendConnection, DEFAULT_APPLICATION_NAME};
@@ -24,3 +25,4 @@ pub use pool::{
     HEALTH_CHECK_AFTER_IDLE, PROBE_EVERY, RESET_TIMEOUT, WAIT_MAX_WINDOW,
 };
 pub use prepared::PreparedCache;
+pub use suspect::{SuspectShards, SUSPECT_FOR};

@@ -1183,6 +1183,7 @@ impl Session {
             "57014",
             format!("canceling statement due to query_timeout: shard \"{shard}\" did not answer within {timeout}"),
         );
+        self.shared.suspects.mark(attached.shard);
         tracing::warn!(shard = %shard, %timeout, "query_timeout: dropping the backend");
         self.lose_backend(error);
     }

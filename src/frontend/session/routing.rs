@@ -640,12 +640,13 @@ impl Session {
         }
         // Any shard will do, so a shard that cannot be reached is passed
         // over for the next (#15-3): a dead shard fails only its own keys.
-        let count = self.shared.pools.shards.len().max(1);
-        for tried in 0..count {
-            let candidate = (shard + tried) % count;
+        let order = self.shared.suspects.order(shard);
+        let count = order.len();
+        for (tried, candidate) in order.into_iter().enumerate() {
             match self.checkout(candidate).await {
                 Ok(()) => return Attach::Ready,
                 Err(error) if tried + 1 < count && unreachable(&error) => {
+                    self.shared.suspects.mark(candidate);
                     tracing::debug!(%error, "any-shard statement: trying the next shard");
                 }
                 Err(error) => {
@@ -686,22 +687,30 @@ impl Session {
         // backend dies on the way, is passed over (#15-3: asyncpg prepares
         // with Parse/Describe/Flush before it binds, so a dead shard failed
         // clients of the live ones).
-        let count = if self.session_shard.is_some() {
-            1
+        let order = if self.session_shard.is_some() {
+            vec![preferred]
         } else {
-            self.shared.pools.shards.len().max(1)
+            self.shared.suspects.order(preferred)
         };
+        let count = order.len();
         let mut answer = Err(ProxyError::error(
             "08006",
             "no shard to describe the statement",
         ));
-        for tried in 0..count {
-            let shard = if count == 1 {
-                preferred
-            } else {
-                (preferred + tried) % count
-            };
+        for (tried, shard) in order.into_iter().enumerate() {
             answer = self.describe_on(shard, query, param_types).await;
+            let failed = match &answer {
+                Err(error) => {
+                    error.code.starts_with("08")
+                        || error.code.starts_with("57P")
+                        || error.code == "57014"
+                }
+                Ok(Answer::Failed(frames)) => is_fatal(frames),
+                Ok(Answer::Described(_)) => false,
+            };
+            if failed {
+                self.shared.suspects.mark(shard);
+            }
             match &answer {
                 Err(error)
                     if tried + 1 < count
