@@ -700,30 +700,16 @@ impl Session {
         for (tried, shard) in order.into_iter().enumerate() {
             answer = self.describe_on(shard, query, param_types).await;
             let failed = match &answer {
-                Err(error) => {
-                    error.code.starts_with("08")
-                        || error.code.starts_with("57P")
-                        || error.code == "57014"
-                }
+                Err(error) => not_answering(error.code),
                 Ok(Answer::Failed(frames)) => is_fatal(frames),
                 Ok(Answer::Described(_)) => false,
             };
-            if failed {
-                self.shared.suspects.mark(shard);
+            if !failed {
+                break;
             }
-            match &answer {
-                Err(error)
-                    if tried + 1 < count
-                        && (error.code.starts_with("08")
-                            || error.code.starts_with("57P")
-                            || error.code == "57014") =>
-                {
-                    tracing::debug!(code = error.code, message = %error.message, "describe: trying the next shard");
-                }
-                Ok(Answer::Failed(frames)) if tried + 1 < count && is_fatal(frames) => {
-                    tracing::debug!("describe: the backend ended; trying the next shard");
-                }
-                _ => break,
+            self.shared.suspects.mark(shard);
+            if tried + 1 < count {
+                tracing::debug!(shard, "describe: the shard did not answer; trying the next");
             }
         }
         match answer {
@@ -806,17 +792,13 @@ impl Session {
 /// A checkout failure that says the shard cannot be reached now (down,
 /// refusing, not answering), as opposed to a full pool or a refused login.
 fn unreachable(error: &BackendError) -> bool {
-    match error {
-        BackendError::Unavailable { .. }
-        | BackendError::ConnectTimeout { .. }
-        | BackendError::Broken { .. }
-        | BackendError::QueryTimeout { .. } => true,
-        // Starting up, shutting down, in recovery after a crash.
-        BackendError::Server { error, .. } => {
-            error.sqlstate.starts_with("57P") || error.sqlstate.starts_with("08")
-        }
-        _ => false,
-    }
+    !matches!(error, BackendError::Protocol { .. }) && not_answering(error.sqlstate())
+}
+
+/// SQLSTATEs that say the shard is not answering now: connection failures
+/// (08), starting up / shutting down / crashed (57P), past `query_timeout`.
+fn not_answering(code: &str) -> bool {
+    code.starts_with("08") || code.starts_with("57P") || code == "57014"
 }
 
 /// An ErrorResponse that ends the backend (FATAL or PANIC).
