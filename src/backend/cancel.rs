@@ -53,3 +53,11 @@ pub async fn send_cancel(
     let _ = tokio::time::timeout(CANCEL_LINGER, stream.read(&mut sink)).await;
     Ok(())
 }
+
+/// [`send_cancel`] without waiting for it: for a backend being given up on
+/// (past `query_timeout`), which a hung server may never let us reach.
+pub fn send_cancel_in_background(shard: ShardConfig, backend_pid: i32, secret: i32) {
+    tokio::spawn(async move {
+        let _ = send_cancel(&shard, backend_pid, secret).await;
+    });
+}

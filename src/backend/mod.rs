@@ -17,7 +17,7 @@ mod pool;
 mod prepared;
 mod suspect;
 
-pub use cancel::send_cancel;
+pub use cancel::{send_cancel, send_cancel_in_background};
 pub use connection::{BackendConnection, DEFAULT_APPLICATION_NAME};
 pub use error::{intern_sqlstate, BackendError, ServerError};
 pub use pool::{

@@ -1174,9 +1174,7 @@ impl Session {
         let shard = self.shard_name(attached.shard);
         let (pid, secret) = attached.conn.cancel_key();
         if let Some(config) = self.shared.config.shards.get(attached.shard).cloned() {
-            tokio::spawn(async move {
-                let _ = crate::backend::send_cancel(&config, pid, secret).await;
-            });
+            crate::backend::send_cancel_in_background(config, pid, secret);
         }
         let timeout = format!("{:?}", self.shared.config.pool.query_timeout);
         let error = ProxyError::error(

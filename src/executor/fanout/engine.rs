@@ -401,9 +401,7 @@ pub async fn gather<W: ClientSink, M: Merge>(
                         // never hears it (the task gives up on its own).
                         if let Some(shard) = ex.shards.get(t.shard).cloned() {
                             let (pid, secret) = t.conn.cancel_key();
-                            tokio::spawn(async move {
-                                let _ = send_cancel(&shard, pid, secret).await;
-                            });
+                            crate::backend::send_cancel_in_background(shard, pid, secret);
                         }
                         t.conn.mark_broken();
                         s.dead = true;
