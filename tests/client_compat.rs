@@ -635,7 +635,19 @@ async fn sql_execute_runs_a_protocol_prepared_statement() {
 /// later too, and `ROLLBACK TO` after an error undoes the same work on all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn savepoints_span_the_shards_of_a_transaction() {
-    let targets = targets("cc_savepoints").await;
+    savepoints_across_shards("cc_savepoints", false).await;
+}
+
+/// The same with every statement sent with the extended protocol, as
+/// psycopg 3 sends them (SQLAlchemy's `begin_nested()`): Parse, Bind,
+/// Describe, Execute, Sync each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extended_protocol_savepoints_span_the_shards_of_a_transaction() {
+    savepoints_across_shards("cc_savepoints_ext", true).await;
+}
+
+async fn savepoints_across_shards(name: &str, extended: bool) {
+    let targets = targets(name).await;
     for (label, port, db, user) in &targets.list {
         let mut c = Wire::connect(*port, user, db).await;
         let script = [
@@ -654,7 +666,21 @@ async fn savepoints_span_the_shards_of_a_transaction() {
         ];
         let mut errors = Vec::new();
         for sql in script {
-            let answers = c.exchange(&wire::query(sql), 1).await;
+            let message = if extended {
+                batch(&[
+                    wire::parse("", sql, &[]),
+                    wire::bind("", "", &[]),
+                    wire::describe(b'P', ""),
+                    wire::execute("", 0),
+                    wire::sync(),
+                ])
+            } else {
+                wire::query(sql)
+            };
+            let answers = c.exchange(&message, 1).await;
+            if extended && codes(&answers).is_empty() {
+                assert_eq!(tags(&answers), "12nCZ", "{label}: {sql}: {answers:?}");
+            }
             errors.extend(
                 codes(&answers)
                     .into_iter()

@@ -424,6 +424,9 @@ impl Merge for Collect {
 /// (Broadcast: every shard has the same rows).
 pub struct Pass {
     pub emit_header: bool,
+    /// A Describe(portal) of the extended protocol is answered: a statement
+    /// without rows gets NoData, as from Postgres.
+    pub no_data: bool,
     pub only: Option<usize>,
     pub rows: u64,
 }
@@ -433,8 +436,12 @@ impl Merge for Pass {
         false
     }
     fn header(&mut self, fields: Option<&[Field]>, out: &mut BytesMut) -> Result<(), ProxyError> {
-        if let (Some(f), true) = (fields, self.emit_header) {
-            encode_row_description(out, f);
+        match (fields, self.emit_header) {
+            (Some(f), true) => encode_row_description(out, f),
+            (None, _) if self.no_data => {
+                out.extend_from_slice(&[crate::protocol::tag::NO_DATA, 0, 0, 0, 4])
+            }
+            _ => {}
         }
         Ok(())
     }

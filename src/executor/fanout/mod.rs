@@ -447,6 +447,7 @@ async fn passthrough<W: ClientSink>(
     let batches: Vec<_> = targets.iter().map(|_| Some(batch.clone())).collect();
     let mut merge = Pass {
         emit_header: req.emit_header(),
+        no_data: req.extended && req.describe,
         only: broadcast.then_some(0),
         rows: 0,
     };

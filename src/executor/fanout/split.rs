@@ -96,6 +96,12 @@ pub(crate) async fn run<W: ClientSink>(
     }
     let mut collect = Collect::new(targets.len(), ex.max_merge_memory());
     let g = gather(ex, targets, &batches, &mut collect, output, memory).await?;
+    if collect.fields.is_none() && req.extended && req.describe {
+        // Described portal of a statement without rows, as from Postgres.
+        output
+            .out
+            .extend_from_slice(&[crate::protocol::tag::NO_DATA, 0, 0, 0, 4]);
+    }
     // RETURNING rows in VALUES order: row r is the next row of its shard.
     if let Some(fields) = &collect.fields {
         if req.emit_header() {

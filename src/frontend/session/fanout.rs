@@ -47,6 +47,9 @@ pub(super) struct PendingPortal {
     /// COMMIT (true) or ROLLBACK (false) of a multi-shard transaction
     /// instead of a fan-out statement (see `Session::bind_end_multi`).
     end: Option<bool>,
+    /// A savepoint command or SET (its text, in `sql`) run on every shard
+    /// of a multi-shard transaction (see `Session::bind_end_multi`).
+    every_participant: bool,
     /// Transaction control shardgate answers itself (see [`Held`]).
     held: Option<Held>,
     /// Bound inside a transaction block and kept past a Sync (asyncpg
@@ -78,8 +81,20 @@ impl PendingPortal {
             describe: false,
             max_rows: 0,
             end: Some(commit),
+            every_participant: false,
             held: None,
             kept: false,
+        }
+    }
+
+    /// The portal of a savepoint command or SET that runs on every shard of
+    /// a multi-shard transaction at its Execute.
+    pub(super) fn every_participant(portal: &str, sql: &str) -> PendingPortal {
+        PendingPortal {
+            sql: sql.to_string(),
+            end: None,
+            every_participant: true,
+            ..PendingPortal::end(portal, false)
         }
     }
 
@@ -106,7 +121,8 @@ impl PendingPortal {
     /// At Sync: a statement's portal inside a transaction block stays
     /// (true); anything else ends.
     pub(super) fn keep_at_sync(&mut self, in_block: bool) -> bool {
-        self.kept = in_block && self.end.is_none() && self.held.is_none();
+        self.kept =
+            in_block && self.end.is_none() && self.held.is_none() && !self.every_participant;
         self.kept
     }
 
@@ -294,6 +310,7 @@ impl Session {
             describe: false,
             max_rows: 0,
             end: None,
+            every_participant: false,
             held: None,
             kept: false,
         });
@@ -320,6 +337,11 @@ impl Session {
         }
         if let Some(commit) = portal.end {
             self.finish_multi(commit, Some(portal.describe)).await;
+            return;
+        }
+        if portal.every_participant {
+            self.on_every_participant(&portal.sql, Some(portal.describe))
+                .await;
             return;
         }
         if self.status == b'E' {

@@ -290,23 +290,30 @@ impl Session {
     /// Bind of an extended-protocol COMMIT / ROLLBACK in a transaction with
     /// more than one shard (pgbench `-M extended`, drivers that prepare
     /// every statement): kept until its Execute, which ends the transaction
-    /// on every shard like the simple-query COMMIT. Other control statements
-    /// are refused, as is a COMMIT pipelined behind unanswered statements of
+    /// on every shard like the simple-query COMMIT. Savepoint commands and
+    /// SET (psycopg sends every statement with the extended protocol, so
+    /// SQLAlchemy's `begin_nested()` arrives this way) run on every shard
+    /// at their Execute, as in a simple query. Other control statements
+    /// are refused, as is one pipelined behind unanswered statements of
     /// the same batch (the backends would have to be synced first).
     pub(super) fn bind_end_multi(&mut self, bind: &Bind<'_>) -> Attach {
-        let verb = if bind.statement.is_empty() {
+        let text = if bind.statement.is_empty() {
             self.unnamed_parse
                 .get(5..)
                 .and_then(|body| Parse::decode(body).ok())
-                .and_then(|p| tx_verb(p.query))
+                .map(|p| p.query.to_string())
         } else {
             self.statements
                 .text_of(bind.statement)
-                .and_then(|(query, _)| tx_verb(query))
+                .map(|(query, _)| query.to_string())
         };
-        let commit = match verb {
-            Some(TxVerb::Commit) => true,
-            Some(TxVerb::Rollback) => false,
+        let text = text.unwrap_or_default();
+        let portal = match tx_verb(&text) {
+            Some(TxVerb::Commit) => PendingPortal::end(bind.portal, true),
+            Some(TxVerb::Rollback) => PendingPortal::end(bind.portal, false),
+            _ if super::routing::participant_control(&text) => {
+                PendingPortal::every_participant(bind.portal, &text)
+            }
             _ => {
                 self.report(control_in_multi_shard_transaction(), true);
                 return Attach::Failed;
@@ -320,7 +327,7 @@ impl Session {
             // Answers of earlier batches first.
             return Attach::Wait;
         }
-        self.pending_portal = Some(PendingPortal::end(bind.portal, commit));
+        self.pending_portal = Some(portal);
         let mut out = BytesMut::new();
         synth::bind_complete(&mut out);
         self.queue.local(out, &mut self.client_out);
@@ -396,8 +403,10 @@ impl Session {
     /// on every participant (one after the other) and is kept for shards
     /// that join later, so a `ROLLBACK TO` undoes the same work everywhere.
     /// The client's transaction is in the state the participants report:
-    /// `ROLLBACK TO` after an error brings all of them back.
-    pub(super) async fn on_every_participant(&mut self, sql: &str) {
+    /// `ROLLBACK TO` after an error brings all of them back. `extended`:
+    /// `Some(described)` for an Execute (NoData first when the portal was
+    /// described; no ReadyForQuery, the client's Sync gets it).
+    pub(super) async fn on_every_participant(&mut self, sql: &str, extended: Option<bool>) {
         let before = self.status;
         let mut tag = None;
         let mut failure = None;
@@ -421,6 +430,10 @@ impl Session {
             failed_state |= attached.conn.transaction_status() != b'T';
         }
         let mut out = BytesMut::new();
+        if extended == Some(true) {
+            // NoData: the Describe of a statement without rows.
+            out.extend_from_slice(&[b'n', 0, 0, 0, 4]);
+        }
         match failure {
             None => {
                 self.transaction_replay.push(sql.to_string());
@@ -429,6 +442,9 @@ impl Session {
             Some(error) => {
                 self.shared.metrics.error(None, error.code);
                 error.encode(&mut out);
+                if extended.is_some() {
+                    self.skip_until_sync = true;
+                }
             }
         }
         self.status = if failed_state { b'E' } else { b'T' };
@@ -450,7 +466,9 @@ impl Session {
         self.settings
             .batch_done(before, self.status, self.status == b'E', None);
         self.batch_status_before = self.status;
-        synth::ready_for_query(&mut out, self.status);
+        if extended.is_none() {
+            synth::ready_for_query(&mut out, self.status);
+        }
         self.queue.local(out, &mut self.client_out);
     }
 
@@ -515,8 +533,8 @@ pub(super) fn control_in_multi_shard_transaction() -> ProxyError {
     ProxyError::error(
         "0A000",
         "this statement cannot be applied to a transaction that spans several shards \
-         (PREPARE TRANSACTION, LISTEN/NOTIFY, and savepoints or SET sent with the extended \
-         protocol are not supported there)",
+         (PREPARE TRANSACTION and LISTEN/NOTIFY are not supported there, nor a savepoint, \
+         SET or COMMIT pipelined behind unanswered statements of the same extended batch)",
     )
-    .with_hint("send savepoints and SET as simple queries, or keep the statement to one-shard transactions")
+    .with_hint("keep the statement to one-shard transactions, or send a Sync before it")
 }

@@ -410,7 +410,7 @@ impl Session {
                 if !self.queue.is_empty() {
                     return Attach::Wait;
                 }
-                Box::pin(self.on_every_participant(sql)).await;
+                Box::pin(self.on_every_participant(sql, None)).await;
                 return Attach::Answered;
             }
             Destination::Refuse(error) => {
@@ -516,6 +516,7 @@ impl Session {
                 return Attach::Failed;
             }
         };
+        let no_shard = matches!(route, Route::NoShard);
         let attach = match route {
             Route::NoShard if !self.others.is_empty() => self.bind_end_multi(bind),
             Route::NoShard if self.backend.is_none() => match self.bound_verb(bind) {
@@ -555,6 +556,15 @@ impl Session {
                 }
             }
         };
+        if attach == Attach::Ready && no_shard && self.status != b'I' {
+            // A savepoint or SET of a one-shard transaction: a shard joining
+            // it later gets it too (as for a simple query).
+            let control = self
+                .bound_text(bind)
+                .filter(|text| participant_control(text))
+                .map(str::to_string);
+            self.transaction_replay.extend(control);
+        }
         if attach == Attach::Ready && self.statement_writes && !self.note_write(true) {
             return Attach::Failed;
         }
