@@ -710,3 +710,75 @@ async fn savepoints_across_shards(name: &str, extended: bool) {
         );
     }
 }
+
+/// `pg_prepared_statements` lists the client's own statements, by its
+/// names, in the order it prepared them — not shardgate's `sg_…` copies or
+/// another client's (#14-D4: psycopg's and asyncpg's tests count its rows).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_prepared_statements_lists_the_clients_own_statements() {
+    let targets = targets("cc_prepared_view").await;
+    let listing = "SELECT name, statement, parameter_types::text FROM pg_prepared_statements \
+                   WHERE name <> '' ORDER BY prepare_time";
+    for (label, port, db, user) in &targets.list {
+        // Another client's statements stay on the shared backend.
+        let mut other = Wire::connect(*port, user, db).await;
+        let answers = other
+            .exchange(
+                &parse_and_run(
+                    "theirs",
+                    "SELECT b FROM sp WHERE id = $1",
+                    &[20],
+                    &[Some("1")],
+                ),
+                1,
+            )
+            .await;
+        assert_eq!(codes(&answers), Vec::<String>::new(), "{label}");
+        drop(other);
+        let mut c = Wire::connect(*port, user, db).await;
+        let answers = c.exchange(&wire::query(listing), 1).await;
+        assert_eq!(
+            rows(&answers),
+            0,
+            "{label}: a fresh client has none: {answers:?}"
+        );
+        for (name, sql) in [
+            ("s_one", "SELECT b FROM sp WHERE id = $1"),
+            ("s_two", "SELECT 2"),
+        ] {
+            let types: &[i32] = if name == "s_one" { &[20] } else { &[] };
+            let params: &[Option<&str>] = if name == "s_one" { &[Some("2")] } else { &[] };
+            let answers = c
+                .exchange(&parse_and_run(name, sql, types, params), 1)
+                .await;
+            assert_eq!(
+                codes(&answers),
+                Vec::<String>::new(),
+                "{label}: {answers:?}"
+            );
+        }
+        // Over the extended protocol too (psycopg reads it so).
+        for message in [wire::query(listing), parse_and_run("", listing, &[], &[])] {
+            let answers = c.exchange(&message, 1).await;
+            let listed: Vec<String> = answers
+                .iter()
+                .filter(|m| m.tag == b'D')
+                .map(|m| {
+                    wire::fields_of_row(&m.body)
+                        .into_iter()
+                        .map(|f| f.unwrap_or_default())
+                        .collect::<Vec<_>>()
+                        .join("|")
+                })
+                .collect();
+            assert_eq!(
+                listed,
+                [
+                    "s_one|SELECT b FROM sp WHERE id = $1|{bigint}",
+                    "s_two|SELECT 2|{}"
+                ],
+                "{label}: {answers:?}"
+            );
+        }
+    }
+}

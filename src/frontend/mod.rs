@@ -9,6 +9,7 @@ pub mod cancel;
 pub mod encoding;
 pub mod limits;
 pub mod prepared;
+pub mod prepared_view;
 pub mod presence;
 pub mod responses;
 pub mod session;

@@ -24,6 +24,8 @@ struct Statement {
     param_types: Vec<u8>,
     /// The Parse clock when the client parsed it.
     parsed_at: u64,
+    /// Wall-clock time of the client's Parse (`pg_prepared_statements`).
+    prepared_at: std::time::SystemTime,
     /// It went to a backend at least once (a rejection there removes the
     /// name). Until then a routing-mode Parse was only recorded, and the
     /// client may define the name again (its first text may have been one
@@ -98,6 +100,7 @@ impl ClientStatements {
             query: parse.query.to_string(),
             param_types: parse.param_types.to_vec(),
             parsed_at: parse_tick(),
+            prepared_at: std::time::SystemTime::now(),
             sent: true,
         };
         let action = if cache
@@ -131,6 +134,7 @@ impl ClientStatements {
                 query: parse.query.to_string(),
                 param_types: parse.param_types.to_vec(),
                 parsed_at: parse_tick(),
+                prepared_at: std::time::SystemTime::now(),
                 sent: false,
             },
         );
@@ -240,6 +244,26 @@ impl ClientStatements {
 
     pub fn len(&self) -> usize {
         self.named.len()
+    }
+
+    /// The client's statements as `pg_prepared_statements` lists them.
+    pub fn listing(&self) -> Vec<super::prepared_view::Listed<'_>> {
+        self.named
+            .iter()
+            .map(|(name, s)| super::prepared_view::Listed {
+                name,
+                server_name: &s.server_name,
+                query: &s.query,
+                param_types: s
+                    .param_types
+                    .get(2..)
+                    .unwrap_or_default()
+                    .chunks_exact(4)
+                    .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+                prepared_at: s.prepared_at,
+            })
+            .collect()
     }
 
     pub fn is_empty(&self) -> bool {

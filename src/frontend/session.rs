@@ -512,6 +512,16 @@ impl Session {
                     }
                 }
                 let effects = scan_statement(sql);
+                let rewritten;
+                let (frame, sql) = match self.read_prepared_view(effects, sql) {
+                    Some(text) => {
+                        let mut query = BytesMut::new();
+                        synth::query(&mut query, &text);
+                        rewritten = (query, text);
+                        (&rewritten.0[..], rewritten.1.as_str())
+                    }
+                    None => (frame, sql),
+                };
                 self.note_effects(effects);
                 if let Some(router) = self.router() {
                     let attach = self.attach_query(&router, frame, sql).await;
@@ -567,6 +577,21 @@ impl Session {
                     Err(error) => return Err(protocol_violation(error)),
                 };
                 let effects = self.scan_cached(parse.query);
+                let rewritten;
+                let (frame, parse) = match self.read_prepared_view(effects, parse.query) {
+                    Some(text) => {
+                        let mut message = BytesMut::new();
+                        Parse {
+                            query: &text,
+                            ..parse
+                        }
+                        .encode_as(parse.name, &mut message);
+                        rewritten = message;
+                        let parse = Parse::decode(&rewritten[5..]).map_err(protocol_violation)?;
+                        (&rewritten[..], parse)
+                    }
+                    None => (frame, parse),
+                };
                 self.note_effects(effects);
                 if parse.name.is_empty() {
                     self.unnamed_effects = effects;
@@ -763,6 +788,15 @@ impl Session {
             }
         }
         Ok(Step::Next)
+    }
+
+    /// The statement's text with `pg_prepared_statements` answered from the
+    /// client's own statements (`prepared_view`), if it reads the view.
+    fn read_prepared_view(&self, effects: StatementEffects, sql: &str) -> Option<String> {
+        if !effects.reads_prepared_view || self.text_transcoded {
+            return None;
+        }
+        super::prepared_view::rewrite(sql, &self.statements.listing())
     }
 
     /// `scan_statement`, remembered for the last Parse text: drivers re-send
@@ -1878,6 +1912,9 @@ struct StatementEffects {
     drops_statements: bool,
     /// DISCARD ALL: every session-scoped effect is undone.
     discards_all: bool,
+    /// Reads `pg_prepared_statements`, answered from the client's own
+    /// statements (`prepared_view`).
+    reads_prepared_view: bool,
 }
 
 /// Bytes that make up identifiers and keywords.
@@ -1949,6 +1986,7 @@ fn scan_statement(sql: &str) -> StatementEffects {
             Some(b'l') if is(b"listen") => effects.taints = true,
             Some(b't') if is(b"temp") || is(b"temporary") => effects.taints = true,
             Some(b'p') if is(b"prepare") => effects.taints = true,
+            Some(b'p') if is(b"pg_prepared_statements") => effects.reads_prepared_view = true,
             Some(b'p')
                 if is(b"pg_advisory_lock")
                     || is(b"pg_advisory_lock_shared")

@@ -336,3 +336,25 @@ impl Wire {
         self.until_ready(ready).await
     }
 }
+
+/// The text values of a DataRow body (None: NULL).
+#[allow(dead_code)]
+pub fn fields_of_row(body: &[u8]) -> Vec<Option<String>> {
+    let count = u16::from_be_bytes([body[0], body[1]]) as usize;
+    let mut at = 2;
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        let len = i32::from_be_bytes([body[at], body[at + 1], body[at + 2], body[at + 3]]);
+        at += 4;
+        if len < 0 {
+            out.push(None);
+        } else {
+            let len = len as usize;
+            out.push(Some(
+                String::from_utf8_lossy(&body[at..at + len]).into_owned(),
+            ));
+            at += len;
+        }
+    }
+    out
+}
