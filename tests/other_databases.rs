@@ -6,7 +6,9 @@
 //! does not have gets Postgres' own 3D000 at login; without the option the
 //! 3D000 names it; `max_databases` caps the pools (idle ones give way); a
 //! pool closes its backends when its last client leaves, so `DROP DATABASE`
-//! through the proxy works; a cancel reaches the serving server.
+//! through the proxy works; `CREATE DATABASE` through the routed database
+//! runs on every shard and a failure on one is reported with where it
+//! succeeded; a cancel reaches the serving server.
 
 mod support;
 
@@ -178,6 +180,30 @@ async fn other_databases_are_served(
             !exists_on(cluster, &made).await,
             "{label}: dropped on shard {cluster}"
         );
+    }
+    if shards > 1 {
+        // Each shard on its own (Postgres refuses CREATE DATABASE in a
+        // transaction block): a failure on one is reported, never silent.
+        let half = format!("{routed_db}_half");
+        connect(&fleet().clusters[2], "postgres")
+            .await
+            .simple_query(&format!("CREATE DATABASE {half}"))
+            .await
+            .expect("directly on shard 2");
+        let error = admin
+            .simple_query(&format!("CREATE DATABASE {half}"))
+            .await
+            .expect_err("exists on shard 2");
+        let db = error.as_db_error().expect("server error");
+        let said = format!("{} {}", db.message(), db.detail().unwrap_or_default());
+        assert!(
+            said.contains("failed on s2") && said.contains("succeeded on s0, s1"),
+            "{label}: {said}"
+        );
+        admin
+            .simple_query(&format!("DROP DATABASE {half}"))
+            .await
+            .expect("dropped everywhere");
     }
     let metrics = scrape_metrics(server.metrics_address.expect("metrics")).await;
     assert!(
