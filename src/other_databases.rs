@@ -12,6 +12,7 @@
 //! name, a pool with clients does not.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -59,6 +60,10 @@ pub struct OtherDatabases {
 struct Inner {
     settings: OtherDatabasesConfig,
     pools: Mutex<HashMap<String, Entry>>,
+    /// Source of `Entry::idle_epoch`: unique over all entries, so a delayed
+    /// drop planned for a pool since evicted never hits a newer pool of
+    /// the same name.
+    epochs: AtomicU64,
 }
 
 struct Entry {
@@ -66,8 +71,8 @@ struct Entry {
     shared: Arc<Shared>,
     /// Leases alive: sessions, and logins being checked.
     clients: usize,
-    /// Counts the times `clients` fell to zero; a delayed drop goes ahead
-    /// only if no client came and went since it was planned.
+    /// Set anew each time `clients` falls to zero; a delayed drop goes
+    /// ahead only if no client came and went since it was planned.
     idle_epoch: u64,
     idle_since: Instant,
 }
@@ -87,12 +92,9 @@ impl OtherDatabases {
             inner: Arc::new(Inner {
                 settings,
                 pools: Mutex::new(HashMap::new()),
+                epochs: AtomicU64::new(1),
             }),
         }
-    }
-
-    pub fn settings(&self) -> &OtherDatabasesConfig {
-        &self.inner.settings
     }
 
     /// A client for `database`: its pool, made now if there is none. At
@@ -195,7 +197,7 @@ impl Inner {
         if entry.clients > 0 {
             return;
         }
-        entry.idle_epoch += 1;
+        entry.idle_epoch = self.epochs.fetch_add(1, Ordering::Relaxed);
         entry.idle_since = Instant::now();
         let never_connected = entry
             .shared
@@ -256,10 +258,6 @@ impl Lease {
     /// The plain pooler the client's session runs on.
     pub fn shared(&self) -> &Arc<Shared> {
         &self.shared
-    }
-
-    pub fn database(&self) -> &str {
-        &self.database
     }
 }
 

@@ -5,7 +5,8 @@
 //! proxy, with one shard and with three (S not the first). A name the server
 //! does not have gets Postgres' own 3D000 at login; without the option the
 //! 3D000 names it; `max_databases` caps the pools (idle ones give way); a
-//! pool closes its backends when its last client leaves, so `DROP DATABASE`
+//! pool closes its backends when its last client leaves (or `idle_timeout`
+//! later), so `DROP DATABASE`
 //! through the proxy works; `CREATE DATABASE` through the routed database
 //! runs on every shard and a failure on one is reported with where it
 //! succeeded; a cancel reaches the serving server.
@@ -336,6 +337,30 @@ async fn max_databases_caps_the_pools_and_idle_ones_give_way() {
     let other = server.shared.other_databases.as_ref().expect("option on");
     assert_eq!(other.len(), 2);
     drop((client_b, client_b2, client_c));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_idle_pool_stays_for_idle_timeout_then_closes_its_backends() {
+    let db = fresh_db("other_linger");
+    let kept = fresh_db("other_linger_kept");
+    let server = start_proxy(&shard_map(
+        &db,
+        "other_databases: { shard: s1, idle_timeout: 700ms }\n",
+    ))
+    .await;
+    let client = connect_to(&server, &kept).await.expect("login");
+    client.simple_query("SELECT 1").await.expect("query");
+    drop(client);
+    let other = server.shared.other_databases.as_ref().expect("option on");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(other.len(), 1, "kept while idle_timeout runs");
+    assert_eq!(sessions_on(1, &kept).await, 1, "its backend stays open");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !other.is_empty() || sessions_on(1, &kept).await > 0 {
+        assert!(Instant::now() < deadline, "the idle pool did not go");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     server.stop().await;
 }
 
