@@ -80,11 +80,16 @@ pub fn summary(config: &Config) -> String {
                 .get(other.shard)
                 .map(|s| format!("{} ({}@{}:{})", s.name, s.user, s.host, s.port))
                 .unwrap_or_else(|| "?".to_string());
+            let linger = if other.idle_timeout.is_zero() {
+                "closed when its last client leaves".to_string()
+            } else {
+                format!("kept {:?} after its last client", other.idle_timeout)
+            };
             writeln!(
                 out,
                 "other database names: plain pooler on the server of shard {server}, \
-                 up to {} at once, pool kept {:?} after its last client",
-                other.max_databases, other.idle_timeout
+                 up to {} at once, each pool {linger}",
+                other.max_databases
             )
         }
     };
