@@ -68,6 +68,31 @@ pub fn summary(config: &Config) -> String {
         crate::config::DefaultTable::Error => "refused with an error",
     };
     let _ = writeln!(out, "tables not named above: {default}");
+    let _ = match &config.other_databases {
+        None => writeln!(
+            out,
+            "other database names: refused (3D000); clients connect to {}",
+            config.database
+        ),
+        Some(other) => {
+            let server = config
+                .shards
+                .get(other.shard)
+                .map(|s| format!("{} ({}@{}:{})", s.name, s.user, s.host, s.port))
+                .unwrap_or_else(|| "?".to_string());
+            let linger = if other.idle_timeout.is_zero() {
+                "closed when its last client leaves".to_string()
+            } else {
+                format!("kept {:?} after its last client", other.idle_timeout)
+            };
+            writeln!(
+                out,
+                "other database names: plain pooler on the server of shard {server}, \
+                 up to {} at once, each pool {linger}",
+                other.max_databases
+            )
+        }
+    };
     out
 }
 

@@ -4,7 +4,8 @@
 //! `frontend` (client connections: TLS, startup, auth, the message loop)
 //! → `router` (where a statement goes) → `backend` (pooled raw connections
 //! to the shards). `protocol` holds the I/O-free wire codec, `server` the
-//! running proxy, `config` the YAML shard map, `sharding` the sharding
+//! running proxy, `other_databases` the plain poolers of database names
+//! other than the map's, `config` the YAML shard map, `sharding` the sharding
 //! functions, `devcluster` throwaway Postgres clusters for demo and tests.
 
 pub mod backend;
@@ -16,6 +17,7 @@ pub mod executor;
 pub mod frontend;
 pub mod metrics;
 pub mod migrate;
+pub mod other_databases;
 pub mod placement;
 pub mod protocol;
 pub mod router;

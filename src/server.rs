@@ -20,6 +20,7 @@ use crate::frontend::session::Session;
 use crate::frontend::startup::{self, Accepted, KeyGenerator};
 use crate::frontend::tls;
 use crate::metrics::Metrics;
+use crate::other_databases::OtherDatabases;
 use crate::placement;
 use crate::router::catalog::{self, CatalogError};
 use crate::router::{Router, RouterError, ShardMap};
@@ -53,9 +54,49 @@ pub struct Shared {
     /// Some shard's recorded placements were read and compared; until then
     /// every map table is fenced ([`placement::unchecked`]).
     placements_read: std::sync::atomic::AtomicBool,
+    /// The pools of database names other than `config.database`
+    /// (`other_databases`); `None` when the map does not serve them.
+    pub other_databases: Option<OtherDatabases>,
 }
 
 impl Shared {
+    /// The state of a plain pooler (no router, one shard) for `database` on
+    /// the server of shard `shard`, for the clients of another database
+    /// name: the map's pool settings and users, this proxy's key generator,
+    /// client limits and metrics (recorded as that shard's). `None` if the
+    /// map has no such shard.
+    pub fn plain_pooler(&self, database: &str, shard: usize) -> Option<Shared> {
+        let mut config = (*self.config).clone();
+        let mut serving = config.shards.get(shard)?.clone();
+        serving.database = database.to_string();
+        config.database = database.to_string();
+        config.shards = vec![serving];
+        config.tables.clear();
+        config.functions.clear();
+        config.default_table = DefaultTable::Error;
+        config.other_databases = None;
+        let metrics = self.metrics.for_shard(shard);
+        Some(Shared {
+            limiter: self.limiter.clone(),
+            login_failures: LoginFailures::new(metrics.clone()),
+            twophase: TwoPhase::new(&config, None),
+            fanout: FanoutExecutor::new(&config),
+            metrics,
+            router: None,
+            suspects: crate::backend::SuspectShards::new(1),
+            catalog_lock: tokio::sync::Mutex::new(()),
+            catalog_reads: std::sync::atomic::AtomicU64::new(0),
+            placements_read: std::sync::atomic::AtomicBool::new(true),
+            users: self.users.clone(),
+            pools: Pools::new(&config),
+            tls: None,
+            keys: self.keys.clone(),
+            cancels: CancelRegistry::default(),
+            other_databases: None,
+            config: Arc::new(config),
+        })
+    }
+
     /// Re-reads key types and column orders from the first shard that
     /// answers. Returns true if a read completed since the call (callers
     /// then retry the statement once). Sessions asking at the same time
@@ -289,6 +330,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         catalog_lock: tokio::sync::Mutex::new(()),
         catalog_reads: std::sync::atomic::AtomicU64::new(0),
         placements_read: std::sync::atomic::AtomicBool::new(false),
+        other_databases: config.other_databases.clone().map(OtherDatabases::new),
         users: UserDirectory::from_config(&config)?,
         pools: Pools::new(&config),
         tls,
@@ -387,6 +429,11 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
             scrape_shared
                 .metrics
                 .record_pools(&scrape_shared.pools.shards);
+            if let Some(other) = &scrape_shared.other_databases {
+                scrape_shared
+                    .metrics
+                    .record_other_databases(&other.pool_states());
+            }
         });
         tokio::spawn(async move {
             tokio::select! {
@@ -439,15 +486,33 @@ async fn serve_client(shared: Arc<Shared>, socket: tokio::net::TcpStream) {
     }
 }
 
-async fn serve_session(shared: Arc<Shared>, client: Box<startup::ClientStartup>) {
+async fn serve_session(shared: Arc<Shared>, mut client: Box<startup::ClientStartup>) {
     let _connected = shared.metrics.client_connected();
     let slot = CancelSlot::default();
     let (pid, secret) = client.key;
-    shared.cancels.register(pid, secret, slot.clone());
+    // A client of another database name runs on that database's plain
+    // pooler, whose pool stays while the lease lives. Cancels still arrive
+    // here, so they are registered here, with that pooler's shard list.
+    let lease = client.other_database.take();
+    let session_shared = match &lease {
+        Some(lease) => {
+            let other = lease.shared().clone();
+            shared
+                .cancels
+                .register_in(pid, secret, slot.clone(), other.config.clone());
+            other
+        }
+        None => {
+            shared.cancels.register(pid, secret, slot.clone());
+            shared.clone()
+        }
+    };
     // Boxed: an async fn keeps its by-value argument twice in its
     // state (as passed and as moved into its body), which cost every
     // idle client another copy of the session.
-    let session = Box::new(Session::new(shared.clone(), *client, slot));
+    let session = Box::new(Session::new(session_shared, *client, slot));
     session.run().await;
     shared.cancels.unregister(pid);
+    // Last: the session has returned its backend to the pool by now.
+    drop(lease);
 }

@@ -48,6 +48,32 @@ pub struct Config {
     pub catalog_refresh: Duration,
     /// Client-side resource limits (message size, buffered bytes, logins).
     pub limits: ClientLimits,
+    /// How client database names other than `database` are served; `None`
+    /// (the default): refused with 3D000.
+    pub other_databases: Option<OtherDatabasesConfig>,
+}
+
+/// `other_databases`: a login to another database name than `database`
+/// (psql's `\c postgres`, admin tools, a database created through the
+/// proxy) is served by a plain pooler to that database on one shard's
+/// server, like PgBouncer's `*` entry. Off unless the map names the shard:
+/// it makes every database of that server the map's users can reach.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtherDatabasesConfig {
+    /// Index of the shard whose server (host, port, user, password of its
+    /// URL) serves them.
+    pub shard: usize,
+    /// Databases pooled at once, at most: the names come from clients, and
+    /// each pool may hold `pool.size` backends.
+    pub max_databases: usize,
+    /// How long a database's pool stays after its last client left; zero
+    /// closes its backends at once, so the database has no sessions left,
+    /// as directly (DROP DATABASE waits only 5 s for other sessions).
+    pub idle_timeout: Duration,
+}
+
+impl OtherDatabasesConfig {
+    pub const DEFAULT_MAX_DATABASES: usize = 16;
 }
 
 /// Bounds on what clients can make the proxy hold (issue #15-6).

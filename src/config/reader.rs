@@ -32,7 +32,9 @@ const TOP_KEYS: &[&str] = &[
     "max_client_memory",
     "login_timeout",
     "max_pending_logins",
+    "other_databases",
 ];
+const OTHER_DATABASES_KEYS: &[&str] = &["shard", "max_databases", "idle_timeout"];
 const POOL_KEYS: &[&str] = &[
     "mode",
     "size",
@@ -383,6 +385,12 @@ impl Reader<'_> {
             None => Some(Duration::from_secs(30)),
         };
         let limits = self.limits(&top);
+        let other_databases = match top.get("other_databases") {
+            Some(node) => self
+                .other_databases(node, &shard_names, shards.is_some())
+                .map(Some),
+            None => Some(None),
+        };
         let database = match top.get("database") {
             Some(node) => self.string(node, "`database`"),
             None => shards
@@ -409,7 +417,65 @@ impl Reader<'_> {
             threads: threads?,
             catalog_refresh: catalog_refresh?,
             limits: limits?,
+            other_databases: other_databases?,
         })
+    }
+
+    /// `other_databases: { shard, max_databases, idle_timeout }`. The shard
+    /// is checked only when `shards` could be read (else its error says
+    /// enough).
+    fn other_databases(
+        &mut self,
+        node: &Node,
+        shards: &[String],
+        shards_read: bool,
+    ) -> Option<OtherDatabasesConfig> {
+        let what = "`other_databases`";
+        let NodeKind::Mapping(_) = &node.kind else {
+            self.error(
+                node.mark,
+                format!(
+                    "{what} must be a mapping such as {{ shard: s0 }} (the shard whose server serves \
+                     other database names), found {}",
+                    node.describe()
+                ),
+            );
+            return None;
+        };
+        let entries = self.mapping(node, what, OTHER_DATABASES_KEYS)?;
+        let mut ok = true;
+        let shard = match self.required(&entries, "shard", node, what) {
+            Some(n) if shards_read => self.shard_ref(n, shards, "`other_databases.shard`"),
+            Some(_) => Some(0),
+            None => None,
+        };
+        let mut max_databases = OtherDatabasesConfig::DEFAULT_MAX_DATABASES;
+        if let Some(n) = entries.get("max_databases") {
+            match self
+                .string(n, "`other_databases.max_databases`")
+                .map(|t| t.parse::<usize>())
+            {
+                Some(Ok(max)) if (1..=1000).contains(&max) => max_databases = max,
+                Some(_) => {
+                    self.error(
+                        n.mark,
+                        "`other_databases.max_databases` must be a whole number from 1 to 1000",
+                    );
+                    ok = false;
+                }
+                None => ok = false,
+            }
+        }
+        let idle_timeout = match entries.get("idle_timeout") {
+            Some(n) => self.duration(n, "`other_databases.idle_timeout`"),
+            None => Some(Duration::ZERO),
+        };
+        let config = OtherDatabasesConfig {
+            shard: shard?,
+            max_databases,
+            idle_timeout: idle_timeout?,
+        };
+        ok.then_some(config)
     }
 
     /// `max_message_size`, `max_client_memory`, `login_timeout`, `max_pending_logins`.
@@ -1439,6 +1505,70 @@ mod tests {
             error.contains("did you mean `max_message_size`?"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn other_databases_and_their_errors() {
+        let base = "shards:\n  - { name: s0, url: \"postgres://u@h/d\" }\n  - { name: s1, url: \"postgres://u@h2/d\" }\nauth: trust\n";
+        let read = |extra: &str| read(Path::new("m.yaml"), &format!("{base}{extra}"), &env);
+        assert_eq!(read("").expect("default").other_databases, None);
+        assert_eq!(
+            read("other_databases: { shard: s1 }\n")
+                .expect("shard only")
+                .other_databases,
+            Some(OtherDatabasesConfig {
+                shard: 1,
+                max_databases: 16,
+                idle_timeout: Duration::ZERO
+            })
+        );
+        assert_eq!(
+            read("other_databases: { shard: s0, max_databases: 3, idle_timeout: 2m }\n")
+                .expect("all keys")
+                .other_databases,
+            Some(OtherDatabasesConfig {
+                shard: 0,
+                max_databases: 3,
+                idle_timeout: Duration::from_secs(120)
+            })
+        );
+        for (extra, expected) in [
+            (
+                "other_databases: { shard: s9 }\n",
+                "m.yaml:5:27: `other_databases.shard` names unknown shard `s9`; defined shards: s0, s1",
+            ),
+            (
+                "other_databases: {}\n",
+                "m.yaml:5:18: `other_databases` needs `shard`",
+            ),
+            (
+                "other_databases:\n",
+                "m.yaml:6:1: `other_databases` must be a mapping such as { shard: s0 }",
+            ),
+            (
+                "other_databases: s0\n",
+                "m.yaml:5:18: `other_databases` must be a mapping",
+            ),
+            (
+                "other_databases: { shard: s0, max_databases: 0 }\n",
+                "m.yaml:5:46: `other_databases.max_databases` must be a whole number from 1 to 1000",
+            ),
+            (
+                "other_databases: { shard: s0, idle_timeout: soon }\n",
+                "m.yaml:5:45: `other_databases.idle_timeout`:",
+            ),
+            (
+                "other_databases: { shard: s0, max_database: 4 }\n",
+                "m.yaml:5:31: unknown key `max_database` in `other_databases`; did you mean `max_databases`?",
+            ),
+            (
+                "other_database: { shard: s0 }\n",
+                "did you mean `other_databases`?",
+            ),
+        ] {
+            let error = read(extra).expect_err(extra).to_string();
+            assert!(error.contains(expected), "{extra}: {error}");
+        }
     }
 
     #[test]

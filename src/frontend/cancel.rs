@@ -4,10 +4,15 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use crate::config::Config;
 use crate::server::Shared;
 
 /// The backend a client is currently attached to: shard index, backend pid, secret.
 pub type CancelTarget = Option<(usize, i32, i32)>;
+
+/// The backends to cancel, and the map whose shard indexes they carry
+/// (`None`: the proxy's own).
+pub type CancelTargets = (Option<Arc<Config>>, Vec<(usize, i32, i32)>);
 
 /// Shared between a session (which updates it on attach/detach) and the registry.
 #[derive(Debug, Default, Clone)]
@@ -48,8 +53,10 @@ impl CancelSlot {
 /// now, and return once each shard has closed the cancel connection (it
 /// does so after signalling the backend) or the bounded wait ran out.
 pub async fn forward(shared: &Shared, pid: i32, secret: i32) {
-    for (shard, backend_pid, backend_secret) in shared.cancels.targets(pid, secret) {
-        let Some(shard) = shared.config.shards.get(shard) else {
+    let (shards, targets) = shared.cancels.targets_in(pid, secret);
+    let shards = shards.as_deref().unwrap_or(&shared.config);
+    for (shard, backend_pid, backend_secret) in targets {
+        let Some(shard) = shards.shards.get(shard) else {
             continue;
         };
         let sent = crate::backend::send_cancel(shard, backend_pid, backend_secret);
@@ -59,15 +66,28 @@ pub async fn forward(shared: &Shared, pid: i32, secret: i32) {
     }
 }
 
+/// A registered session: its secret, its slot, and the map whose shard
+/// indexes its slot holds when that is not the proxy's own (a session of
+/// another database has a one-shard map of its own).
+type Registered = (i32, CancelSlot, Option<Arc<Config>>);
+
 #[derive(Debug, Default)]
 pub struct CancelRegistry {
-    sessions: Mutex<HashMap<i32, (i32, CancelSlot)>>,
+    sessions: Mutex<HashMap<i32, Registered>>,
 }
 
 impl CancelRegistry {
     pub fn register(&self, pid: i32, secret: i32, slot: CancelSlot) {
         if let Ok(mut sessions) = self.sessions.lock() {
-            sessions.insert(pid, (secret, slot));
+            sessions.insert(pid, (secret, slot, None));
+        }
+    }
+
+    /// [`register`](Self::register) for a session whose slot holds shard
+    /// indexes of `shards` (the plain pooler of another database).
+    pub fn register_in(&self, pid: i32, secret: i32, slot: CancelSlot, shards: Arc<Config>) {
+        if let Ok(mut sessions) = self.sessions.lock() {
+            sessions.insert(pid, (secret, slot, Some(shards)));
         }
     }
 
@@ -79,12 +99,18 @@ impl CancelRegistry {
 
     /// Every backend to cancel for a CancelRequest, if pid and secret match.
     pub fn targets(&self, pid: i32, secret: i32) -> Vec<(usize, i32, i32)> {
+        self.targets_in(pid, secret).1
+    }
+
+    /// [`targets`](Self::targets) and the map their shard indexes refer to
+    /// (`None`: the proxy's own).
+    pub fn targets_in(&self, pid: i32, secret: i32) -> CancelTargets {
         let Ok(sessions) = self.sessions.lock() else {
-            return Vec::new();
+            return (None, Vec::new());
         };
         match sessions.get(&pid) {
-            Some((known, slot)) if *known == secret => slot.all(),
-            _ => Vec::new(),
+            Some((known, slot, shards)) if *known == secret => (shards.clone(), slot.all()),
+            _ => (None, Vec::new()),
         }
     }
 
@@ -92,7 +118,7 @@ impl CancelRegistry {
     pub fn target(&self, pid: i32, secret: i32) -> CancelTarget {
         let sessions = self.sessions.lock().ok()?;
         match sessions.get(&pid) {
-            Some((known, slot)) if *known == secret => slot.get(),
+            Some((known, slot, _)) if *known == secret => slot.get(),
             _ => None,
         }
     }

@@ -51,6 +51,9 @@ pub struct ClientStartup {
     pub settings: Vec<(String, String)>,
     /// shardgate's BackendKeyData for this client.
     pub key: (i32, i32),
+    /// A client of another database name than the map's: the pool its
+    /// session runs on (`other_databases`), held for the session.
+    pub other_database: Option<crate::other_databases::Lease>,
 }
 
 pub enum Accepted {
@@ -468,14 +471,10 @@ fn check_startup(shared: &Shared, startup: &Startup) -> Result<Login, ProxyError
             format!("role \"{user}\" does not exist"),
         ));
     }
-    if database != shared.config.database {
-        return Err(
-            ProxyError::fatal("3D000", format!("database \"{database}\" does not exist"))
-                .with_hint(format!(
-                    "this shardgate serves database \"{}\"",
-                    shared.config.database
-                )),
-        );
+    // Another name with `other_databases` is checked after authentication,
+    // by the server that serves it (as Postgres checks after it, too).
+    if database != shared.config.database && shared.other_databases.is_none() {
+        return Err(crate::other_databases::not_served(shared, &database));
     }
     let mut settings = Vec::new();
     for (name, value) in params {
@@ -575,14 +574,23 @@ async fn finish(
     let Some((user, database, settings)) = login else {
         return Accepted::Closed;
     };
-    let mut parameters = match shared.pools.any_server_parameters().await {
+    let (other_database, server_parameters) = if database == shared.config.database {
+        let parameters = shared
+            .pools
+            .any_server_parameters()
+            .await
+            .map_err(|error| ProxyError::fatal(error.sqlstate(), error.to_string()));
+        (None, parameters)
+    } else {
+        match crate::other_databases::login(shared, &database).await {
+            Ok((lease, parameters)) => (Some(lease), Ok(parameters)),
+            Err(error) => (None, Err(error)),
+        }
+    };
+    let mut parameters = match server_parameters {
         Ok(parameters) => parameters.into_iter().collect::<HashMap<String, String>>(),
         Err(error) => {
-            refuse(
-                &mut socket,
-                ProxyError::fatal(error.sqlstate(), error.to_string()),
-            )
-            .await;
+            refuse(&mut socket, error).await;
             return Accepted::Closed;
         }
     };
@@ -620,6 +628,7 @@ async fn finish(
         database,
         settings,
         key: (pid, secret),
+        other_database,
     }))
 }
 

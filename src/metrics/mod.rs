@@ -165,8 +165,9 @@ impl AuthFailure {
     }
 }
 
-/// Handles of one shard, labelled once at construction.
-#[derive(Debug)]
+/// Handles of one shard, labelled once at construction (clones share the
+/// same series).
+#[derive(Debug, Clone)]
 struct ShardSeries {
     name: String,
     /// `queries_total{shard, route}`, indexed by [`Route::index`].
@@ -207,6 +208,14 @@ pub struct Metrics {
     config_reloads: [IntCounter; 2],
     /// `client_auth_failures_total{reason}`, indexed like [`AuthFailure::ALL`].
     auth_failures: [IntCounter; 5],
+    /// `other_databases`: database names pooled now (`other_databases`).
+    other_databases: IntGauge,
+    /// `other_database_connections{database, state}`: rebuilt at every
+    /// scrape from the pools that exist, so its label values are bounded by
+    /// `other_databases.max_databases` although clients choose the names.
+    other_connections: IntGaugeVec,
+    /// `other_database_refusals_total`: logins refused at `max_databases`.
+    other_refusals: IntCounter,
 }
 
 /// Registers a collector whose definition is fixed in this file. Failing
@@ -376,6 +385,29 @@ impl Metrics {
             ),
         );
 
+        let other_databases = register(
+            &registry,
+            defined(IntGauge::new(
+                "shardgate_other_databases",
+                "Database names other than the map's database pooled now (other_databases; at most max_databases).",
+            )),
+        );
+        let other_connections = register(
+            &registry,
+            gauge_vec(
+                "shardgate_other_database_connections",
+                "Backend connections of the pools of other database names, per database and state (idle|active); only databases pooled now.",
+                &["database", "state"],
+            ),
+        );
+        let other_refusals = register(
+            &registry,
+            defined(IntCounter::new(
+                "shardgate_other_database_refusals_total",
+                "Logins to another database name refused because other_databases.max_databases databases were in use.",
+            )),
+        );
+
         let shards = shard_names
             .iter()
             .map(|name| {
@@ -406,7 +438,58 @@ impl Metrics {
             config_reloads: ReloadResult::ALL
                 .map(|r| config_reloads.with_label_values(&[r.as_str()])),
             auth_failures: AuthFailure::ALL.map(|r| auth_failures.with_label_values(&[r.as_str()])),
+            other_databases,
+            other_connections,
+            other_refusals,
         })
+    }
+
+    /// The same series seen through a one-shard map whose shard 0 is
+    /// `shard`: what the plain pooler of another database on that shard's
+    /// server records into, so its statements, errors and waits count as
+    /// that shard's (no label value per database name).
+    pub fn for_shard(&self, shard: usize) -> std::sync::Arc<Metrics> {
+        std::sync::Arc::new(Metrics {
+            registry: self.registry.clone(),
+            shards: self.shards.get(shard).cloned().into_iter().collect(),
+            durations: self.durations.clone(),
+            errors: self.errors.clone(),
+            client_connections: self.client_connections.clone(),
+            pool_wait: self.pool_wait.clone(),
+            fanout_shards: self.fanout_shards.clone(),
+            twophase: self.twophase.clone(),
+            twophase_in_doubt: self.twophase_in_doubt.clone(),
+            config_reloads: self.config_reloads.clone(),
+            auth_failures: self.auth_failures.clone(),
+            other_databases: self.other_databases.clone(),
+            other_connections: self.other_connections.clone(),
+            other_refusals: self.other_refusals.clone(),
+        })
+    }
+
+    /// Replaces `other_databases` and `other_database_connections` with
+    /// `(database, active, idle)` of every pool that exists now; series of
+    /// pools dropped since the last scrape go away.
+    pub fn record_other_databases(&self, pools: &[(String, u32, u32)]) {
+        self.other_connections.reset();
+        self.other_databases
+            .set(i64::try_from(pools.len()).unwrap_or(i64::MAX));
+        for (database, active, idle) in pools {
+            for (state, value) in [("active", active), ("idle", idle)] {
+                match self
+                    .other_connections
+                    .get_metric_with_label_values(&[database, state])
+                {
+                    Ok(gauge) => gauge.set(i64::from(*value)),
+                    Err(error) => tracing::warn!(%error, "cannot record other database metric"),
+                }
+            }
+        }
+    }
+
+    /// Counts a login refused at `other_databases.max_databases`.
+    pub fn other_database_refused(&self) {
+        self.other_refusals.inc();
     }
 
     /// The registry behind [`Metrics::render`], for series added elsewhere
@@ -745,6 +828,30 @@ mod tests {
         }
         drop(b);
         assert!(m.render().contains("shardgate_client_connections 0"));
+    }
+
+    #[test]
+    fn a_shard_view_records_into_that_shards_series() {
+        let m = metrics();
+        let view = m.for_shard(1);
+        view.query_done(0, Route::Single, Duration::ZERO);
+        view.error(Some(0), "3D000");
+        view.query_done(1, Route::Single, Duration::ZERO);
+        m.record_other_databases(&[("a".into(), 1, 2), ("b".into(), 0, 1)]);
+        m.record_other_databases(&[("b".into(), 0, 3)]);
+        view.other_database_refused();
+        let text = m.render();
+        for line in [
+            "shardgate_queries_total{route=\"single\",shard=\"s1\"} 1",
+            "shardgate_queries_total{route=\"single\",shard=\"s0\"} 0",
+            "shardgate_errors_total{shard=\"s1\",sqlstate_class=\"3D\"} 1",
+            "shardgate_other_databases 1",
+            "shardgate_other_database_connections{database=\"b\",state=\"idle\"} 3",
+            "shardgate_other_database_refusals_total 1",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        assert!(!text.contains("database=\"a\""), "{text}");
     }
 
     #[test]
