@@ -124,6 +124,7 @@ fn serve(path: &Path) -> ExitCode {
         }
     };
     runtime.block_on(async {
+        ignore_hangups();
         match shardgate::server::start(config).await {
             Ok(server) => {
                 tracing::info!(address = %server.address, "shardgate listening");
@@ -137,6 +138,27 @@ fn serve(path: &Path) -> ExitCode {
             }
         }
     })
+}
+
+/// SIGHUP (what `systemctl reload` and many tools send) would end the
+/// process by default, dropping every client. Live reload of the map is
+/// not built yet, so the signal is answered with a warning and the running
+/// map stays in force.
+fn ignore_hangups() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::hangup()) {
+        Ok(mut hangups) => {
+            tokio::spawn(async move {
+                while hangups.recv().await.is_some() {
+                    tracing::warn!(
+                        "SIGHUP: live reload of the shard map is not implemented yet; the running \
+                         map stays in force (restart shardgate to apply a changed map)"
+                    );
+                }
+            });
+        }
+        Err(error) => tracing::warn!(%error, "cannot handle SIGHUP: it will end the process"),
+    }
 }
 
 /// A single-threaded runtime for the commands that talk to the shards.
