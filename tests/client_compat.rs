@@ -619,6 +619,25 @@ async fn sql_execute_runs_a_protocol_prepared_statement() {
                 "{label}: {sql}: {answers:?}"
             );
         }
+        // Over the extended protocol (asyncpg's `fetchval('EXECUTE s1')`):
+        // Parse, Describe of the statement, then Bind and Execute.
+        let answers = c
+            .exchange(
+                &batch(&[
+                    wire::parse("", "EXECUTE s1", &[]),
+                    wire::describe(b'S', ""),
+                    wire::bind("", "", &[]),
+                    wire::execute("", 0),
+                    wire::sync(),
+                ]),
+                1,
+            )
+            .await;
+        assert_eq!(tags(&answers), "1tT2DCZ", "{label}: {answers:?}");
+        let row = answers.iter().find(|m| m.tag == b'D').expect("a row");
+        assert!(row.body.ends_with(b"20"), "{label}: {answers:?}");
+        let done = answers.iter().find(|m| m.tag == b'C').expect("a tag");
+        assert_eq!(done.body, b"SELECT 1\0", "{label}: {answers:?}");
         // The name is taken: a second Parse of it fails as in Postgres.
         let answers = c
             .exchange(

@@ -578,11 +578,16 @@ impl Session {
                 };
                 let effects = self.scan_cached(parse.query);
                 let rewritten;
-                let (frame, parse) = match self.read_prepared_view(effects, parse.query) {
-                    Some(text) => {
+                let replacement = match self.read_prepared_view(effects, parse.query) {
+                    Some(text) => Some((text, parse.param_types.to_vec())),
+                    None => self.execute_as_parse(&parse),
+                };
+                let (frame, parse) = match replacement {
+                    Some((text, param_types)) => {
                         let mut message = BytesMut::new();
                         Parse {
                             query: &text,
+                            param_types: &param_types,
                             ..parse
                         }
                         .encode_as(parse.name, &mut message);
@@ -788,6 +793,26 @@ impl Session {
             }
         }
         Ok(Step::Next)
+    }
+
+    /// A Parse of `EXECUTE name` (no arguments) where `name` is a statement
+    /// the client prepared with the protocol: Postgres shares one namespace
+    /// between protocol and SQL statements, and shardgate's copies of the
+    /// client's statements have other names on the backends, so the new
+    /// statement takes the named one's text and parameter types — what it
+    /// executes, with the same columns and command tag (asyncpg's
+    /// `fetchval('EXECUTE foobar')`; #14-D3). With arguments it goes on
+    /// unchanged and fails as unknown on the backend.
+    fn execute_as_parse(&self, parse: &Parse<'_>) -> Option<(String, Vec<u8>)> {
+        if self.statements.is_empty() || parse.param_types.get(..2) != Some(&[0, 0]) {
+            return None;
+        }
+        let (name, rest) = executed_statement(parse.query)?;
+        if !rest.trim().trim_end_matches(';').trim().is_empty() {
+            return None;
+        }
+        let (text, types) = self.statements.text_of(name)?;
+        Some((text.to_string(), types.to_vec()))
     }
 
     /// The statement's text with `pg_prepared_statements` answered from the
