@@ -965,8 +965,8 @@ def main():
     if os.environ.get("SHARDGATE_BIN"):
         # A given binary: its commit from SHARDGATE_REV or a name like shardgate-<commit>.
         m = re.search(r"-([0-9a-f]{7,40})$", binary)
-        rev = os.environ.get("SHARDGATE_REV") or (m.group(1) if m else "of unknown commit")
-        built = f"shardgate `{rev}` (release build `{binary}`)"
+        rev = os.environ.get("SHARDGATE_REV") or (m.group(1) if m else None)
+        built = f"shardgate {f'`{rev}`' if rev else 'of unknown commit'} (release build `{binary}`)"
     else:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=harness.ROOT,
                              capture_output=True, text=True).stdout.strip() or "?"
