@@ -8,12 +8,16 @@ max_prepared_transactions=100, max_connections=300) and a release shardgate
 process per scenario so RSS and state are per scenario). Tables: `acc (id, v,
 pad)` and `hist (aid, delta, tx)`, both sharded by `kind: modulo`, so a key's
 shard is `key % 3` and every error is attributed to the shard of the key the
-statement was for. The load is a Python asyncio client with asyncpg (the
-repository's test venv; `bench/reliability.sh` finds or builds it).
+statement was for. The load is a Python asyncio client with asyncpg, and in
+shard-kill / shard-stop also psycopg 3 (AsyncConnection, autocommit; default
+prepare_threshold and prepare_threshold=0), from the repository's test venv
+(`bench/reliability.sh` finds or builds it).
 
 Run through `bench/reliability.sh [--quick] [SCENARIO ...]`; writes
-`bench/results/reliability-<date>.md` (`--quick`: `reliability-<date>-quick.md`).
-Everything it starts is stopped and deleted on exit (see bench/harness.py).
+`bench/results/reliability-<date>.md` (`--quick`: `reliability-<date>-quick.md`;
+`--out PATH` for another name). Everything it starts is stopped and deleted on
+exit (see bench/harness.py); the logs of shardgate and the shards are copied to
+`target/reliability-logs/<date-time>/` first.
 """
 
 import argparse
@@ -23,6 +27,8 @@ import datetime
 import os
 import platform
 import random
+import re
+import shutil
 import signal
 import socket
 import struct
@@ -38,14 +44,20 @@ from harness import DB, PG_USER, log  # noqa: E402
 
 try:
     import asyncpg  # noqa: E402
-except ImportError:
-    sys.exit("asyncpg missing: run through bench/reliability.sh (it uses the tests' venv)")
+    import psycopg  # noqa: E402
+except ImportError as e:
+    sys.exit(f"{e.name} missing: run through bench/reliability.sh (it uses the tests' venv)")
 
 SHARDS = 3
 POOL = 20
 ROWS = 30000  # keys 0..ROWS-1 in acc, ROWS/3 per shard
 QUERY_TIMEOUT = 5.0  # the issue's query_timeout: a hung shard's statements must fail within it
 SELECT = "SELECT v FROM acc WHERE id = $1"
+SELECT_PSYCOPG = "SELECT v FROM acc WHERE id = %s"  # the same statement in psycopg's placeholder style
+# The load's client libraries: asyncpg (prepares every statement: Parse + Describe on a fresh
+# connection), psycopg with its default prepare_threshold (5: unnamed statements, named from the
+# 5th execution of a query on a connection) and psycopg with prepare_threshold=0 (named at once).
+LIBS = ["asyncpg", "psycopg", "psycopg-pt0"]
 SCENARIOS = ["soak", "burst", "shard-kill", "shard-stop", "proxy-kill-2pc", "large-messages", "half-open"]
 
 
@@ -60,9 +72,11 @@ def ms(x):
     return "—" if x != x else f"{x * 1000:.1f}"
 
 
-def short(e):
-    text = f"{type(e).__name__}: {e}".replace("\n", " ").replace("|", "/")
-    return text[:140]
+def short(e, limit=140):
+    """Exception class, SQLSTATE (when the server sent one) and message on one line."""
+    code = getattr(e, "sqlstate", None)
+    text = f"{type(e).__name__}: {f'[{code}] ' if code else ''}{e}".replace("\n", " ").replace("|", "/")
+    return text[:limit]
 
 
 class Env:
@@ -75,6 +89,9 @@ class Env:
         self.sg = None
         self.sg_port = harness.free_port()
         self.metrics_port = harness.free_port()
+        self.scenario = "setup"  # names shardgate's log: shardgate-<scenario>.log
+        self.logs = os.path.join(harness.ROOT, "target", "reliability-logs",
+                                 datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
 
@@ -84,8 +101,20 @@ class Env:
         os._exit(128 + signum)
 
     def cleanup(self):
+        self.keep_logs()
         for b in reversed(self.shards):
             b.cleanup()
+
+    def keep_logs(self):
+        """Copy every log (shardgate-<scenario>.log next to s0's postgres.log) out of the temp dirs."""
+        for i, b in enumerate(self.shards):
+            if not b.dir or not os.path.isdir(b.dir):
+                continue
+            dest = os.path.join(self.logs, f"s{i}")
+            os.makedirs(dest, exist_ok=True)
+            for name in os.listdir(b.dir):
+                if name.endswith(".log"):
+                    shutil.copy(os.path.join(b.dir, name), dest)
 
     # --- shards -------------------------------------------------------------
     def start_shards(self):
@@ -162,7 +191,8 @@ class Env:
         return out.stdout.strip()
 
     # --- shardgate ------------------------------------------------------------
-    def start_shardgate(self, log_name="shardgate"):
+    def start_shardgate(self, log_name=None):
+        log_name = log_name or f"shardgate-{self.scenario}"
         config = os.path.join(self.home.dir, "reliability.yaml")
         with open(config, "w") as f:
             f.write(f"listen: 127.0.0.1:{self.sg_port}\nmetrics: 127.0.0.1:{self.metrics_port}\n"
@@ -173,7 +203,7 @@ class Env:
             f.write("functions:\n  by_id: { kind: modulo }\n"
                     "tables:\n  acc: { key: id, function: by_id }\n  hist: { key: aid, function: by_id }\n"
                     "default_table: replicated\ntwo_phase_commit: true\n")
-        env = {**os.environ, "SHARDGATE_LOG": os.environ.get("SHARDGATE_LOG", "warn")}
+        env = {**os.environ, "SHARDGATE_LOG": os.environ.get("SHARDGATE_LOG", "warn"), "NO_COLOR": "1"}
         self.sg = self.home._spawn(log_name, [self.binary, "serve", "--config", config], env=env)
         self.home._wait_port(log_name, self.sg, self.sg_port)
         log(f"shardgate pid {self.sg.pid} on 127.0.0.1:{self.sg_port}")
@@ -208,9 +238,32 @@ class Env:
                 total = (total or 0) + float(line.rsplit(" ", 1)[1])
         return total
 
-    async def connect(self, timeout=10):
-        return await asyncpg.connect(host="127.0.0.1", port=self.sg_port, user=PG_USER, database=DB,
-                                     ssl=False, timeout=timeout)
+    async def connect(self, timeout=10, lib="asyncpg"):
+        if lib == "asyncpg":
+            return await asyncpg.connect(host="127.0.0.1", port=self.sg_port, user=PG_USER, database=DB,
+                                         ssl=False, timeout=timeout)
+        prepare = {"prepare_threshold": 0} if lib == "psycopg-pt0" else {}  # else psycopg's default
+        return await asyncio.wait_for(psycopg.AsyncConnection.connect(
+            host="127.0.0.1", port=self.sg_port, user=PG_USER, dbname=DB, sslmode="disable", autocommit=True,
+            connect_timeout=max(2, int(timeout)), **prepare), timeout)
+
+
+async def select_v(conn, lib, key, timeout):
+    """The load's statement, `SELECT v FROM acc WHERE id = <key>`, through either library."""
+    if lib == "asyncpg":
+        return await conn.fetchval(SELECT, key, timeout=timeout)
+    cur = await asyncio.wait_for(conn.execute(SELECT_PSYCOPG, (key,)), timeout)
+    return (await cur.fetchone())[0]
+
+
+async def close_conn(conn, lib):
+    if lib == "asyncpg":
+        conn.terminate()
+    else:
+        try:
+            await asyncio.wait_for(conn.close(), 5)
+        except Exception:  # noqa: BLE001 - closing a broken connection
+            pass
 
 
 class RssSampler(threading.Thread):
@@ -237,40 +290,58 @@ class RssSampler(threading.Thread):
 # --- the load: keyed single-shard statements, errors attributed by key -------
 
 class Load:
-    """N asyncpg clients looping over random keys; every outcome is recorded
-    with its time, the key's shard and the latency."""
+    """Clients looping over random keys; every outcome is recorded with its time,
+    the key's shard, the latency and the client library. `clients` is a number of
+    asyncpg clients or a dict {library: number} (libraries: LIBS)."""
 
     def __init__(self, env, clients, think=0.0, timeout=30.0, ramp=0.0):
-        self.env, self.clients, self.think, self.timeout, self.ramp = env, clients, think, timeout, ramp
-        self.events = []  # (t_start, t_end, shard, ok, error text)
+        mix = clients if isinstance(clients, dict) else {"asyncpg": clients}
+        self.libs = [lib for lib in LIBS for _ in range(mix.get(lib, 0))]
+        self.env, self.clients, self.think, self.timeout, self.ramp = env, len(self.libs), think, timeout, ramp
+        # (t_start, t_end, shard, ok, error text, library, seconds of it spent connecting first,
+        #  n-th statement on its connection (1: the first; 0: the connect failed)).
+        # t_start is before the connect when the client had to (re)connect, as it waits for both.
+        self.events = []
         self.stop_flag = False
         self.connected = 0
 
     async def worker(self, n):
         await asyncio.sleep(self.ramp * n / max(1, self.clients))
+        lib = self.libs[n]
         conn = None
+        nth = 0
         rnd = random.Random(n)
         while not self.stop_flag:
             key = rnd.randrange(ROWS)
             shard = key % SHARDS
             t0 = time.monotonic()
+            connecting = 0.0
             try:
                 if conn is None:
-                    conn = await self.env.connect(timeout=self.timeout)
+                    nth = 0
+                    conn = await self.env.connect(timeout=self.timeout, lib=lib)
+                    connecting = time.monotonic() - t0
                     self.connected += 1
-                await conn.fetchval(SELECT, key, timeout=self.timeout)
-                self.events.append((t0, time.monotonic(), shard, True, None))
+                nth += 1
+                await select_v(conn, lib, key, self.timeout)
+                self.events.append((t0, time.monotonic(), shard, True, None, lib, connecting, nth))
             except Exception as e:  # noqa: BLE001 - every failure is a data point
-                self.events.append((t0, time.monotonic(), shard, False, short(e)))
-                if conn is not None:
-                    conn.terminate()
+                t1 = time.monotonic()
+                if conn is None:
+                    connecting = t1 - t0
+                self.events.append((t0, t1, shard, False, short(e, 300), lib, connecting, nth))
+                # asyncpg clients reconnect after any error; psycopg ones keep a connection that
+                # is not broken after an error from the server, as an application would.
+                if conn is not None and (lib == "asyncpg" or conn.broken or conn.closed
+                                         or not getattr(e, "sqlstate", None)):
+                    await close_conn(conn, lib)
                     conn = None
                     self.connected -= 1
                 await asyncio.sleep(0.05)
             if self.think:
                 await asyncio.sleep(rnd.uniform(0, 2 * self.think))
         if conn is not None:
-            conn.terminate()
+            await close_conn(conn, lib)
 
     def start(self):
         self.tasks = [asyncio.ensure_future(self.worker(n)) for n in range(self.clients)]
@@ -285,7 +356,7 @@ class Load:
 def phase_counts(events, t_from, t_to):
     """Per shard (ok, errors, max latency, first error text) of statements started in [t_from, t_to)."""
     out = {s: [0, 0, 0.0, None] for s in range(SHARDS)}
-    for t0, t1, shard, ok, err in events:
+    for t0, t1, shard, ok, err, *_ in events:
         if t_from <= t0 < t_to:
             row = out[shard]
             if ok:
@@ -315,7 +386,7 @@ async def soak(env, args, report):
         now = time.monotonic()
         batch = load.events[seen:]
         seen += len(batch)
-        lat = array.array("d", (t1 - t0 for t0, t1, _, ok, _ in batch if ok))
+        lat = array.array("d", (t1 - t0 for t0, t1, _, ok, *_ in batch if ok))
         errs = [e for e in batch if not e[3]]
         w = (now - t_start, len(lat), len(errs), pct(lat, 50), pct(lat, 99), max(lat) if lat else float("nan"),
              env.rss_kb(), load.connected, errs[0][4] if errs else "")
@@ -326,7 +397,7 @@ async def soak(env, args, report):
     wait_count = env.metric("shardgate_pool_wait_seconds_count")
     wait_sum = env.metric("shardgate_pool_wait_seconds_sum")
     env.stop_shardgate()
-    all_ok = array.array("d", (t1 - t0 for t0, t1, _, ok, _ in load.events if ok))
+    all_ok = array.array("d", (t1 - t0 for t0, t1, _, ok, *_ in load.events if ok))
     errors = sum(1 for e in load.events if not e[3])
     steady = [w[6] for w in windows[len(windows) // 4:]] or [w[6] for w in windows]
     growth = (windows[-1][6] - steady[0]) / 1024 if windows else 0
@@ -398,19 +469,41 @@ async def burst(env, args, report):
                f"{ms(pct(total, 99))} / {ms(max(total) if total else float('nan'))} ms", None)
 
 
+def lib_phase(events, lib, victim, t_from, t_to):
+    """One library's statements started in [t_from, t_to): (ok, errors, max latency) of the
+    keys on the live shards, and of the victim's keys."""
+    ph = phase_counts([e for e in events if e[5] == lib], t_from, t_to)
+    live = [ph[s] for s in range(SHARDS) if s != victim]
+    return ((sum(r[0] for r in live), sum(r[1] for r in live), max(r[2] for r in live)),
+            tuple(ph[victim][:3]))
+
+
+def describe_event(e, t_ref):
+    t0, t1, shard, ok, err, lib, connecting, nth = e
+    where = "the connect failed" if nth == 0 else f"statement {nth} on its connection"
+    return (f"{lib}, key on s{shard}, started at {t0 - t_ref:+.2f} s: {(t1 - t0) * 1000:.0f} ms = connect "
+            f"{connecting * 1000:.0f} ms + statement {(t1 - t0 - connecting) * 1000:.0f} ms ({where}); "
+            + ("ok" if ok else f"`{err[:160]}`"))
+
+
 async def shard_fault(env, args, report, mode):
     """mode 'kill': kill -9 of shard s1 then restart; 'stop': SIGSTOP then SIGCONT."""
-    clients = 30 if args.quick else 60
+    mix = ({"asyncpg": 30, "psycopg": 15, "psycopg-pt0": 15} if args.quick
+           else {"asyncpg": 60, "psycopg": 30, "psycopg-pt0": 30})
+    clients = sum(mix.values())
     before, down, after = (4, 8, 8) if args.quick else (10, 20, 20)
     victim = 1
     env.start_shardgate()
-    load = Load(env, clients, think=0.01, timeout=30)
-    log(f"shard-{mode}: {clients} clients over keys of all shards; {before} s, then "
-        f"{'kill -9' if mode == 'kill' else 'SIGSTOP'} of s{victim} for {down} s, then {after} s")
+    load = Load(env, mix, think=0.01, timeout=30)
+    log(f"shard-{mode}: {clients} clients ({', '.join(f'{n} {lib}' for lib, n in mix.items())}) over keys of "
+        f"all shards; {before} s, then {'kill -9' if mode == 'kill' else 'SIGSTOP'} of s{victim} for {down} s, "
+        f"then {after} s")
+    t_load = time.monotonic()
     load.start()
     await asyncio.sleep(before)
     argv = env.postmaster(victim).args
     t_fault = time.monotonic()
+    wall_fault = datetime.datetime.now(datetime.timezone.utc)
     if mode == "kill":
         env.kill_shard(victim)
     else:
@@ -433,44 +526,114 @@ async def shard_fault(env, args, report, mode):
     post = phase_counts(ev, t_ready, t_end)
     # Recovery: first success on the victim's keys of a statement started after it was back,
     # and the last failure on its keys.
-    first_ok = min((t1 for t0, t1, s, ok, _ in ev if s == victim and ok and t0 >= t_ready), default=None)
-    last_err = max((t1 for t0, t1, s, ok, _ in ev if s == victim and not ok), default=None)
+    first_ok = min((e[1] for e in ev if e[2] == victim and e[3] and e[0] >= t_ready), default=None)
+    last_err = max((e[1] for e in ev if e[2] == victim and not e[3]), default=None)
     others_failed = sum(dur[s][1] + post[s][1] + pre[s][1] for s in range(SHARDS) if s != victim)
-    victim_during = [(t0, t1, ok, err) for t0, t1, s, ok, err in ev if s == victim and t_fault <= t0 < t_back]
-    hung_ended = [t1 - t0 for t0, t1, ok, err in victim_during]
-    errors_victim = [err for _, _, ok, err in victim_during if not ok]
+    victim_during = [e for e in ev if e[2] == victim and t_fault <= e[0] < t_back]
+    hung_ended = [e[1] - e[0] for e in victim_during]
+    errors_victim = [e[4] for e in victim_during if not e[3]]
     lines = ["| phase | " + " | ".join(f"s{s} ok / err / max ms" for s in range(SHARDS)) + " |",
              "|---|" + "---|" * SHARDS]
     for name, ph in (("before", pre), ("fault until back", dur), ("after", post)):
         lines.append(f"| {name} | " + " | ".join(f"{ph[s][0]} / {ph[s][1]} / {ph[s][2] * 1000:.0f}"
                                                 for s in range(SHARDS)) + " |")
-    errs_text = sorted({err for _, _, s, ok, err in ev if not ok and s != victim})[:3]
+    live = " + ".join(f"s{s}" for s in range(SHARDS) if s != victim)
+    live_names = live.replace(" + ", ", ")
+    lib_lines = [f"| library | phase | {live} ok / err / max ms | s{victim} ok / err / max ms |", "|---|---|---|---|"]
+    for lib in LIBS:
+        for name, (a, b) in (("before", (0, t_fault)), ("fault until back", (t_fault, t_ready)),
+                             ("after", (t_ready, t_end))):
+            lv, vc = lib_phase(ev, lib, victim, a, b)
+            lib_lines.append(f"| {lib} | {name} | {lv[0]} / {lv[1]} / {lv[2] * 1000:.0f} | "
+                             f"{vc[0]} / {vc[1]} / {vc[2] * 1000:.0f} |")
+    errs_text = sorted({f"{e[5]}: {e[4][:140]}" for e in ev if not e[3] and e[2] != victim})[:3]
     label = "kill -9" if mode == "kill" else "SIGSTOP"
     back = "restart (ready)" if mode == "kill" else "SIGCONT"
-    detail = (f"{clients} clients, `{SELECT}` with random keys (think 0-20 ms), pool {POOL} per shard; "
-              f"{label} of s{victim} (postmaster and backends) at t={t_fault - t_fault:.0f} s, {back} after "
-              f"{t_ready - t_fault:.1f} s.\n\n" + "\n".join(lines) + "\n\n"
-              f"Victim's statements started while it was down: {len(victim_during)}, of which "
+    state = "down" if mode == "kill" else "hung"
+    limit = QUERY_TIMEOUT + 1
+    names_victim = re.compile(rf"\bs{victim}\b")
+
+    # Statements for keys on the live shards started during the fault: how long each one
+    # took by itself (the reconnect before it apart), to tell a wait inside shardgate from
+    # the clients' closed loop (a client waiting on a victim's statement starts no other).
+    live_during = [e for e in ev if e[2] != victim and t_fault <= e[0] < t_ready]
+    slow_live = sorted((e for e in live_during if e[1] - e[0] > 1.0), key=lambda e: e[0] - e[1])
+    slow_stmt = [e for e in slow_live if e[1] - e[0] - e[6] > 1.0]
+    slow_conn = [e for e in slow_live if e[6] > 1.0]
+    per_lib_slowest = []
+    for lib in LIBS:
+        mine = [e for e in live_during if e[5] == lib]
+        if mine:
+            worst = max(mine, key=lambda e: e[1] - e[0])
+            stmt_worst = max(e[1] - e[0] - e[6] for e in mine)
+            per_lib_slowest.append(f"{lib} {(worst[1] - worst[0]) * 1000:.0f} ms (statement alone at most "
+                                   f"{stmt_worst * 1000:.0f} ms)")
+    victim_waits = sum(min(e[1], t_ready) - e[0] for e in victim_during)
+    rate_before = sum(pre[s][0] for s in range(SHARDS) if s != victim) / (t_fault - t_load)
+    rate_during = len(live_during) / (t_ready - t_fault)
+    by_nth = {}
+    for e in slow_stmt:
+        k = f"{e[5]} statement {'1' if e[7] == 1 else '2+'}"
+        by_nth[k] = by_nth.get(k, 0) + 1
+
+    detail = (f"{clients} clients ({', '.join(f'{n} {lib}' for lib, n in mix.items())}), `{SELECT}` "
+              f"(psycopg: `{SELECT_PSYCOPG}`) with random keys (think 0-20 ms), pool {POOL} per shard; "
+              f"{label} of s{victim} (postmaster and backends) at t=0 ({wall_fault:%H:%M:%S.%f}"[:-3]
+              + f" UTC in the logs), {back} after "
+              f"{t_ready - t_fault:.1f} s. asyncpg clients reconnect after any error; psycopg clients keep "
+              "their connection after an error from the server unless it is broken.\n\n"
+              + "\n".join(lines) + "\n\nPer client library:\n\n" + "\n".join(lib_lines) + "\n\n"
+              f"Victim's statements started while it was {state}: {len(victim_during)}, of which "
               f"{len(errors_victim)} failed; their durations p50/max {ms(pct(hung_ended, 50))}/"
               f"{ms(max(hung_ended) if hung_ended else float('nan'))} ms. "
-              f"First error on s{victim}: `{errors_victim[0] if errors_victim else (dur[victim][3] or '—')}`."
+              f"First error on s{victim}: `{(errors_victim[0] if errors_victim else (dur[victim][3] or '—'))[:140]}`."
               + (f" Errors on other shards: {errs_text}" if errs_text else ""))
+    for lib in LIBS:
+        mine = [e for e in victim_during if e[5] == lib]
+        kinds = {}
+        for e in mine:
+            k = "ok" if e[3] else re.sub(r"\d+(\.\d+)?\s*ms|\d+\.\d+ s", "…", e[4][:110])
+            kinds[k] = kinds.get(k, 0) + 1
+        detail += (f"\n\n{lib}, s{victim}'s statements by outcome: "
+                   + "; ".join(f"{n} × `{k}`" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1])))
+        late = sorted((e for e in mine if e[1] - e[0] > limit), key=lambda e: e[0] - e[1])
+        unclear = [e for e in mine if not e[3] and not names_victim.search(e[4])]
+        if late or unclear:
+            detail += (f". Over {limit:.0f} s or not naming s{victim}: "
+                       + "; ".join(describe_event(e, t_fault) for e in (late + unclear)[:6]))
+    detail += (f"\n\nStatements for keys on {live} started during the fault: {len(live_during)}; slowest per library "
+               f"(start to end, reconnect included): {'; '.join(per_lib_slowest)}. Over 1 s: {len(slow_live)}, "
+               f"of which {len(slow_stmt)} spent over 1 s in the statement itself ({by_nth or 'none'}) and "
+               f"{len(slow_conn)} over 1 s connecting. Meanwhile the clients spent {victim_waits:.0f} client-seconds "
+               f"waiting on s{victim}'s statements (closed loop: a client waiting on one starts no other), so "
+               f"{live}'s statements fell from {rate_before:.0f}/s before the fault to {rate_during:.0f}/s.")
+    if slow_live:
+        detail += " Slowest: " + "; ".join(describe_event(e, t_fault) for e in slow_live[:6]) + "."
     report.detail(f"shard-{mode}", detail)
-    report.row(f"shard-{mode}", f"{label} of s{victim} under load: failed statements for keys on s0, s2",
-               f"{others_failed} (s0+s2 ok: {sum(ph[s][0] for ph in (pre, dur, post) for s in (0, 2))})",
-               others_failed == 0)
-    if mode == "stop":
-        slow = [d for d in hung_ended if d > QUERY_TIMEOUT + 1]
-        clear = errors_victim and all(("timeout" in e.lower() or "shard" in e.lower()) for e in errors_victim)
-        report.row("shard-stop", f"s{victim}'s statements while hung fail with a clear error within "
-                   f"query_timeout ({QUERY_TIMEOUT:.0f} s)",
-                   f"{len(errors_victim)} of {len(victim_during)} failed; {len(slow)} took > {QUERY_TIMEOUT + 1:.0f} s "
-                   f"(max {ms(max(hung_ended) if hung_ended else float('nan'))} ms)",
-                   bool(victim_during) and not slow and len(errors_victim) == len(victim_during) and bool(clear))
-    else:
-        report.row("shard-kill", f"s{victim}'s statements while down: failed, and how fast",
-                   f"{len(errors_victim)} of {len(victim_during)} failed, max "
-                   f"{ms(max(hung_ended) if hung_ended else float('nan'))} ms", None)
+    live_ok = sum(ph[s][0] for ph in (pre, dur, post) for s in range(SHARDS) if s != victim)
+    report.row(f"shard-{mode}", f"{label} of s{victim} under load: failed statements for keys on {live_names}, "
+               "all clients", f"{others_failed} ({live} ok: {live_ok})", others_failed == 0)
+    for lib in LIBS:
+        mine = [e for e in ev if e[5] == lib and e[2] != victim]
+        failed = sum(1 for e in mine if not e[3])
+        report.row(f"shard-{mode}", f"failed statements for keys on {live_names}, {lib} clients",
+                   f"{failed} ({len(mine) - failed} ok)", failed == 0)
+    for lib in LIBS:
+        mine = [e for e in victim_during if e[5] == lib]
+        d = [e[1] - e[0] for e in mine]
+        nerr = sum(1 for e in mine if not e[3])
+        late = [x for x in d if x > limit]
+        unclear = [e for e in mine if not e[3] and not names_victim.search(e[4])]
+        report.row(f"shard-{mode}", f"s{victim}'s statements while {state}, {lib} clients: max duration vs "
+                   f"query_timeout {QUERY_TIMEOUT:.0f} s",
+                   f"{len(mine)} started: {nerr} failed, {len(mine) - nerr} ok; p50 / max {ms(pct(d, 50))} / "
+                   f"{ms(max(d) if d else float('nan'))} ms; {len(late)} over {limit:.0f} s, {len(unclear)} errors "
+                   f"not naming s{victim}",
+                   bool(mine) and not late and not unclear,
+                   f"each ends within {limit:.0f} s with an error naming s{victim}, or succeeds")
+    report.row(f"shard-{mode}", f"statements for keys on {live_names} started during the fault: "
+               "slowest per library (start to end)", "; ".join(per_lib_slowest)
+               + f"; {len(slow_stmt)} over 1 s in the statement itself", None)
     rec = f"{first_ok - t_ready:.2f} s to the first success" if first_ok else "no success after it was back"
     if last_err and last_err > t_ready:
         rec += f", last error {last_err - t_ready:.2f} s after"
@@ -751,6 +914,7 @@ async def run(env, args, report):
              "large-messages": large_messages, "half-open": half_open}
     for name in args.scenarios:
         t0 = time.monotonic()
+        env.scenario = name
         log(f"=== {name}")
         await funcs[name](env, args, report)
         log(f"=== {name} done in {time.monotonic() - t0:.0f} s")
@@ -762,6 +926,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="smoke run: fewer clients, seconds instead of minutes")
     ap.add_argument("--soak-secs", type=int, default=600, help="soak duration in full mode (default 600)")
     ap.add_argument("--no-save", action="store_true", help="do not write bench/results/")
+    ap.add_argument("--out", help="results file (default bench/results/reliability-<date>[-quick].md)")
     args = ap.parse_args()
     args.scenarios = args.scenarios or SCENARIOS
     for s in args.scenarios:
@@ -773,6 +938,14 @@ def main():
     binary = harness.build_shardgate()
     t_start = time.monotonic()
     load_before = os.getloadavg()
+    loads = []  # the 1-minute load average every 10 s: the machine is shared
+
+    def sample_load():
+        while True:
+            loads.append(os.getloadavg()[0])
+            time.sleep(10)
+
+    threading.Thread(target=sample_load, daemon=True).start()
     env = Env(binary)
     report = Report()
     try:
@@ -780,6 +953,7 @@ def main():
         asyncio.run(run(env, args, report))
     finally:
         env.cleanup()
+        log(f"logs of shardgate and the shards: {env.logs}")
     load_after = os.getloadavg()
 
     table = ["| scenario | measured (pass criterion) | result | verdict |", "|---|---|---|---|"]
@@ -788,18 +962,28 @@ def main():
     if args.no_save:
         return
     now = datetime.datetime.now()
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=harness.ROOT,
-                         capture_output=True, text=True).stdout.strip() or "?"
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=harness.ROOT,
-                           capture_output=True, text=True).stdout.strip()
+    if os.environ.get("SHARDGATE_BIN"):
+        # A given binary: its commit from SHARDGATE_REV or a name like shardgate-<commit>.
+        m = re.search(r"-([0-9a-f]{7,40})$", binary)
+        rev = os.environ.get("SHARDGATE_REV") or (m.group(1) if m else None)
+        built = f"shardgate {f'`{rev}`' if rev else 'of unknown commit'} (release build `{binary}`)"
+    else:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=harness.ROOT,
+                             capture_output=True, text=True).stdout.strip() or "?"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=harness.ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        built = f"shardgate `{rev}`{' (with uncommitted changes)' if dirty else ''}, release build"
+    libpq = psycopg.pq.version()
     pg = subprocess.run([os.path.join(harness.pg_bindir(), "postgres"), "--version"],
                         capture_output=True, text=True).stdout.strip()
     body = [f"# Reliability suite ({now:%Y-%m-%d %H:%M}{', quick' if args.quick else ''})", "",
             f"Command: `bench/reliability.sh {' '.join(sys.argv[1:])}`  ",
-            f"shardgate `{rev}`{' (with uncommitted changes)' if dirty else ''}, release build; {pg}; "
-            f"asyncpg {asyncpg.__version__}; {platform.node() or 'host'} ({os.cpu_count()} CPUs, shared with "
-            f"other work: load average {load_before[0]:.1f} before, {load_after[0]:.1f} after). "
-            f"Total {time.monotonic() - t_start:.0f} s.  ",
+            f"{built}; {pg}; asyncpg {asyncpg.__version__}, psycopg {psycopg.__version__} (libpq "
+            f"{libpq // 10000}.{libpq % 10000}, {psycopg.pq.__impl__}); {platform.node() or 'host'} "
+            f"({os.cpu_count()} CPUs, shared with other work: load average {load_before[0]:.1f} before, "
+            f"{load_after[0]:.1f} after, 1-minute average {sum(loads) / len(loads):.1f} mean / {max(loads):.1f} max "
+            f"during the run). Total {time.monotonic() - t_start:.0f} s. Logs of shardgate and the shards "
+            f"(not committed): `{os.path.relpath(env.logs, harness.ROOT)}/`.  ",
             "Three Postgres shards (fsync=off, max_prepared_transactions=100), shardgate with transaction "
             f"pooling, pool size {POOL} per shard, two_phase_commit on; `acc` and `hist` sharded by key % 3, "
             "so every statement's shard is known from its key. What the scenarios do: `bench/reliability.py`.",
@@ -809,7 +993,7 @@ def main():
     for scenario, text in report.details:
         body += [f"## {scenario}", "", text, ""]
     os.makedirs(harness.RESULTS, exist_ok=True)
-    path = os.path.join(harness.RESULTS, f"reliability-{now:%Y-%m-%d}{'-quick' if args.quick else ''}.md")
+    path = args.out or os.path.join(harness.RESULTS, f"reliability-{now:%Y-%m-%d}{'-quick' if args.quick else ''}.md")
     with open(path, "w") as f:
         f.write("\n".join(body))
     log(f"wrote {path}")
