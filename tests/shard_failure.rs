@@ -451,3 +451,67 @@ async fn an_idle_transaction_is_ended_after_idle_transaction_timeout() {
     assert_eq!(tags(&other.exchange(&wire::query("COMMIT"), 1).await), "CZ");
     server.stop().await;
 }
+
+/// A Describe (asyncpg and tokio-postgres prepare with Parse/Describe
+/// before Bind) that lands on a shard that has just hung — before any of
+/// its statements has failed, so it is not yet suspect — waits at most
+/// about a second there and is answered by another shard, instead of
+/// waiting for the whole query_timeout (seen by the reliability suite:
+/// fresh clients' lookups of live keys took up to query_timeout early in a
+/// SIGSTOP).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_describe_does_not_wait_out_query_timeout_on_a_newly_hung_shard() {
+    let db = fresh_db_with("hung_describe", SCHEMA).await;
+    let own = DevCluster::start("hung-describe").expect("own cluster");
+    own.create_database(&db).expect("database on own cluster");
+    own.psql(&db, SCHEMA).expect("schema on own cluster");
+    let map = map_with_own_third_shard(&db, &own).replace(
+        "connect_timeout: 1s }",
+        "connect_timeout: 10s, query_timeout: 5s }",
+    );
+    assert!(map.contains("query_timeout: 5s"), "{map}");
+    let server = start_proxy(&map).await;
+    let port = server.address.port();
+    let keys = keys_on_three_shards();
+    let loader = connect_through(port, &db).await;
+    for k in keys {
+        loader
+            .execute("INSERT INTO users (id, name) VALUES ($1, 'n')", &[&k])
+            .await
+            .expect("insert");
+    }
+    // Idle pooled connections to every shard, s2 included: a Describe
+    // there gets a connection at once and then waits on the hung server.
+    let warm: Vec<_> = futures::future::join_all((0..3).map(|_| connect_through(port, &db))).await;
+    for c in &warm {
+        c.batch_execute("BEGIN").await.expect("begin");
+        c.query_one(
+            "SELECT 1 FROM users WHERE id = $1 OR true LIMIT 1",
+            &[&keys[2]],
+        )
+        .await
+        .expect("warm s2");
+    }
+    for c in &warm {
+        c.batch_execute("COMMIT").await.expect("commit");
+    }
+    let frozen = Frozen::freeze(&own);
+    let mut slowest = Duration::ZERO;
+    for round in 0..6 {
+        let k = keys[round % 2];
+        let started = Instant::now();
+        let fresh = connect_through(port, &db).await;
+        fresh
+            .query_one("SELECT name FROM users WHERE id = $1", &[&k])
+            .await
+            .unwrap_or_else(|e| panic!("prepared lookup of key {k}: {e}"));
+        slowest = slowest.max(started.elapsed());
+    }
+    drop(frozen);
+    eprintln!("slowest prepared lookup of a live key: {slowest:?}");
+    assert!(
+        slowest < Duration::from_millis(2500),
+        "a live key's lookup waited {slowest:?} (query_timeout 5 s)"
+    );
+    server.stop().await;
+}

@@ -707,8 +707,21 @@ impl Session {
             "08006",
             "no shard to describe the statement",
         ));
+        let query_timeout = self.shared.config.pool.query_timeout;
         for (tried, shard) in order.into_iter().enumerate() {
-            answer = self.describe_on(shard, query, param_types).await;
+            // A Describe only plans: while another shard could answer, one
+            // that takes longer than DESCRIBE_PATIENCE is passed over
+            // instead of awaited for the whole query_timeout (a hung shard
+            // is marked suspect only after its first failure, so the first
+            // clients of a hang would otherwise wait that long).
+            let patience = if tried + 1 < count && !query_timeout.is_zero() {
+                query_timeout.min(DESCRIBE_PATIENCE)
+            } else if tried + 1 < count {
+                DESCRIBE_PATIENCE
+            } else {
+                query_timeout
+            };
+            answer = self.describe_on(shard, query, param_types, patience).await;
             let failed = match &answer {
                 Err(error) => not_answering(error.code),
                 Ok(Answer::Failed(frames)) => is_fatal(frames),
@@ -730,17 +743,19 @@ impl Session {
         }
     }
 
-    /// One attempt of [`Session::describe_aside`] on `shard`.
+    /// One attempt of [`Session::describe_aside`] on `shard`, given up after
+    /// `patience` (zero: none).
     async fn describe_on(
         &mut self,
         shard: usize,
         query: &str,
         param_types: &[u8],
+        patience: std::time::Duration,
     ) -> Result<Answer, ProxyError> {
         let Some(pool) = self.shared.pools.get(shard) else {
             return Err(ProxyError::error("08006", "no such shard"));
         };
-        let mut conn = super::checkout_within(pool, self.shared.config.pool.query_timeout)
+        let mut conn = super::checkout_within(pool, patience)
             .await
             .map_err(|error| ProxyError::error(error.sqlstate(), error.to_string()))?;
         // The statement must resolve names as the session would.
@@ -769,18 +784,17 @@ impl Session {
         request.put_i32(6);
         request.put_slice(b"S\0");
         synth::sync(&mut request);
-        let query_timeout = self.shared.config.pool.query_timeout;
-        let mut answer = if query_timeout.is_zero() {
+        let mut answer = if patience.is_zero() {
             exchange(&mut conn, &request).await
         } else {
-            match tokio::time::timeout(query_timeout, exchange(&mut conn, &request)).await {
+            match tokio::time::timeout(patience, exchange(&mut conn, &request)).await {
                 Ok(answer) => answer,
                 Err(_) => {
                     conn.mark_broken();
                     Err(ProxyError::error(
                         "57014",
                         format!(
-                            "canceling statement due to query_timeout: shard \"{}\" did not answer within {query_timeout:?}",
+                            "canceling statement due to query_timeout: shard \"{}\" did not answer within {patience:?}",
                             self.shard_name(shard)
                         ),
                     ))
@@ -798,6 +812,9 @@ impl Session {
         answer
     }
 }
+
+/// How long a Describe waits for one shard while others could answer it.
+const DESCRIBE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A checkout failure that says the shard cannot be reached now (down,
 /// refusing, not answering), as opposed to a full pool or a refused login.
