@@ -24,3 +24,4 @@ pub mod router;
 pub mod server;
 pub mod sharding;
 pub mod suggest;
+pub mod throttle;

@@ -148,6 +148,8 @@ struct PoolShared {
     /// Whether the last connect attempt reached the server (see
     /// [`ShardPool::is_up`]); false until one did.
     up: AtomicBool,
+    /// Connect failures are logged at most once a second.
+    failure_log: crate::throttle::LogThrottle,
 }
 
 /// bb8 manager: opens, validates and judges connections to one shard.
@@ -217,7 +219,14 @@ impl ErrorSink<BackendError> for ConnectFailureSink {
             tracing::debug!(shard = %shard, "discarding a broken idle backend connection");
             return;
         }
-        tracing::warn!(shard = %error.shard(), sqlstate = error.sqlstate(), "{error}");
+        if let Some(suppressed) = self.shared.failure_log.admit() {
+            tracing::warn!(
+                shard = %error.shard(),
+                sqlstate = error.sqlstate(),
+                suppressed,
+                "{error}"
+            );
+        }
         // A server that answered (bad password, unknown database) is up.
         self.shared
             .up
@@ -263,6 +272,7 @@ impl ShardPool {
             server_parameters: Mutex::new(None),
             failures,
             up: AtomicBool::new(false),
+            failure_log: crate::throttle::LogThrottle::new(Duration::from_secs(1)),
         });
         let manager = BackendManager {
             shard: shard.clone(),

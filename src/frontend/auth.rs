@@ -10,8 +10,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use base64::Engine;
@@ -22,6 +22,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{AuthMethod, Config, Secret};
 use crate::metrics::{AuthFailure, Metrics};
+use crate::throttle::LogThrottle;
 
 /// What shardgate knows about one user's password.
 #[derive(Clone)]
@@ -269,7 +270,7 @@ impl AuthSource for ScramSource {
 /// guesser cannot flood the log.
 pub struct LoginFailures {
     metrics: Arc<Metrics>,
-    logged: Mutex<[(Option<Instant>, u64); AuthFailure::ALL.len()]>,
+    logged: [LogThrottle; AuthFailure::ALL.len()],
 }
 
 impl LoginFailures {
@@ -278,25 +279,15 @@ impl LoginFailures {
     pub fn new(metrics: Arc<Metrics>) -> LoginFailures {
         LoginFailures {
             metrics,
-            logged: Mutex::new([(None, 0); AuthFailure::ALL.len()]),
+            logged: std::array::from_fn(|_| LogThrottle::new(Self::INTERVAL)),
         }
     }
 
     /// Records one failure; `user` is what the client sent (never a password).
     pub fn record(&self, reason: AuthFailure, user: Option<&str>, client: Option<SocketAddr>) {
         self.metrics.auth_failure(reason);
-        let now = Instant::now();
-        let suppressed = {
-            let Ok(mut logged) = self.logged.lock() else {
-                return;
-            };
-            let (last, suppressed) = &mut logged[reason as usize];
-            if last.is_some_and(|at| now.duration_since(at) < Self::INTERVAL) {
-                *suppressed += 1;
-                return;
-            }
-            *last = Some(now);
-            std::mem::take(suppressed)
+        let Some(suppressed) = self.logged[reason as usize].admit() else {
+            return;
         };
         let client = client.map(|a| a.to_string()).unwrap_or_default();
         // `?user`: Debug quotes and escapes it, so a name cannot forge log lines.
