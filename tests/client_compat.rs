@@ -801,3 +801,33 @@ async fn pg_prepared_statements_lists_the_clients_own_statements() {
         }
     }
 }
+
+/// A statement the server described is defined: a second Parse of its
+/// name gets 42P05, as in Postgres — also with routing on, where the
+/// Describe runs on a borrowed backend of any shard (asyncpg's
+/// `test_prepare_explicitly_named` through three shards).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_described_statement_name_is_taken() {
+    let targets = targets("cc_described_name").await;
+    for (label, port, db, user) in &targets.list {
+        let mut c = Wire::connect(*port, user, db).await;
+        let answers = c
+            .exchange(
+                &batch(&[
+                    wire::parse("dup", "SELECT 1", &[]),
+                    wire::describe(b'S', "dup"),
+                    wire::sync(),
+                ]),
+                1,
+            )
+            .await;
+        assert_eq!(tags(&answers), "1tTZ", "{label}: {answers:?}");
+        let answers = c
+            .exchange(
+                &batch(&[wire::parse("dup", "SELECT 2", &[]), wire::sync()]),
+                1,
+            )
+            .await;
+        assert_eq!(codes(&answers), vec!["42P05"], "{label}: {answers:?}");
+    }
+}

@@ -232,6 +232,14 @@ impl ClientStatements {
         self.named.retain(|_, s| s.hash != hash);
     }
 
+    /// A shard accepted the statement `name` (it described it): a second
+    /// Parse of the name gets 42P05, as in Postgres.
+    pub fn mark_valid(&mut self, name: &str) {
+        if let Some(statement) = self.named.get_mut(name) {
+            statement.sent = true;
+        }
+    }
+
     /// The shardgate-owned name the client's statement `name` has on backends.
     pub fn server_name(&self, name: &str) -> Option<&str> {
         self.named.get(name).map(|s| s.server_name.as_str())

@@ -1739,7 +1739,11 @@ impl Session {
             return;
         };
         if let Some(router) = self.router() {
-            self.describe_aside(&router, &query, &param_types).await;
+            let described = self.describe_aside(&router, &query, &param_types).await;
+            if described && !target.name.is_empty() {
+                // A shard accepted it: the name is taken, as in Postgres.
+                self.statements.mark_valid(target.name);
+            }
         }
     }
 

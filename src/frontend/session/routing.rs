@@ -685,13 +685,14 @@ impl Session {
     /// any shard knows its parameter and row types, so one is borrowed just
     /// for this, outside the client's (possibly held-back) transaction, and
     /// its answer is queued for the client. The statement's Bind later
-    /// routes freely.
+    /// routes freely. True when a shard described it (the statement is
+    /// valid).
     pub(super) async fn describe_aside(
         &mut self,
         router: &Router,
         query: &str,
         param_types: &[u8],
-    ) {
+    ) -> bool {
         let preferred = self.session_shard.unwrap_or_else(|| self.any_shard(router));
         // Any shard knows the types; one that cannot be reached, or whose
         // backend dies on the way, is passed over (#15-3: asyncpg prepares
@@ -736,11 +737,15 @@ impl Session {
             }
         }
         match answer {
-            Ok(Answer::Described(frames)) => self.queue.local(frames, &mut self.client_out),
+            Ok(Answer::Described(frames)) => {
+                self.queue.local(frames, &mut self.client_out);
+                return true;
+            }
             // The shard's own error, every field kept.
             Ok(Answer::Failed(frames)) => self.report_frames(frames, true),
             Err(error) => self.report(error, true),
         }
+        false
     }
 
     /// One attempt of [`Session::describe_aside`] on `shard`, given up after
