@@ -831,3 +831,70 @@ async fn a_described_statement_name_is_taken() {
         assert_eq!(codes(&answers), vec!["42P05"], "{label}: {answers:?}");
     }
 }
+
+/// `DEALLOCATE ALL` inside a transaction that spans shards (psycopg sends
+/// it after DDL or ROLLBACK once it has prepared statements): answered,
+/// the client's statements are gone, the transaction goes on — over the
+/// simple and the extended protocol.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deallocate_all_inside_a_transaction_over_several_shards() {
+    let targets = targets("cc_deallocate_multi").await;
+    for (label, port, db, user) in &targets.list {
+        for extended in [false, true] {
+            let mut c = Wire::connect(*port, user, db).await;
+            let run = |sql: &str| {
+                if extended {
+                    parse_and_run("", sql, &[], &[])
+                } else {
+                    wire::query(sql)
+                }
+            };
+            let base = if extended { 300 } else { 400 };
+            let script = [
+                "BEGIN".to_string(),
+                // Five keys: over several shards with routing on.
+                format!(
+                    "INSERT INTO sp VALUES ({}, 0), ({}, 0), ({}, 0), ({}, 0), ({}, 0)",
+                    base,
+                    base + 1,
+                    base + 2,
+                    base + 3,
+                    base + 4
+                ),
+            ];
+            for sql in &script {
+                let answers = c.exchange(&run(sql), 1).await;
+                assert_eq!(codes(&answers), Vec::<String>::new(), "{label}: {sql}");
+            }
+            let answers = c
+                .exchange(
+                    &batch(&[wire::parse("s1", "SELECT 1", &[]), wire::sync()]),
+                    1,
+                )
+                .await;
+            assert_eq!(tags(&answers), "1Z", "{label}");
+            let answers = c.exchange(&run("DEALLOCATE ALL"), 1).await;
+            assert_eq!(
+                codes(&answers),
+                Vec::<String>::new(),
+                "{label}: {answers:?}"
+            );
+            let done = answers.iter().find(|m| m.tag == b'C').expect("a tag");
+            assert_eq!(done.body, b"DEALLOCATE ALL\0", "{label}");
+            assert_eq!(status(&answers), b'T', "{label}");
+            let answers = c
+                .exchange(
+                    &batch(&[
+                        wire::bind("", "s1", &[]),
+                        wire::execute("", 0),
+                        wire::sync(),
+                    ]),
+                    1,
+                )
+                .await;
+            assert_eq!(codes(&answers), vec!["26000"], "{label} extended={extended}: s1 is gone");
+            let answers = c.exchange(&run("ROLLBACK"), 1).await;
+            assert_eq!(codes(&answers), Vec::<String>::new(), "{label}");
+        }
+    }
+}

@@ -497,6 +497,14 @@ impl Session {
                         return Ok(Box::pin(self.execute_protocol_statement(&name, &rest)).await);
                     }
                 }
+                if self.deallocates_all_here(sql) {
+                    self.statements.clear();
+                    let mut out = BytesMut::new();
+                    synth::command_complete(&mut out, "DEALLOCATE ALL");
+                    synth::ready_for_query(&mut out, self.status);
+                    self.queue.local(out, &mut self.client_out);
+                    return Ok(Step::Next);
+                }
                 if let Some(name) = deallocated_name(sql).filter(|_| named) {
                     if self.statements.text_of(name).is_some() {
                         // Protocol and SQL prepared statements share one
@@ -616,6 +624,10 @@ impl Session {
                 }
                 if effects.drops_statements {
                     self.forget_backend_statements();
+                    if deallocates_all(parse.query) {
+                        // Protocol-level statements too, as from a simple query.
+                        self.statements.clear();
+                    }
                 }
                 if parse.name.is_empty() {
                     self.forget_unnamed();

@@ -66,6 +66,10 @@ pub(super) enum Held {
     Begin(String),
     /// COMMIT (true) / ROLLBACK of a held-back BEGIN that reached no shard.
     EndDeferred(bool),
+    /// `DEALLOCATE ALL` in a transaction over several shards (psycopg sends
+    /// it after DDL): the client's statements go; the shards' copies stay
+    /// shardgate's cache.
+    DeallocateAll,
 }
 
 impl PendingPortal {

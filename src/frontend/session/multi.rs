@@ -314,6 +314,9 @@ impl Session {
             _ if super::routing::participant_control(&text) => {
                 PendingPortal::every_participant(bind.portal, &text)
             }
+            _ if self.deallocates_all_here(&text) => {
+                PendingPortal::held(bind.portal, super::fanout::Held::DeallocateAll)
+            }
             _ => {
                 self.report(control_in_multi_shard_transaction(), true);
                 return Attach::Failed;
@@ -332,6 +335,17 @@ impl Session {
         synth::bind_complete(&mut out);
         self.queue.local(out, &mut self.client_out);
         Attach::Answered
+    }
+
+    /// `DEALLOCATE ALL` that shardgate answers itself in a transaction over
+    /// several shards: it names only the client's protocol statements
+    /// (no SQL `PREPARE` pinned the session), and the transaction has not
+    /// failed (Postgres would answer 25P02 then).
+    pub(super) fn deallocates_all_here(&self, sql: &str) -> bool {
+        !self.others.is_empty()
+            && !self.tainted
+            && self.status != b'E'
+            && super::deallocates_all(sql)
     }
 
     /// Ends the multi-shard transaction: two-phase or plain commit, or

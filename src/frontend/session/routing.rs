@@ -633,6 +633,10 @@ impl Session {
                 self.batch_status_before = b'I';
                 synth::command_complete(&mut out, if committed { "COMMIT" } else { "ROLLBACK" });
             }
+            super::fanout::Held::DeallocateAll => {
+                self.statements.clear();
+                synth::command_complete(&mut out, "DEALLOCATE ALL");
+            }
         }
         self.queue.local(out, &mut self.client_out);
     }
