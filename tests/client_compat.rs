@@ -892,7 +892,11 @@ async fn deallocate_all_inside_a_transaction_over_several_shards() {
                     1,
                 )
                 .await;
-            assert_eq!(codes(&answers), vec!["26000"], "{label} extended={extended}: s1 is gone");
+            assert_eq!(
+                codes(&answers),
+                vec!["26000"],
+                "{label} extended={extended}: s1 is gone"
+            );
             let answers = c.exchange(&run("ROLLBACK"), 1).await;
             assert_eq!(codes(&answers), Vec::<String>::new(), "{label}");
         }
