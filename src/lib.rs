@@ -10,6 +10,7 @@
 
 pub mod backend;
 pub mod check;
+pub mod civil_time;
 pub mod config;
 pub mod demo;
 pub mod devcluster;

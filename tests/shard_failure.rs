@@ -301,29 +301,60 @@ fn signal_tree(pid: i32, signal: &str) {
         .status();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hung_shard_fails_its_statements_within_query_timeout() {
-    let db = fresh_db_with("hung_shard", SCHEMA).await;
-    let own = DevCluster::start("hung-shard").expect("own cluster");
+/// A proxy over two shared shards and a third shard on a cluster of its
+/// own (so a test can freeze it), with `query_timeout` set, one row per
+/// shard loaded, and a client connected through it.
+struct OwnThirdShard {
+    db: String,
+    own: DevCluster,
+    server: shardgate::server::RunningServer,
+    keys: [i64; 3],
+    client: tokio_postgres::Client,
+}
+
+async fn proxy_with_own_third_shard(name: &str, query_timeout: &str) -> OwnThirdShard {
+    let db = fresh_db_with(name, SCHEMA).await;
+    let own = DevCluster::start(&name.replace('_', "-")).expect("own cluster");
     own.create_database(&db).expect("database on own cluster");
     own.psql(&db, SCHEMA).expect("schema on own cluster");
     // connect_timeout above query_timeout: a statement that needs a new
     // connection to the hung shard must still fail within query_timeout.
     let map = map_with_own_third_shard(&db, &own).replace(
         "connect_timeout: 1s }",
-        "connect_timeout: 10s, query_timeout: 2s }",
+        &format!("connect_timeout: 10s, query_timeout: {query_timeout} }}"),
     );
-    assert!(map.contains("query_timeout: 2s"), "{map}");
+    assert!(
+        map.contains(&format!("query_timeout: {query_timeout}")),
+        "{map}"
+    );
     let server = start_proxy(&map).await;
-    let port = server.address.port();
     let keys = keys_on_three_shards();
-    let client = connect_through(port, &db).await;
+    let client = connect_through(server.address.port(), &db).await;
     for k in keys {
         client
             .execute("INSERT INTO users (id, name) VALUES ($1, 'n')", &[&k])
             .await
             .expect("insert");
     }
+    OwnThirdShard {
+        db,
+        own,
+        server,
+        keys,
+        client,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_shard_fails_its_statements_within_query_timeout() {
+    let OwnThirdShard {
+        db,
+        own,
+        server,
+        keys,
+        client,
+    } = proxy_with_own_third_shard("hung_shard", "2s").await;
+    let port = server.address.port();
 
     // Two idle pooled connections to s2 (one per statement below; each
     // timed-out statement drops its backend, and a new connection to a
@@ -461,25 +492,14 @@ async fn an_idle_transaction_is_ended_after_idle_transaction_timeout() {
 /// SIGSTOP).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_describe_does_not_wait_out_query_timeout_on_a_newly_hung_shard() {
-    let db = fresh_db_with("hung_describe", SCHEMA).await;
-    let own = DevCluster::start("hung-describe").expect("own cluster");
-    own.create_database(&db).expect("database on own cluster");
-    own.psql(&db, SCHEMA).expect("schema on own cluster");
-    let map = map_with_own_third_shard(&db, &own).replace(
-        "connect_timeout: 1s }",
-        "connect_timeout: 10s, query_timeout: 5s }",
-    );
-    assert!(map.contains("query_timeout: 5s"), "{map}");
-    let server = start_proxy(&map).await;
+    let OwnThirdShard {
+        db,
+        own,
+        server,
+        keys,
+        client: _loader,
+    } = proxy_with_own_third_shard("hung_describe", "5s").await;
     let port = server.address.port();
-    let keys = keys_on_three_shards();
-    let loader = connect_through(port, &db).await;
-    for k in keys {
-        loader
-            .execute("INSERT INTO users (id, name) VALUES ($1, 'n')", &[&k])
-            .await
-            .expect("insert");
-    }
     // Idle pooled connections to every shard, s2 included: a Describe
     // there gets a connection at once and then waits on the hung server.
     let warm: Vec<_> = futures::future::join_all((0..3).map(|_| connect_through(port, &db))).await;

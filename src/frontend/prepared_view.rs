@@ -12,7 +12,9 @@
 //! SQL-level `PREPARE`s. The view's own row type shapes the rows
 //! (`jsonb_populate_record`), so every server version's columns come out.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
+
+use crate::civil_time::CivilTime;
 
 /// One of the client's protocol-level statements.
 pub struct Listed<'a> {
@@ -292,33 +294,14 @@ fn json_string(out: &mut String, s: &str) {
 
 /// `YYYY-MM-DDTHH:MM:SS.ffffffZ` of a wall-clock time.
 fn rfc3339(at: SystemTime) -> String {
-    let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = since.as_secs();
-    let days = (secs / 86_400) as i64;
-    let rest = secs % 86_400;
-    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
-        rest / 3_600,
-        rest % 3_600 / 60,
-        rest % 60,
-        since.subsec_micros()
-    )
+    let t = CivilTime::of(at).unwrap_or(CivilTime::EPOCH);
+    format!("{}T{}.{:06}Z", t.date(), t.time(), t.micros)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+    use std::time::{Duration, UNIX_EPOCH};
 
     fn one() -> Vec<Listed<'static>> {
         vec![Listed {

@@ -9,6 +9,7 @@ use clap::{Args, Subcommand};
 use super::apply::{ApplyOptions, Migrator};
 use super::plan::Direction;
 use super::{ledger, MigrateError};
+use crate::civil_time::CivilTime;
 use crate::config::{Config, LoadError};
 
 /// `shardgate migrate --config FILE [--shards s0,s1] <command>`.
@@ -508,30 +509,12 @@ fn print_history(rows: &[ledger::HistoryRow]) {
     }
 }
 
-/// UTC `YYYY-MM-DD HH:MM:SS.mmm` without a date crate.
+/// UTC `YYYY-MM-DD HH:MM:SS.mmm`.
 fn chrono_text(at: std::time::SystemTime) -> String {
-    let Ok(since) = at.duration_since(std::time::UNIX_EPOCH) else {
-        return "before 1970".into();
-    };
-    let secs = since.as_secs();
-    let (days, rest) = (secs / 86_400, secs % 86_400);
-    // Civil from days (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}.{:03}",
-        rest / 3600,
-        rest % 3600 / 60,
-        rest % 60,
-        since.subsec_millis()
-    )
+    match CivilTime::of(at) {
+        Some(t) => format!("{} {}.{:03}", t.date(), t.time(), t.micros / 1_000),
+        None => "before 1970".into(),
+    }
 }
 
 fn rows_text(rows: &[String]) -> String {

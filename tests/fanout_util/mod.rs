@@ -64,20 +64,7 @@ impl Answer {
 }
 
 pub fn cells(body: &[u8]) -> Vec<Option<Vec<u8>>> {
-    let n = i16::from_be_bytes([body[0], body[1]]) as usize;
-    let mut pos = 2;
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        let len = i32::from_be_bytes([body[pos], body[pos + 1], body[pos + 2], body[pos + 3]]);
-        pos += 4;
-        if len < 0 {
-            out.push(None);
-        } else {
-            out.push(Some(body[pos..pos + len as usize].to_vec()));
-            pos += len as usize;
-        }
-    }
-    out
+    support::wire::row_cells(body)
 }
 
 /// Decodes backend frames (T, D, C, E) into an Answer.

@@ -340,21 +340,18 @@ impl Wire {
 /// The text values of a DataRow body (None: NULL).
 #[allow(dead_code)]
 pub fn fields_of_row(body: &[u8]) -> Vec<Option<String>> {
-    let count = u16::from_be_bytes([body[0], body[1]]) as usize;
-    let mut at = 2;
-    let mut out = Vec::with_capacity(count);
-    for _ in 0..count {
-        let len = i32::from_be_bytes([body[at], body[at + 1], body[at + 2], body[at + 3]]);
-        at += 4;
-        if len < 0 {
-            out.push(None);
-        } else {
-            let len = len as usize;
-            out.push(Some(
-                String::from_utf8_lossy(&body[at..at + len]).into_owned(),
-            ));
-            at += len;
-        }
-    }
-    out
+    row_cells(body)
+        .into_iter()
+        .map(|c| c.map(|v| String::from_utf8_lossy(&v).into_owned()))
+        .collect()
+}
+
+/// The values of a DataRow body, decoded by the proxy's own DataRow codec.
+#[allow(dead_code)]
+pub fn row_cells(body: &[u8]) -> Vec<Option<Vec<u8>>> {
+    let row = shardgate::executor::fanout::wire::Row::decode(bytes::Bytes::copy_from_slice(body))
+        .expect("a well-formed DataRow");
+    (0..row.len())
+        .map(|i| row.cell(i).map(<[u8]>::to_vec))
+        .collect()
 }
