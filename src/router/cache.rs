@@ -8,11 +8,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use super::analyze::{analyze, Analysis, StatementKind};
+use super::effects::{scan_statement, StatementEffects};
 use super::hints::{leading_hint, Hint};
 use super::normalize::{extract_literals, max_param};
 use super::route::{Param, Route, RouteError};
 use super::shardmap::ShardMap;
-use crate::sharding::KeyValue;
+use crate::sharding::{oid, KeyValue};
 
 /// Default number of cached statements.
 pub const DEFAULT_CACHE_CAPACITY: usize = 10_000;
@@ -49,6 +50,42 @@ pub struct Memo {
     /// The last literal-free form of a text with inlined values (simple
     /// protocol: `… WHERE aid = 42` memoised as `… WHERE aid = $1`).
     literal_free: MemoEntry,
+    /// Which entry the last routed statement used, for [`Memo::effects`].
+    last: LastRoute,
+    /// Reused for each statement's literal-free form (no allocation per query).
+    scratch: String,
+}
+
+/// Which memo entry holds the last routed statement.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum LastRoute {
+    #[default]
+    Neither,
+    /// `plain`: the exact text.
+    Plain,
+    /// `literal_free`, and every literal taken out was an integer: texts
+    /// that differ only in integers have the same words, so the same effects.
+    IntegerLiterals,
+}
+
+impl Memo {
+    /// The next statement is routed without this memo (a session's
+    /// `shardgate.shard`): [`Memo::effects`] must not use its entries.
+    pub fn forget_last(&mut self) {
+        self.last = LastRoute::Neither;
+    }
+
+    /// The session effects of `sql`, the statement just routed through this
+    /// memo: remembered with the memo entry when its words cannot differ
+    /// from the entry's, else read from the text.
+    pub fn effects(&mut self, sql: &str) -> StatementEffects {
+        let entry = match self.last {
+            LastRoute::Neither => return scan_statement(sql),
+            LastRoute::Plain => &mut self.plain,
+            LastRoute::IntegerLiterals => &mut self.literal_free,
+        };
+        *entry.effects.get_or_insert_with(|| scan_statement(sql))
+    }
 }
 
 /// One memoised text, its analysis and the map it was made with.
@@ -58,6 +95,8 @@ struct MemoEntry {
     generation: u64,
     analysis: Option<Arc<Analysis>>,
     map: Option<Arc<ShardMap>>,
+    /// The statement's session effects, once asked for (see [`Memo::effects`]).
+    effects: Option<StatementEffects>,
 }
 
 impl MemoEntry {
@@ -75,17 +114,26 @@ impl MemoEntry {
         self.generation = generation;
         self.analysis = Some(analysis);
         self.map = Some(map);
+        self.effects = None;
     }
 }
 
-/// The literal-free form of `sql` and its parameters (see
-/// [`extract_literals`]). Statements with `bound` parameters come from
+/// The literal-free form of `sql`, written to `out`, and its parameters
+/// (see [`extract_literals`]). Statements with `bound` parameters come from
 /// drivers that bind their values: their text is already stable.
-fn literal_free(sql: &str, bound: usize) -> Option<(String, Vec<Param<'_>>)> {
+fn literal_free<'a>(sql: &'a str, bound: usize, out: &mut String) -> Option<Vec<Param<'a>>> {
     if bound > 0 {
         return None;
     }
-    extract_literals(sql, max_param(sql))
+    extract_literals(sql, max_param(sql), out)
+}
+
+/// Whether every literal taken out of a text was an integer (the
+/// statement's own `$n` come first, unbound).
+fn integers_only(params: &[Param<'_>]) -> bool {
+    params
+        .iter()
+        .all(|p| p.value.is_none() || p.type_oid == Some(oid::INT8))
 }
 
 impl Router {
@@ -138,40 +186,65 @@ impl Router {
         params: &[Param],
     ) -> Result<(Route, StatementKind), RouteError> {
         let generation = self.generation.load(Ordering::Acquire);
+        memo.last = LastRoute::Neither;
         if let Some((analysis, map)) = memo.plain.hit(generation, sql) {
+            memo.last = LastRoute::Plain;
             return Ok((analysis.route(map, params)?, analysis.kind));
         }
         if leading_hint(sql).is_some() {
             return self.route_statement(sql, params);
         }
-        if let Some((normalized, all)) = literal_free(sql, params.len()) {
-            // Texts with inlined values rarely repeat, their literal-free
-            // form does: that is what the memo keeps for them.
-            if let Some((analysis, map)) = memo.literal_free.hit(generation, &normalized) {
-                return self.route_literals(sql, params, analysis, map, all);
-            }
-            // Only a real parse of the literal-free form counts: literals in
-            // type modifiers (`varchar(10)`) become placeholders sqlparser
-            // rejects, and the tokenizer's guess would skip the checks the
-            // full analysis makes (unique keys, temporary tables).
-            if let Some(analysis) = self
-                .analyze(&normalized)
-                .ok()
-                .filter(|analysis| !analysis.by_tokenizer)
-            {
-                let map = self.map();
-                let routed = self.route_literals(sql, params, &analysis, &map, all);
-                memo.literal_free
-                    .store(generation, &normalized, analysis, map);
-                return routed;
-            }
+        let mut normalized = std::mem::take(&mut memo.scratch);
+        let routed = self.route_literal_free(memo, generation, sql, params, &mut normalized);
+        memo.scratch = normalized;
+        if let Some(routed) = routed {
+            return routed;
         }
         let analysis = self.analyze(sql).map_err(|e| self.note(e))?;
         let map = self.map();
         let route = analysis.route(&map, params)?;
         let kind = analysis.kind;
         memo.plain.store(generation, sql, analysis, map);
+        memo.last = LastRoute::Plain;
         Ok((route, kind))
+    }
+
+    /// The memo's literal-free path: `None` when `sql` has no literals to
+    /// take out or its literal-free form does not analyse.
+    fn route_literal_free(
+        &self,
+        memo: &mut Memo,
+        generation: u64,
+        sql: &str,
+        params: &[Param],
+        normalized: &mut String,
+    ) -> Option<Result<(Route, StatementKind), RouteError>> {
+        // Texts with inlined values rarely repeat, their literal-free form
+        // does: that is what the memo keeps for them.
+        let all = literal_free(sql, params.len(), normalized)?;
+        let last = if integers_only(&all) {
+            LastRoute::IntegerLiterals
+        } else {
+            LastRoute::Neither
+        };
+        if let Some((analysis, map)) = memo.literal_free.hit(generation, normalized) {
+            memo.last = last;
+            return Some(self.route_literals(sql, params, analysis, map, all));
+        }
+        // Only a real parse of the literal-free form counts: literals in
+        // type modifiers (`varchar(10)`) become placeholders sqlparser
+        // rejects, and the tokenizer's guess would skip the checks the full
+        // analysis makes (unique keys, temporary tables).
+        let analysis = self
+            .analyze(normalized)
+            .ok()
+            .filter(|analysis| !analysis.by_tokenizer)?;
+        let map = self.map();
+        let routed = self.route_literals(sql, params, &analysis, &map, all);
+        memo.literal_free
+            .store(generation, normalized, analysis, map);
+        memo.last = last;
+        Some(routed)
     }
 
     /// Notes a refusal for a fenced table (error paths only).
@@ -220,7 +293,8 @@ impl Router {
         sql: &'s str,
         params: usize,
     ) -> Result<(Arc<Analysis>, Vec<Param<'s>>), RouteError> {
-        if let Some((normalized, all)) = literal_free(sql, params) {
+        let mut normalized = String::new();
+        if let Some(all) = literal_free(sql, params, &mut normalized) {
             // As in `route_statement_memo`: a tokenizer guess does not count.
             if let Some(analysis) = self
                 .analyze(&normalized)

@@ -29,6 +29,14 @@ pub fn leading_hint(sql: &str) -> Option<Hint<'_>> {
 /// or `RESET shardgate.<name>` statement (one statement, optional `;`).
 /// Returns the setting name and the new value (`None` for RESET / DEFAULT).
 pub fn shardgate_setting(sql: &str) -> Option<(&str, Option<String>)> {
+    // Decided by the first letter for almost every statement (this runs for
+    // every simple query), before the text is trimmed at both ends.
+    if !matches!(
+        sql.trim_start().as_bytes().first(),
+        Some(b's' | b'S' | b'r' | b'R')
+    ) {
+        return None;
+    }
     let text = sql.trim().trim_end_matches(';').trim_end();
     // `get` rather than slicing: a multi-byte character may straddle the prefix length.
     let lower_starts =

@@ -14,6 +14,7 @@ pub mod analyze;
 pub mod cache;
 pub mod catalog;
 pub mod copy_grammar;
+pub mod effects;
 pub mod explain;
 pub mod hints;
 pub mod normalize;

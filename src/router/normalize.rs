@@ -11,7 +11,6 @@
 //! parameter, e.g. `INTERVAL '1 day'`), the router uses the original text.
 
 use std::borrow::Cow;
-use std::fmt::Write;
 
 use super::route::Param;
 use crate::sharding::oid;
@@ -24,12 +23,16 @@ pub const MAX_PARAMS: usize = u16::MAX as usize;
 /// the statement's own `$1..$first_param` (nothing is bound to them), then
 /// the literals taken out, in `$n` order. Literals borrow from `sql` unless
 /// they had to be rewritten (`''` escapes, `007`): a simple-protocol query
-/// costs no allocation per literal. `None`: nothing to extract.
-pub fn extract_literals(sql: &str, first_param: usize) -> Option<(String, Vec<Param<'_>>)> {
+/// costs no allocation per literal. The text is written to `out` (cleared
+/// first), a buffer the caller reuses. `None`: nothing to extract.
+pub fn extract_literals<'a>(
+    sql: &'a str,
+    first_param: usize,
+    out: &mut String,
+) -> Option<Vec<Param<'a>>> {
     fn push_param<'a>(out: &mut String, params: &mut Vec<Param<'a>>, p: Param<'a>) {
         params.push(p);
-        // Writing to a String cannot fail.
-        let _ = write!(out, "${}", params.len());
+        push_placeholder(out, params.len());
     }
     if first_param > MAX_PARAMS {
         // No client can bind that many (`SELECT $99999999999, 1`); allocating
@@ -37,7 +40,8 @@ pub fn extract_literals(sql: &str, first_param: usize) -> Option<(String, Vec<Pa
         return None;
     }
     let bytes = sql.as_bytes();
-    let mut out = String::with_capacity(sql.len() + 4);
+    out.clear();
+    out.reserve(sql.len() + 4);
     let mut params: Vec<Param<'_>> = Vec::with_capacity(first_param + 2);
     params.resize(first_param, Param::null());
     let mut copied = 0;
@@ -140,7 +144,7 @@ pub fn extract_literals(sql: &str, first_param: usize) -> Option<(String, Vec<Pa
                     && sql[i..].trim_start().starts_with('\'');
                 if !prefixed && !continued {
                     out.push_str(&sql[copied..start]);
-                    push_param(&mut out, &mut params, Param::text_cow(value, None));
+                    push_param(out, &mut params, Param::text_cow(value, None));
                     copied = i;
                 }
             }
@@ -160,11 +164,7 @@ pub fn extract_literals(sql: &str, first_param: usize) -> Option<(String, Vec<Pa
                 if !word_after {
                     if let Some(value) = integer_literal(&sql[start..i]) {
                         out.push_str(&sql[copied..start]);
-                        push_param(
-                            &mut out,
-                            &mut params,
-                            Param::text_cow(value, Some(oid::INT8)),
-                        );
+                        push_param(out, &mut params, Param::text_cow(value, Some(oid::INT8)));
                         copied = i;
                     }
                 }
@@ -185,11 +185,7 @@ pub fn extract_literals(sql: &str, first_param: usize) -> Option<(String, Vec<Pa
                 if !word_before && !word_after {
                     if let Some(value) = integer_literal(&sql[start..i]) {
                         out.push_str(&sql[copied..start]);
-                        push_param(
-                            &mut out,
-                            &mut params,
-                            Param::text_cow(value, Some(oid::INT8)),
-                        );
+                        push_param(out, &mut params, Param::text_cow(value, Some(oid::INT8)));
                         copied = i;
                     }
                 } else {
@@ -202,10 +198,10 @@ pub fn extract_literals(sql: &str, first_param: usize) -> Option<(String, Vec<Pa
                     }
                 }
             }
-            c if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 => {
-                while i < bytes.len()
-                    && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'_' || bytes[i] >= 0x80)
-                {
+            c if IDENTIFIER[c as usize] => {
+                // Identifiers and keywords: most of a statement's bytes.
+                i += 1;
+                while i < bytes.len() && IDENTIFIER_OR_DIGIT[bytes[i] as usize] {
                     i += 1;
                 }
             }
@@ -216,7 +212,50 @@ pub fn extract_literals(sql: &str, first_param: usize) -> Option<(String, Vec<Pa
         return None;
     }
     out.push_str(&sql[copied..]);
-    Some((out, params))
+    Some(params)
+}
+
+/// Bytes that start an identifier or keyword (letters, `_`, non-ASCII).
+const IDENTIFIER: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphabetic() || c == b'_' || c >= 0x80;
+        b += 1;
+    }
+    table
+};
+
+/// Bytes that continue an identifier or keyword.
+const IDENTIFIER_OR_DIGIT: [bool; 256] = {
+    let mut table = IDENTIFIER;
+    let mut b = b'0';
+    while b <= b'9' {
+        table[b as usize] = true;
+        b += 1;
+    }
+    table
+};
+
+/// Appends `$n` (`write!` would go through the formatting machinery for
+/// every literal of every simple query).
+fn push_placeholder(out: &mut String, n: usize) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut rest = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    out.push('$');
+    for &d in &digits[at..] {
+        out.push(char::from(d));
+    }
 }
 
 /// An integer literal's value as an int8 parameter's text: the literal as
@@ -281,22 +320,36 @@ pub fn max_param(sql: &str) -> usize {
 mod tests {
     use super::*;
 
+    fn extract(sql: &str, first_param: usize) -> Option<(String, Vec<Param<'_>>)> {
+        let mut out = String::new();
+        extract_literals(sql, first_param, &mut out).map(|params| (out, params))
+    }
+
     /// The fuzz input that aborted the process: a `$n` far beyond any
     /// bindable parameter made extraction allocate a NULL for each.
+    #[test]
+    fn placeholders_are_written_in_decimal() {
+        for n in [1, 9, 10, 99, 100, 65_535, usize::MAX] {
+            let mut out = String::from("x");
+            push_placeholder(&mut out, n);
+            assert_eq!(out, format!("x${n}"));
+        }
+    }
+
     #[test]
     fn huge_parameter_numbers_are_not_allocated() {
         let sql =
             "UPDATE PREPARE double_it(inp) AS Spgbench_accounts SET abELECT $55555555555555555al5";
-        assert_eq!(extract_literals(sql, max_param(sql)), None);
+        assert_eq!(extract(sql, max_param(sql)), None);
         let sql = "SELECT $99999999, 1";
-        assert_eq!(extract_literals(sql, max_param(sql)), None);
+        assert_eq!(extract(sql, max_param(sql)), None);
         let sql = "SELECT $2, 7";
-        let (text, params) = extract_literals(sql, max_param(sql)).expect("extracted");
+        let (text, params) = extract(sql, max_param(sql)).expect("extracted");
         assert_eq!((text.as_str(), params.len()), ("SELECT $2, $3", 3));
     }
 
     fn norm(sql: &str) -> Option<(String, Vec<String>)> {
-        extract_literals(sql, 0).map(|(s, p)| {
+        extract(sql, 0).map(|(s, p)| {
             (
                 s,
                 p.into_iter()
@@ -342,7 +395,7 @@ mod tests {
         assert_eq!(norm("SELECT $1, \"col 1\" /* 5 */ -- 7\n"), None);
         assert_eq!(norm("SELECT $$ 1 'x' $$, $tag$ 2 $tag$"), None);
         // Numbering continues after the statement's own parameters.
-        let (sql, _) = extract_literals("SELECT * FROM t WHERE a = $1 AND b = 3", 1).unwrap();
+        let (sql, _) = extract("SELECT * FROM t WHERE a = $1 AND b = 3", 1).unwrap();
         assert_eq!(sql, "SELECT * FROM t WHERE a = $1 AND b = $2");
         assert_eq!(max_param("SELECT $1, $12"), 12);
         assert_eq!(max_param("SELECT 1"), 0);
@@ -356,7 +409,7 @@ mod tests {
     #[test]
     fn literals_borrow_the_text_unless_it_is_rewritten() {
         let sql = "SELECT * FROM t WHERE a = $1 AND b = 42 AND c = 'x' AND d = 'it''s' AND e = 007 AND f = -0 AND g = 0";
-        let (normalized, params) = extract_literals(sql, 1).expect("literals");
+        let (normalized, params) = extract(sql, 1).expect("literals");
         assert_eq!(
             normalized,
             "SELECT * FROM t WHERE a = $1 AND b = $2 AND c = $3 AND d = $4 AND e = $5 AND f = $6 AND g = $7"

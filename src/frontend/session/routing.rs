@@ -16,6 +16,7 @@ use crate::backend::BackendError;
 use crate::protocol::messages::{Bind, Cursor, Parse};
 use crate::protocol::synth::{self, ProxyError};
 use crate::protocol::{next_frame, tag, ProtocolError, MAX_BACKEND_MESSAGE};
+use crate::router::effects::{scan_statement, StatementEffects};
 use crate::router::hints::leading_hint;
 use crate::router::{Memo, Param, ParamFormat, Route, RouteError, Router};
 
@@ -59,6 +60,14 @@ pub(super) enum TxVerb {
 /// `COMMIT PREPARED`, `PREPARE TRANSACTION` and anything with a second
 /// statement are not.
 pub(super) fn tx_verb(sql: &str) -> Option<TxVerb> {
+    // Decided by the first letter for almost every statement (this runs for
+    // every simple query), before the text is trimmed at both ends.
+    if !matches!(
+        sql.trim_start().as_bytes().first().map(|b| b | 0x20),
+        Some(b'b' | b's' | b'c' | b'e' | b'r' | b'a')
+    ) {
+        return None;
+    }
     let text = sql.trim().trim_end_matches(';').trim_end();
     let mut words = text.split_ascii_whitespace();
     let first = words.next()?;
@@ -220,6 +229,7 @@ impl Session {
         params: &[Param<'_>],
     ) -> Result<(Route, bool), ProxyError> {
         let decide = |session: &Session, memo: &mut Memo| -> Result<(Route, bool), RouteError> {
+            memo.forget_last();
             if leading_hint(sql).is_none() {
                 let kind = || {
                     router
@@ -346,11 +356,16 @@ impl Session {
     }
 
     /// Routes a simple query and attaches its backend; `Ready`: forward it.
+    /// Routes a simple Query and attaches what it needs. `effects`: the
+    /// statement's session effects when already known; set (and noted)
+    /// once routed. A read of `pg_prepared_statements` is answered from the
+    /// client's own statements: the rewritten text is routed and sent here.
     pub(super) async fn attach_query(
         &mut self,
         router: &Router,
         frame: &[u8],
         sql: &str,
+        effects: &mut Option<StatementEffects>,
     ) -> Attach {
         // Boxed, as the other rare paths below: their state would otherwise
         // be part of every idle session's future (bench/idle_connections.sh).
@@ -361,6 +376,7 @@ impl Session {
             self.report(super::non_utf8_unroutable(self.client_encoding()), false);
             return Attach::Failed;
         } else {
+            self.note_effects(scan_statement(sql));
             Box::pin(self.routed_copy_in(router, frame, sql)).await
         };
         if let Some(handled) = copy {
@@ -386,6 +402,25 @@ impl Session {
             }
         };
         self.statement_writes = writes;
+        let found = match *effects {
+            Some(known) => known,
+            None => self.route_memo.effects(sql),
+        };
+        if found.reads_prepared_view && effects.is_none() {
+            if let Some(text) = self.read_prepared_view(found, sql) {
+                let mut query = BytesMut::new();
+                synth::query(&mut query, &text);
+                let mut known = Some(found);
+                let attach = Box::pin(self.attach_query(router, &query, &text, &mut known)).await;
+                if attach != Attach::Ready {
+                    return attach;
+                }
+                self.send_query(&query, &text, found);
+                return Attach::Answered;
+            }
+        }
+        *effects = Some(found);
+        self.note_effects(found);
         let verb = tx_verb(sql);
         let attach = match self.destination(sql, route) {
             Destination::Shard(shard) => self.attach_shard(shard, false).await,
