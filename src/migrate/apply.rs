@@ -20,12 +20,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::future::join_all;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use super::graph::{Graph, Target};
 use super::ledger::{self, GID_PREFIX};
 use super::plan::{self, Direction, Plan, Step};
 use super::{MigrateError, Result};
+use crate::backend::{connect_control, MIGRATE_APPLICATION};
 use crate::config::{Config, FunctionKind, ShardConfig, TenantMode};
 
 /// Advisory-lock key of the migrator ("shardgate.migrate" as 8 bytes).
@@ -870,28 +871,12 @@ pub(super) fn describe(e: &tokio_postgres::Error) -> String {
 }
 
 pub(super) async fn connect(shard: &ShardConfig, timeout: Duration) -> Result<Conn> {
-    let mut config = tokio_postgres::Config::new();
-    config
-        .host(&shard.host)
-        .port(shard.port)
-        .user(&shard.user)
-        .dbname(&shard.database)
-        .application_name("shardgate-migrate")
-        .connect_timeout(timeout);
-    if let Some(password) = &shard.password {
-        config.password(password);
-    }
-    let (client, connection) = config
-        .connect(NoTls)
+    let client = connect_control(shard, MIGRATE_APPLICATION, timeout)
         .await
         .map_err(|e| MigrateError::Connect {
             shard: shard.name.clone(),
             message: describe(&e),
         })?;
-    tokio::spawn(async move {
-        // A broken connection surfaces as errors on the client side.
-        let _ = connection.await;
-    });
     Ok(Conn {
         name: shard.name.clone(),
         client,

@@ -30,6 +30,7 @@ use futures::future::join_all;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Client;
 
+use crate::backend::{connect_control, TWO_PHASE_APPLICATION};
 use crate::config::{Config, FunctionKind, ShardConfig, TablePlacement, TenantMode};
 use crate::executor::recovery;
 use crate::executor::twophase::{gid, GID_PREFIX};
@@ -395,7 +396,7 @@ pub async fn read_shard(
 ) -> Result<ShardFacts, PlacementError> {
     let doing = "reading shardgate.placements";
     with_timeout(shard, doing, timeout * 2, async {
-        let client = recovery::connect(shard, timeout)
+        let client = connect_control(shard, TWO_PHASE_APPLICATION, timeout)
             .await
             .map_err(shard_error(shard, doing))?;
         read_with(&client, shard, tables).await
@@ -741,7 +742,9 @@ pub async fn write_group(
         let doing = "preparing shardgate.placements";
         with_timeout(shard, doing, timeout * 4, async {
             let fail = shard_error(shard, doing);
-            let client = recovery::connect(shard, timeout).await.map_err(&fail)?;
+            let client = connect_control(shard, TWO_PHASE_APPLICATION, timeout)
+                .await
+                .map_err(&fail)?;
             ensure_table(&client).await.map_err(&fail)?;
             recovery::ensure_table(&client).await.map_err(&fail)?;
             Ok(client)
