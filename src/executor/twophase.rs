@@ -47,6 +47,7 @@ use futures::future::join_all;
 
 use super::control::{self, literal, ControlError};
 use super::recovery::{self, Finished, Probe, RecoveryReport};
+use super::rollback::Pending;
 use crate::backend::{connect_control, BackendConnection, TWO_PHASE_APPLICATION};
 use crate::config::{Config, ShardConfig};
 use crate::metrics::{Metrics, TwoPhaseOutcome};
@@ -863,10 +864,13 @@ async fn abort(
     timeout: Duration,
 ) {
     tp.count(TwoPhaseOutcome::Aborted);
-    let results = run_each(participants, timeout, |i, _| match state[i] {
-        State::Open => Some("ROLLBACK".to_owned()),
-        State::Prepared => Some(format!("ROLLBACK PREPARED {}", literal(&gids[i]))),
-        State::Ended | State::Unknown => None,
+    let results = run_each(participants, timeout, |i, _| {
+        match state[i] {
+            State::Open => Pending::Open,
+            State::Prepared => Pending::Prepared(&gids[i]),
+            State::Ended | State::Unknown => Pending::Idle,
+        }
+        .rollback_sql()
     })
     .await;
     for (i, result) in results {

@@ -28,6 +28,7 @@ use super::plan::{self, Direction, Plan, Step};
 use super::{MigrateError, Result};
 use crate::backend::{connect_control, MIGRATE_APPLICATION};
 use crate::config::{Config, FunctionKind, ShardConfig, TenantMode};
+use crate::executor::rollback::{roll_back_clients, Pending};
 
 /// Advisory-lock key of the migrator ("shardgate.migrate" as 8 bytes).
 pub const LOCK_KEY: i64 = 0x7368_6172_6467_6d69;
@@ -1118,17 +1119,20 @@ async fn run_group(
 /// Rolls every participant back (best effort: what cannot be rolled back now
 /// stays prepared without a decision, and `recover` rolls it back).
 async fn abort_group(conns: &[Conn], states: &[TxState], gids: &[String]) {
-    join_all(conns.iter().zip(states).zip(gids).map(|((c, state), gid)| async move {
-        let sql = match state {
-            TxState::Idle => return,
-            TxState::Open => "ROLLBACK".to_owned(),
-            TxState::Prepared => format!("ROLLBACK PREPARED '{gid}'"),
-        };
-        if let Err(e) = c.client.batch_execute(&sql).await {
-            tracing::warn!(shard = %c.name, "{sql} failed: {}; `shardgate migrate recover` will resolve it", describe(&e));
-        }
-    }))
-    .await;
+    let failures =
+        roll_back_clients(conns.iter().zip(states).zip(gids).map(|((c, state), gid)| {
+            let pending = match state {
+                TxState::Idle => Pending::Idle,
+                TxState::Open => Pending::Open,
+                TxState::Prepared => Pending::Prepared(gid),
+            };
+            (&c.client, pending)
+        }))
+        .await;
+    for (i, sql, e) in failures {
+        let shard = conns.get(i).map_or("?", |c| c.name.as_str());
+        tracing::warn!(shard = %shard, "{sql} failed: {}; `shardgate migrate recover` will resolve it", describe(&e));
+    }
 }
 
 /// Resolves the migrator's prepared transactions on `conns` (caller holds the

@@ -33,6 +33,7 @@ use tokio_postgres::Client;
 use crate::backend::{connect_control, TWO_PHASE_APPLICATION};
 use crate::config::{Config, FunctionKind, ShardConfig, TablePlacement, TenantMode};
 use crate::executor::recovery;
+use crate::executor::rollback::{roll_back_clients, Pending};
 use crate::executor::twophase::{gid, GID_PREFIX};
 use crate::sharding::KeyType;
 
@@ -904,18 +905,14 @@ pub async fn write_group(
 /// Bound on one step of a placement write.
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Rolls the group back, best effort (failures are ignored).
 async fn rollback_all(clients: &[Client], prepared: &[(usize, String)]) {
-    join_all(clients.iter().enumerate().map(|(i, client)| async move {
-        match prepared.iter().find(|(p, _)| *p == i) {
-            Some((_, gid)) => {
-                let _ = client
-                    .batch_execute(&format!("ROLLBACK PREPARED '{gid}'"))
-                    .await;
-            }
-            None => {
-                let _ = client.batch_execute("ROLLBACK").await;
-            }
-        }
+    roll_back_clients(clients.iter().enumerate().map(|(i, client)| {
+        let pending = match prepared.iter().find(|(p, _)| *p == i) {
+            Some((_, gid)) => Pending::Prepared(gid),
+            None => Pending::Open,
+        };
+        (client, pending)
     }))
     .await;
 }
