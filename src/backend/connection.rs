@@ -25,6 +25,7 @@ use tokio_postgres::fallible_iterator::FallibleIterator;
 use super::error::{fmt_elapsed, intern_sqlstate, BackendError, ServerError};
 use super::prepared::PreparedCache;
 use crate::config::ShardConfig;
+use crate::protocol::messages::ErrorFields;
 
 /// `application_name` sent to shards unless the caller passes its own:
 /// empty, as Postgres reports it to a client that set none (a client's own
@@ -212,35 +213,18 @@ pub(crate) fn take_message(buf: &mut BytesMut) -> Result<Option<Message>, String
     })
 }
 
-/// Fields of an ErrorResponse/NoticeResponse, tolerating non-UTF-8 text.
-#[derive(Debug, Default)]
-pub(crate) struct ErrorFields {
-    pub severity: String,
-    pub code: Vec<u8>,
-    pub message: String,
-    pub detail: Option<String>,
-    pub hint: Option<String>,
-}
-
-pub(crate) fn error_fields(body: &ErrorResponseBody) -> Result<ErrorFields, String> {
-    let mut out = ErrorFields::default();
-    let mut fields = body.fields();
-    while let Some(field) = fields
-        .next()
-        .map_err(|e| format!("malformed ErrorResponse: {e}"))?
-    {
-        let text = || String::from_utf8_lossy(field.value_bytes()).into_owned();
-        match field.type_() {
-            b'V' => out.severity = text(),
-            b'S' if out.severity.is_empty() => out.severity = text(),
-            b'C' => out.code = field.value_bytes().to_vec(),
-            b'M' => out.message = text(),
-            b'D' => out.detail = Some(text()),
-            b'H' => out.hint = Some(text()),
-            _ => {}
-        }
-    }
-    Ok(out)
+/// Fields of an ErrorResponse/NoticeResponse, tolerating non-UTF-8 text
+/// (startup errors come in the server's locale) but not a malformed body.
+pub(crate) fn error_fields(body: &ErrorResponseBody) -> Result<ErrorFields<String>, String> {
+    let fields: Vec<(u8, String)> = body
+        .fields()
+        .map(|field| {
+            let text = String::from_utf8_lossy(field.value_bytes()).into_owned();
+            Ok((field.type_(), text))
+        })
+        .collect()
+        .map_err(|e| format!("malformed ErrorResponse: {e}"))?;
+    Ok(ErrorFields::from_fields(fields))
 }
 
 /// Parameters of one connection attempt, borrowed for the duration.
@@ -435,7 +419,7 @@ impl Startup<'_> {
                     return Err(BackendError::Server {
                         shard: shard.name.clone(),
                         error: Box::new(ServerError {
-                            sqlstate: intern_sqlstate(&fields.code),
+                            sqlstate: intern_sqlstate(fields.code.as_bytes()),
                             severity: fields.severity,
                             message: fields.message,
                             detail: fields.detail,

@@ -11,6 +11,7 @@
 
 mod cancel;
 mod connection;
+mod control_client;
 mod error;
 mod hot;
 mod pool;
@@ -19,6 +20,9 @@ mod suspect;
 
 pub use cancel::{send_cancel, send_cancel_in_background};
 pub use connection::{BackendConnection, DEFAULT_APPLICATION_NAME};
+pub use control_client::{
+    connect_control, CATALOG_APPLICATION, MIGRATE_APPLICATION, TWO_PHASE_APPLICATION,
+};
 pub use error::{intern_sqlstate, BackendError, ServerError};
 pub use pool::{
     release, release_within, BackendManager, PooledBackend, Pools, ShardPool,

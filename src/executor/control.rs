@@ -16,7 +16,7 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 
 use crate::backend::BackendConnection;
-use crate::protocol::messages::{command_tag, ready_status, Cursor};
+use crate::protocol::messages::{command_tag, error_fields, ready_status};
 use crate::protocol::synth::{self, ProxyError};
 use crate::protocol::{next_frame, tag, MAX_BACKEND_MESSAGE};
 
@@ -216,34 +216,14 @@ fn copy_fail(message: &str) -> Vec<u8> {
 
 /// The fields of an ErrorResponse body that a client needs.
 fn server_error(shard: &str, body: &[u8]) -> ControlError {
-    let mut code = "";
-    let mut severity = "";
-    let mut message = String::new();
-    let mut detail = None;
-    let mut hint = None;
-    let mut cursor = Cursor::new(tag::ERROR_RESPONSE, body);
-    while let Ok(kind) = cursor.u8() {
-        if kind == 0 {
-            break;
-        }
-        let Ok(value) = cursor.cstr() else { break };
-        match kind {
-            b'C' => code = value,
-            b'V' => severity = value,
-            b'S' if severity.is_empty() => severity = value,
-            b'M' => message = value.to_owned(),
-            b'D' => detail = Some(value.to_owned()),
-            b'H' => hint = Some(value.to_owned()),
-            _ => {}
-        }
-    }
+    let fields = error_fields(body);
     ControlError::Server {
         shard: shard.to_owned(),
-        sqlstate: static_sqlstate(code),
-        message,
-        detail,
-        hint,
-        fatal: matches!(severity, "FATAL" | "PANIC"),
+        sqlstate: static_sqlstate(fields.code),
+        message: fields.message.to_owned(),
+        detail: fields.detail.map(str::to_owned),
+        hint: fields.hint.map(str::to_owned),
+        fatal: matches!(fields.severity, "FATAL" | "PANIC"),
     }
 }
 

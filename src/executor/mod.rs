@@ -12,4 +12,5 @@ pub mod control;
 pub mod copy_rows;
 pub mod fanout;
 pub mod recovery;
+pub mod rollback;
 pub mod twophase;

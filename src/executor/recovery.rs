@@ -65,9 +65,10 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use super::twophase::{parse_gid, GID_PREFIX};
+use crate::backend::{connect_control, TWO_PHASE_APPLICATION};
 use crate::config::ShardConfig;
 
 /// Creates the decision table. The advisory transaction lock serialises
@@ -170,30 +171,6 @@ pub(crate) enum Finished {
     /// Another session is finishing it right now (55000 "is busy"; 55006
     /// accepted too).
     Busy,
-}
-
-/// A tokio-postgres connection to a shard, driven on its own task.
-pub(crate) async fn connect(
-    shard: &ShardConfig,
-    timeout: Duration,
-) -> Result<Client, tokio_postgres::Error> {
-    let mut config = tokio_postgres::Config::new();
-    config
-        .host(&shard.host)
-        .port(shard.port)
-        .user(&shard.user)
-        .dbname(&shard.database)
-        .application_name("shardgate-2pc")
-        .connect_timeout(timeout);
-    if let Some(password) = &shard.password {
-        config.password(password);
-    }
-    let (client, connection) = config.connect(NoTls).await?;
-    tokio::spawn(async move {
-        // A broken connection surfaces as errors on the client side.
-        let _ = connection.await;
-    });
-    Ok(client)
 }
 
 /// The server's message with its SQLSTATE, rather than "db error".
@@ -341,19 +318,22 @@ pub async fn recover_once(
     spent: Vec<(usize, String)>,
 ) -> RecoveryReport {
     let mut report = RecoveryReport::default();
-    let mut clients: Vec<Option<Client>> =
-        join_all(shards.iter().map(|s| connect(s, opts.connect_timeout)))
-            .await
-            .into_iter()
-            .zip(shards)
-            .map(|(result, shard)| match result {
-                Ok(client) => Some(client),
-                Err(e) => {
-                    report.errors.push((shard.name.clone(), describe(&e)));
-                    None
-                }
-            })
-            .collect();
+    let mut clients: Vec<Option<Client>> = join_all(
+        shards
+            .iter()
+            .map(|s| connect_control(s, TWO_PHASE_APPLICATION, opts.connect_timeout)),
+    )
+    .await
+    .into_iter()
+    .zip(shards)
+    .map(|(result, shard)| match result {
+        Ok(client) => Some(client),
+        Err(e) => {
+            report.errors.push((shard.name.clone(), describe(&e)));
+            None
+        }
+    })
+    .collect();
 
     // Settings, tables and decisions first: decisions must be read before
     // the prepared transactions are listed (see "Decision rows").

@@ -47,7 +47,8 @@ use futures::future::join_all;
 
 use super::control::{self, literal, ControlError};
 use super::recovery::{self, Finished, Probe, RecoveryReport};
-use crate::backend::BackendConnection;
+use super::rollback::Pending;
+use crate::backend::{connect_control, BackendConnection, TWO_PHASE_APPLICATION};
 use crate::config::{Config, ShardConfig};
 use crate::metrics::{Metrics, TwoPhaseOutcome};
 use crate::protocol::synth::ProxyError;
@@ -356,7 +357,7 @@ impl TwoPhase {
                 ),
             )
         };
-        let client = recovery::connect(config, self.inner.connect_timeout)
+        let client = connect_control(config, TWO_PHASE_APPLICATION, self.inner.connect_timeout)
             .await
             .map_err(|e| fail(&e))?;
         recovery::ensure_table(&client)
@@ -418,7 +419,7 @@ impl TwoPhase {
                     .iter()
                     .find(|s| s.name == parsed.coordinator)
                     .ok_or("unknown coordinator shard")?;
-                let mut client = recovery::connect(coordinator, timeout)
+                let mut client = connect_control(coordinator, TWO_PHASE_APPLICATION, timeout)
                     .await
                     .map_err(|e| recovery::describe(&e))?;
                 match recovery::probe(&mut client, parsed.group, Duration::from_secs(1))
@@ -432,7 +433,7 @@ impl TwoPhase {
                 }
             }
         };
-        let client = recovery::connect(config, timeout)
+        let client = connect_control(config, TWO_PHASE_APPLICATION, timeout)
             .await
             .map_err(|e| recovery::describe(&e))?;
         match recovery::finish(&client, gid, commit)
@@ -863,10 +864,13 @@ async fn abort(
     timeout: Duration,
 ) {
     tp.count(TwoPhaseOutcome::Aborted);
-    let results = run_each(participants, timeout, |i, _| match state[i] {
-        State::Open => Some("ROLLBACK".to_owned()),
-        State::Prepared => Some(format!("ROLLBACK PREPARED {}", literal(&gids[i]))),
-        State::Ended | State::Unknown => None,
+    let results = run_each(participants, timeout, |i, _| {
+        match state[i] {
+            State::Open => Pending::Open,
+            State::Prepared => Pending::Prepared(&gids[i]),
+            State::Ended | State::Unknown => Pending::Idle,
+        }
+        .rollback_sql()
     })
     .await;
     for (i, result) in results {

@@ -20,13 +20,15 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::future::join_all;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use super::graph::{Graph, Target};
 use super::ledger::{self, GID_PREFIX};
 use super::plan::{self, Direction, Plan, Step};
 use super::{MigrateError, Result};
+use crate::backend::{connect_control, MIGRATE_APPLICATION};
 use crate::config::{Config, FunctionKind, ShardConfig, TenantMode};
+use crate::executor::rollback::{roll_back_clients, Pending};
 
 /// Advisory-lock key of the migrator ("shardgate.migrate" as 8 bytes).
 pub const LOCK_KEY: i64 = 0x7368_6172_6467_6d69;
@@ -870,28 +872,12 @@ pub(super) fn describe(e: &tokio_postgres::Error) -> String {
 }
 
 pub(super) async fn connect(shard: &ShardConfig, timeout: Duration) -> Result<Conn> {
-    let mut config = tokio_postgres::Config::new();
-    config
-        .host(&shard.host)
-        .port(shard.port)
-        .user(&shard.user)
-        .dbname(&shard.database)
-        .application_name("shardgate-migrate")
-        .connect_timeout(timeout);
-    if let Some(password) = &shard.password {
-        config.password(password);
-    }
-    let (client, connection) = config
-        .connect(NoTls)
+    let client = connect_control(shard, MIGRATE_APPLICATION, timeout)
         .await
         .map_err(|e| MigrateError::Connect {
             shard: shard.name.clone(),
             message: describe(&e),
         })?;
-    tokio::spawn(async move {
-        // A broken connection surfaces as errors on the client side.
-        let _ = connection.await;
-    });
     Ok(Conn {
         name: shard.name.clone(),
         client,
@@ -1133,17 +1119,20 @@ async fn run_group(
 /// Rolls every participant back (best effort: what cannot be rolled back now
 /// stays prepared without a decision, and `recover` rolls it back).
 async fn abort_group(conns: &[Conn], states: &[TxState], gids: &[String]) {
-    join_all(conns.iter().zip(states).zip(gids).map(|((c, state), gid)| async move {
-        let sql = match state {
-            TxState::Idle => return,
-            TxState::Open => "ROLLBACK".to_owned(),
-            TxState::Prepared => format!("ROLLBACK PREPARED '{gid}'"),
-        };
-        if let Err(e) = c.client.batch_execute(&sql).await {
-            tracing::warn!(shard = %c.name, "{sql} failed: {}; `shardgate migrate recover` will resolve it", describe(&e));
-        }
-    }))
-    .await;
+    let failures =
+        roll_back_clients(conns.iter().zip(states).zip(gids).map(|((c, state), gid)| {
+            let pending = match state {
+                TxState::Idle => Pending::Idle,
+                TxState::Open => Pending::Open,
+                TxState::Prepared => Pending::Prepared(gid),
+            };
+            (&c.client, pending)
+        }))
+        .await;
+    for (i, sql, e) in failures {
+        let shard = conns.get(i).map_or("?", |c| c.name.as_str());
+        tracing::warn!(shard = %shard, "{sql} failed: {}; `shardgate migrate recover` will resolve it", describe(&e));
+    }
 }
 
 /// Resolves the migrator's prepared transactions on `conns` (caller holds the

@@ -30,8 +30,10 @@ use futures::future::join_all;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Client;
 
+use crate::backend::{connect_control, TWO_PHASE_APPLICATION};
 use crate::config::{Config, FunctionKind, ShardConfig, TablePlacement, TenantMode};
 use crate::executor::recovery;
+use crate::executor::rollback::{roll_back_clients, Pending};
 use crate::executor::twophase::{gid, GID_PREFIX};
 use crate::sharding::KeyType;
 
@@ -395,7 +397,7 @@ pub async fn read_shard(
 ) -> Result<ShardFacts, PlacementError> {
     let doing = "reading shardgate.placements";
     with_timeout(shard, doing, timeout * 2, async {
-        let client = recovery::connect(shard, timeout)
+        let client = connect_control(shard, TWO_PHASE_APPLICATION, timeout)
             .await
             .map_err(shard_error(shard, doing))?;
         read_with(&client, shard, tables).await
@@ -741,7 +743,9 @@ pub async fn write_group(
         let doing = "preparing shardgate.placements";
         with_timeout(shard, doing, timeout * 4, async {
             let fail = shard_error(shard, doing);
-            let client = recovery::connect(shard, timeout).await.map_err(&fail)?;
+            let client = connect_control(shard, TWO_PHASE_APPLICATION, timeout)
+                .await
+                .map_err(&fail)?;
             ensure_table(&client).await.map_err(&fail)?;
             recovery::ensure_table(&client).await.map_err(&fail)?;
             Ok(client)
@@ -901,18 +905,14 @@ pub async fn write_group(
 /// Bound on one step of a placement write.
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Rolls the group back, best effort (failures are ignored).
 async fn rollback_all(clients: &[Client], prepared: &[(usize, String)]) {
-    join_all(clients.iter().enumerate().map(|(i, client)| async move {
-        match prepared.iter().find(|(p, _)| *p == i) {
-            Some((_, gid)) => {
-                let _ = client
-                    .batch_execute(&format!("ROLLBACK PREPARED '{gid}'"))
-                    .await;
-            }
-            None => {
-                let _ = client.batch_execute("ROLLBACK").await;
-            }
-        }
+    roll_back_clients(clients.iter().enumerate().map(|(i, client)| {
+        let pending = match prepared.iter().find(|(p, _)| *p == i) {
+            Some((_, gid)) => Pending::Prepared(gid),
+            None => Pending::Open,
+        };
+        (client, pending)
     }))
     .await;
 }

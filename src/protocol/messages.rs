@@ -240,45 +240,72 @@ pub fn ready_status(body: &[u8]) -> Result<u8, ProtocolError> {
     }
 }
 
-/// The fields of an `ErrorResponse`/`NoticeResponse` that the proxy looks at.
+/// The fields of an `ErrorResponse`/`NoticeResponse` that the proxy looks
+/// at, as text `S`: `&str` borrowed from a body ([`error_fields`]) or owned
+/// text from another decoder of the same fields.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct ErrorFields<'a> {
-    pub severity: &'a str,
-    pub code: &'a str,
-    pub message: &'a str,
+pub struct ErrorFields<S> {
+    /// `V` (non-localised) when sent, else `S`.
+    pub severity: S,
+    pub code: S,
+    pub message: S,
+    pub detail: Option<S>,
+    pub hint: Option<S>,
 }
 
-pub fn error_fields(body: &[u8]) -> ErrorFields<'_> {
-    let mut fields = ErrorFields::default();
-    let mut cursor = Cursor::new(b'E', body);
-    while let Ok(kind) = cursor.u8() {
-        if kind == 0 {
-            break;
+impl<S: AsRef<str> + Default> ErrorFields<S> {
+    /// The one reading of the field codes, from `(code, text)` in message
+    /// order (a later field of the same code wins, except that `S` never
+    /// replaces a severity already known).
+    pub fn from_fields(fields: impl IntoIterator<Item = (u8, S)>) -> Self {
+        let mut out = ErrorFields::default();
+        for (kind, value) in fields {
+            match kind {
+                b'V' => out.severity = value,
+                b'S' if out.severity.as_ref().is_empty() => out.severity = value,
+                b'C' => out.code = value,
+                b'M' => out.message = value,
+                b'D' => out.detail = Some(value),
+                b'H' => out.hint = Some(value),
+                _ => {}
+            }
         }
-        let Ok(value) = cursor.cstr() else { break };
-        match kind {
-            b'V' => fields.severity = value,
-            b'S' if fields.severity.is_empty() => fields.severity = value,
-            b'C' => fields.code = value,
-            b'M' => fields.message = value,
-            _ => {}
-        }
+        out
     }
-    fields
 }
 
-/// Every field of an ErrorResponse or NoticeResponse, in order.
+/// Every field of an `ErrorResponse`/`NoticeResponse` body in order, as
+/// `(code, bytes)`, up to the terminator or the first field without one.
+pub fn error_field_bytes(body: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
+    let mut rest = body;
+    std::iter::from_fn(move || {
+        let (&kind, after) = rest.split_first()?;
+        if kind == 0 {
+            return None;
+        }
+        let Some(end) = nul_position(after) else {
+            rest = &[];
+            return None;
+        };
+        rest = &after[end + 1..];
+        Some((kind, &after[..end]))
+    })
+}
+
+/// [`error_field_bytes`] as text, up to the first field that is not UTF-8.
+fn error_field_texts(body: &[u8]) -> impl Iterator<Item = (u8, &str)> {
+    error_field_bytes(body).map_while(|(kind, value)| Some((kind, utf8(value)?)))
+}
+
+/// The fields the proxy looks at (up to the first non-UTF-8 field).
+pub fn error_fields(body: &[u8]) -> ErrorFields<&str> {
+    ErrorFields::from_fields(error_field_texts(body))
+}
+
+/// Every field of an ErrorResponse or NoticeResponse, in order (up to the
+/// first non-UTF-8 field).
 pub fn error_field_list(body: &[u8]) -> Vec<(u8, &str)> {
-    let mut fields = Vec::new();
-    let mut cursor = Cursor::new(b'E', body);
-    while let Ok(kind) = cursor.u8() {
-        if kind == 0 {
-            break;
-        }
-        let Ok(value) = cursor.cstr() else { break };
-        fields.push((kind, value));
-    }
-    fields
+    error_field_texts(body).collect()
 }
 
 /// `CommandComplete` tag, e.g. `INSERT 0 1`, `COMMIT`.
@@ -375,6 +402,24 @@ mod tests {
             (fields.severity, fields.code, fields.message),
             ("ERROR", "42P01", "relation \"x\" does not exist")
         );
+        assert_eq!((fields.detail, fields.hint), (None, None));
+        let body = b"SFEHLER\0VERROR\0C23505\0Mdup\0Dkey (a)=(1)\0Hfix it\0nt_pkey\0\0";
+        let fields = error_fields(body);
+        assert_eq!(
+            (fields.severity, fields.detail, fields.hint),
+            ("ERROR", Some("key (a)=(1)"), Some("fix it"))
+        );
+        assert_eq!(error_field_list(body).last(), Some(&(b'n', "t_pkey")));
+        // Localised severity only; a field after a non-UTF-8 one is not read.
+        let fields = error_fields(b"SFATAL\0M\xff\0C28P01\0\0");
+        assert_eq!((fields.severity, fields.code), ("FATAL", ""));
+        // Empty values, a missing terminator.
+        assert_eq!(
+            error_field_list(b"M\0D\0C123"),
+            vec![(b'M', ""), (b'D', "")]
+        );
+        let raw: Vec<_> = error_field_bytes(b"M\xff\0\0Mlater\0").collect();
+        assert_eq!(raw, vec![(b'M', &b"\xff"[..])]);
     }
 
     #[test]
@@ -412,6 +457,7 @@ mod tests {
             let _ = Target::decode(tag, &body);
             let _ = ready_status(&body);
             let _ = error_fields(&body);
+            let _ = error_field_bytes(&body).count();
             let _ = command_tag(&body);
             let _ = parameter_status(&body);
             let mut framed = vec![tag];

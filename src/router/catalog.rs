@@ -10,10 +10,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use tokio_postgres::NoTls;
-
 use super::shardmap::{ShardMap, TableRule};
 use super::volatile;
+use crate::backend::{connect_control, CATALOG_APPLICATION};
 use crate::config::ShardConfig;
 use crate::sharding::KeyType;
 
@@ -111,26 +110,9 @@ async fn connect(
     shard: &ShardConfig,
     timeout: Duration,
 ) -> Result<tokio_postgres::Client, CatalogError> {
-    let mut config = tokio_postgres::Config::new();
-    config
-        .host(&shard.host)
-        .port(shard.port)
-        .user(&shard.user)
-        .dbname(&shard.database)
-        .application_name("shardgate-catalog")
-        .connect_timeout(timeout);
-    if let Some(password) = &shard.password {
-        config.password(password);
-    }
-    let (client, connection) = config
-        .connect(NoTls)
+    connect_control(shard, CATALOG_APPLICATION, timeout)
         .await
-        .map_err(|e| query_error(shard, e))?;
-    tokio::spawn(async move {
-        // A broken connection surfaces as an error of the query.
-        let _ = connection.await;
-    });
-    Ok(client)
+        .map_err(|e| query_error(shard, e))
 }
 
 /// Reads the facts for `map`'s tables from `shard`.

@@ -86,11 +86,10 @@ pub fn decode(bytes: &[u8], answer: &mut Answer) {
             b'N' => answer.notices += 1,
             b'C' => answer.tag = Some(command_tag(frame.body).to_string()),
             b'E' => {
-                let f = shardgate::executor::fanout::wire::error_response_fields(frame.body);
                 let get = |k: u8| {
-                    f.iter()
+                    shardgate::protocol::messages::error_field_bytes(frame.body)
                         .find(|(c, _)| *c == k)
-                        .map(|(_, v)| v.clone())
+                        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
                         .unwrap_or_default()
                 };
                 answer.error = Some((

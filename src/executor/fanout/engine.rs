@@ -10,7 +10,7 @@ use bytes::{Bytes, BytesMut};
 use futures::future::{join_all, poll_fn, select_all, FutureExt};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-use super::wire::{decode_row_description, shard_error, Field, Row};
+use super::wire::{decode_row_description, Field, Row};
 use super::{FanoutExecutor, ShardConn};
 use crate::backend::send_cancel;
 use crate::protocol::synth::ProxyError;
@@ -640,7 +640,8 @@ fn pump<M: Merge>(
                 s.described = true;
             }
             tag::ERROR_RESPONSE => {
-                s.error.get_or_insert(shard_error(&body, &s.name));
+                s.error
+                    .get_or_insert(ProxyError::from_shard(&body, &s.name, ""));
                 s.finished = true;
                 s.described = true;
             }

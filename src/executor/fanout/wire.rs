@@ -7,7 +7,6 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::protocol::messages::{put_cstr, Cursor};
-use crate::protocol::synth::ProxyError;
 use crate::protocol::ProtocolError;
 
 /// The client's Bind, decoded: parameter formats and values, result formats.
@@ -306,32 +305,8 @@ pub fn encode_data_row(out: &mut BytesMut, cells: &[Option<&[u8]>]) {
     }
 }
 
-/// Every field of an ErrorResponse, as (code byte, text).
-pub fn error_response_fields(body: &[u8]) -> Vec<(u8, String)> {
-    let mut out = Vec::new();
-    let mut pos = 0;
-    while pos < body.len() && body[pos] != 0 {
-        let kind = body[pos];
-        let start = pos + 1;
-        let Some(len) = body[start..].iter().position(|b| *b == 0) else {
-            break;
-        };
-        out.push((
-            kind,
-            String::from_utf8_lossy(&body[start..start + len]).into_owned(),
-        ));
-        pos = start + len + 1;
-    }
-    out
-}
-
-/// A shard's ErrorResponse as the client's error: every field kept, the
-/// shard named in CONTEXT.
-pub fn shard_error(body: &[u8], shard: &str) -> ProxyError {
-    ProxyError::from_shard(body, shard, "")
-}
-
-/// SQLSTATE codes are `&'static str` in [`ProxyError`]; codes from shards
+/// SQLSTATE codes are `&'static str` in
+/// [`ProxyError`](crate::protocol::synth::ProxyError); codes from shards
 /// are interned (bounded, malformed codes become XX000).
 pub fn intern_sqlstate(code: &str) -> &'static str {
     crate::backend::intern_sqlstate(code.as_bytes())
