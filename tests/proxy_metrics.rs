@@ -152,3 +152,48 @@ async fn backend_up_is_right_on_an_idle_proxy_and_errors_say_what_happened() {
     assert!(elapsed < std::time::Duration::from_secs(2), "{elapsed:?}");
     server.stop().await;
 }
+
+/// A statement over several shards counts once per shard it ran on and
+/// records its width in `shardgate_fanout_shards` (it counted only its
+/// first shard and never the width before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fanout_counts_every_shard_and_its_width() {
+    let db = support::fresh_db_with(
+        "fanout_metrics",
+        "CREATE TABLE users (id bigint PRIMARY KEY, name text);",
+    )
+    .await;
+    let map = support::shard_map(
+        &db,
+        "metrics: 127.0.0.1:0\nfunctions: { by_id: { kind: hash } }\ntables: { users: { key: id, function: by_id } }\n",
+    );
+    let server = support::start_proxy(&map).await;
+    let address = server.metrics_address.expect("metrics address");
+    let client = support::connect_proxy(&server, "app", None).await;
+    for _ in 0..2 {
+        client
+            .simple_query("SELECT count(*) FROM users")
+            .await
+            .expect("fan-out");
+    }
+    client
+        .simple_query("SELECT 1")
+        .await
+        .expect("order the scrape");
+    let text = scrape(address).await;
+    for shard in ["s0", "s1", "s2"] {
+        let series = format!("shardgate_queries_total{{route=\"fanout\",shard=\"{shard}\"}}");
+        assert_eq!(value(&text, &series), Some(2.0), "{series}\n{text}");
+    }
+    assert_eq!(
+        value(&text, "shardgate_fanout_shards_count"),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(&text, "shardgate_fanout_shards_sum"),
+        Some(6.0),
+        "{text}"
+    );
+    server.stop().await;
+}

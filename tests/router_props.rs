@@ -83,3 +83,79 @@ proptest! {
         let _ = shardgate::router::hints::shardgate_setting(&format!("reset shardgate{s}"));
     }
 }
+
+/// Fixed SQL-like text between literals, including the characters that
+/// change what counts as a literal.
+fn sql_piece() -> impl Strategy<Value = String> {
+    prop_oneof![
+        8 => Just(" = ".to_string()),
+        8 => Just(", ".to_string()),
+        4 => Just(" AND k < ".to_string()),
+        1 => Just(" ".to_string()),
+        1 => Just("SELECT ".to_string()),
+        1 => Just("t1".to_string()),
+        1 => Just("-".to_string()),
+        1 => Just("--".to_string()),
+        1 => Just("\n".to_string()),
+        1 => Just("/*".to_string()),
+        1 => Just("*/".to_string()),
+        1 => Just("'".to_string()),
+        1 => Just("E".to_string()),
+        1 => Just("$".to_string()),
+        1 => Just("$1".to_string()),
+        1 => Just(".".to_string()),
+        1 => Just("\"".to_string()),
+    ]
+}
+
+/// What fills a literal's place: literals of every kind the extractor
+/// knows, and things that only look like one.
+fn literal_like() -> impl Strategy<Value = String> {
+    prop_oneof![
+        6 => "-?[0-9]{1,20}",
+        6 => "'[a-z$' ]{0,4}'",
+        1 => "0[0-9]{0,3}",
+        1 => Just("5.5".to_string()),
+        1 => Just("x".to_string()),
+        1 => Just("--5".to_string()),
+        1 => Just("''".to_string()),
+    ]
+}
+
+/// The literals in one place of a template and of a text: mostly of the
+/// same kind (what the router meets), sometimes anything.
+fn literal_pair() -> impl Strategy<Value = (String, String)> {
+    prop_oneof![
+        4 => ("-?[0-9]{1,20}", "-?[0-9]{1,20}"),
+        4 => ("'[a-z$' ]{0,4}'", "'[a-z$' ]{0,4}'"),
+        2 => (literal_like(), literal_like()),
+    ]
+}
+
+proptest! {
+    // About one case in fourteen has a text the template matches.
+    #![proptest_config(ProptestConfig::with_cases(3000))]
+
+    /// Reading a text's literals against the last text's shape gives what a
+    /// full extraction of it gives, or declines (then the router extracts).
+    #[test]
+    fn literals_matched_against_a_template_equal_extracted_ones(
+        shape in proptest::collection::vec((sql_piece(), literal_pair()), 1..6),
+        tail in sql_piece(),
+    ) {
+        use shardgate::router::normalize::{extract_literals, match_literals, max_param};
+        // The same fixed text around different literals.
+        let template: String = shape.iter().map(|(fixed, (a, _))| format!("{fixed}{a}")).collect::<String>() + &tail;
+        let text: String = shape.iter().map(|(fixed, (_, b))| format!("{fixed}{b}")).collect::<String>() + &tail;
+        let (mut out, mut spans) = (String::new(), Vec::new());
+        let first = max_param(&template);
+        if extract_literals(&template, first, &mut out, &mut spans).is_some() {
+            if let Some(matched) = match_literals(&template, &spans, first, &text) {
+                let (mut full_out, mut full_spans) = (String::new(), Vec::new());
+                let full = extract_literals(&text, max_param(&text), &mut full_out, &mut full_spans);
+                prop_assert_eq!(Some(matched), full, "template {:?} text {:?}", template, text);
+                prop_assert_eq!(&full_out, &out);
+            }
+        }
+    }
+}

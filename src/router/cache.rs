@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use super::analyze::{analyze, Analysis, StatementKind};
 use super::effects::{scan_statement, StatementEffects};
 use super::hints::{leading_hint, Hint};
-use super::normalize::{extract_literals, max_param};
+use super::normalize::{extract_literals, match_literals, max_param, LiteralSpan};
 use super::route::{Param, Route, RouteError};
 use super::shardmap::ShardMap;
 use crate::sharding::{oid, KeyValue};
@@ -50,10 +50,48 @@ pub struct Memo {
     /// The last literal-free form of a text with inlined values (simple
     /// protocol: `… WHERE aid = 42` memoised as `… WHERE aid = $1`).
     literal_free: MemoEntry,
+    /// The text `literal_free` was last made from and where its literals
+    /// are: the next text of the same shape is matched against it.
+    template: LiteralTemplate,
     /// Which entry the last routed statement used, for [`Memo::effects`].
     last: LastRoute,
     /// Reused for each statement's literal-free form (no allocation per query).
     scratch: String,
+}
+
+/// A text with inlined values as written, and where its literals are.
+#[derive(Debug, Default)]
+struct LiteralTemplate {
+    raw: String,
+    spans: Vec<LiteralSpan>,
+    first_param: usize,
+    /// `raw` and `spans` describe the memo's `literal_free` entry.
+    valid: bool,
+}
+
+impl LiteralTemplate {
+    fn remember(&mut self, sql: &str, spans: Vec<LiteralSpan>) {
+        self.raw.clear();
+        self.raw.push_str(sql);
+        self.spans = spans;
+        self.first_param = max_param(sql);
+        self.valid = true;
+    }
+
+    /// Keeps the buffer, not the text.
+    fn forget(&mut self, spans: Vec<LiteralSpan>) {
+        self.spans = spans;
+        self.valid = false;
+    }
+}
+
+/// Which memo entry an extraction's parameters let [`Memo::effects`] use.
+fn last_route(all: &[Param<'_>]) -> LastRoute {
+    if integers_only(all) {
+        LastRoute::IntegerLiterals
+    } else {
+        LastRoute::Neither
+    }
 }
 
 /// Which memo entry holds the last routed statement.
@@ -108,6 +146,14 @@ impl MemoEntry {
         Some((self.analysis.as_deref()?, self.map.as_deref()?))
     }
 
+    /// The analysis and map when this entry was made for `generation`.
+    fn hit_generation(&self, generation: u64) -> Option<(&Analysis, &ShardMap)> {
+        if self.generation != generation {
+            return None;
+        }
+        Some((self.analysis.as_deref()?, self.map.as_deref()?))
+    }
+
     fn store(&mut self, generation: u64, sql: &str, analysis: Arc<Analysis>, map: Arc<ShardMap>) {
         self.sql.clear();
         self.sql.push_str(sql);
@@ -121,11 +167,16 @@ impl MemoEntry {
 /// The literal-free form of `sql`, written to `out`, and its parameters
 /// (see [`extract_literals`]). Statements with `bound` parameters come from
 /// drivers that bind their values: their text is already stable.
-fn literal_free<'a>(sql: &'a str, bound: usize, out: &mut String) -> Option<Vec<Param<'a>>> {
+fn literal_free<'a>(
+    sql: &'a str,
+    bound: usize,
+    out: &mut String,
+    spans: &mut Vec<LiteralSpan>,
+) -> Option<Vec<Param<'a>>> {
     if bound > 0 {
         return None;
     }
-    extract_literals(sql, max_param(sql), out)
+    extract_literals(sql, max_param(sql), out, spans)
 }
 
 /// Whether every literal taken out of a text was an integer (the
@@ -219,30 +270,52 @@ impl Router {
         params: &[Param],
         normalized: &mut String,
     ) -> Option<Result<(Route, StatementKind), RouteError>> {
+        if params.is_empty()
+            && memo.template.valid
+            && memo.literal_free.hit_generation(generation).is_some()
+        {
+            // The last statement's shape with other literals: read in place.
+            let template = &memo.template;
+            if let Some(all) =
+                match_literals(&template.raw, &template.spans, template.first_param, sql)
+            {
+                memo.last = last_route(&all);
+                let (analysis, map) = memo.literal_free.hit_generation(generation)?;
+                return Some(self.route_literals(sql, params, analysis, map, all));
+            }
+        }
         // Texts with inlined values rarely repeat, their literal-free form
         // does: that is what the memo keeps for them.
-        let all = literal_free(sql, params.len(), normalized)?;
-        let last = if integers_only(&all) {
-            LastRoute::IntegerLiterals
-        } else {
-            LastRoute::Neither
+        let mut spans = std::mem::take(&mut memo.template.spans);
+        let all = literal_free(sql, params.len(), normalized, &mut spans);
+        let Some(all) = all else {
+            memo.template.spans = spans;
+            return None;
         };
+        let last = last_route(&all);
         if let Some((analysis, map)) = memo.literal_free.hit(generation, normalized) {
+            let routed = self.route_literals(sql, params, analysis, map, all);
+            memo.template.remember(sql, spans);
             memo.last = last;
-            return Some(self.route_literals(sql, params, analysis, map, all));
+            return Some(routed);
         }
         // Only a real parse of the literal-free form counts: literals in
         // type modifiers (`varchar(10)`) become placeholders sqlparser
         // rejects, and the tokenizer's guess would skip the checks the full
         // analysis makes (unique keys, temporary tables).
-        let analysis = self
+        let Some(analysis) = self
             .analyze(normalized)
             .ok()
-            .filter(|analysis| !analysis.by_tokenizer)?;
+            .filter(|analysis| !analysis.by_tokenizer)
+        else {
+            memo.template.forget(spans);
+            return None;
+        };
         let map = self.map();
         let routed = self.route_literals(sql, params, &analysis, &map, all);
         memo.literal_free
             .store(generation, normalized, analysis, map);
+        memo.template.remember(sql, spans);
         memo.last = last;
         Some(routed)
     }
@@ -294,7 +367,7 @@ impl Router {
         params: usize,
     ) -> Result<(Arc<Analysis>, Vec<Param<'s>>), RouteError> {
         let mut normalized = String::new();
-        if let Some(all) = literal_free(sql, params, &mut normalized) {
+        if let Some(all) = literal_free(sql, params, &mut normalized, &mut Vec::new()) {
             // As in `route_statement_memo`: a tokenizer guess does not count.
             if let Some(analysis) = self
                 .analyze(&normalized)

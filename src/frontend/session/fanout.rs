@@ -493,7 +493,7 @@ impl Session {
                     LiveContext {
                         current_shard,
                         in_transaction,
-                        first_shard: targets.first().copied().unwrap_or(0),
+                        shards: targets.clone(),
                         broadcast: matches!(route, Route::Broadcast),
                     },
                     writes,
@@ -581,8 +581,8 @@ impl Session {
                 outcome.map(|_| ())
             }
         };
-        shared.metrics.query_done(
-            targets.first().copied().unwrap_or(0),
+        shared.metrics.multi_query_done(
+            &targets,
             if matches!(route, Route::Broadcast) {
                 metrics::Route::Broadcast
             } else {
@@ -795,11 +795,9 @@ impl Session {
             });
         let mut results = futures::future::join_all(runs).await;
         results.sort_by_key(|(shard, _)| *shard);
-        self.shared.metrics.query_done(
-            targets.first().copied().unwrap_or(0),
-            metrics::Route::Broadcast,
-            started.elapsed(),
-        );
+        self.shared
+            .metrics
+            .multi_query_done(targets, metrics::Route::Broadcast, started.elapsed());
         let mut succeeded = Vec::new();
         let mut tags: Option<Vec<String>> = None;
         for (shard, result) in results {

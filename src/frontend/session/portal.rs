@@ -184,7 +184,8 @@ impl SuspendedPortal {
 pub(super) struct LiveContext {
     pub(super) current_shard: Option<usize>,
     pub(super) in_transaction: bool,
-    pub(super) first_shard: usize,
+    /// The shards the fan-out runs on (for the metrics).
+    pub(super) shards: Vec<usize>,
     pub(super) broadcast: bool,
 }
 
@@ -583,8 +584,8 @@ impl Session {
                 a.wrote |= wrote;
             }
         }
-        self.shared.metrics.query_done(
-            live.first_shard,
+        self.shared.metrics.multi_query_done(
+            &live.shards,
             if live.broadcast {
                 metrics::Route::Broadcast
             } else {
