@@ -8,9 +8,11 @@
 //! other than the map's, `config` the YAML shard map, `sharding` the sharding
 //! functions, `devcluster` throwaway Postgres clusters for demo and tests.
 
+pub mod admin;
 pub mod backend;
 pub mod check;
 pub mod civil_time;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod devcluster;

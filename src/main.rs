@@ -124,10 +124,15 @@ fn serve(path: &Path) -> ExitCode {
         }
     };
     runtime.block_on(async {
-        ignore_hangups();
+        // Before the (possibly slow) start: a SIGHUP meanwhile must not end
+        // the process, which is the signal's default action.
+        let hangups = hangups();
         match shardgate::server::start(config).await {
             Ok(server) => {
                 tracing::info!(address = %server.address, "shardgate listening");
+                if let Some(hangups) = hangups {
+                    reload_on_hangup(hangups, server.cluster.clone(), path.to_path_buf());
+                }
                 shardgate::demo::wait_for_shutdown_async().await;
                 server.stop().await;
                 ExitCode::SUCCESS
@@ -140,25 +145,34 @@ fn serve(path: &Path) -> ExitCode {
     })
 }
 
-/// SIGHUP (what `systemctl reload` and many tools send) would end the
-/// process by default, dropping every client. Live reload of the map is
-/// not built yet, so the signal is answered with a warning and the running
-/// map stays in force.
-fn ignore_hangups() {
+/// SIGHUP (what `systemctl reload` and many tools send), caught so that it
+/// reloads the map instead of ending the process (the default action).
+fn hangups() -> Option<tokio::signal::unix::Signal> {
     use tokio::signal::unix::{signal, SignalKind};
     match signal(SignalKind::hangup()) {
-        Ok(mut hangups) => {
-            tokio::spawn(async move {
-                while hangups.recv().await.is_some() {
-                    tracing::warn!(
-                        "SIGHUP: live reload of the shard map is not implemented yet; the running \
-                         map stays in force (restart shardgate to apply a changed map)"
-                    );
-                }
-            });
+        Ok(hangups) => Some(hangups),
+        Err(error) => {
+            tracing::warn!(%error, "cannot handle SIGHUP: it will end the process");
+            None
         }
-        Err(error) => tracing::warn!(%error, "cannot handle SIGHUP: it will end the process"),
     }
+}
+
+/// Each SIGHUP re-reads the map file and reloads it (see `cluster`); an
+/// invalid or unsafe map is logged and the running one stays.
+fn reload_on_hangup(
+    mut hangups: tokio::signal::unix::Signal,
+    cluster: std::sync::Arc<shardgate::cluster::Cluster>,
+    path: PathBuf,
+) {
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            tracing::info!(path = %path.display(), "SIGHUP: reloading the shard map");
+            let config = Config::load(&path).map_err(|error| error.to_string());
+            // The outcome is logged and counted by `reload`.
+            let _ = cluster.reload(config).await;
+        }
+    });
 }
 
 /// A single-threaded runtime for the commands that talk to the shards.

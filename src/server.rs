@@ -9,6 +9,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::backend::{release, BackendError, Pools};
+use crate::cluster::{Cluster, ClusterLink};
 use crate::config::{Config, DefaultTable};
 use crate::executor::fanout::FanoutExecutor;
 use crate::executor::recovery::{self, RecoveryOptions};
@@ -25,19 +26,21 @@ use crate::placement;
 use crate::router::catalog::{self, CatalogError};
 use crate::router::{Router, RouterError, ShardMap};
 
-/// State every client task shares.
+/// State every client task shares: one snapshot of the running map (see
+/// `cluster`). A reload builds a new one; the process-wide parts (metrics,
+/// limits, keys, cancels, TLS, other databases) go over to it unchanged.
 pub struct Shared {
     pub config: Arc<Config>,
     pub pools: Pools,
     pub users: UserDirectory,
     pub tls: Option<pgwire::tokio::TlsAcceptor>,
     pub keys: Arc<KeyGenerator>,
-    pub cancels: CancelRegistry,
+    pub cancels: Arc<CancelRegistry>,
     pub metrics: Arc<Metrics>,
     /// `max_client_memory` and the login slots (see `frontend::limits`).
     pub limiter: Arc<ClientLimiter>,
     /// Failed logins: counted and logged (rate-limited).
-    pub login_failures: LoginFailures,
+    pub login_failures: Arc<LoginFailures>,
     /// SQL routing; `None` when the map names no tables (a plain pooler:
     /// statements go to the hinted shard or the first one).
     pub router: Option<Arc<Router>>,
@@ -56,10 +59,112 @@ pub struct Shared {
     placements_read: std::sync::atomic::AtomicBool,
     /// The pools of database names other than `config.database`
     /// (`other_databases`); `None` when the map does not serve them.
-    pub other_databases: Option<OtherDatabases>,
+    pub other_databases: Option<Arc<OtherDatabases>>,
+    /// This snapshot's number: 1 at start, one more per reload.
+    pub generation: u64,
+    /// Where sessions find a newer snapshot (see `cluster`).
+    pub link: Arc<ClusterLink>,
+}
+
+/// The parts of [`Shared`] that live as long as the process, whatever the
+/// map says after a reload.
+#[derive(Clone)]
+pub struct ProcessParts {
+    pub metrics: Arc<Metrics>,
+    pub limiter: Arc<ClientLimiter>,
+    pub login_failures: Arc<LoginFailures>,
+    pub keys: Arc<KeyGenerator>,
+    pub cancels: Arc<CancelRegistry>,
+    pub tls: Option<pgwire::tokio::TlsAcceptor>,
+    pub other_databases: Option<Arc<OtherDatabases>>,
+    pub link: Arc<ClusterLink>,
 }
 
 impl Shared {
+    /// The snapshot for `config`. With `previous` (a reload), its pools and
+    /// two-phase coordinator are kept when their settings did not change, so
+    /// idle backends and in-flight recovery go over to the new snapshot.
+    pub fn from_config(
+        config: Config,
+        parts: ProcessParts,
+        generation: u64,
+        previous: Option<&Shared>,
+    ) -> Result<Shared, ServerError> {
+        // Without tables and with `default_table: error` the map is a plain
+        // pooler (hints or the first shard). With `default_table: replicated`
+        // every table is replicated: writes must reach every shard, so the
+        // router runs (with one shard there is nothing to route).
+        let router = if config.tables.is_empty()
+            && (config.default_table == DefaultTable::Error || config.shards.len() == 1)
+        {
+            None
+        } else {
+            // Nothing is routed by a placement not compared with the records
+            // yet: the first catalog read lifts this fence.
+            let map = ShardMap::from_config(&config)?.with_fence(placement::unchecked(&config));
+            Some(Arc::new(Router::new(map)))
+        };
+        let same_shards = |old: &Config| old.shards == config.shards;
+        let pools = match previous {
+            Some(old) if same_shards(&old.config) && old.config.pool.builds_like(&config.pool) => {
+                old.pools.clone()
+            }
+            _ => Pools::new(&config),
+        };
+        let twophase = match previous {
+            Some(old)
+                if same_shards(&old.config)
+                    && old.config.two_phase_commit == config.two_phase_commit
+                    && old.config.pool.connect_timeout == config.pool.connect_timeout =>
+            {
+                old.twophase.clone()
+            }
+            _ => TwoPhase::new(&config, Some(parts.metrics.clone())),
+        };
+        Ok(Shared {
+            users: UserDirectory::from_config(&config)?,
+            limiter: parts.limiter,
+            login_failures: parts.login_failures,
+            metrics: parts.metrics,
+            router,
+            twophase,
+            fanout: FanoutExecutor::new(&config),
+            suspects: crate::backend::SuspectShards::new(config.shards.len()),
+            catalog_lock: tokio::sync::Mutex::new(()),
+            catalog_reads: std::sync::atomic::AtomicU64::new(0),
+            placements_read: std::sync::atomic::AtomicBool::new(false),
+            other_databases: parts.other_databases,
+            pools,
+            tls: parts.tls,
+            keys: parts.keys,
+            cancels: parts.cancels,
+            generation,
+            link: parts.link,
+            config: Arc::new(config),
+        })
+    }
+
+    /// What a reload carries over to the next snapshot.
+    pub fn process_parts(&self) -> ProcessParts {
+        ProcessParts {
+            metrics: self.metrics.clone(),
+            limiter: self.limiter.clone(),
+            login_failures: self.login_failures.clone(),
+            keys: self.keys.clone(),
+            cancels: self.cancels.clone(),
+            tls: self.tls.clone(),
+            other_databases: self.other_databases.clone(),
+            link: self.link.clone(),
+        }
+    }
+
+    /// Whether the recorded placements were read and compared since this
+    /// snapshot was made.
+    pub fn placements_read(&self) -> bool {
+        self.placements_read
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// The state of a plain pooler (no router, one shard) for `database` on
     /// the server of shard `shard`, for the clients of another database
     /// name: the map's pool settings and users, this proxy's key generator,
@@ -78,7 +183,7 @@ impl Shared {
         let metrics = self.metrics.for_shard(shard);
         Some(Shared {
             limiter: self.limiter.clone(),
-            login_failures: LoginFailures::new(metrics.clone()),
+            login_failures: Arc::new(LoginFailures::new(metrics.clone())),
             twophase: TwoPhase::new(&config, None),
             fanout: FanoutExecutor::new(&config),
             metrics,
@@ -91,8 +196,10 @@ impl Shared {
             pools: Pools::new(&config),
             tls: None,
             keys: self.keys.clone(),
-            cancels: CancelRegistry::default(),
+            cancels: Arc::new(CancelRegistry::default()),
             other_databases: None,
+            generation: 1,
+            link: Arc::new(ClusterLink::default()),
             config: Arc::new(config),
         })
     }
@@ -229,7 +336,7 @@ impl Pools {
     /// connection); the first shard that answers wins.
     pub async fn any_server_parameters(&self) -> Result<Vec<(String, String)>, BackendError> {
         let mut last_error = None;
-        for pool in &self.shards {
+        for pool in self.shards.iter() {
             if let Some(parameters) = pool.server_parameters() {
                 return Ok(parameters);
             }
@@ -254,7 +361,11 @@ pub struct RunningServer {
     pub address: SocketAddr,
     /// Where `/metrics` is served, when the map has `metrics:`.
     pub metrics_address: Option<SocketAddr>,
+    /// The snapshot the server started with (a reload makes newer ones:
+    /// see [`RunningServer::cluster`]).
     pub shared: Arc<Shared>,
+    /// The running map, reloadable.
+    pub cluster: Arc<Cluster>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
     /// Background tasks (2PC recovery) stopped with the server.
@@ -304,40 +415,21 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         }
         None => None,
     };
-    // Without tables and with `default_table: error` the map is a plain
-    // pooler (hints or the first shard). With `default_table: replicated`
-    // every table is replicated: writes must reach every shard, so the
-    // router runs (with one shard there is nothing to route).
-    let router = if config.tables.is_empty()
-        && (config.default_table == DefaultTable::Error || config.shards.len() == 1)
-    {
-        None
-    } else {
-        // Nothing is routed by a placement not compared with the records
-        // yet: the startup catalog read lifts this fence.
-        let map = ShardMap::from_config(&config)?.with_fence(placement::unchecked(&config));
-        Some(Arc::new(Router::new(map)))
-    };
-    let twophase = TwoPhase::new(&config, Some(metrics.clone()));
-    let shared = Arc::new(Shared {
+    let parts = ProcessParts {
         limiter: Arc::new(ClientLimiter::new(&config.limits)),
-        login_failures: LoginFailures::new(metrics.clone()),
+        login_failures: Arc::new(LoginFailures::new(metrics.clone())),
         metrics,
-        router,
-        twophase,
-        fanout: FanoutExecutor::new(&config),
-        suspects: crate::backend::SuspectShards::new(config.shards.len()),
-        catalog_lock: tokio::sync::Mutex::new(()),
-        catalog_reads: std::sync::atomic::AtomicU64::new(0),
-        placements_read: std::sync::atomic::AtomicBool::new(false),
-        other_databases: config.other_databases.clone().map(OtherDatabases::new),
-        users: UserDirectory::from_config(&config)?,
-        pools: Pools::new(&config),
-        tls,
         keys: Arc::new(KeyGenerator::default()),
-        cancels: CancelRegistry::default(),
-        config: Arc::new(config),
-    });
+        cancels: Arc::new(CancelRegistry::default()),
+        tls,
+        other_databases: config
+            .other_databases
+            .clone()
+            .map(|o| Arc::new(OtherDatabases::new(o))),
+        link: Arc::new(ClusterLink::default()),
+    };
+    let shared = Arc::new(Shared::from_config(config, parts, 1, None)?);
+    let cluster = Cluster::new(shared.clone());
     if shared.router.is_some() {
         // Best effort: shards may be down or tables not created yet; routing
         // retries on demand when it needs a fact it does not have.
@@ -357,55 +449,56 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
             },
         ));
     }
-    if shared.router.is_some()
-        && !shared
-            .placements_read
-            .load(std::sync::atomic::Ordering::Acquire)
-    {
-        // No shard answered at startup: retry every second until one does,
-        // whatever `catalog_refresh` is (every map table is fenced until then).
-        let retry_shared = shared.clone();
-        background.push(tokio::spawn(async move {
-            use std::sync::atomic::Ordering;
-            while !retry_shared.placements_read.load(Ordering::Acquire) {
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                retry_shared.refresh_catalog().await;
-            }
-        }));
-    }
-    if let Some(router) = shared.router.clone() {
-        // Statements refused for a fenced table make the proxy re-read the
-        // recorded placements, at most once a second: the table may have
-        // been accepted by an operator or another proxy since.
-        let fence_shared = shared.clone();
+    // The loops below read the newest snapshot on each round: a reload
+    // needs no task restarted.
+    if shared.router.is_some() {
+        let every_second = cluster.clone();
         background.push(tokio::spawn(async move {
             loop {
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                if router.take_fence_hit() {
-                    fence_shared.refresh_catalog().await;
+                let current = every_second.current();
+                let Some(router) = &current.router else {
+                    continue;
+                };
+                // No shard answered yet: every map table stays fenced until
+                // one does, whatever `catalog_refresh` is. And statements
+                // refused for a fenced table make the proxy re-read the
+                // recorded placements, at most once a second: the table may
+                // have been accepted by an operator or another proxy since.
+                if !current.placements_read() || router.take_fence_hit() {
+                    current.refresh_catalog().await;
                 }
             }
         }));
     }
-    if shared.router.is_some() && !shared.config.catalog_refresh.is_zero() {
+    {
         // Tables created or changed directly on the shards (`shardgate
-        // migrate`, psql) are learned within one interval.
-        let refresh_shared = shared.clone();
-        let interval = shared.config.catalog_refresh;
+        // migrate`, psql) are learned within one `catalog_refresh`.
+        let refresh = cluster.clone();
         background.push(tokio::spawn(async move {
             loop {
+                let interval = refresh.current().config.catalog_refresh;
+                if interval.is_zero() {
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    continue;
+                }
                 tokio::time::sleep(interval).await;
-                refresh_shared.refresh_catalog().await;
+                let current = refresh.current();
+                if current.router.is_some() {
+                    current.refresh_catalog().await;
+                }
             }
         }));
     }
     // `backend_up` of a proxy without traffic: probe each shard at startup
     // and every PROBE_EVERY (a no-op for a pool whose connections are all
     // in use), all shards at once so a hanging one delays no other.
-    let probe_shared = shared.clone();
+    let probe = cluster.clone();
     background.push(tokio::spawn(async move {
         loop {
-            futures::future::join_all(probe_shared.pools.shards.iter().map(|p| p.probe())).await;
+            let current = probe.current();
+            futures::future::join_all(current.pools.shards.iter().map(|p| p.probe())).await;
+            drop(current);
             tokio::time::sleep(crate::backend::PROBE_EVERY).await;
         }
     }));
@@ -423,9 +516,10 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     let mut metrics_address = None;
     if let Some(listener) = metrics_listener {
         metrics_address = listener.local_addr().ok();
-        let scrape_shared = shared.clone();
+        let scrape = cluster.clone();
         let mut metrics_stopped = shutdown.subscribe();
         let served = crate::metrics::serve(shared.metrics.clone(), listener, move || {
+            let scrape_shared = scrape.current();
             scrape_shared
                 .metrics
                 .record_pools(&scrape_shared.pools.shards);
@@ -442,15 +536,14 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
             }
         });
     }
-    let accept_shared = shared.clone();
+    let accept = cluster.clone();
     let task = tokio::spawn(async move {
         loop {
             tokio::select! {
                 _ = stopped.changed() => return,
                 accepted = listener.accept() => match accepted {
                     Ok((socket, _)) => {
-                        let shared = accept_shared.clone();
-                        tokio::spawn(serve_client(shared, socket));
+                        tokio::spawn(serve_client(accept.clone(), socket));
                     }
                     Err(error) => {
                         // EMFILE and friends: back off instead of spinning.
@@ -465,24 +558,32 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         address,
         metrics_address,
         shared,
+        cluster,
         shutdown,
         task,
         background,
     })
 }
 
-async fn serve_client(shared: Arc<Shared>, socket: tokio::net::TcpStream) {
+async fn serve_client(cluster: Arc<Cluster>, socket: tokio::net::TcpStream) {
+    let shared = cluster.current();
     let Some(login) = shared.limiter.login() else {
         startup::too_many_logins(&shared, &socket);
         return;
     };
     let accepted = startup::accept(&shared, socket).await;
     drop(login);
-    if let Accepted::Client(client) = accepted {
+    match accepted {
         // A task of its own: this one (sized for the handshake) ends, and
         // an idle client keeps only the session's state; inline, the
         // session's state made every half-open connection's task 2 KB.
-        tokio::spawn(serve_session(shared, client));
+        Accepted::Client(client) => {
+            tokio::spawn(serve_session(shared, client));
+        }
+        Accepted::Admin(client) => {
+            tokio::spawn(crate::admin::serve(cluster, client));
+        }
+        Accepted::Cancel | Accepted::Closed => {}
     }
 }
 

@@ -243,7 +243,8 @@ async fn cancel_request_reaches_the_running_query() {
     let answer = client.until_ready(1).await;
     assert!(
         answer.iter().all(|m| m.tag != b'E'),
-        "wrong secret must not cancel"
+        "wrong secret must not cancel: {:?}",
+        answer.iter().map(|m| m.normalized()).collect::<Vec<_>>()
     );
     server.stop().await;
 }

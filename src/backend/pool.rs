@@ -24,7 +24,7 @@
 //!   because the proxy sees every ReadyForQuery and EOF (ARCHITECTURE §2.2).
 
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -254,7 +254,26 @@ pub struct ShardPool {
     waits: WaitMax,
     /// Connections passed from one transaction to the next (see `hot.rs`).
     hot: Arc<HotStack>,
+    /// Checkouts waiting at the gate now (the admin console's `cl_waiting`).
+    queued: Arc<AtomicUsize>,
     max_lifetime: Option<Duration>,
+}
+
+/// A checkout counted as waiting at the gate until dropped (also when the
+/// wait is cancelled by a timeout).
+struct Queued<'a>(&'a AtomicUsize);
+
+impl<'a> Queued<'a> {
+    fn enter(count: &'a AtomicUsize) -> Queued<'a> {
+        count.fetch_add(1, Ordering::Relaxed);
+        Queued(count)
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// bb8 panics on zero durations; zero in the map means "never".
@@ -311,6 +330,7 @@ impl ShardPool {
             gate: Arc::new(Semaphore::new(size as usize)),
             waits: WaitMax::new(),
             hot: HotStack::start(),
+            queued: Arc::new(AtomicUsize::new(0)),
             max_lifetime: nonzero(pool.max_lifetime),
         }
     }
@@ -364,7 +384,10 @@ impl ShardPool {
 
     /// Waits for a gate permit, then takes a parked connection or one from bb8.
     async fn admit(&self, admitted: &AtomicBool) -> Result<PooledBackend, BackendError> {
-        let permit = match self.gate.clone().acquire_owned().await {
+        let queued = Queued::enter(&self.queued);
+        let acquired = self.gate.clone().acquire_owned().await;
+        drop(queued);
+        let permit = match acquired {
             Ok(permit) => permit,
             // Never closed; treat it like a timeout rather than panicking.
             Err(_) => return Err(self.exhausted_error()),
@@ -398,6 +421,11 @@ impl ShardPool {
     }
 
     /// Longest checkout wait of the last 10-20 s ([`WAIT_MAX_WINDOW`]).
+    /// Checkouts waiting for a connection now.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
     pub fn wait_max(&self) -> Duration {
         self.waits.get(Instant::now())
     }
@@ -549,21 +577,24 @@ pub async fn release_within(mut conn: PooledBackend, limit: Duration) {
 }
 
 /// One pool per shard, in shard-map order (index = shard index).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Pools {
-    pub shards: Vec<ShardPool>,
+    /// Shared by the map snapshots a reload left them unchanged in.
+    pub shards: Arc<Vec<ShardPool>>,
 }
 
 impl Pools {
     /// Pools for every shard of `config`; connects lazily.
     pub fn new(config: &Config) -> Pools {
         Pools {
-            shards: config
-                .shards
-                .iter()
-                .enumerate()
-                .map(|(index, shard)| ShardPool::new(shard, index, &config.pool))
-                .collect(),
+            shards: Arc::new(
+                config
+                    .shards
+                    .iter()
+                    .enumerate()
+                    .map(|(index, shard)| ShardPool::new(shard, index, &config.pool))
+                    .collect(),
+            ),
         }
     }
 

@@ -51,6 +51,22 @@ pub struct Config {
     /// How client database names other than `database` are served; `None`
     /// (the default): refused with 3D000.
     pub other_databases: Option<OtherDatabasesConfig>,
+    /// The admin console; `None` (the default): no console.
+    pub admin: Option<AdminConfig>,
+}
+
+/// `admin: { database, users }`: logging in to `database` as one of `users`
+/// (listed in `users:` too, with their passwords) opens the admin console
+/// (`SHOW POOLS`, `RELOAD`, …) instead of the shards. The application's users
+/// are never admins unless listed here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub database: String,
+    pub users: Vec<String>,
+}
+
+impl AdminConfig {
+    pub const DEFAULT_DATABASE: &'static str = "shardgate";
 }
 
 /// `other_databases`: a login to another database name than `database`
@@ -155,7 +171,7 @@ pub enum PoolMode {
     Session,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolConfig {
     pub mode: PoolMode,
     /// Backend connections per shard.
@@ -174,6 +190,19 @@ pub struct PoolConfig {
     pub idle_transaction_timeout: Duration,
 }
 
+impl PoolConfig {
+    /// Whether pools built with `other` would be the same: the settings a
+    /// session reads each time (mode, query and idle-transaction timeouts)
+    /// apply without new pools.
+    pub fn builds_like(&self, other: &PoolConfig) -> bool {
+        self.size == other.size
+            && self.connect_timeout == other.connect_timeout
+            && self.checkout_timeout == other.checkout_timeout
+            && self.idle_timeout == other.idle_timeout
+            && self.max_lifetime == other.max_lifetime
+    }
+}
+
 impl Default for PoolConfig {
     fn default() -> Self {
         PoolConfig {
@@ -190,7 +219,7 @@ impl Default for PoolConfig {
 }
 
 /// One shard: an ordinary Postgres database.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardConfig {
     pub name: String,
     /// The URL as written (after `${VAR}` substitution).

@@ -33,7 +33,9 @@ const TOP_KEYS: &[&str] = &[
     "login_timeout",
     "max_pending_logins",
     "other_databases",
+    "admin",
 ];
+const ADMIN_KEYS: &[&str] = &["database", "users"];
 const OTHER_DATABASES_KEYS: &[&str] = &["shard", "max_databases", "idle_timeout"];
 const POOL_KEYS: &[&str] = &[
     "mode",
@@ -398,6 +400,12 @@ impl Reader<'_> {
                 .and_then(|s| s.first())
                 .map(|s| s.database.clone()),
         };
+        let admin = match top.get("admin") {
+            Some(node) => self
+                .admin(node, users.as_deref(), database.as_deref())
+                .map(Some),
+            None => Some(None),
+        };
         Some(Config {
             source: self.file.clone(),
             listen: listen?,
@@ -418,6 +426,69 @@ impl Reader<'_> {
             catalog_refresh: catalog_refresh?,
             limits: limits?,
             other_databases: other_databases?,
+            admin: admin?,
+        })
+    }
+
+    /// `admin: { database, users }`. The users must be in `users:` (when
+    /// it could be read) and the database must not be the map's own.
+    fn admin(
+        &mut self,
+        node: &Node,
+        known: Option<&[UserConfig]>,
+        database: Option<&str>,
+    ) -> Option<AdminConfig> {
+        let what = "`admin`";
+        let entries = self.mapping(node, what, ADMIN_KEYS)?;
+        let mut ok = true;
+        let admin_database = match entries.get("database") {
+            Some(n) => {
+                let name = self.string(n, "`admin.database`")?;
+                if Some(name.as_str()) == database {
+                    self.error(
+                        n.mark,
+                        format!(
+                            "`admin.database` is `{name}`, the database the application uses; \
+                             give the console a name of its own (default `shardgate`)"
+                        ),
+                    );
+                    ok = false;
+                }
+                name
+            }
+            None => AdminConfig::DEFAULT_DATABASE.to_string(),
+        };
+        let list = self.required(&entries, "users", node, what)?;
+        let items = self.sequence(list, "`admin.users`")?;
+        if items.is_empty() {
+            self.error(list.mark, "`admin.users` must name at least one user");
+            ok = false;
+        }
+        let mut users = Vec::new();
+        for item in items {
+            let Some(name) = self.string(item, "an admin user") else {
+                ok = false;
+                continue;
+            };
+            if let Some(known) = known {
+                if !known.iter().any(|u| u.name == name) {
+                    let names: Vec<&str> = known.iter().map(|u| u.name.as_str()).collect();
+                    self.error(
+                        item.mark,
+                        format!(
+                            "`admin.users` names `{name}`, which is not in `users` (it needs a \
+                             password there); users: {}",
+                            names.join(", ")
+                        ),
+                    );
+                    ok = false;
+                }
+            }
+            users.push(name);
+        }
+        ok.then_some(AdminConfig {
+            database: admin_database,
+            users,
         })
     }
 
@@ -1565,6 +1636,41 @@ mod tests {
                 "other_database: { shard: s0 }\n",
                 "did you mean `other_databases`?",
             ),
+        ] {
+            let error = read(extra).expect_err(extra).to_string();
+            assert!(error.contains(expected), "{extra}: {error}");
+        }
+    }
+
+    #[test]
+    fn admin_console_and_its_errors() {
+        let base = "shards:\n  - { name: s0, url: \"postgres://u@h/d\" }\nauth: trust\nusers: [ { name: app }, { name: ops } ]\n";
+        let read = |extra: &str| read(Path::new("m.yaml"), &format!("{base}{extra}"), &env);
+        assert_eq!(read("").expect("default").admin, None);
+        assert_eq!(
+            read("admin: { users: [ ops ] }\n")
+                .expect("users only")
+                .admin,
+            Some(AdminConfig {
+                database: "shardgate".into(),
+                users: vec!["ops".into()]
+            })
+        );
+        for (extra, expected) in [
+            (
+                "admin: { users: [ root ] }\n",
+                "m.yaml:5:19: `admin.users` names `root`, which is not in `users`",
+            ),
+            (
+                "admin: { users: [] }\n",
+                "m.yaml:5:17: `admin.users` must name at least one user",
+            ),
+            (
+                "admin: { database: d, users: [ ops ] }\n",
+                "m.yaml:5:20: `admin.database` is `d`, the database the application uses",
+            ),
+            ("admin: {}\n", "m.yaml:5:8: `admin` needs `users`"),
+            ("admin: { user: [ ops ] }\n", "did you mean `users`?"),
         ] {
             let error = read(extra).expect_err(extra).to_string();
             assert!(error.contains(expected), "{extra}: {error}");

@@ -430,6 +430,9 @@ impl Session {
     async fn handle_client_message(&mut self, frame: &[u8]) -> Result<Step, ProxyError> {
         let tag = frame[0];
         let body = &frame[5..];
+        if let Some(newest) = self.shared.link.newer_than(self.shared.generation) {
+            self.adopt_newest_map(newest);
+        }
         if self.skip_until_sync && tag != tag::SYNC && tag != tag::TERMINATE {
             return Ok(Step::Next);
         }
@@ -851,6 +854,29 @@ impl Session {
             None => self.last_scan = Some((sql.to_string(), effects)),
         }
         effects
+    }
+
+    /// Takes a reloaded map (see `cluster`) between transactions: when no
+    /// backend is held and nothing is in flight, so a transaction, a pinned
+    /// session (session pooling, LISTEN, temp tables) or a streaming portal
+    /// keeps the map it started with.
+    fn adopt_newest_map(&mut self, newest: Arc<Shared>) {
+        let between_transactions = self.status == b'I'
+            && self.backend.is_none()
+            && self.others.is_empty()
+            && self.queue.is_empty()
+            && self.suspended.is_empty()
+            && self.pending_portal.is_none()
+            && self.copy_in.is_none()
+            && self.deferred_begin.is_none()
+            && !self.skip_until_sync
+            && !self.implicit_multi
+            && self.unsynced.is_empty();
+        if between_transactions {
+            self.shared = newest;
+            // Memo entries hold the old map's analyses.
+            self.route_memo = crate::router::Memo::default();
+        }
     }
 
     /// Sends a simple Query to the attached backend, with what its
@@ -1954,7 +1980,7 @@ fn route_hint(sql: &str) -> Option<Hint<'_>> {
 /// The statement name of a single `DEALLOCATE [PREPARE] name` (quoted or
 /// not; not `ALL`).
 fn deallocated_name(sql: &str) -> Option<&str> {
-    let mut rest = strip_word(sql.trim_start(), "deallocate")?.trim_start();
+    let mut rest = strip_word(sql.trim_ascii_start(), "deallocate")?.trim_start();
     if let Some(after) = strip_word(rest, "prepare") {
         rest = after.trim_start();
     }
@@ -1979,7 +2005,7 @@ fn deallocated_name(sql: &str) -> Option<&str> {
 /// `EXECUTE name[ rest]`: the statement name (lower-case unquoted, or
 /// quoted) and the rest of the text (its arguments).
 fn executed_statement(sql: &str) -> Option<(&str, &str)> {
-    let rest = strip_word(sql.trim_start(), "execute")?.trim_start();
+    let rest = strip_word(sql.trim_ascii_start(), "execute")?.trim_start();
     if let Some(quoted) = rest.strip_prefix('"') {
         let end = quoted.find('"')?;
         return Some((&quoted[..end], &quoted[end + 1..]));
@@ -1992,7 +2018,7 @@ fn executed_statement(sql: &str) -> Option<(&str, &str)> {
 
 /// Whether `sql` is `DEALLOCATE [PREPARE] ALL`.
 fn deallocates_all(sql: &str) -> bool {
-    let Some(mut rest) = strip_word(sql.trim_start(), "deallocate") else {
+    let Some(mut rest) = strip_word(sql.trim_ascii_start(), "deallocate") else {
         return false;
     };
     rest = rest.trim_start();

@@ -58,6 +58,8 @@ pub struct ClientStartup {
 
 pub enum Accepted {
     Client(Box<ClientStartup>),
+    /// An admin user logged in to the admin database (see `admin`).
+    Admin(Box<ClientStartup>),
     /// The connection carried a CancelRequest, which was forwarded before
     /// the connection closed.
     Cancel,
@@ -473,7 +475,10 @@ fn check_startup(shared: &Shared, startup: &Startup) -> Result<Login, ProxyError
     }
     // Another name with `other_databases` is checked after authentication,
     // by the server that serves it (as Postgres checks after it, too).
-    if database != shared.config.database && shared.other_databases.is_none() {
+    if database != shared.config.database
+        && shared.other_databases.is_none()
+        && !is_admin_database(shared, &database)
+    {
         return Err(crate::other_databases::not_served(shared, &database));
     }
     let mut settings = Vec::new();
@@ -574,6 +579,9 @@ async fn finish(
     let Some((user, database, settings)) = login else {
         return Accepted::Closed;
     };
+    if is_admin_database(shared, &database) {
+        return Box::pin(admin_login(shared, socket, final_message, user, database)).await;
+    }
     let (other_database, server_parameters) = if database == shared.config.database {
         let parameters = shared
             .pools
@@ -606,29 +614,104 @@ async fn finish(
         }
     }
     parameters.insert("session_authorization".to_string(), user.clone());
-    let driver = AuthDriver::<_, ()>::new(MirroredParameters(parameters))
-        .with_pid_secret_key_generator(shared.keys.clone());
-    if driver
-        .complete_authentication(&mut socket, final_message)
-        .await
-        .is_err()
-    {
+    let Some((io, read_buf, key)) = complete_login(shared, socket, final_message, parameters).await
+    else {
         return Accepted::Closed;
-    }
-    let (pid, secret) = match socket.pid_and_secret_key() {
-        (pid, SecretKey::I32(secret)) => (pid, secret),
-        _ => return Accepted::Closed,
     };
-    socket.set_state(PgWireConnectionState::ReadyForQuery);
-    let parts = socket.into_parts();
     Accepted::Client(Box::new(ClientStartup {
-        io: parts.io,
-        read_buf: parts.read_buf,
+        io,
+        read_buf,
         user,
         database,
         settings,
-        key: (pid, secret),
+        key,
         other_database,
+    }))
+}
+
+/// Sends AuthenticationOk, the ParameterStatus values, BackendKeyData and
+/// ReadyForQuery; returns the socket's parts and the client's key.
+async fn complete_login(
+    shared: &Arc<Shared>,
+    mut socket: StartupSocket,
+    final_message: Option<pgwire::messages::startup::Authentication>,
+    parameters: HashMap<String, String>,
+) -> Option<(MaybeTls, BytesMut, (i32, i32))> {
+    let driver = AuthDriver::<_, ()>::new(MirroredParameters(parameters))
+        .with_pid_secret_key_generator(shared.keys.clone());
+    driver
+        .complete_authentication(&mut socket, final_message)
+        .await
+        .ok()?;
+    let (pid, secret) = match socket.pid_and_secret_key() {
+        (pid, SecretKey::I32(secret)) => (pid, secret),
+        _ => return None,
+    };
+    socket.set_state(PgWireConnectionState::ReadyForQuery);
+    let parts = socket.into_parts();
+    Some((parts.io, parts.read_buf, (pid, secret)))
+}
+
+/// Whether `database` is the admin console's (see `admin`).
+fn is_admin_database(shared: &Shared, database: &str) -> bool {
+    shared
+        .config
+        .admin
+        .as_ref()
+        .is_some_and(|admin| admin.database == database)
+}
+
+/// An authenticated login to the admin database: admin users get the
+/// console (its own ParameterStatus values: it needs no shard), others are
+/// refused.
+async fn admin_login(
+    shared: &Arc<Shared>,
+    mut socket: StartupSocket,
+    final_message: Option<pgwire::messages::startup::Authentication>,
+    user: String,
+    database: String,
+) -> Accepted {
+    let allowed = shared
+        .config
+        .admin
+        .as_ref()
+        .is_some_and(|admin| admin.users.contains(&user));
+    if !allowed {
+        let error = ProxyError::fatal(
+            "42501",
+            format!("permission denied for the admin console: \"{user}\" is not in admin.users"),
+        );
+        refuse(&mut socket, error).await;
+        return Accepted::Closed;
+    }
+    let parameters: HashMap<String, String> = [
+        ("server_version", "15.0 (shardgate admin console)"),
+        ("server_encoding", "UTF8"),
+        ("client_encoding", "UTF8"),
+        ("DateStyle", "ISO, MDY"),
+        ("IntervalStyle", "postgres"),
+        ("TimeZone", "UTC"),
+        ("integer_datetimes", "on"),
+        ("standard_conforming_strings", "on"),
+        ("is_superuser", "off"),
+        ("application_name", ""),
+    ]
+    .into_iter()
+    .map(|(name, value)| (name.to_string(), value.to_string()))
+    .chain([("session_authorization".to_string(), user.clone())])
+    .collect();
+    let Some((io, read_buf, key)) = complete_login(shared, socket, final_message, parameters).await
+    else {
+        return Accepted::Closed;
+    };
+    Accepted::Admin(Box::new(ClientStartup {
+        io,
+        read_buf,
+        user,
+        database,
+        settings: Vec::new(),
+        key,
+        other_database: None,
     }))
 }
 

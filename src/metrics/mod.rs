@@ -557,6 +557,19 @@ impl Metrics {
         }
     }
 
+    /// Clients connected now (for the admin console).
+    pub fn clients(&self) -> i64 {
+        self.client_connections.get()
+    }
+
+    /// Statements counted on `shard`, by route in [`Route::ALL`] order (for
+    /// the admin console's `SHOW STATS`).
+    pub fn shard_queries(&self, shard: usize) -> [u64; 3] {
+        self.shards
+            .get(shard)
+            .map_or([0; 3], |series| series.queries.each_ref().map(|c| c.get()))
+    }
+
     /// Time a checkout waited for a pooled connection.
     pub fn pool_wait(&self, elapsed: Duration) {
         self.pool_wait.observe(elapsed.as_secs_f64());

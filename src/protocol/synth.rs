@@ -171,25 +171,50 @@ pub fn query(out: &mut BytesMut, sql: &str) {
 /// A one-column text result (RowDescription, one DataRow per line,
 /// CommandComplete `tag`), for answers shardgate makes itself.
 pub fn text_result(out: &mut BytesMut, column: &str, lines: &[&str], tag: &str) {
-    // RowDescription: one field, type text (25), text format.
+    let rows: Vec<[&str; 1]> = lines.iter().map(|line| [*line]).collect();
+    table_result(out, &[column], &rows, tag);
+}
+
+/// A result of text columns (RowDescription, a DataRow per row,
+/// CommandComplete `tag`), for answers shardgate makes itself.
+pub fn table_result<R: AsRef<[C]>, C: AsRef<str>>(
+    out: &mut BytesMut,
+    columns: &[&str],
+    rows: &[R],
+    tag: &str,
+) {
+    // RowDescription: each field type text (25), text format.
+    let body: usize = columns.iter().map(|c| c.len() + 1 + 18).sum();
     out.put_u8(b'T');
-    out.put_i32((4 + 2 + column.len() + 1 + 18) as i32);
-    out.put_i16(1);
-    put_cstr(out, column);
-    out.put_i32(0); // table OID
-    out.put_i16(0); // column number
-    out.put_i32(25); // type OID: text
-    out.put_i16(-1); // type size
-    out.put_i32(-1); // type modifier
-    out.put_i16(0); // text format
-    for line in lines {
+    out.put_i32((4 + 2 + body) as i32);
+    out.put_i16(columns.len() as i16);
+    for column in columns {
+        put_cstr(out, column);
+        out.put_i32(0); // table OID
+        out.put_i16(0); // column number
+        out.put_i32(25); // type OID: text
+        out.put_i16(-1); // type size
+        out.put_i32(-1); // type modifier
+        out.put_i16(0); // text format
+    }
+    for row in rows {
+        let cells = row.as_ref();
+        let body: usize = cells.iter().map(|c| 4 + c.as_ref().len()).sum();
         out.put_u8(b'D');
-        out.put_i32((4 + 2 + 4 + line.len()) as i32);
-        out.put_i16(1);
-        out.put_i32(line.len() as i32);
-        out.put_slice(line.as_bytes());
+        out.put_i32((4 + 2 + body) as i32);
+        out.put_i16(cells.len() as i16);
+        for cell in cells {
+            let cell = cell.as_ref();
+            out.put_i32(cell.len() as i32);
+            out.put_slice(cell.as_bytes());
+        }
     }
     command_complete(out, tag);
+}
+
+/// EmptyQueryResponse: the answer to a query of only whitespace.
+pub fn empty_query(out: &mut BytesMut) {
+    out.put_slice(&[b'I', 0, 0, 0, 4]);
 }
 
 pub fn sync(out: &mut BytesMut) {

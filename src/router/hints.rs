@@ -13,7 +13,7 @@ pub enum Hint<'a> {
 
 /// The hint in a comment at the very start of `sql` (after whitespace).
 pub fn leading_hint(sql: &str) -> Option<Hint<'_>> {
-    let rest = sql.trim_start().strip_prefix("/*")?;
+    let rest = sql.trim_ascii_start().strip_prefix("/*")?;
     let end = rest.find("*/")?;
     let body = rest[..end].trim().strip_prefix("shardgate:")?.trim();
     let (name, value) = body.split_once('=')?;
@@ -32,7 +32,7 @@ pub fn shardgate_setting(sql: &str) -> Option<(&str, Option<String>)> {
     // Decided by the first letter for almost every statement (this runs for
     // every simple query), before the text is trimmed at both ends.
     if !matches!(
-        sql.trim_start().as_bytes().first(),
+        sql.trim_ascii_start().as_bytes().first(),
         Some(b's' | b'S' | b'r' | b'R')
     ) {
         return None;

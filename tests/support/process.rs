@@ -13,6 +13,7 @@ pub struct ChildProxy {
     pub port: u16,
     pub metrics_port: u16,
     log: PathBuf,
+    config: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -37,6 +38,7 @@ impl ChildProxy {
         );
         let config = dir.path().join("map.yaml");
         std::fs::write(&config, map).expect("map file");
+        let map_file = config.clone();
         let log = dir.path().join("shardgate.log");
         let log_file = std::fs::File::create(&log).expect("log file");
         // SHARDGATE_TEST_BIN: measure another build (e.g. the previous commit's).
@@ -59,6 +61,7 @@ impl ChildProxy {
             port,
             metrics_port,
             log,
+            config: map_file,
             _dir: dir,
         };
         let started = Instant::now();
@@ -77,6 +80,42 @@ impl ChildProxy {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         proxy
+    }
+
+    /// Replaces the map file with `map` (its `listen: 127.0.0.1:0` gets the
+    /// running ports), as an operator edits it before a reload.
+    #[allow(dead_code)]
+    pub fn rewrite_map(&self, map: &str) {
+        let map = map.replacen(
+            "listen: 127.0.0.1:0",
+            &format!(
+                "listen: 127.0.0.1:{}\nmetrics: 127.0.0.1:{}",
+                self.port, self.metrics_port
+            ),
+            1,
+        );
+        std::fs::write(&self.config, map).expect("map file rewritten");
+    }
+
+    /// Sends `signal` to the process.
+    #[allow(dead_code)]
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) with the pid of a child this test started.
+        let sent = unsafe { libc::kill(self.pid() as i32, signal) };
+        assert_eq!(sent, 0, "signal {signal} sent");
+    }
+
+    /// Waits up to 5 s for `text` in the log.
+    #[allow(dead_code)]
+    pub async fn wait_for_log(&self, text: &str) -> String {
+        for _ in 0..50 {
+            let log = self.log_text();
+            if log.contains(text) {
+                return log;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("{text:?} not logged within 5 s:\n{}", self.log_text());
     }
 
     pub fn pid(&self) -> u32 {

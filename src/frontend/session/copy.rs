@@ -221,7 +221,7 @@ fn one_byte(c: char, what: &str) -> Result<u8, ProxyError> {
 
 /// Whether `sql` starts with the word COPY (after whitespace).
 pub(super) fn starts_with_copy(sql: &str) -> bool {
-    let text = sql.trim_start();
+    let text = sql.trim_ascii_start();
     text.get(..4)
         .is_some_and(|w| w.eq_ignore_ascii_case("copy"))
         && !text

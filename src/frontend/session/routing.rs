@@ -63,7 +63,7 @@ pub(super) fn tx_verb(sql: &str) -> Option<TxVerb> {
     // Decided by the first letter for almost every statement (this runs for
     // every simple query), before the text is trimmed at both ends.
     if !matches!(
-        sql.trim_start().as_bytes().first().map(|b| b | 0x20),
+        sql.trim_ascii_start().as_bytes().first().map(|b| b | 0x20),
         Some(b'b' | b's' | b'c' | b'e' | b'r' | b'a')
     ) {
         return None;
@@ -125,7 +125,7 @@ pub(super) fn participant_control(sql: &str) -> bool {
 /// The statement of `EXPLAIN (SHARDS) statement`, answered by shardgate
 /// with the routing decision (the same text as `shardgate route`).
 fn explain_shards(sql: &str) -> Option<&str> {
-    let text = sql.trim_start();
+    let text = sql.trim_ascii_start();
     text.get(..7)
         .filter(|h| h.eq_ignore_ascii_case("explain"))?;
     let rest = text[7..].trim_start().strip_prefix('(')?;

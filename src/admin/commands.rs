@@ -1,0 +1,305 @@
+//! The console's commands: each reads the running map's snapshot and
+//! answers with rows, as PgBouncer's console does (same column names where
+//! the concept is the same; shardgate's shards are PgBouncer's databases).
+
+use bytes::BytesMut;
+
+use crate::backend::ShardPool;
+use crate::cluster::{Cluster, Reloaded};
+use crate::config::Config;
+use crate::metrics::Route;
+use crate::protocol::synth::{self, ProxyError};
+use crate::server::Shared;
+
+/// The commands, for `SHOW HELP` and the error on anything else.
+const HELP: &[&str] = &[
+    "SHOW HELP",
+    "SHOW POOLS",
+    "SHOW DATABASES",
+    "SHOW SHARDS",
+    "SHOW STATS",
+    "SHOW LISTS",
+    "SHOW CONFIG",
+    "SHOW VERSION",
+    "SHOW ROUTE <sql>",
+    "RELOAD",
+];
+
+/// Runs one console statement; the answer (rows and CommandComplete, or an
+/// ErrorResponse) goes to `out`.
+pub async fn run(cluster: &Cluster, user: &str, sql: &str, out: &mut BytesMut) {
+    let text = sql.trim().trim_end_matches(';').trim_end();
+    let mut words = text.split_whitespace();
+    let verb = words.next().unwrap_or("").to_ascii_uppercase();
+    let what = words.next().unwrap_or("").to_ascii_uppercase();
+    let shared = cluster.current();
+    match (verb.as_str(), what.as_str()) {
+        ("", _) => synth::empty_query(out),
+        ("SHOW", "HELP") => synth::text_result(out, "command", HELP, "SHOW"),
+        ("SHOW", "POOLS") => pools(&shared, out),
+        ("SHOW", "DATABASES") => databases(&shared, out),
+        ("SHOW", "SHARDS") => shards(&shared, out),
+        ("SHOW", "STATS") => stats(&shared, out),
+        ("SHOW", "LISTS") => lists(&shared, out),
+        ("SHOW", "CONFIG") => config(&shared, out),
+        ("SHOW", "VERSION") => synth::text_result(
+            out,
+            "version",
+            &[concat!("shardgate ", env!("CARGO_PKG_VERSION"))],
+            "SHOW",
+        ),
+        ("SHOW", "ROUTE") => {
+            let statement = text
+                .split_once(|c: char| c.is_whitespace())
+                .and_then(|(_, rest)| rest.trim_start().split_once(|c: char| c.is_whitespace()))
+                .map_or("", |(_, sql)| sql.trim());
+            route(&shared, statement, out)
+        }
+        ("RELOAD", "") => reload(cluster, &shared, user, out).await,
+        _ => ProxyError::error("42601", format!("invalid admin console command: {text}"))
+            .with_hint(format!("the console knows: {}", HELP.join(", ")))
+            .encode(out),
+    }
+}
+
+/// PgBouncer's `SHOW POOLS`: one row per shard (its "database").
+fn pools(shared: &Shared, out: &mut BytesMut) {
+    let mode = format!("{:?}", shared.config.pool.mode).to_ascii_lowercase();
+    per_pool(shared, out, &POOLS_COLUMNS, |pool, (connections, idle)| {
+        let wait = pool.wait_max();
+        vec![
+            pool.name().to_string(),
+            shared.config.database.clone(),
+            pool.queued().to_string(),
+            connections.saturating_sub(idle).to_string(),
+            idle.to_string(),
+            wait.as_secs().to_string(),
+            wait.subsec_micros().to_string(),
+            mode.clone(),
+        ]
+    });
+}
+
+const POOLS_COLUMNS: [&str; 8] = [
+    "database",
+    "pool_database",
+    "cl_waiting",
+    "sv_active",
+    "sv_idle",
+    "maxwait",
+    "maxwait_us",
+    "pool_mode",
+];
+
+/// A table with one row per shard pool, made by `row` from the pool and its
+/// (connections, idle) counts.
+fn per_pool(
+    shared: &Shared,
+    out: &mut BytesMut,
+    columns: &[&str],
+    row: impl Fn(&ShardPool, (u32, u32)) -> Vec<String>,
+) {
+    let rows: Vec<Vec<String>> = shared
+        .pools
+        .shards
+        .iter()
+        .map(|pool| row(pool, pool.state()))
+        .collect();
+    synth::table_result(out, columns, &rows, "SHOW");
+}
+
+/// PgBouncer's `SHOW DATABASES`: where each shard is and its pool's size.
+fn databases(shared: &Shared, out: &mut BytesMut) {
+    let mode = format!("{:?}", shared.config.pool.mode).to_ascii_lowercase();
+    let rows: Vec<Vec<String>> = shared
+        .config
+        .shards
+        .iter()
+        .zip(shared.pools.shards.iter())
+        .map(|(shard, pool)| {
+            let (connections, _) = pool.state();
+            vec![
+                shard.name.clone(),
+                shard.host.clone(),
+                shard.port.to_string(),
+                shard.database.clone(),
+                shard.user.clone(),
+                pool.size().to_string(),
+                mode.clone(),
+                connections.to_string(),
+            ]
+        })
+        .collect();
+    synth::table_result(
+        out,
+        &[
+            "name",
+            "host",
+            "port",
+            "database",
+            "force_user",
+            "pool_size",
+            "pool_mode",
+            "current_connections",
+        ],
+        &rows,
+        "SHOW",
+    );
+}
+
+/// shardgate's `SHOW SHARDS`: each shard's state as the proxy sees it.
+fn shards(shared: &Shared, out: &mut BytesMut) {
+    let columns = [
+        "index",
+        "name",
+        "state",
+        "connections",
+        "idle",
+        "waiting",
+        "map_generation",
+    ];
+    per_pool(shared, out, &columns, |pool, (connections, idle)| {
+        vec![
+            pool.index().to_string(),
+            pool.name().to_string(),
+            if pool.is_up() { "up" } else { "down" }.to_string(),
+            connections.to_string(),
+            idle.to_string(),
+            pool.queued().to_string(),
+            shared.generation.to_string(),
+        ]
+    });
+}
+
+/// `SHOW STATS`: statements per shard since start, by route.
+fn stats(shared: &Shared, out: &mut BytesMut) {
+    let columns = [
+        "database",
+        "total_query_count",
+        "single_query_count",
+        "fanout_query_count",
+        "broadcast_query_count",
+    ];
+    per_pool(shared, out, &columns, |pool, _| {
+        let counts = shared.metrics.shard_queries(pool.index());
+        let total: u64 = counts.iter().sum();
+        let by_route = |route: Route| {
+            let at = Route::ALL.iter().position(|r| *r == route).unwrap_or(0);
+            counts[at].to_string()
+        };
+        vec![
+            pool.name().to_string(),
+            total.to_string(),
+            by_route(Route::Single),
+            by_route(Route::Fanout),
+            by_route(Route::Broadcast),
+        ]
+    });
+}
+
+/// PgBouncer's `SHOW LISTS`: how many of each thing there are.
+fn lists(shared: &Shared, out: &mut BytesMut) {
+    let (mut used, mut free) = (0u32, 0u32);
+    for pool in shared.pools.shards.iter() {
+        let (connections, idle) = pool.state();
+        used += connections.saturating_sub(idle);
+        free += idle;
+    }
+    let rows = [
+        ("databases", shared.config.shards.len().to_string()),
+        ("users", shared.config.users.len().to_string()),
+        ("pools", shared.pools.shards.len().to_string()),
+        ("used_clients", shared.metrics.clients().to_string()),
+        ("used_servers", used.to_string()),
+        ("free_servers", free.to_string()),
+    ]
+    .map(|(list, items)| vec![list.to_string(), items]);
+    synth::table_result(out, &["list", "items"], &rows, "SHOW");
+}
+
+/// `SHOW CONFIG`: the running map's settings; `changeable` says whether a
+/// RELOAD applies a change of it.
+fn config(shared: &Shared, out: &mut BytesMut) {
+    let c: &Config = &shared.config;
+    let live = |key: &str, value: String| vec![key.to_string(), value, "yes".to_string()];
+    let fixed = |key: &str, value: String| vec![key.to_string(), value, "no".to_string()];
+    let pool = &c.pool;
+    let rows = vec![
+        fixed("source", c.source.display().to_string()),
+        fixed("listen", c.listen.clone()),
+        fixed("metrics", c.metrics.clone().unwrap_or_default()),
+        fixed("tls", c.tls.is_some().to_string()),
+        fixed("database", c.database.clone()),
+        fixed("threads", c.threads.to_string()),
+        fixed("shards", c.shards.len().to_string()),
+        live("auth", format!("{:?}", c.auth).to_ascii_lowercase()),
+        live("users", c.users.len().to_string()),
+        live("pool.mode", format!("{:?}", pool.mode).to_ascii_lowercase()),
+        live("pool.size", pool.size.to_string()),
+        live(
+            "pool.connect_timeout",
+            format!("{:?}", pool.connect_timeout),
+        ),
+        live(
+            "pool.checkout_timeout",
+            format!("{:?}", pool.checkout_timeout),
+        ),
+        live("pool.idle_timeout", format!("{:?}", pool.idle_timeout)),
+        live("pool.max_lifetime", format!("{:?}", pool.max_lifetime)),
+        live("pool.query_timeout", format!("{:?}", pool.query_timeout)),
+        live(
+            "pool.idle_transaction_timeout",
+            format!("{:?}", pool.idle_transaction_timeout),
+        ),
+        live("tables", c.tables.len().to_string()),
+        live("functions", c.functions.len().to_string()),
+        live(
+            "default_table",
+            format!("{:?}", c.default_table).to_ascii_lowercase(),
+        ),
+        live("two_phase_commit", c.two_phase_commit.to_string()),
+        live("max_merge_memory", c.max_merge_memory.to_string()),
+        live("catalog_refresh", format!("{:?}", c.catalog_refresh)),
+        fixed("map_generation", shared.generation.to_string()),
+    ];
+    synth::table_result(out, &["key", "value", "changeable"], &rows, "SHOW");
+}
+
+/// shardgate's `SHOW ROUTE <sql>`: where the statement would go and why.
+fn route(shared: &Shared, sql: &str, out: &mut BytesMut) {
+    if sql.is_empty() {
+        return ProxyError::error("42601", "SHOW ROUTE needs a statement: SHOW ROUTE <sql>")
+            .encode(out);
+    }
+    let explanation = match &shared.router {
+        Some(router) => crate::router::explain::explain(router, sql, &[]),
+        None => "no routing: the map names no tables; every statement goes to the hinted shard \
+                 or the first one"
+            .to_string(),
+    };
+    let lines: Vec<&str> = explanation.lines().collect();
+    synth::text_result(out, "route", &lines, "SHOW");
+}
+
+/// `RELOAD`: re-reads the map file the proxy started with (see `cluster`).
+async fn reload(cluster: &Cluster, shared: &Shared, user: &str, out: &mut BytesMut) {
+    tracing::info!(user, "admin console: RELOAD");
+    let config = Config::load(&shared.config.source).map_err(|error| error.to_string());
+    match cluster.reload(config).await {
+        Ok(Reloaded { needs_restart, .. }) => {
+            for setting in needs_restart {
+                ProxyError::error(
+                    "01000",
+                    format!("`{setting}` changed in the map but applies only after a restart"),
+                )
+                .encode_notice(out);
+            }
+            synth::command_complete(out, "RELOAD");
+        }
+        Err(error) => ProxyError::error(
+            "F0000",
+            format!("RELOAD failed, the running map stays: {error}"),
+        )
+        .encode(out),
+    }
+}
