@@ -15,7 +15,7 @@ use crate::executor::fanout::FanoutExecutor;
 use crate::executor::recovery::{self, RecoveryOptions};
 use crate::executor::twophase::TwoPhase;
 use crate::frontend::auth::{CredentialError, LoginFailures, UserDirectory};
-use crate::frontend::cancel::{CancelRegistry, CancelSlot};
+use crate::frontend::cancel::{CancelRegistry, CancelSlot, ClientInfo};
 use crate::frontend::limits::ClientLimiter;
 use crate::frontend::session::Session;
 use crate::frontend::startup::{self, Accepted, KeyGenerator};
@@ -587,6 +587,28 @@ async fn serve_client(cluster: Arc<Cluster>, socket: tokio::net::TcpStream) {
     }
 }
 
+/// Who a client is, for the admin console's `SHOW CLIENTS`.
+fn client_info(client: &startup::ClientStartup) -> ClientInfo {
+    let addr = match &client.io {
+        pgwire::tokio::server::MaybeTls::Plain(tcp) => tcp.peer_addr().ok(),
+        pgwire::tokio::server::MaybeTls::Tls(tls) => tls.get_ref().0.peer_addr().ok(),
+        // Unix sockets have no address of this kind.
+        _ => None,
+    };
+    let application_name = client
+        .settings
+        .iter()
+        .find(|(name, _)| name == "application_name")
+        .map_or_else(String::new, |(_, value)| value.clone());
+    ClientInfo {
+        user: client.user.clone(),
+        database: client.database.clone(),
+        addr,
+        connected_at: Some(std::time::SystemTime::now()),
+        application_name,
+    }
+}
+
 async fn serve_session(shared: Arc<Shared>, mut client: Box<startup::ClientStartup>) {
     let _connected = shared.metrics.client_connected();
     let slot = CancelSlot::default();
@@ -595,16 +617,23 @@ async fn serve_session(shared: Arc<Shared>, mut client: Box<startup::ClientStart
     // pooler, whose pool stays while the lease lives. Cancels still arrive
     // here, so they are registered here, with that pooler's shard list.
     let lease = client.other_database.take();
+    let info = client_info(&client);
     let session_shared = match &lease {
         Some(lease) => {
             let other = lease.shared().clone();
-            shared
-                .cancels
-                .register_in(pid, secret, slot.clone(), other.config.clone());
+            shared.cancels.register_client(
+                pid,
+                secret,
+                slot.clone(),
+                Some(other.config.clone()),
+                info,
+            );
             other
         }
         None => {
-            shared.cancels.register(pid, secret, slot.clone());
+            shared
+                .cancels
+                .register_client(pid, secret, slot.clone(), None, info);
             shared.clone()
         }
     };

@@ -147,6 +147,21 @@ async fn admins_see_pools_and_reload_everyone_else_is_refused() {
         Some("1"),
         "the app's client: {lists:?}"
     );
+    let clients = show(&ops, "SHOW CLIENTS").await;
+    assert_eq!(
+        clients.len(),
+        1,
+        "the app's client, not the console: {clients:?}"
+    );
+    assert_eq!(
+        (
+            cell(&clients[0], "user"),
+            cell(&clients[0], "database"),
+            cell(&clients[0], "state")
+        ),
+        ("app", db.as_str(), "idle")
+    );
+    assert_eq!(cell(&clients[0], "addr"), "127.0.0.1");
     let version = show(&ops, "SHOW VERSION").await;
     assert!(cell(&version[0], "version").starts_with("shardgate "));
     let route = show(&ops, "SHOW ROUTE SELECT name FROM users WHERE id = 7").await;

@@ -5,6 +5,7 @@
 use bytes::BytesMut;
 
 use crate::backend::ShardPool;
+use crate::civil_time::CivilTime;
 use crate::cluster::{Cluster, Reloaded};
 use crate::config::Config;
 use crate::metrics::Route;
@@ -15,6 +16,7 @@ use crate::server::Shared;
 const HELP: &[&str] = &[
     "SHOW HELP",
     "SHOW POOLS",
+    "SHOW CLIENTS",
     "SHOW DATABASES",
     "SHOW SHARDS",
     "SHOW STATS",
@@ -37,6 +39,7 @@ pub async fn run(cluster: &Cluster, user: &str, sql: &str, out: &mut BytesMut) {
         ("", _) => synth::empty_query(out),
         ("SHOW", "HELP") => synth::text_result(out, "command", HELP, "SHOW"),
         ("SHOW", "POOLS") => pools(&shared, out),
+        ("SHOW", "CLIENTS") => clients(&shared, out),
         ("SHOW", "DATABASES") => databases(&shared, out),
         ("SHOW", "SHARDS") => shards(&shared, out),
         ("SHOW", "STATS") => stats(&shared, out),
@@ -106,6 +109,61 @@ fn per_pool(
         .map(|pool| row(pool, pool.state()))
         .collect();
     synth::table_result(out, columns, &rows, "SHOW");
+}
+
+/// PgBouncer's `SHOW CLIENTS`: one row per application client (console
+/// clients are not listed). `state` is `active` while the client holds a
+/// backend (inside a transaction or a statement), else `idle`.
+fn clients(shared: &Shared, out: &mut BytesMut) {
+    let rows: Vec<Vec<String>> = shared
+        .cancels
+        .clients()
+        .into_iter()
+        .map(|row| {
+            let shard = row
+                .shard
+                .and_then(|index| shared.config.shards.get(index))
+                .map_or_else(String::new, |shard| shard.name.clone());
+            let connected = row
+                .client
+                .connected_at
+                .and_then(CivilTime::of)
+                .map_or_else(String::new, |t| format!("{} {}", t.date(), t.time()));
+            vec![
+                "C".to_string(),
+                row.client.user,
+                row.client.database,
+                if shard.is_empty() { "idle" } else { "active" }.to_string(),
+                row.client
+                    .addr
+                    .map_or_else(String::new, |a| a.ip().to_string()),
+                row.client
+                    .addr
+                    .map_or_else(String::new, |a| a.port().to_string()),
+                connected,
+                row.client.application_name,
+                row.id.to_string(),
+                shard,
+            ]
+        })
+        .collect();
+    synth::table_result(
+        out,
+        &[
+            "type",
+            "user",
+            "database",
+            "state",
+            "addr",
+            "port",
+            "connect_time",
+            "application_name",
+            "id",
+            "shard",
+        ],
+        &rows,
+        "SHOW",
+    );
 }
 
 /// PgBouncer's `SHOW DATABASES`: where each shard is and its pool's size.

@@ -66,10 +66,38 @@ pub async fn forward(shared: &Shared, pid: i32, secret: i32) {
     }
 }
 
-/// A registered session: its secret, its slot, and the map whose shard
-/// indexes its slot holds when that is not the proxy's own (a session of
-/// another database has a one-shard map of its own).
-type Registered = (i32, CancelSlot, Option<Arc<Config>>);
+/// A registered session: its secret, its slot, the map whose shard indexes
+/// its slot holds when that is not the proxy's own (a session of another
+/// database has a one-shard map of its own), and who it is (the admin
+/// console's `SHOW CLIENTS`).
+#[derive(Debug)]
+struct Registered {
+    secret: i32,
+    slot: CancelSlot,
+    shards: Option<Arc<Config>>,
+    client: ClientInfo,
+}
+
+/// Who a client is, for the admin console.
+#[derive(Debug, Clone, Default)]
+pub struct ClientInfo {
+    pub user: String,
+    pub database: String,
+    /// The peer address (`None` when the socket could not say).
+    pub addr: Option<std::net::SocketAddr>,
+    pub connected_at: Option<std::time::SystemTime>,
+    pub application_name: String,
+}
+
+/// One row of [`CancelRegistry::clients`].
+#[derive(Debug, Clone)]
+pub struct ClientRow {
+    /// The client's BackendKeyData pid: its id in the console.
+    pub id: i32,
+    pub client: ClientInfo,
+    /// The shard index of the backend it holds now, if any.
+    pub shard: Option<usize>,
+}
 
 #[derive(Debug, Default)]
 pub struct CancelRegistry {
@@ -78,17 +106,48 @@ pub struct CancelRegistry {
 
 impl CancelRegistry {
     pub fn register(&self, pid: i32, secret: i32, slot: CancelSlot) {
+        self.register_client(pid, secret, slot, None, ClientInfo::default());
+    }
+
+    /// Registers a session with who it is; `shards`: the map its slot's
+    /// shard indexes refer to when not the proxy's own (the plain pooler of
+    /// another database).
+    pub fn register_client(
+        &self,
+        pid: i32,
+        secret: i32,
+        slot: CancelSlot,
+        shards: Option<Arc<Config>>,
+        client: ClientInfo,
+    ) {
         if let Ok(mut sessions) = self.sessions.lock() {
-            sessions.insert(pid, (secret, slot, None));
+            sessions.insert(
+                pid,
+                Registered {
+                    secret,
+                    slot,
+                    shards,
+                    client,
+                },
+            );
         }
     }
 
-    /// [`register`](Self::register) for a session whose slot holds shard
-    /// indexes of `shards` (the plain pooler of another database).
-    pub fn register_in(&self, pid: i32, secret: i32, slot: CancelSlot, shards: Arc<Config>) {
-        if let Ok(mut sessions) = self.sessions.lock() {
-            sessions.insert(pid, (secret, slot, Some(shards)));
-        }
+    /// Every registered client, by id.
+    pub fn clients(&self) -> Vec<ClientRow> {
+        let Ok(sessions) = self.sessions.lock() else {
+            return Vec::new();
+        };
+        let mut rows: Vec<ClientRow> = sessions
+            .iter()
+            .map(|(id, registered)| ClientRow {
+                id: *id,
+                client: registered.client.clone(),
+                shard: registered.slot.get().map(|(shard, _, _)| shard),
+            })
+            .collect();
+        rows.sort_by_key(|row| row.id);
+        rows
     }
 
     pub fn unregister(&self, pid: i32) {
@@ -109,7 +168,9 @@ impl CancelRegistry {
             return (None, Vec::new());
         };
         match sessions.get(&pid) {
-            Some((known, slot, shards)) if *known == secret => (shards.clone(), slot.all()),
+            Some(registered) if registered.secret == secret => {
+                (registered.shards.clone(), registered.slot.all())
+            }
             _ => (None, Vec::new()),
         }
     }
@@ -118,7 +179,7 @@ impl CancelRegistry {
     pub fn target(&self, pid: i32, secret: i32) -> CancelTarget {
         let sessions = self.sessions.lock().ok()?;
         match sessions.get(&pid) {
-            Some((known, slot, _)) if *known == secret => slot.get(),
+            Some(registered) if registered.secret == secret => registered.slot.get(),
             _ => None,
         }
     }
