@@ -109,7 +109,18 @@ impl Shared {
             Some(old) if same_shards(&old.config) && old.config.pool.builds_like(&config.pool) => {
                 old.pools.clone()
             }
-            _ => Pools::new(&config),
+            _ => {
+                let pools = Pools::new(&config);
+                // A PAUSE stays in force over a reload that makes new pools.
+                if let Some(old) = previous {
+                    for (new, old) in pools.shards.iter().zip(old.pools.shards.iter()) {
+                        if old.is_paused() {
+                            new.pause();
+                        }
+                    }
+                }
+                pools
+            }
         };
         let twophase = match previous {
             Some(old)

@@ -250,3 +250,93 @@ shards:
     assert_eq!(cell(&shards[0], "state"), "down", "{shards:?}");
     server.stop().await;
 }
+
+/// PAUSE as in PgBouncer: it returns once the transactions in flight have
+/// finished; new statements wait (not fail) until RESUME, or fail with
+/// 57P03 after `pool.pause_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_holds_new_statements_until_resume() {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    let db = support::fresh_db_with("admin_pause", SCHEMA).await;
+    let server = support::start_proxy(&format!(
+        "{}pool: {{ pause_timeout: 2s }}\n",
+        map(&db, "pw")
+    ))
+    .await;
+    let port = server.address.port();
+    let app = Arc::new(login(port, "app", "pw", &db).await.expect("app"));
+    let ops = Arc::new(login(port, "ops", "opspw", "shardgate").await.expect("ops"));
+
+    // A transaction in flight holds a backend: PAUSE waits for its COMMIT.
+    app.batch_execute("BEGIN; INSERT INTO users (id, name) VALUES (1, 'in flight')")
+        .await
+        .expect("a transaction in flight");
+    let pausing = tokio::spawn({
+        let ops = ops.clone();
+        async move { ops.simple_query("PAUSE").await.map(|_| Instant::now()) }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !pausing.is_finished(),
+        "PAUSE returned with a transaction in flight"
+    );
+    app.batch_execute("COMMIT")
+        .await
+        .expect("the transaction finishes");
+    let committed = Instant::now();
+    let paused_at = pausing.await.expect("task").expect("PAUSE");
+    assert!(paused_at >= committed, "PAUSE returned before the COMMIT");
+    let shards = show(&ops, "SHOW SHARDS").await;
+    assert!(
+        shards.iter().all(|r| cell(r, "state") == "paused"),
+        "{shards:?}"
+    );
+
+    // A new statement waits, and runs at RESUME.
+    let waiting = tokio::spawn({
+        let app = app.clone();
+        async move {
+            app.simple_query("SELECT count(*) FROM users")
+                .await
+                .map(|_| Instant::now())
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!waiting.is_finished(), "a statement ran on a paused shard");
+    ops.simple_query("RESUME").await.expect("RESUME");
+    let resumed = Instant::now();
+    let ran_at = waiting
+        .await
+        .expect("task")
+        .expect("the waiting statement runs");
+    assert!(ran_at >= resumed && ran_at - resumed < Duration::from_secs(2));
+
+    // Paused past pool.pause_timeout: 57P03 naming the shard; the client goes on.
+    ops.simple_query("PAUSE s1").await.expect("PAUSE one shard");
+    let started = Instant::now();
+    let error = app
+        .simple_query("SELECT count(*) FROM users")
+        .await
+        .expect_err("s1 stays paused");
+    let db_error = error.as_db_error().expect("an ErrorResponse");
+    assert_eq!(db_error.code().code(), "57P03", "{db_error:?}");
+    assert!(db_error.message().contains("s1"), "{}", db_error.message());
+    assert!(
+        started.elapsed() >= Duration::from_millis(1900),
+        "{:?}",
+        started.elapsed()
+    );
+    let error = ops
+        .simple_query("PAUSE s9")
+        .await
+        .expect_err("unknown shard");
+    assert_eq!(error.as_db_error().map(|e| e.code().code()), Some("42704"));
+    ops.simple_query("RESUME s1")
+        .await
+        .expect("RESUME one shard");
+    app.simple_query("SELECT count(*) FROM users")
+        .await
+        .expect("served again");
+    server.stop().await;
+}

@@ -25,6 +25,8 @@ const HELP: &[&str] = &[
     "SHOW VERSION",
     "SHOW ROUTE <sql>",
     "RELOAD",
+    "PAUSE [shard]",
+    "RESUME [shard]",
 ];
 
 /// Runs one console statement; the answer (rows and CommandComplete, or an
@@ -59,6 +61,8 @@ pub async fn run(cluster: &Cluster, user: &str, sql: &str, out: &mut BytesMut) {
             route(&shared, statement, out)
         }
         ("RELOAD", "") => reload(cluster, &shared, user, out).await,
+        ("PAUSE", _) => pause(&shared, user, words_after(text, 1), out).await,
+        ("RESUME", _) => resume(&shared, user, words_after(text, 1), out),
         _ => ProxyError::error("42601", format!("invalid admin console command: {text}"))
             .with_hint(format!("the console knows: {}", HELP.join(", ")))
             .encode(out),
@@ -220,7 +224,12 @@ fn shards(shared: &Shared, out: &mut BytesMut) {
         vec![
             pool.index().to_string(),
             pool.name().to_string(),
-            if pool.is_up() { "up" } else { "down" }.to_string(),
+            match (pool.is_paused(), pool.is_up()) {
+                (true, _) => "paused",
+                (false, true) => "up",
+                (false, false) => "down",
+            }
+            .to_string(),
             connections.to_string(),
             idle.to_string(),
             pool.queued().to_string(),
@@ -337,6 +346,85 @@ fn route(shared: &Shared, sql: &str, out: &mut BytesMut) {
     };
     let lines: Vec<&str> = explanation.lines().collect();
     synth::text_result(out, "route", &lines, "SHOW");
+}
+
+/// The text after the first `n` words.
+fn words_after(text: &str, n: usize) -> &str {
+    let mut rest = text.trim_start();
+    for _ in 0..n {
+        rest = rest
+            .split_once(char::is_whitespace)
+            .map_or("", |(_, after)| after.trim_start());
+    }
+    rest.trim()
+}
+
+/// The pools a PAUSE / RESUME names: one shard, or every shard.
+fn named_pools<'a>(shared: &'a Shared, name: &str) -> Result<Vec<&'a ShardPool>, ProxyError> {
+    if name.is_empty() {
+        return Ok(shared.pools.shards.iter().collect());
+    }
+    match shared.pools.by_name(name) {
+        Some(pool) => Ok(vec![pool]),
+        None => {
+            let names: Vec<&str> = shared.pools.shards.iter().map(|p| p.name()).collect();
+            Err(
+                ProxyError::error("42704", format!("no shard named \"{name}\""))
+                    .with_hint(format!("the shards are: {}", names.join(", "))),
+            )
+        }
+    }
+}
+
+/// `PAUSE [shard]`, as PgBouncer's: new transactions wait (up to
+/// `pool.pause_timeout`, then 57P03) and this returns once the ones in
+/// flight have given their backends back (a NOTICE says if some still hold
+/// one when `pool.pause_timeout` is up).
+async fn pause(shared: &Shared, user: &str, name: &str, out: &mut BytesMut) {
+    let pools = match named_pools(shared, name) {
+        Ok(pools) => pools,
+        Err(error) => return error.encode(out),
+    };
+    for pool in &pools {
+        pool.pause();
+    }
+    tracing::warn!(user, shard = name, "admin console: PAUSE");
+    let deadline = std::time::Instant::now() + shared.config.pool.pause_timeout;
+    let busy = |pools: &[&ShardPool]| -> u32 {
+        pools
+            .iter()
+            .map(|p| {
+                let (connections, idle) = p.state();
+                connections.saturating_sub(idle)
+            })
+            .sum()
+    };
+    while busy(&pools) > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let still = busy(&pools);
+    if still > 0 {
+        ProxyError::error(
+            "01000",
+            format!("{still} backend(s) still in a transaction after pool.pause_timeout"),
+        )
+        .encode_notice(out);
+    }
+    synth::command_complete(out, "PAUSE");
+}
+
+/// `RESUME [shard]`: waiting transactions go on.
+fn resume(shared: &Shared, user: &str, name: &str, out: &mut BytesMut) {
+    match named_pools(shared, name) {
+        Ok(pools) => {
+            for pool in pools {
+                pool.resume();
+            }
+            tracing::warn!(user, shard = name, "admin console: RESUME");
+            synth::command_complete(out, "RESUME");
+        }
+        Err(error) => error.encode(out),
+    }
 }
 
 /// `RELOAD`: re-reads the map file the proxy started with (see `cluster`).

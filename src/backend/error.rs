@@ -29,6 +29,14 @@ pub enum BackendError {
         addr: String,
         timeout: Duration,
     },
+    /// The shard was paused by an operator (the admin console's PAUSE) for
+    /// the whole of `pool.pause_timeout`.
+    #[error(
+        "shard {shard} is paused (PAUSE in the admin console) and was not resumed within \
+         pool.pause_timeout ({})",
+        fmt_duration(*timeout)
+    )]
+    Paused { shard: String, timeout: Duration },
     /// Every pooled connection stayed checked out for `checkout_timeout`.
     #[error(
         "too many clients waiting for shard {shard}: no connection free within {} (pool size {size})",
@@ -80,6 +88,7 @@ impl BackendError {
             | BackendError::ConnectTimeout { .. }
             | BackendError::Broken { .. } => "08006",
             BackendError::PoolExhausted { .. } => "53300",
+            BackendError::Paused { .. } => "57P03",
             BackendError::Server { error, .. } => error.sqlstate,
             BackendError::Auth { .. } => "28000",
             BackendError::Protocol { .. } => "08P01",
@@ -93,6 +102,7 @@ impl BackendError {
             BackendError::Unavailable { shard, .. }
             | BackendError::ConnectTimeout { shard, .. }
             | BackendError::PoolExhausted { shard, .. }
+            | BackendError::Paused { shard, .. }
             | BackendError::Server { shard, .. }
             | BackendError::Auth { shard, .. }
             | BackendError::Protocol { shard, .. }

@@ -256,6 +256,10 @@ pub struct ShardPool {
     hot: Arc<HotStack>,
     /// Checkouts waiting at the gate now (the admin console's `cl_waiting`).
     queued: Arc<AtomicUsize>,
+    /// PAUSE in the admin console: new checkouts wait for RESUME (up to
+    /// `pause_timeout`); connections already out finish their transactions.
+    paused: watch::Sender<bool>,
+    pause_timeout: Duration,
     max_lifetime: Option<Duration>,
 }
 
@@ -331,6 +335,8 @@ impl ShardPool {
             waits: WaitMax::new(),
             hot: HotStack::start(),
             queued: Arc::new(AtomicUsize::new(0)),
+            paused: watch::channel(false).0,
+            pause_timeout: pool.pause_timeout,
             max_lifetime: nonzero(pool.max_lifetime),
         }
     }
@@ -339,6 +345,9 @@ impl ShardPool {
     /// waiting for this pool: the common checkout, which needs no clock
     /// read for the pool-wait metric.
     pub fn checkout_parked(&self) -> Option<PooledBackend> {
+        if *self.paused.borrow() {
+            return None;
+        }
         // Fails while anyone is queued: tokio hands released permits to
         // the queue first, so this cannot overtake a waiter.
         let permit = self.gate.clone().try_acquire_owned().ok()?;
@@ -355,6 +364,9 @@ impl ShardPool {
     /// `connect_timeout`, not `checkout_timeout`); `53300` when all `size`
     /// connections stay busy for `checkout_timeout`.
     pub async fn checkout(&self) -> Result<PooledBackend, BackendError> {
+        if *self.paused.borrow() {
+            self.wait_resumed().await?;
+        }
         let started = Instant::now();
         // Subscribe first so a failure of the attempt our own `get` triggers
         // cannot be missed; clients still queued at the gate hear it too.
@@ -421,6 +433,39 @@ impl ShardPool {
     }
 
     /// Longest checkout wait of the last 10-20 s ([`WAIT_MAX_WINDOW`]).
+    /// PAUSE: new checkouts wait until [`ShardPool::resume`].
+    pub fn pause(&self) {
+        self.paused.send_replace(true);
+    }
+
+    /// RESUME: waiting checkouts go on.
+    pub fn resume(&self) {
+        self.paused.send_replace(false);
+    }
+
+    pub fn is_paused(&self) -> bool {
+        *self.paused.borrow()
+    }
+
+    /// Waits (counted as queued) until the pool is resumed, at most
+    /// `pause_timeout`.
+    async fn wait_resumed(&self) -> Result<(), BackendError> {
+        let _queued = Queued::enter(&self.queued);
+        let mut paused = self.paused.subscribe();
+        let waited = tokio::time::timeout(self.pause_timeout, async {
+            // An error means the sender is gone: the pool is, too.
+            let _ = paused.wait_for(|paused| !*paused).await;
+        })
+        .await;
+        match waited {
+            Ok(()) => Ok(()),
+            Err(_) => Err(BackendError::Paused {
+                shard: self.name.clone(),
+                timeout: self.pause_timeout,
+            }),
+        }
+    }
+
     /// Checkouts waiting for a connection now.
     pub fn queued(&self) -> usize {
         self.queued.load(Ordering::Relaxed)

@@ -188,6 +188,9 @@ pub struct PoolConfig {
     /// (25P03, as Postgres' idle_in_transaction_session_timeout), freeing
     /// its backends. Zero: never.
     pub idle_transaction_timeout: Duration,
+    /// How long a statement waits for a shard paused by PAUSE (admin
+    /// console) before it fails with 57P03.
+    pub pause_timeout: Duration,
 }
 
 impl PoolConfig {
@@ -200,6 +203,7 @@ impl PoolConfig {
             && self.checkout_timeout == other.checkout_timeout
             && self.idle_timeout == other.idle_timeout
             && self.max_lifetime == other.max_lifetime
+            && self.pause_timeout == other.pause_timeout
     }
 }
 
@@ -214,6 +218,7 @@ impl Default for PoolConfig {
             max_lifetime: Duration::from_secs(3600),
             query_timeout: Duration::ZERO,
             idle_transaction_timeout: Duration::ZERO,
+            pause_timeout: Duration::from_secs(120),
         }
     }
 }

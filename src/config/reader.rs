@@ -46,6 +46,7 @@ const POOL_KEYS: &[&str] = &[
     "max_lifetime",
     "query_timeout",
     "idle_transaction_timeout",
+    "pause_timeout",
 ];
 const FUNCTION_KINDS: &[&str] = &[
     "hash",
@@ -733,6 +734,7 @@ impl Reader<'_> {
             ("checkout_timeout", &mut pool.checkout_timeout),
             ("idle_timeout", &mut pool.idle_timeout),
             ("max_lifetime", &mut pool.max_lifetime),
+            ("pause_timeout", &mut pool.pause_timeout),
         ] {
             if let Some(n) = entries.get(key) {
                 match self.duration(n, &format!("`pool.{key}`")) {

@@ -9,6 +9,7 @@ use std::sync::OnceLock;
 use shardgate::devcluster::{DevCluster, DevFleet};
 
 pub mod process;
+pub mod tpcb;
 pub mod wire;
 
 /// Number of clusters (shards) in the shared fleet.
