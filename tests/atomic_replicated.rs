@@ -220,14 +220,7 @@ async fn replicated_writes_reach_every_shard_and_report_one_shards_count() {
 async fn prepared_everywhere(clients: &[Client]) -> i64 {
     let mut total = 0;
     for c in clients {
-        total += c
-            .query_one(
-                "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()",
-                &[],
-            )
-            .await
-            .expect("pg_prepared_xacts")
-            .get::<_, i64>(0);
+        total += support::prepared_transactions(c).await;
     }
     total
 }

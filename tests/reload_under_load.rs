@@ -35,12 +35,14 @@ async fn ten_reloads_under_pgbench_load_lose_nothing() {
     std::fs::write(&script, TPCB).expect("script");
     let script = script.to_string_lossy().to_string();
 
-    let select_only = tokio::spawn({
+    let run = |workload: [&str; 2], protocol: &'static str| {
         let db = db.clone();
-        async move {
+        let workload = workload.map(str::to_string);
+        tokio::spawn(async move {
+            let [flag, value] = &workload;
             let run = [
-                "-b",
-                "select-only",
+                flag.as_str(),
+                value.as_str(),
                 "-c",
                 "4",
                 "-j",
@@ -48,29 +50,13 @@ async fn ten_reloads_under_pgbench_load_lose_nothing() {
                 "-T",
                 "20",
                 "-M",
-                "extended",
+                protocol,
             ];
             pgbench_with(port, &db, &run).await
-        }
-    });
-    let tpcb = tokio::spawn({
-        let db = db.clone();
-        async move {
-            let run = [
-                "-f",
-                script.as_str(),
-                "-c",
-                "4",
-                "-j",
-                "1",
-                "-T",
-                "20",
-                "-M",
-                "simple",
-            ];
-            pgbench_with(port, &db, &run).await
-        }
-    });
+        })
+    };
+    let select_only = run(["-b", "select-only"], "extended");
+    let tpcb = run(["-f", &script], "simple");
 
     // Ten reloads, about 1.5 s apart, while both run.
     let variants = [

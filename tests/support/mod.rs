@@ -232,3 +232,16 @@ pub fn keys_on_three_shards() -> [i64; 3] {
     }
     found.map(|k| k.expect("every shard gets some key"))
 }
+
+/// Prepared transactions left in `client`'s database on its server.
+#[allow(dead_code)]
+pub async fn prepared_transactions(client: &tokio_postgres::Client) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()",
+            &[],
+        )
+        .await
+        .expect("pg_prepared_xacts")
+        .get::<_, i64>(0)
+}

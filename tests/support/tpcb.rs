@@ -116,14 +116,7 @@ pub async fn direct_sums(db: &str) -> (Sums, i64) {
         sums.branches += row.get::<_, i64>(2);
         sums.history += row.get::<_, i64>(3);
         sums.history_rows += row.get::<_, i64>(4);
-        prepared += client
-            .query_one(
-                "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()",
-                &[],
-            )
-            .await
-            .expect("pg_prepared_xacts")
-            .get::<_, i64>(0);
+        prepared += super::prepared_transactions(&client).await;
     }
     (sums, prepared)
 }
