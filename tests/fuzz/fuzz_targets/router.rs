@@ -83,8 +83,18 @@ fuzz_target!(|data: &[u8]| {
     let _ = leading_hint(sql);
     let _ = shardgate_setting(sql);
     let _ = normalize::max_param(sql);
-    let _ = normalize::extract_literals(sql, 0);
-    let _ = normalize::extract_literals(sql, 2);
+    let (mut out, mut spans) = (String::new(), Vec::new());
+    let _ = normalize::extract_literals(sql, 2, &mut out, &mut spans);
+    if let Some(params) = normalize::extract_literals(sql, 0, &mut out, &mut spans) {
+        // The text matched against its own shape reads the same literals.
+        let again = normalize::match_literals(sql, &spans, 0, sql);
+        if !sql.contains('$') {
+            assert_eq!(again.as_ref(), Some(&params), "a text does not match its own shape");
+        }
+        // And against the first half of itself, it must not panic.
+        let half = &sql[..sql.floor_char_boundary(sql.len() / 2)];
+        let _ = normalize::match_literals(sql, &spans, 0, half);
+    }
 
     let first = analyze(map, sql);
     let second = analyze(map, sql);
