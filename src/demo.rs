@@ -91,7 +91,7 @@ pub fn run(shards: usize) -> anyhow::Result<()> {
         println!("Press Ctrl-C to stop the proxy and delete the clusters.");
         std::io::stdout().flush().ok();
         wait_for_shutdown_async().await;
-        server.stop().await;
+        server.shutdown(std::time::Duration::from_secs(5)).await;
         anyhow::Ok(())
     });
     eprintln!("stopping the clusters…");

@@ -134,7 +134,8 @@ fn serve(path: &Path) -> ExitCode {
                     reload_on_hangup(hangups, server.cluster.clone(), path.to_path_buf());
                 }
                 shardgate::demo::wait_for_shutdown_async().await;
-                server.stop().await;
+                let grace = server.cluster.current().config.shutdown_timeout;
+                server.shutdown(grace).await;
                 ExitCode::SUCCESS
             }
             Err(error) => {

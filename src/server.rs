@@ -19,6 +19,7 @@ use crate::frontend::cancel::{CancelRegistry, CancelSlot, ClientInfo};
 use crate::frontend::limits::ClientLimiter;
 use crate::frontend::session::Session;
 use crate::frontend::startup::{self, Accepted, KeyGenerator};
+use crate::frontend::stop::StopWhen;
 use crate::frontend::tls;
 use crate::metrics::Metrics;
 use crate::other_databases::OtherDatabases;
@@ -384,6 +385,34 @@ pub struct RunningServer {
 }
 
 impl RunningServer {
+    /// Graceful stop (SIGTERM, SIGINT): no new clients; each connected one
+    /// finishes its transaction and then gets `FATAL 57P01`; those still in
+    /// a transaction after `grace` get it at once (their transactions roll
+    /// back). Returns when every client is gone, or a few seconds after
+    /// that for a client that does not read.
+    pub async fn shutdown(self, grace: std::time::Duration) {
+        let _ = self.shutdown.send(true);
+        let cancels = self.cluster.current().cancels.clone();
+        let clients = cancels.stop_all(StopWhen::BetweenTransactions);
+        tracing::info!(
+            clients,
+            grace = ?grace,
+            "shutting down: no new clients; each connected one ends after its transaction"
+        );
+        if !wait_until_empty(&cancels, grace).await {
+            let left = cancels.stop_all(StopWhen::Now);
+            tracing::warn!(
+                clients = left,
+                "still in a transaction after shutdown_timeout: ending them now (rolled back)"
+            );
+            wait_until_empty(&cancels, std::time::Duration::from_secs(5)).await;
+        }
+        for task in &self.background {
+            task.abort();
+        }
+        let _ = self.task.await;
+    }
+
     /// Stops accepting clients; existing sessions end when their clients leave.
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);
@@ -392,6 +421,18 @@ impl RunningServer {
         }
         let _ = self.task.await;
     }
+}
+
+/// Waits until no client is registered, at most `limit`; true if none is.
+async fn wait_until_empty(cancels: &CancelRegistry, limit: std::time::Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !cancels.is_empty() {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    true
 }
 
 /// Binds `config.listen` (port 0 picks a free port) and serves clients.

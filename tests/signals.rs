@@ -67,3 +67,41 @@ async fn sighup_reloads_the_map_and_keeps_every_client() {
         .expect("the running map stays in force");
     assert!(proxy.log_text().lines().all(|l| !l.contains("panicked")));
 }
+
+/// SIGTERM used to end the process in ~5 ms with a bare EOF for every
+/// client. Now a connected client is told why (Postgres' own FATAL 57P01)
+/// and the process exits once its clients are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_tells_clients_why_and_exits() {
+    use support::wire::Wire;
+    let db = support::fresh_db("signals_sigterm");
+    let mut proxy = ChildProxy::start(&support::shard_map(&db, "")).await;
+    let mut client = Wire::connect(proxy.port, "app", &db).await;
+    proxy.signal(libc::SIGTERM);
+    let message = tokio::time::timeout(std::time::Duration::from_secs(2), client.recv())
+        .await
+        .expect("told within 2 s")
+        .expect("a message before EOF");
+    assert_eq!(
+        message.error_code().as_deref(),
+        Some("57P01"),
+        "{}",
+        message.normalized()
+    );
+    assert!(
+        message.normalized().contains("FATAL"),
+        "{}",
+        message.normalized()
+    );
+    let status = proxy.wait_exit(std::time::Duration::from_secs(5)).await;
+    assert!(
+        status.success(),
+        "exit status {status}:\n{}",
+        proxy.log_text()
+    );
+    assert!(
+        proxy.log_text().contains("shutting down"),
+        "{}",
+        proxy.log_text()
+    );
+}

@@ -27,6 +27,7 @@ const HELP: &[&str] = &[
     "RELOAD",
     "PAUSE [shard]",
     "RESUME [shard]",
+    "KILL <client id>",
 ];
 
 /// Runs one console statement; the answer (rows and CommandComplete, or an
@@ -63,6 +64,7 @@ pub async fn run(cluster: &Cluster, user: &str, sql: &str, out: &mut BytesMut) {
         ("RELOAD", "") => reload(cluster, &shared, user, out).await,
         ("PAUSE", _) => pause(&shared, user, words_after(text, 1), out).await,
         ("RESUME", _) => resume(&shared, user, words_after(text, 1), out),
+        ("KILL", _) => kill(&shared, user, words_after(text, 1), out),
         _ => ProxyError::error("42601", format!("invalid admin console command: {text}"))
             .with_hint(format!("the console knows: {}", HELP.join(", ")))
             .encode(out),
@@ -424,6 +426,26 @@ fn resume(shared: &Shared, user: &str, name: &str, out: &mut BytesMut) {
             synth::command_complete(out, "RESUME");
         }
         Err(error) => error.encode(out),
+    }
+}
+
+/// `KILL <client id>` (the `id` of SHOW CLIENTS): the client gets `FATAL
+/// 57P01` and is disconnected at once; a transaction it had open rolls back.
+fn kill(shared: &Shared, user: &str, id: &str, out: &mut BytesMut) {
+    let Ok(id) = id.parse::<i32>() else {
+        return ProxyError::error(
+            "42601",
+            format!("KILL needs a client id (SHOW CLIENTS), got `{id}`"),
+        )
+        .encode(out);
+    };
+    if shared.cancels.stop_one(id) {
+        tracing::warn!(user, client = id, "admin console: KILL");
+        synth::command_complete(out, "KILL");
+    } else {
+        ProxyError::error("42704", format!("no client with id {id}"))
+            .with_hint("SHOW CLIENTS lists the ids")
+            .encode(out);
     }
 }
 

@@ -53,6 +53,9 @@ pub struct Config {
     pub other_databases: Option<OtherDatabasesConfig>,
     /// The admin console; `None` (the default): no console.
     pub admin: Option<AdminConfig>,
+    /// On SIGTERM/SIGINT, how long clients may finish their transactions
+    /// before they are ended with 57P01 anyway.
+    pub shutdown_timeout: Duration,
 }
 
 /// `admin: { database, users }`: logging in to `database` as one of `users`

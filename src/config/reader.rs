@@ -34,6 +34,7 @@ const TOP_KEYS: &[&str] = &[
     "max_pending_logins",
     "other_databases",
     "admin",
+    "shutdown_timeout",
 ];
 const ADMIN_KEYS: &[&str] = &["database", "users"];
 const OTHER_DATABASES_KEYS: &[&str] = &["shard", "max_databases", "idle_timeout"];
@@ -401,6 +402,10 @@ impl Reader<'_> {
                 .and_then(|s| s.first())
                 .map(|s| s.database.clone()),
         };
+        let shutdown_timeout = match top.get("shutdown_timeout") {
+            Some(node) => self.duration(node, "`shutdown_timeout`"),
+            None => Some(Duration::from_secs(30)),
+        };
         let admin = match top.get("admin") {
             Some(node) => self
                 .admin(node, users.as_deref(), database.as_deref())
@@ -428,6 +433,7 @@ impl Reader<'_> {
             limits: limits?,
             other_databases: other_databases?,
             admin: admin?,
+            shutdown_timeout: shutdown_timeout?,
         })
     }
 

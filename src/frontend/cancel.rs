@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use super::stop::{SessionStop, StopWhen};
 use crate::config::Config;
 use crate::server::Shared;
 
@@ -14,11 +15,21 @@ pub type CancelTarget = Option<(usize, i32, i32)>;
 /// (`None`: the proxy's own).
 pub type CancelTargets = (Option<Arc<Config>>, Vec<(usize, i32, i32)>);
 
-/// Shared between a session (which updates it on attach/detach) and the registry.
+/// Shared between a session (which updates it on attach/detach) and the
+/// registry; also carries requests to end the session (see `stop`).
 #[derive(Debug, Default, Clone)]
-pub struct CancelSlot(Arc<Mutex<CancelTarget>>, Arc<Mutex<Vec<(usize, i32, i32)>>>);
+pub struct CancelSlot(
+    Arc<Mutex<CancelTarget>>,
+    Arc<Mutex<Vec<(usize, i32, i32)>>>,
+    Arc<SessionStop>,
+);
 
 impl CancelSlot {
+    /// Where the session hears a shutdown or a KILL.
+    pub fn stop(&self) -> &SessionStop {
+        &self.2
+    }
+
     pub fn set(&self, target: CancelTarget) {
         if let Ok(mut slot) = self.0.lock() {
             *slot = target;
@@ -130,6 +141,33 @@ impl CancelRegistry {
                     client,
                 },
             );
+        }
+    }
+
+    /// Asks every registered session to end (graceful shutdown: `when` is
+    /// between transactions, then now); returns how many there were.
+    pub fn stop_all(&self, when: StopWhen) -> usize {
+        let Ok(sessions) = self.sessions.lock() else {
+            return 0;
+        };
+        for registered in sessions.values() {
+            registered.slot.stop().request(when);
+        }
+        sessions.len()
+    }
+
+    /// Asks the session with `id` (its BackendKeyData pid) to end now (the
+    /// console's KILL); false when there is none.
+    pub fn stop_one(&self, id: i32) -> bool {
+        let Ok(sessions) = self.sessions.lock() else {
+            return false;
+        };
+        match sessions.get(&id) {
+            Some(registered) => {
+                registered.slot.stop().request(StopWhen::Now);
+                true
+            }
+            None => false,
         }
     }
 

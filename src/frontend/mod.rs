@@ -15,4 +15,5 @@ pub mod responses;
 pub mod session;
 pub mod settings;
 pub mod startup;
+pub mod stop;
 pub mod tls;

@@ -19,6 +19,7 @@ use super::prepared::{ClientStatements, ParseAction};
 use super::responses::{Disposition, Expect, ResponseQueue};
 use super::settings::SessionSettings;
 use super::startup::ClientStartup;
+use super::stop::StopWhen;
 use crate::backend::{release, BackendError, PooledBackend};
 use crate::config::PoolMode;
 use crate::metrics::Route;
@@ -307,6 +308,15 @@ impl Session {
                 buffers::park(&mut self.client_in);
                 buffers::park(&mut self.client_out);
             }
+            if self.stop_now() {
+                ProxyError::fatal(
+                    "57P01",
+                    "terminating connection due to administrator command",
+                )
+                .encode(&mut self.client_out);
+                let _ = self.flush_client().await;
+                return Exit::Client;
+            }
             // Wait for input from whichever side has something.
             let client_read;
             let mut backend_read = None;
@@ -332,6 +342,8 @@ impl Session {
                         read = limits::read_client(&mut self.client, &mut self.client_in, &mut self.backend_out, &mut self.client_memory, max_message), if !backlog => client_read = Some(read),
                         // Messages already read wait: no need to wait for more.
                         _ = std::future::ready(()), if backlog => client_read = None,
+                        // A shutdown or KILL: decided at the top of the loop.
+                        () = self.cancel.stop().wait() => continue,
                         () = timer => {
                             match deadline.map(|(_, kind)| kind) {
                                 Some(Deadline::Query) => {
@@ -356,16 +368,16 @@ impl Session {
                     }
                 }
                 None => {
-                    client_read = Some(
-                        limits::read_client(
+                    tokio::select! {
+                        read = limits::read_client(
                             &mut self.client,
                             &mut self.client_in,
                             &mut self.backend_out,
                             &mut self.client_memory,
                             max_message,
-                        )
-                        .await,
-                    )
+                        ) => client_read = Some(read),
+                        () = self.cancel.stop().wait() => continue,
+                    }
                 }
             }
             match client_read {
@@ -861,7 +873,17 @@ impl Session {
     /// session (session pooling, LISTEN, temp tables) or a streaming portal
     /// keeps the map it started with.
     fn adopt_newest_map(&mut self, newest: Arc<Shared>) {
-        let between_transactions = self.status == b'I'
+        if self.between_transactions() {
+            self.shared = newest;
+            // Memo entries hold the old map's analyses.
+            self.route_memo = crate::router::Memo::default();
+        }
+    }
+
+    /// No backend held, nothing in flight, no transaction, portal or COPY
+    /// open: the session can change maps or end without losing anything.
+    fn between_transactions(&self) -> bool {
+        self.status == b'I'
             && self.backend.is_none()
             && self.others.is_empty()
             && self.queue.is_empty()
@@ -871,11 +893,16 @@ impl Session {
             && self.deferred_begin.is_none()
             && !self.skip_until_sync
             && !self.implicit_multi
-            && self.unsynced.is_empty();
-        if between_transactions {
-            self.shared = newest;
-            // Memo entries hold the old map's analyses.
-            self.route_memo = crate::router::Memo::default();
+            && self.unsynced.is_empty()
+    }
+
+    /// A shutdown or KILL asked this session to end, and it may now
+    /// (see `stop`): the client is told why, as Postgres tells it.
+    fn stop_now(&self) -> bool {
+        match self.cancel.stop().requested() {
+            Some(StopWhen::Now) => true,
+            Some(StopWhen::BetweenTransactions) => self.between_transactions(),
+            None => false,
         }
     }
 

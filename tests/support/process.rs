@@ -118,6 +118,15 @@ impl ChildProxy {
         panic!("{text:?} not logged within 5 s:\n{}", self.log_text());
     }
 
+    /// Waits for the process to exit, at most `limit`.
+    #[allow(dead_code)]
+    pub async fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        tokio::time::timeout(limit, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("still running after {limit:?}:\n{}", self.log_text()))
+            .expect("wait for the child")
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id().expect("the proxy is running")
     }
