@@ -53,6 +53,8 @@ pub struct Cluster {
     current: RwLock<Arc<Shared>>,
     /// One reload at a time.
     reloading: tokio::sync::Mutex<()>,
+    /// The console's SHUTDOWN, heard by `shardgate serve` like SIGTERM.
+    shutdown: tokio::sync::Notify,
 }
 
 /// What a reload applied.
@@ -95,7 +97,18 @@ impl Cluster {
         Arc::new(Cluster {
             current: RwLock::new(first),
             reloading: tokio::sync::Mutex::new(()),
+            shutdown: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Asks the process to stop gracefully (the console's SHUTDOWN).
+    pub fn request_shutdown(&self) {
+        self.shutdown.notify_one();
+    }
+
+    /// Completes when a graceful stop was asked for by [`Cluster::request_shutdown`].
+    pub async fn shutdown_requested(&self) {
+        self.shutdown.notified().await
     }
 
     /// The snapshot new clients and background tasks use.

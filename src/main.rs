@@ -133,7 +133,12 @@ fn serve(path: &Path) -> ExitCode {
                 if let Some(hangups) = hangups {
                     reload_on_hangup(hangups, server.cluster.clone(), path.to_path_buf());
                 }
-                shardgate::demo::wait_for_shutdown_async().await;
+                tokio::select! {
+                    () = shardgate::demo::wait_for_shutdown_async() => {}
+                    () = server.cluster.shutdown_requested() => {
+                        tracing::info!("SHUTDOWN from the admin console");
+                    }
+                }
                 let grace = server.cluster.current().config.shutdown_timeout;
                 server.shutdown(grace).await;
                 ExitCode::SUCCESS

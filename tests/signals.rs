@@ -105,3 +105,42 @@ async fn sigterm_tells_clients_why_and_exits() {
         proxy.log_text()
     );
 }
+
+/// The admin console's SHUTDOWN stops the process as SIGTERM does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_shutdown_stops_like_sigterm() {
+    use support::wire::Wire;
+    let db = support::fresh_db("signals_console_shutdown");
+    let map = support::shard_map(
+        &db,
+        "auth: trust\nusers: [ { name: app }, { name: ops } ]\nadmin: { users: [ ops ] }\n",
+    );
+    let mut proxy = ChildProxy::start(&map).await;
+    let mut client = Wire::connect(proxy.port, "app", &db).await;
+    let url = format!(
+        "host=127.0.0.1 port={} user=ops dbname=shardgate",
+        proxy.port
+    );
+    let (ops, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("console");
+    tokio::spawn(connection);
+    ops.simple_query("SHUTDOWN").await.expect("SHUTDOWN");
+    let message = tokio::time::timeout(std::time::Duration::from_secs(2), client.recv())
+        .await
+        .expect("told within 2 s")
+        .expect("a message before EOF");
+    assert_eq!(
+        message.error_code().as_deref(),
+        Some("57P01"),
+        "{}",
+        message.normalized()
+    );
+    let status = proxy.wait_exit(std::time::Duration::from_secs(5)).await;
+    assert!(
+        status.success(),
+        "exit status {status}:\n{}",
+        proxy.log_text()
+    );
+    assert!(proxy.log_text().contains("SHUTDOWN from the admin console"));
+}

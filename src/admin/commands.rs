@@ -28,6 +28,7 @@ const HELP: &[&str] = &[
     "PAUSE [shard]",
     "RESUME [shard]",
     "KILL <client id>",
+    "SHUTDOWN",
 ];
 
 /// Runs one console statement; the answer (rows and CommandComplete, or an
@@ -65,6 +66,12 @@ pub async fn run(cluster: &Cluster, user: &str, sql: &str, out: &mut BytesMut) {
         ("PAUSE", _) => pause(&shared, user, words_after(text, 1), out).await,
         ("RESUME", _) => resume(&shared, user, words_after(text, 1), out),
         ("KILL", _) => kill(&shared, user, words_after(text, 1), out),
+        ("SHUTDOWN", "") => {
+            // As SIGTERM: transactions finish, then clients get 57P01.
+            tracing::warn!(user, "admin console: SHUTDOWN");
+            cluster.request_shutdown();
+            synth::command_complete(out, "SHUTDOWN");
+        }
         _ => ProxyError::error("42601", format!("invalid admin console command: {text}"))
             .with_hint(format!("the console knows: {}", HELP.join(", ")))
             .encode(out),
