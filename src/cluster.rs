@@ -94,6 +94,7 @@ pub enum ReloadError {
 impl Cluster {
     pub fn new(first: Arc<Shared>) -> Arc<Cluster> {
         first.link.publish(&first);
+        first.metrics.set_map_generation(first.generation);
         Arc::new(Cluster {
             current: RwLock::new(first),
             reloading: tokio::sync::Mutex::new(()),
@@ -201,6 +202,7 @@ impl Cluster {
             }
         }
         next.link.publish(&next);
+        next.metrics.set_map_generation(next.generation);
         match self.current.write() {
             Ok(mut slot) => *slot = next,
             Err(poisoned) => *poisoned.into_inner() = next,

@@ -127,5 +127,9 @@ async fn a_reload_applies_between_transactions_and_refuses_unsafe_maps() {
         "{metrics}"
     );
     assert_eq!(server.cluster.current().generation, 2);
+    assert!(
+        metrics.contains("\nshardgate_map_generation 2\n"),
+        "{metrics}"
+    );
     server.stop().await;
 }

@@ -587,7 +587,12 @@ pub async fn commit(
             .err()
             .unwrap_or_else(|| ProxyError::error("0A000", "two_phase_commit is off")));
     }
-    two_phase_commit(coordinator, participants, &writers, timeout).await
+    let started = std::time::Instant::now();
+    let outcome = two_phase_commit(coordinator, participants, &writers, timeout).await;
+    if let Some(metrics) = &coordinator.inner.metrics {
+        metrics.twophase_duration(started.elapsed());
+    }
+    outcome
 }
 
 /// 0 or 1 written shard: readers commit first, then the writer.

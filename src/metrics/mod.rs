@@ -182,6 +182,8 @@ struct ShardSeries {
     wait_max: Gauge,
     /// `prepared_transactions_disabled{shard}`.
     prepare_disabled: IntGauge,
+    /// `shard_paused{shard}`.
+    paused: IntGauge,
 }
 
 /// All shardgate series plus the registry they live in.
@@ -204,6 +206,10 @@ pub struct Metrics {
     twophase: [IntCounter; 3],
     /// `twophase_in_doubt`.
     twophase_in_doubt: IntGauge,
+    /// `twophase_duration_seconds`.
+    twophase_duration: Histogram,
+    /// `map_generation`.
+    map_generation: IntGauge,
     /// `config_reloads_total{result}`, indexed like [`ReloadResult::ALL`].
     config_reloads: [IntCounter; 2],
     /// `client_auth_failures_total{reason}`, indexed like [`AuthFailure::ALL`].
@@ -360,6 +366,29 @@ impl Metrics {
                 "Prepared transactions of multi-shard commits not yet finished on every shard (retried in the background or left for recovery).",
             )),
         );
+        let twophase_duration = register(
+            &registry,
+            histogram(
+                "shardgate_twophase_duration_seconds",
+                "Time from a multi-shard transaction's COMMIT to its outcome (prepare on every writer, decision, commit prepared).",
+                LATENCY_BUCKETS,
+            ),
+        );
+        let map_generation = register(
+            &registry,
+            defined(IntGauge::new(
+                "shardgate_map_generation",
+                "The running shard map's generation: 1 at start, one more per successful reload.",
+            )),
+        );
+        let paused = register(
+            &registry,
+            gauge_vec(
+                "shardgate_shard_paused",
+                "1 while the shard is paused by the admin console's PAUSE, else 0.",
+                &["shard"],
+            ),
+        );
         let prepare_disabled = register(
             &registry,
             gauge_vec(
@@ -421,6 +450,7 @@ impl Metrics {
                     up: up.with_label_values(&[name]),
                     wait_max: wait_max.with_label_values(&[name]),
                     prepare_disabled: prepare_disabled.with_label_values(&[name]),
+                    paused: paused.with_label_values(&[name]),
                 }
             })
             .collect();
@@ -435,6 +465,8 @@ impl Metrics {
             fanout_shards,
             twophase: TwoPhaseOutcome::ALL.map(|o| twophase.with_label_values(&[o.as_str()])),
             twophase_in_doubt,
+            twophase_duration,
+            map_generation,
             config_reloads: ReloadResult::ALL
                 .map(|r| config_reloads.with_label_values(&[r.as_str()])),
             auth_failures: AuthFailure::ALL.map(|r| auth_failures.with_label_values(&[r.as_str()])),
@@ -459,6 +491,8 @@ impl Metrics {
             fanout_shards: self.fanout_shards.clone(),
             twophase: self.twophase.clone(),
             twophase_in_doubt: self.twophase_in_doubt.clone(),
+            twophase_duration: self.twophase_duration.clone(),
+            map_generation: self.map_generation.clone(),
             config_reloads: self.config_reloads.clone(),
             auth_failures: self.auth_failures.clone(),
             other_databases: self.other_databases.clone(),
@@ -607,6 +641,9 @@ impl Metrics {
             self.set_pool_state(pool.index(), connections.saturating_sub(idle), idle);
             self.set_backend_up(pool.index(), pool.is_up());
             self.set_pool_wait_max(pool.index(), pool.wait_max());
+            if let Some(series) = self.shards.get(pool.index()) {
+                series.paused.set(i64::from(pool.is_paused()));
+            }
         }
     }
 
@@ -619,6 +656,17 @@ impl Metrics {
     /// Counts a finished two-phase commit.
     pub fn twophase(&self, outcome: TwoPhaseOutcome) {
         self.twophase[outcome as usize].inc();
+    }
+
+    /// A two-phase commit ended (whatever its outcome) after `elapsed`.
+    pub fn twophase_duration(&self, elapsed: Duration) {
+        self.twophase_duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// Sets `map_generation` (see `cluster`).
+    pub fn set_map_generation(&self, generation: u64) {
+        self.map_generation
+            .set(i64::try_from(generation).unwrap_or(i64::MAX));
     }
 
     /// Sets `twophase_in_doubt`: prepared transactions of multi-shard
