@@ -165,6 +165,8 @@ pub struct Session {
     batch_ended: Option<bool>,
     batch_status_before: u8,
     cancel: CancelSlot,
+    /// The stop request (shutdown, KILL) the loop has already woken for.
+    stop_seen: Option<StopWhen>,
     mode: PoolMode,
     /// The client did something that lives on its backend beyond the
     /// transaction (LISTEN, temp table, SQL PREPARE, WITH HOLD cursor,
@@ -251,6 +253,7 @@ impl Session {
             batch_ended: None,
             batch_status_before: b'I',
             cancel,
+            stop_seen: None,
             mode,
             tainted: false,
             key: startup.key,
@@ -343,7 +346,10 @@ impl Session {
                         // Messages already read wait: no need to wait for more.
                         _ = std::future::ready(()), if backlog => client_read = None,
                         // A shutdown or KILL: decided at the top of the loop.
-                        () = self.cancel.stop().wait() => continue,
+                        () = self.cancel.stop().wait_beyond(self.stop_seen) => {
+                            self.stop_seen = self.cancel.stop().requested();
+                            continue;
+                        }
                         () = timer => {
                             match deadline.map(|(_, kind)| kind) {
                                 Some(Deadline::Query) => {
@@ -376,7 +382,10 @@ impl Session {
                             &mut self.client_memory,
                             max_message,
                         ) => client_read = Some(read),
-                        () = self.cancel.stop().wait() => continue,
+                        () = self.cancel.stop().wait_beyond(self.stop_seen) => {
+                            self.stop_seen = self.cancel.stop().requested();
+                            continue;
+                        }
                     }
                 }
             }
