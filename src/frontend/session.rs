@@ -556,11 +556,9 @@ impl Session {
                 } else {
                     let effects = scan_statement(sql);
                     let rewritten;
-                    let (frame, sql) = match self.read_prepared_view(effects, sql) {
-                        Some(text) => {
-                            let mut query = BytesMut::new();
-                            synth::query(&mut query, &text);
-                            rewritten = (query, text);
+                    let (frame, sql) = match self.prepared_view_query(effects, sql) {
+                        Some(query) => {
+                            rewritten = query;
                             (&rewritten.0[..], rewritten.1.as_str())
                         }
                         None => (frame, sql),
@@ -851,6 +849,19 @@ impl Session {
             return None;
         }
         super::prepared_view::rewrite(sql, &self.statements.listing())
+    }
+
+    /// [`Session::read_prepared_view`] for a simple Query: the rewritten
+    /// Query message and its text.
+    fn prepared_view_query(
+        &self,
+        effects: StatementEffects,
+        sql: &str,
+    ) -> Option<(BytesMut, String)> {
+        let text = self.read_prepared_view(effects, sql)?;
+        let mut query = BytesMut::new();
+        synth::query(&mut query, &text);
+        Some((query, text))
     }
 
     /// `scan_statement`, remembered for the last Parse text: drivers re-send

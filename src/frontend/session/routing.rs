@@ -407,9 +407,7 @@ impl Session {
             None => self.route_memo.effects(sql),
         };
         if found.reads_prepared_view && effects.is_none() {
-            if let Some(text) = self.read_prepared_view(found, sql) {
-                let mut query = BytesMut::new();
-                synth::query(&mut query, &text);
+            if let Some((query, text)) = self.prepared_view_query(found, sql) {
                 let mut known = Some(found);
                 let attach = Box::pin(self.attach_query(router, &query, &text, &mut known)).await;
                 if attach != Attach::Ready {
