@@ -148,6 +148,150 @@ async fn fresh_parse_after_a_schema_change_gets_a_fresh_plan() {
     }
 }
 
+/// A client that was told a statement's result columns (Describe) and
+/// binds it after a schema change changed them: Postgres fails the Bind
+/// with 0A000 on every backend, also one that prepares the statement only
+/// now (another shard, another pooled backend): its rows would otherwise
+/// come in the new types and be decoded by the old description (asyncpg:
+/// `insufficient data in buffer`; a change between two 4-byte types would
+/// be misread without any error). A client that describes it afresh runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_described_statement_fails_once_its_result_columns_changed() {
+    let targets = targets("cc_described").await;
+    let select = "SELECT * FROM sp WHERE id = $1";
+    let run = |id: &'static str| {
+        batch(&[
+            wire::bind("", "s", &[Some(id)]),
+            wire::execute("", 0),
+            wire::sync(),
+        ])
+    };
+    for (label, port, db, user) in &targets.list {
+        let mut client = Wire::connect(*port, user, db).await;
+        let answers = client
+            .exchange(
+                &batch(&[
+                    wire::parse("s", select, &[20]),
+                    wire::describe(b'S', "s"),
+                    wire::parse("all", "SELECT * FROM sp ORDER BY id", &[]),
+                    wire::describe(b'S', "all"),
+                    wire::sync(),
+                ]),
+                1,
+            )
+            .await;
+        assert_eq!(tags(&answers), "1tT1tTZ", "{label}: Parse, Describe");
+        // Run on one backend (shard) before the change.
+        let answers = client.exchange(&run("1"), 1).await;
+        assert_eq!(rows(&answers), 1, "{label}: before: {answers:?}");
+        // Described statements over every shard (merged, aggregated, sorted
+        // by a column not shown) run as described.
+        for (i, sql) in [
+            "SELECT * FROM sp ORDER BY id",
+            "SELECT count(*), sum(b), avg(b), max(b), min(id) AS low FROM sp",
+            "SELECT b % 2 AS odd, count(*) FROM sp GROUP BY b % 2 ORDER BY 1",
+            "SELECT b FROM sp ORDER BY id DESC LIMIT 2",
+            "SELECT DISTINCT b FROM sp ORDER BY b",
+        ]
+        .iter()
+        .enumerate()
+        {
+            let name = format!("m{i}");
+            let answers = client
+                .exchange(
+                    &batch(&[
+                        wire::parse(&name, sql, &[]),
+                        wire::describe(b'S', &name),
+                        wire::sync(),
+                    ]),
+                    1,
+                )
+                .await;
+            assert_eq!(tags(&answers), "1tTZ", "{label}: {sql}: {answers:?}");
+            let answers = client
+                .exchange(
+                    &batch(&[
+                        wire::bind("", &name, &[]),
+                        wire::execute("", 0),
+                        wire::sync(),
+                    ]),
+                    1,
+                )
+                .await;
+            assert_eq!(
+                codes(&answers),
+                Vec::<String>::new(),
+                "{label}: {sql}: {answers:?}"
+            );
+            assert!(rows(&answers) >= 1, "{label}: {sql}");
+        }
+        let mut ddl = Wire::connect(*port, user, db).await;
+        let answers = ddl
+            .exchange(&wire::query("ALTER TABLE sp ALTER b TYPE text"), 1)
+            .await;
+        assert_eq!(codes(&answers), Vec::<String>::new(), "{label}: ALTER");
+        drop(ddl);
+        // Every key (each shard, with routing on), twice: always refused.
+        for round in 0..2 {
+            for id in ["1", "2", "3"] {
+                let answers = client.exchange(&run(id), 1).await;
+                assert_eq!(
+                    codes(&answers),
+                    vec!["0A000"],
+                    "{label}: round {round}, id {id}: {answers:?}"
+                );
+                assert_eq!(rows(&answers), 0, "{label}: no rows in new types");
+                assert_eq!(
+                    answers
+                        .iter()
+                        .find_map(Msg::error_message)
+                        .unwrap_or_default(),
+                    "cached plan must not change result type",
+                    "{label}"
+                );
+            }
+        }
+        // Over every shard too.
+        let answers = client
+            .exchange(
+                &batch(&[
+                    wire::bind("", "all", &[]),
+                    wire::execute("", 0),
+                    wire::sync(),
+                ]),
+                1,
+            )
+            .await;
+        assert_eq!(
+            codes(&answers),
+            vec!["0A000"],
+            "{label}: all rows: {answers:?}"
+        );
+        // A client describing it now is told the new columns and runs it.
+        let mut fresh = Wire::connect(*port, user, db).await;
+        let answers = fresh
+            .exchange(
+                &batch(&[
+                    wire::parse("s", select, &[20]),
+                    wire::describe(b'S', "s"),
+                    wire::sync(),
+                ]),
+                1,
+            )
+            .await;
+        assert_eq!(tags(&answers), "1tTZ", "{label}: fresh Describe");
+        for id in ["1", "2", "3"] {
+            let answers = fresh.exchange(&run(id), 1).await;
+            assert_eq!(
+                codes(&answers),
+                Vec::<String>::new(),
+                "{label}: fresh client, id {id}: {answers:?}"
+            );
+            assert_eq!(rows(&answers), 1, "{label}: fresh client, id {id}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protocol_and_sql_statement_names_are_one_namespace() {
     let targets = targets("cc_names").await;
@@ -224,6 +368,9 @@ async fn a_rejected_parse_leaves_no_name_behind() {
             )
             .await;
         assert_eq!(codes(&answers), vec!["42704"], "{label}: {answers:?}");
+        // At the Parse, as from Postgres: no ParseComplete first (a driver
+        // that saw one would keep the name).
+        assert_eq!(tags(&answers), "EZ", "{label}: {answers:?}");
         // Parsed again correctly under the same name: no 42P05.
         let answers = c
             .exchange(

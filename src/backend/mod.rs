@@ -28,5 +28,5 @@ pub use pool::{
     release, release_within, BackendManager, PooledBackend, Pools, ShardPool,
     HEALTH_CHECK_AFTER_IDLE, PROBE_EVERY, RESET_TIMEOUT, WAIT_MAX_WINDOW,
 };
-pub use prepared::PreparedCache;
+pub use prepared::{PreparedCache, ResultShape};
 pub use suspect::{SuspectShards, SUSPECT_FOR};

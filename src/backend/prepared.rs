@@ -19,6 +19,21 @@ struct Entry {
     /// When it was prepared, on the front end's Parse clock (see
     /// `frontend::prepared`): a client's Parse after that must not use it.
     prepared_at: u64,
+    /// The result columns this copy was planned with, once known.
+    shape: ResultShape,
+}
+
+/// What shardgate knows of the result columns of a backend's statement copy.
+/// Postgres fixes them when it prepares the copy (a later schema change
+/// makes its Bind fail with 0A000 instead), so once known they stay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResultShape {
+    /// Not described on this backend yet.
+    Unknown,
+    /// A hidden Describe is on its way.
+    Probing,
+    /// Described: see `frontend::prepared::result_shape`.
+    Known(u64),
 }
 
 /// Bounded map from statement hash to the server-side statement name.
@@ -70,6 +85,22 @@ impl PreparedCache {
         self.entries.contains_key(&hash)
     }
 
+    /// The result shape of the copy for `hash` prepared at or after `since`
+    /// (`None`: no such copy; does not touch recency).
+    pub fn shape_since(&self, hash: u64, since: u64) -> Option<ResultShape> {
+        self.entries
+            .get(&hash)
+            .filter(|e| e.prepared_at >= since)
+            .map(|e| e.shape)
+    }
+
+    /// Records what is known of the result shape of the copy for `hash`.
+    pub fn set_shape(&mut self, hash: u64, shape: ResultShape) {
+        if let Some(entry) = self.entries.get_mut(&hash) {
+            entry.shape = shape;
+        }
+    }
+
     /// Record that `name` was prepared for `hash`. Returns the name of a
     /// statement that had to be evicted to make room (the caller should
     /// `Close` it on the backend), or the previous name for the same hash.
@@ -89,6 +120,7 @@ impl PreparedCache {
             name,
             last_used: self.clock,
             prepared_at,
+            shape: ResultShape::Unknown,
         };
         if let Some(old) = self.entries.insert(hash, entry) {
             return Some(old.name);

@@ -31,6 +31,13 @@ struct Statement {
     /// client may define the name again (its first text may have been one
     /// Postgres would have rejected at Parse).
     sent: bool,
+    /// The result columns the client was told (a Describe of the
+    /// statement): the rows it binds later must have them (see
+    /// [`ClientStatements::expected_shape`]).
+    described: Option<u64>,
+    /// A backend would have planned it with other result columns: as in
+    /// Postgres, every Bind of it fails from now on.
+    result_changed: bool,
 }
 
 /// Counts client Parses of named statements, process-wide. Postgres plans
@@ -61,6 +68,15 @@ impl Statement {
 #[derive(Debug, Default)]
 pub struct ClientStatements {
     named: HashMap<String, Statement>,
+}
+
+/// See [`ClientStatements::expected_shape`].
+#[derive(Debug, Clone, Copy)]
+pub struct ExpectedShape {
+    pub hash: u64,
+    pub parsed_at: u64,
+    pub shape: u64,
+    pub changed: bool,
 }
 
 /// What a Parse needs on the backend.
@@ -102,6 +118,8 @@ impl ClientStatements {
             parsed_at: parse_tick(),
             prepared_at: std::time::SystemTime::now(),
             sent: true,
+            described: None,
+            result_changed: false,
         };
         let action = if cache
             .get_prepared_since(hash, statement.parsed_at)
@@ -136,6 +154,8 @@ impl ClientStatements {
                 parsed_at: parse_tick(),
                 prepared_at: std::time::SystemTime::now(),
                 sent: false,
+                described: None,
+                result_changed: false,
             },
         );
         Ok(())
@@ -237,6 +257,42 @@ impl ClientStatements {
     pub fn mark_valid(&mut self, name: &str) {
         if let Some(statement) = self.named.get_mut(name) {
             statement.sent = true;
+        }
+    }
+
+    /// The client was told the result columns of the statement(s) with
+    /// this hash (a Describe): kept, unless told before.
+    pub fn record_described(&mut self, hash: u64, shape: u64) {
+        for statement in self.named.values_mut() {
+            if statement.hash == hash && statement.described.is_none() {
+                statement.described = Some(shape);
+            }
+        }
+    }
+
+    /// The hash of the client's statement `name` (its text and types).
+    pub fn hash_of(&self, name: &str) -> Option<u64> {
+        self.named.get(name).map(|s| s.hash)
+    }
+
+    /// What a Bind of `name` must check: the statement's hash, Parse clock
+    /// and the result shape the client was told. `None`: nothing to check
+    /// (never described, or unknown).
+    pub fn expected_shape(&self, name: &str) -> Option<ExpectedShape> {
+        let statement = self.named.get(name)?;
+        Some(ExpectedShape {
+            hash: statement.hash,
+            parsed_at: statement.parsed_at,
+            shape: statement.described?,
+            changed: statement.result_changed,
+        })
+    }
+
+    /// A backend's copy of `name` returns other columns than the client
+    /// was told: Postgres fails every later Bind of it (0A000).
+    pub fn mark_result_changed(&mut self, name: &str) {
+        if let Some(statement) = self.named.get_mut(name) {
+            statement.result_changed = true;
         }
     }
 

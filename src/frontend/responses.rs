@@ -22,7 +22,9 @@ pub enum Expect {
     Parse(u64),
     Bind,
     Close,
-    DescribeStatement,
+    /// A Describe of a statement; a named one's hash (0: unnamed), so its
+    /// result columns are remembered ([`ResponseQueue::take_described`]).
+    DescribeStatement(u64),
     DescribePortal,
     Execute,
     Sync,
@@ -31,6 +33,10 @@ pub enum Expect {
     HiddenParse(u64),
     /// A Close shardgate inserted (evicting a cached statement): swallowed.
     HiddenClose,
+    /// A Describe shardgate inserted to learn the result columns of this
+    /// backend's copy of a statement (hash): swallowed; an error is the
+    /// client's error.
+    HiddenDescribe(u64),
     /// A Bind / Execute shardgate inserted (the BEGIN that turns a batch's
     /// implicit transaction into a regular one): swallowed; an error is
     /// the client's error.
@@ -82,6 +88,9 @@ pub struct ResponseQueue {
     /// How many slots are local answers: none (the usual case) makes
     /// releasing them after every backend message a single test.
     locals: usize,
+    /// The message just classified ended the Describe of the statement
+    /// with this hash (and whether shardgate sent it).
+    described: Option<(u64, bool)>,
 }
 
 impl ResponseQueue {
@@ -183,6 +192,12 @@ impl ResponseQueue {
         }
     }
 
+    /// See the field of the same name: the RowDescription or NoData just
+    /// classified describes this statement (hash, hidden).
+    pub fn take_described(&mut self) -> Option<(u64, bool)> {
+        self.described.take()
+    }
+
     fn front_expect(&self) -> Option<Expect> {
         match self.slots.front() {
             Some(Slot::Backend(expect)) => Some(*expect),
@@ -195,6 +210,7 @@ impl ResponseQueue {
     /// forwarded this message; call [`ResponseQueue::after`] for that.
     pub fn on_backend(&mut self, tag: u8) -> Disposition {
         self.retractable = None;
+        self.described = None;
         // Asynchronous messages belong to no slot.
         if matches!(
             tag,
@@ -234,13 +250,25 @@ impl ResponseQueue {
             | (Expect::Bind, tag::BIND_COMPLETE)
             | (Expect::Close, tag::CLOSE_COMPLETE) => (true, Disposition::Forward),
             (Expect::HiddenParse(_), tag::PARSE_COMPLETE) => (true, Disposition::Swallow),
-            (Expect::DescribeStatement, tag::PARAMETER_DESCRIPTION) => {
+            (Expect::DescribeStatement(_), tag::PARAMETER_DESCRIPTION) => {
                 (false, Disposition::Forward)
             }
-            (
-                Expect::DescribeStatement | Expect::DescribePortal,
-                tag::ROW_DESCRIPTION | tag::NO_DATA,
-            ) => (true, Disposition::Forward),
+            (Expect::HiddenDescribe(_), tag::PARAMETER_DESCRIPTION) => {
+                (false, Disposition::Swallow)
+            }
+            (Expect::DescribeStatement(hash), tag::ROW_DESCRIPTION | tag::NO_DATA) => {
+                if hash != 0 {
+                    self.described = Some((hash, false));
+                }
+                (true, Disposition::Forward)
+            }
+            (Expect::HiddenDescribe(hash), tag::ROW_DESCRIPTION | tag::NO_DATA) => {
+                self.described = Some((hash, true));
+                (true, Disposition::Swallow)
+            }
+            (Expect::DescribePortal, tag::ROW_DESCRIPTION | tag::NO_DATA) => {
+                (true, Disposition::Forward)
+            }
             (Expect::Execute, tag::COMMAND_COMPLETE | tag::EMPTY_QUERY | tag::PORTAL_SUSPENDED) => {
                 (true, Disposition::Forward)
             }
@@ -289,6 +317,7 @@ impl ResponseQueue {
         self.slots.clear();
         self.backend_skipping = false;
         self.batch_open = false;
+        self.described = None;
     }
 }
 

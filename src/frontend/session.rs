@@ -20,7 +20,7 @@ use super::responses::{Disposition, Expect, ResponseQueue};
 use super::settings::SessionSettings;
 use super::startup::ClientStartup;
 use super::stop::StopWhen;
-use crate::backend::{release, BackendError, PooledBackend};
+use crate::backend::{release, BackendError, PooledBackend, ResultShape};
 use crate::config::PoolMode;
 use crate::metrics::Route;
 use crate::protocol::messages::{self, Bind, Parse, Target};
@@ -54,6 +54,16 @@ enum Step {
     Wait,
     /// Terminate.
     Terminate,
+}
+
+/// What a Bind of a described statement may do (see
+/// [`Session::check_result_shape`]).
+enum ShapeCheck {
+    Ready,
+    /// The backend's copy is being described: retry once it answered.
+    Wait,
+    /// It would return other columns than the client was told.
+    Changed,
 }
 
 /// Whether a backend of the wanted shard is attached.
@@ -190,6 +200,11 @@ pub struct Session {
     /// shardgate's ParseComplete for it may still be taken back (see
     /// `ensure_unnamed_before`).
     unnamed_answered_end: Option<usize>,
+    /// The same for the last named Parse answered by shardgate (routing
+    /// mode): a Bind of it right behind takes that answer back, so a Parse
+    /// the shard rejects fails at the Parse, as in Postgres (node-postgres
+    /// keeps a name whose Parse it saw complete).
+    named_answered_end: Option<usize>,
     /// The last Parse text and what `scan_statement` found in it.
     last_scan: Option<(String, StatementEffects)>,
     /// When the first statement since the last ReadyForQuery was forwarded.
@@ -265,6 +280,7 @@ impl Session {
             unnamed_effects: StatementEffects::default(),
             unnamed_on_backend: false,
             unnamed_answered_end: None,
+            named_answered_end: None,
             last_scan: None,
             client_closing: false,
             text_transcoded: false,
@@ -676,9 +692,19 @@ impl Session {
                 if bind.statement.is_empty() {
                     self.ensure_unnamed_before(frame);
                     self.forward(frame, Expect::Bind);
-                } else if !self.ensure_statement(bind.statement) {
-                    self.client_error_in_batch(unknown_statement(bind.statement));
                 } else {
+                    match self.check_result_shape(bind.statement) {
+                        ShapeCheck::Ready => {}
+                        ShapeCheck::Wait => return Ok(Step::Wait),
+                        ShapeCheck::Changed => {
+                            self.client_error_in_batch(ProxyError::result_changed());
+                            return Ok(Step::Next);
+                        }
+                    }
+                    if !self.ensure_statement_before(bind.statement, frame) {
+                        self.client_error_in_batch(unknown_statement(bind.statement));
+                        return Ok(Step::Next);
+                    }
                     self.statements.bind_into(bind, &mut self.backend_out);
                     self.queue.sent(Expect::Bind);
                 }
@@ -723,7 +749,7 @@ impl Session {
                     attach_or_return!(self.attach_for(None, true).await);
                     let expect = match (tag, target.kind) {
                         (tag::CLOSE, _) => Expect::Close,
-                        (_, b'S') => Expect::DescribeStatement,
+                        (_, b'S') => Expect::DescribeStatement(0),
                         _ => Expect::DescribePortal,
                     };
                     if target.kind == b'S' {
@@ -1174,8 +1200,10 @@ impl Session {
         } else if let Err(error) = self.statements.define_local(parse) {
             self.client_error_in_batch(error);
         } else {
-            self.queue
-                .local_slice(synth::PARSE_COMPLETE, &mut self.client_out);
+            let retractable = self
+                .queue
+                .local_slice_retractable(synth::PARSE_COMPLETE, &mut self.client_out);
+            self.named_answered_end = retractable.then(|| frame.as_ptr() as usize + frame.len());
         }
     }
 
@@ -1677,6 +1705,9 @@ impl Session {
                     self.translate_type_oids(tag, total);
                 }
             }
+            if let Some((hash, hidden)) = self.queue.take_described() {
+                self.remember_result_shape(hash, hidden, tag, frame.body, total);
+            }
             *at += total;
             self.queue.after(&mut self.client_out);
             self.forget_failed_statements();
@@ -1779,6 +1810,14 @@ impl Session {
     /// Makes sure the attached backend has the client's statement `name`,
     /// sending a hidden Parse if needed. False if the client never defined it.
     fn ensure_statement(&mut self, name: &str) -> bool {
+        self.ensure_statement_before(name, &[])
+    }
+
+    /// [`Session::ensure_statement`] for the client message `next`: if it
+    /// comes right behind the statement's Parse that shardgate answered, the
+    /// backend's answer to the Parse replaces that one.
+    fn ensure_statement_before(&mut self, name: &str, next: &[u8]) -> bool {
+        let answered_end = self.named_answered_end.take();
         let Some(attached) = self.backend.as_mut() else {
             return false;
         };
@@ -1789,14 +1828,116 @@ impl Session {
         self.translate_parse_types(from);
         match ensured {
             Some(Some((hash, evicted))) => {
+                let adjacent = !next.is_empty() && answered_end == Some(next.as_ptr() as usize);
+                let expect = if adjacent
+                    && self
+                        .queue
+                        .retract(synth::PARSE_COMPLETE, &mut self.client_out)
+                {
+                    Expect::Parse(hash)
+                } else {
+                    Expect::HiddenParse(hash)
+                };
                 if evicted {
                     self.queue.sent(Expect::HiddenClose);
                 }
-                self.queue.sent(Expect::HiddenParse(hash));
+                self.queue.sent(expect);
                 true
             }
             Some(None) => true,
             None => false,
+        }
+    }
+
+    /// Before a Bind of the client's statement `name` on the attached
+    /// backend: if the client was told its result columns, the backend's
+    /// copy must return those (it may have been prepared after a schema
+    /// change, e.g. on another shard or backend than the one that described
+    /// it; Postgres fails such a Bind with 0A000). The copy's columns are
+    /// learnt once per backend with a hidden Describe.
+    fn check_result_shape(&mut self, name: &str) -> ShapeCheck {
+        let Some(expected) = self.statements.expected_shape(name) else {
+            return ShapeCheck::Ready;
+        };
+        if expected.changed {
+            return ShapeCheck::Changed;
+        }
+        if self.queue.backend_skipping() {
+            // The backend ignores the Bind anyway (an error came first).
+            return ShapeCheck::Ready;
+        }
+        let queue_empty = self.queue.is_empty();
+        let Some(attached) = self.backend.as_mut() else {
+            return ShapeCheck::Ready;
+        };
+        match attached
+            .conn
+            .prepared()
+            .shape_since(expected.hash, expected.parsed_at)
+        {
+            Some(ResultShape::Known(shape)) if shape == expected.shape => ShapeCheck::Ready,
+            Some(ResultShape::Known(_)) => {
+                self.statements.mark_result_changed(name);
+                ShapeCheck::Changed
+            }
+            Some(ResultShape::Probing) if !queue_empty => ShapeCheck::Wait,
+            _ => {
+                // Unknown (or a probe whose answer was skipped): ask.
+                if !self.ensure_statement(name) {
+                    return ShapeCheck::Ready;
+                }
+                let target = Target { kind: b'S', name };
+                self.statements.describe_into(target, &mut self.backend_out);
+                synth::flush(&mut self.backend_out);
+                self.queue.sent(Expect::HiddenDescribe(expected.hash));
+                if let Some(attached) = self.backend.as_mut() {
+                    attached
+                        .conn
+                        .prepared()
+                        .set_shape(expected.hash, ResultShape::Probing);
+                }
+                ShapeCheck::Wait
+            }
+        }
+    }
+
+    /// A statement's RowDescription or NoData (`body`, `total` bytes in all)
+    /// just came from the backend: the result columns of the backend's
+    /// copy, and, unless shardgate asked (`hidden`), what the client was told.
+    fn remember_result_shape(
+        &mut self,
+        hash: u64,
+        hidden: bool,
+        tag: u8,
+        body: &[u8],
+        total: usize,
+    ) {
+        let shape = if hidden {
+            // In the OIDs clients see, as a forwarded one is.
+            let shard = self.backend.as_ref().map_or(0, |a| a.shard);
+            match self.shared.fanout.type_oids().get().filter(|_| shard != 0) {
+                Some(map) if tag == tag::ROW_DESCRIPTION => {
+                    let mut copy = body.to_vec();
+                    map.rewrite_row_description(shard, &mut copy);
+                    messages::result_shape(tag, &copy)
+                }
+                _ => messages::result_shape(tag, body),
+            }
+        } else {
+            let start = self.client_out.len() - total + 5;
+            messages::result_shape(tag, &self.client_out[start..])
+        };
+        let Some(shape) = shape else {
+            return;
+        };
+        if let Some(attached) = self.backend.as_mut() {
+            attached
+                .conn
+                .prepared()
+                .set_shape(hash, ResultShape::Known(shape));
+        }
+        if !hidden {
+            self.statements.record_described(hash, shape);
         }
     }
 
@@ -1837,9 +1978,14 @@ impl Session {
         };
         if let Some(router) = self.router() {
             let described = self.describe_aside(&router, &query, &param_types).await;
-            if described && !target.name.is_empty() {
+            if let (Some(shape), false) = (described, target.name.is_empty()) {
                 // A shard accepted it: the name is taken, as in Postgres.
                 self.statements.mark_valid(target.name);
+                if shape != 0 {
+                    if let Some(hash) = self.statements.hash_of(target.name) {
+                        self.statements.record_described(hash, shape);
+                    }
+                }
             }
         }
     }
@@ -1864,7 +2010,8 @@ impl Session {
             return Step::Next;
         }
         self.statements.describe_into(target, &mut self.backend_out);
-        self.queue.sent(Expect::DescribeStatement);
+        let hash = self.statements.hash_of(target.name).unwrap_or(0);
+        self.queue.sent(Expect::DescribeStatement(hash));
         Step::Next
     }
 

@@ -274,6 +274,72 @@ impl<S: AsRef<str> + Default> ErrorFields<S> {
     }
 }
 
+/// The result columns of a statement as Postgres compares them when it
+/// re-plans one (`cached plan must not change result type`): names, types
+/// and type modifiers, in the OIDs clients see. Table OIDs and column
+/// numbers differ between shards and are left out. Hashed, so a client's
+/// remembered description costs one word.
+pub struct ResultShape(std::collections::hash_map::DefaultHasher);
+
+impl ResultShape {
+    /// A shape of `columns` columns (`None`: NoData, no result rows).
+    pub fn new(columns: Option<i16>) -> ResultShape {
+        use std::hash::Hash;
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        columns.hash(&mut hasher);
+        ResultShape(hasher)
+    }
+
+    pub fn column(&mut self, name: &str, type_oid: u32, type_len: i16, typmod: i32) {
+        use std::hash::Hash;
+        (name, type_oid, type_len, typmod).hash(&mut self.0);
+    }
+
+    pub fn finish(self) -> u64 {
+        std::hash::Hasher::finish(&self.0)
+    }
+}
+
+/// [`ResultShape`] of a RowDescription (`T`) or NoData (`n`) body; `None`
+/// if the body is malformed.
+pub fn result_shape(tag: u8, body: &[u8]) -> Option<u64> {
+    if tag != super::tag::ROW_DESCRIPTION {
+        return Some(ResultShape::new(None).finish());
+    }
+    let mut cursor = Cursor::new(tag, body);
+    let columns = cursor.i16().ok()?;
+    let mut shape = ResultShape::new(Some(columns));
+    for _ in 0..columns {
+        let name = cursor.cstr().ok()?;
+        let _table = cursor.i32().ok()?;
+        let _column = cursor.i16().ok()?;
+        let type_oid = cursor.i32().ok()? as u32;
+        let type_len = cursor.i16().ok()?;
+        let typmod = cursor.i32().ok()?;
+        let _format = cursor.i16().ok()?;
+        shape.column(name, type_oid, type_len, typmod);
+    }
+    Some(shape.finish())
+}
+
+/// [`result_shape`] of the RowDescription or NoData among `frames` (a
+/// Describe's answer).
+pub fn result_shape_in(frames: &[u8]) -> Option<u64> {
+    let mut rest = frames;
+    while rest.len() >= 5 {
+        let length = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        let end = 1 + length;
+        if length < 4 || end > rest.len() {
+            return None;
+        }
+        if matches!(rest[0], super::tag::ROW_DESCRIPTION | super::tag::NO_DATA) {
+            return result_shape(rest[0], &rest[5..end]);
+        }
+        rest = &rest[end..];
+    }
+    None
+}
+
 /// Every field of an `ErrorResponse`/`NoticeResponse` body in order, as
 /// `(code, bytes)`, up to the terminator or the first field without one.
 pub fn error_field_bytes(body: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {

@@ -26,6 +26,12 @@ pub struct ProxyError {
 }
 
 impl ProxyError {
+    /// What Postgres answers when a statement's result columns changed
+    /// after the client prepared (and described) it.
+    pub fn result_changed() -> ProxyError {
+        ProxyError::error("0A000", "cached plan must not change result type")
+    }
+
     pub fn error(code: &'static str, message: impl Into<String>) -> Self {
         ProxyError {
             severity: "ERROR",
@@ -215,6 +221,11 @@ pub fn table_result<R: AsRef<[C]>, C: AsRef<str>>(
 /// EmptyQueryResponse: the answer to a query of only whitespace.
 pub fn empty_query(out: &mut BytesMut) {
     out.put_slice(&[b'I', 0, 0, 0, 4]);
+}
+
+/// A Flush: the backend sends what it has without waiting for a Sync.
+pub fn flush(out: &mut BytesMut) {
+    out.put_slice(&[b'H', 0, 0, 0, 4]);
 }
 
 pub fn sync(out: &mut BytesMut) {

@@ -428,6 +428,7 @@ impl Fixture {
                 },
                 param_types: &types,
                 describe: true,
+                expected_shape: None,
             },
         };
         let mut targets: Vec<ShardConn> = self

@@ -13,6 +13,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use super::wire::{decode_row_description, Field, Row};
 use super::{FanoutExecutor, ShardConn};
 use crate::backend::send_cancel;
+use crate::protocol::messages::ResultShape;
 use crate::protocol::synth::ProxyError;
 use crate::protocol::{next_frame, tag, MAX_BACKEND_MESSAGE};
 
@@ -42,6 +43,16 @@ pub trait Merge {
     /// The k-way order (unused by merges that do not sort).
     fn less(&self, _a: &Entry, _b: &Entry) -> bool {
         false
+    }
+    /// Whether the columns this merge gets are the client's result (false
+    /// for a step whose rows feed another: their columns are shardgate's).
+    fn faces_client(&self) -> bool {
+        true
+    }
+    /// The client's columns among the shards' (a merge that added hidden
+    /// sort columns leaves them out).
+    fn client_columns<'f>(&self, fields: &'f [Field]) -> &'f [Field] {
+        fields
     }
     /// Called instead of [`Merge::header`] when the shards start COPY TO STDOUT.
     fn copy_header(&mut self, _response: &[u8], _out: &mut BytesMut) -> Result<(), ProxyError> {
@@ -143,6 +154,8 @@ pub struct Output<'o, W> {
     pub eager: bool,
     /// Watch the client for a close while waiting for the shards.
     pub watching: bool,
+    /// The result columns the client was told (see `FanoutProtocol`).
+    pub expected_shape: Option<u64>,
 }
 
 impl<W: ClientSink> Output<'_, W> {
@@ -283,6 +296,10 @@ pub async fn gather<W: ClientSink, M: Merge>(
         if !draining && !header_done && streams.iter().all(|s| s.described) {
             header_done = true;
             let result = agree(&streams)
+                .and_then(|fields| {
+                    expected_columns(&*merge, fields, output.expected_shape)?;
+                    Ok(fields)
+                })
                 .and_then(|fields| match agree_copy(&streams)? {
                     Some(response) => merge.copy_header(response, output.out),
                     None => merge.header(fields, output.out),
@@ -469,6 +486,34 @@ pub async fn gather<W: ClientSink, M: Merge>(
 fn lost(shard: &str) -> ProxyError {
     ProxyError::error("08006", format!("lost the connection to shard {shard}"))
         .with_detail(format!("on shard {shard}"))
+}
+
+/// The client described the statement before: its rows must have the
+/// columns it was told (else 0A000, as Postgres after a schema change).
+fn expected_columns<M: Merge>(
+    merge: &M,
+    fields: Option<&[Field]>,
+    expected: Option<u64>,
+) -> Result<(), ProxyError> {
+    let Some(expected) = expected.filter(|_| merge.faces_client()) else {
+        return Ok(());
+    };
+    let shape = match fields {
+        None => ResultShape::new(None).finish(),
+        Some(fields) => {
+            let columns = merge.client_columns(fields);
+            let mut shape = ResultShape::new(Some(columns.len() as i16));
+            for f in columns {
+                shape.column(&f.name, f.type_oid, f.type_len, f.typmod);
+            }
+            shape.finish()
+        }
+    };
+    if shape == expected {
+        Ok(())
+    } else {
+        Err(ProxyError::result_changed())
+    }
 }
 
 /// Checks that all shards describe the same columns (schema drift otherwise).

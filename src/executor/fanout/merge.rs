@@ -276,6 +276,10 @@ impl Merge for SelectMerge<'_> {
         !self.plan.sort.is_empty()
     }
 
+    fn client_columns<'f>(&self, fields: &'f [Field]) -> &'f [Field] {
+        &fields[..fields.len().saturating_sub(self.plan.hidden)]
+    }
+
     fn header(&mut self, fields: Option<&[Field]>, out: &mut BytesMut) -> Result<(), ProxyError> {
         let Some(fields) = fields else {
             return Ok(());
@@ -391,6 +395,9 @@ impl Collect {
 
 impl Merge for Collect {
     fn ordered(&self) -> bool {
+        false
+    }
+    fn faces_client(&self) -> bool {
         false
     }
     fn header(&mut self, fields: Option<&[Field]>, _out: &mut BytesMut) -> Result<(), ProxyError> {

@@ -81,10 +81,14 @@ pub enum FanoutProtocol<'a> {
     /// Describe(portal) (then RowDescription precedes the rows). The whole
     /// result is produced; a client fetching it in parts (Execute with
     /// max_rows) is served by the session from this stream.
+    /// `expected_shape`: the result columns the client was told when it
+    /// described the statement; other columns fail with 0A000, as in
+    /// Postgres after a schema change.
     Extended {
         bind: Bind<'a>,
         param_types: &'a [u32],
         describe: bool,
+        expected_shape: Option<u64>,
     },
 }
 
@@ -305,6 +309,10 @@ pub async fn run_flushing<W: ClientSink>(
     client: &mut W,
     eager: bool,
 ) -> Result<FanoutOutcome, ProxyError> {
+    let expected_shape = match &request.protocol {
+        FanoutProtocol::Extended { expected_shape, .. } => *expected_shape,
+        FanoutProtocol::Simple => None,
+    };
     let req = match &request.protocol {
         FanoutProtocol::Simple => Request {
             sql: request.sql,
@@ -317,6 +325,7 @@ pub async fn run_flushing<W: ClientSink>(
             bind,
             param_types,
             describe,
+            ..
         } => {
             let params = BindParams::decode(bind.rest)
                 .map_err(|e| ProxyError::error("08P01", format!("invalid Bind message: {e}")))?;
@@ -335,6 +344,7 @@ pub async fn run_flushing<W: ClientSink>(
         client_lost: false,
         eager,
         watching: true,
+        expected_shape,
     };
     let mut memory = Memory {
         used: 0,

@@ -42,6 +42,9 @@ pub(super) struct PendingPortal {
     /// The client's Bind body (portal, statement, formats, values).
     bind: Vec<u8>,
     describe: bool,
+    /// The result columns the client was told for the bound statement
+    /// (`protocol::messages::ResultShape`): the fan-out's must match.
+    expected_shape: Option<u64>,
     /// Execute's row limit (0: all rows).
     max_rows: i32,
     /// COMMIT (true) or ROLLBACK (false) of a multi-shard transaction
@@ -83,6 +86,7 @@ impl PendingPortal {
             param_types: Vec::new(),
             bind: Vec::new(),
             describe: false,
+            expected_shape: None,
             max_rows: 0,
             end: Some(commit),
             every_participant: false,
@@ -305,7 +309,12 @@ impl Session {
             .collect();
         let mut frame = BytesMut::new();
         bind.encode_as(bind.statement, &mut frame);
+        let expected_shape = self
+            .statements
+            .expected_shape(bind.statement)
+            .map(|e| e.shape);
         self.pending_portal = Some(PendingPortal {
+            expected_shape,
             name: bind.portal.to_string(),
             route,
             sql: sql.to_string(),
@@ -540,6 +549,7 @@ impl Session {
                             bind,
                             param_types: &p.param_types,
                             describe: p.describe,
+                            expected_shape: p.expected_shape,
                         }
                     }
                 };
@@ -674,6 +684,7 @@ impl Session {
         let bind = portal.bind.clone();
         let param_types = portal.param_types.clone();
         let describe = portal.describe;
+        let expected_shape = portal.expected_shape;
         let (mut writer, rx) = ChannelWriter::channel();
         let task = tokio::spawn(async move {
             let mut conns: Vec<ShardConn<'_>> = group
@@ -694,6 +705,7 @@ impl Session {
                             bind,
                             param_types: &param_types,
                             describe,
+                            expected_shape,
                         },
                     };
                     let mut out = BytesMut::new();

@@ -722,14 +722,14 @@ impl Session {
     /// any shard knows its parameter and row types, so one is borrowed just
     /// for this, outside the client's (possibly held-back) transaction, and
     /// its answer is queued for the client. The statement's Bind later
-    /// routes freely. True when a shard described it (the statement is
-    /// valid).
+    /// routes freely. `Some` when a shard described it (the statement is
+    /// valid): the shape of its result columns (`prepared::result_shape`).
     pub(super) async fn describe_aside(
         &mut self,
         router: &Router,
         query: &str,
         param_types: &[u8],
-    ) -> bool {
+    ) -> Option<u64> {
         let preferred = self.session_shard.unwrap_or_else(|| self.any_shard(router));
         // Any shard knows the types; one that cannot be reached, or whose
         // backend dies on the way, is passed over (#15-3: asyncpg prepares
@@ -775,14 +775,16 @@ impl Session {
         }
         match answer {
             Ok(Answer::Described(frames)) => {
+                let shape = crate::protocol::messages::result_shape_in(&frames);
                 self.queue.local(frames, &mut self.client_out);
-                return true;
+                // A malformed answer cannot be compared later: no record.
+                return Some(shape.unwrap_or(0));
             }
             // The shard's own error, every field kept.
             Ok(Answer::Failed(frames)) => self.report_frames(frames, true),
             Err(error) => self.report(error, true),
         }
-        false
+        None
     }
 
     /// One attempt of [`Session::describe_aside`] on `shard`, given up after
