@@ -249,6 +249,13 @@ async fn a_described_statement_fails_once_its_result_columns_changed() {
                     "cached plan must not change result type",
                     "{label}"
                 );
+                // Drivers know it by its routine (asyncpg re-prepares).
+                let error = answers.iter().find(|m| m.tag == b'E').expect("an error");
+                assert!(
+                    wire::fields(&error.body)
+                        .contains(&(b'R', "RevalidateCachedQuery".to_string())),
+                    "{label}: routine of {error:?}"
+                );
             }
         }
         // Over every shard too.

@@ -28,8 +28,16 @@ pub struct ProxyError {
 impl ProxyError {
     /// What Postgres answers when a statement's result columns changed
     /// after the client prepared (and described) it.
+    /// Drivers recognise it by its routine, not its (translatable) message:
+    /// asyncpg turns it into `InvalidCachedStatementError` and re-prepares.
     pub fn result_changed() -> ProxyError {
-        ProxyError::error("0A000", "cached plan must not change result type")
+        ProxyError {
+            extra: Box::new([
+                (b'F', "plancache.c".to_string()),
+                (b'R', "RevalidateCachedQuery".to_string()),
+            ]),
+            ..ProxyError::error("0A000", "cached plan must not change result type")
+        }
     }
 
     pub fn error(code: &'static str, message: impl Into<String>) -> Self {
