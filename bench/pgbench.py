@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 from harness import DB, PG_USER, log  # noqa: E402
 
-TARGETS = ["direct", "shardgate", "pgbouncer", "floor"]
+TARGETS = ["direct", "shardgate", "baseline", "pgbouncer", "floor"]
 
 
 def parse_args():
@@ -38,6 +38,9 @@ def parse_args():
     p.add_argument("--floor", action="store_true",
                    help="also run bench/tokio-floor, a bare tokio TCP forwarder (1:1, no pooling): "
                         "the CPU any tokio proxy pays before doing work of its own")
+    p.add_argument("--baseline-bin", metavar="PATH",
+                   help="also run this shardgate binary (an older build) with the same map, "
+                        "interleaved: 'shardgate/baseline' shows a regression on this machine")
     p.add_argument("--out", help="markdown file (default bench/results/pgbench-<date>.md)")
     a = p.parse_args()
     a.secs = a.secs or (3 if a.quick else 10)
@@ -95,10 +98,13 @@ def main():
     sg = b.start_shardgate(binary, a.pool, routed=a.routed)
     pb = b.start_pgbouncer(pb_path, a.pool, 200 if pb_prepared_ok else None) if pb_path else None
     floor = b.start_tokio_floor(harness.build_tokio_floor()) if a.floor else None
+    base = (b.start_shardgate(a.baseline_bin, a.pool, routed=a.routed, name="baseline")
+            if a.baseline_bin else None)
     ports = {"direct": b.pg_port, "shardgate": b.sg_port, "pgbouncer": b.pb_port,
-             "floor": b.floor_port if floor else None}
+             "floor": b.floor_port if floor else None,
+             "baseline": b.ports["baseline"] if base else None}
     pids = {"shardgate": sg.pid, "pgbouncer": pb.pid if pb else None,
-            "floor": floor.pid if floor else None}
+            "floor": floor.pid if floor else None, "baseline": base.pid if base else None}
 
     load_before = open("/proc/loadavg").read().split()[:3]
     runs = []  # dicts: round, mode, clients, target, tps, txns, cpu_us_per_txn
@@ -118,7 +124,7 @@ def main():
                     cpu0 = harness.proc_cpu_seconds(pid) if pid else None
                     res = pgbench(ports[target], mode, clients, a.secs)
                     cpu1 = harness.proc_cpu_seconds(pid) if pid else None
-                    if pid and any(p_ and p_.poll() is not None for p_ in (sg, pb, floor)):
+                    if pid and any(p_ and p_.poll() is not None for p_ in (sg, pb, floor, base)):
                         sys.exit(f"a proxy died:\n{b.tail_log('shardgate')}\n{b.tail_log('pgbouncer')}")
                     if res is None:
                         continue
@@ -147,19 +153,24 @@ def main():
                     spread = max(spread, (max(tps) - min(tps)) / mean)
                 cpus = [r["cpu"] for r in rs if r["cpu"] is not None]
                 cell[target] = (mean, statistics.mean(cpus) if cpus else None)
-            d, s, p, fl = (cell[t][0] for t in TARGETS)
+            d, s, bl, p, fl = (cell[t][0] for t in TARGETS)
             rows.append([mode, clients, d, s, p,
                          s / d if s and d else None, s / p if s and p else None,
                          cell["shardgate"][1], cell["pgbouncer"][1],
-                         spread if a.rounds > 1 else None, fl, cell["floor"][1]])
+                         spread if a.rounds > 1 else None, fl, cell["floor"][1],
+                         bl, s / bl if s and bl else None, cell["baseline"][1]])
 
     header = ["mode", "clients", "direct tps", "shardgate tps", "pgbouncer tps", "shardgate/direct",
               "shardgate/pgbouncer", "shardgate µs CPU/txn", "pgbouncer µs CPU/txn", "spread"]
     if a.floor:
         header += ["floor tps", "floor µs CPU/txn"]
+    if a.baseline_bin:
+        header += ["baseline tps", "shardgate/baseline", "baseline µs CPU/txn"]
     table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for m, c, d, s, p, sd, sp, sc, pc, spr, fl, fc in rows:
+    for m, c, d, s, p, sd, sp, sc, pc, spr, fl, fc, bl, sb, bc in rows:
         extra = f" {fmt(fl, ',.0f')} | {fmt(fc, '.1f')} |" if a.floor else ""
+        if a.baseline_bin:
+            extra += f" {fmt(bl, ',.0f')} | {fmt(sb, '.2f')} | {fmt(bc, '.1f')} |"
         table.append(f"| {m} | {c} | {fmt(d, ',.0f')} | {fmt(s, ',.0f')} | {fmt(p, ',.0f')} | "
                      f"{fmt(sd, '.2f')} | {fmt(sp, '.2f')} | {fmt(sc, '.1f')} | {fmt(pc, '.1f')} | "
                      f"{'—' if spr is None else f'{spr * 100:.0f}%'} |{extra}")
@@ -185,7 +196,8 @@ def main():
 Command: `bench/pgbench.sh {' '.join(sys.argv[1:])}`  
 shardgate `{commit}`, {pgb_v}, {pb_v}, {platform.node()} ({os.cpu_count()} CPUs, {cpu_model}).  
 `pgbench -i -s {a.scale}`; each cell: `pgbench -n -S -M <mode> -c <clients> [-j 2] -T {a.secs}`,
-mean of {a.rounds} round(s), targets interleaved direct → shardgate → pgbouncer{' → floor' if a.floor else ''} within each round.
+mean of {a.rounds} round(s), targets interleaved direct → shardgate{' → baseline' if a.baseline_bin else ''} → pgbouncer{' → floor' if a.floor else ''} within each round.
+{f"*baseline*: a second shardgate, the binary `{a.baseline_bin}`, with the same map and pool (an older build, to show a regression on this machine)." + chr(10) if a.baseline_bin else ""}
 shardgate SQL routing: {'on (pgbench_accounts sharded by aid, hash, one shard: every statement analysed)' if a.routed else 'off (no tables in the map: pooling only)'}.
 Both proxies: transaction pooling, pool size {a.pool}, one Postgres (fsync=off, max_connections=300,
 shared_buffers=128MB). pgbench, the proxy and Postgres share the same {os.cpu_count()} cores.
