@@ -686,6 +686,25 @@ async fn a_latin9_client_is_answered_and_its_text_keys_route() {
             )
             .await;
         assert_eq!(rows(&answers), 1, "{label}: {answers:?}");
+        // An error whose text is in LATIN9 (a relation named `€`), from a
+        // statement that runs on every shard with routing on: the text
+        // reaches the client as the server wrote it (psycopg's
+        // `test_error_encoding[latin9]`).
+        let answers = c
+            .exchange(
+                &wire::query(
+                    "DO $$BEGIN EXECUTE format('INSERT INTO \"%s\" VALUES (1)', chr(8364)); END$$",
+                ),
+                1,
+            )
+            .await;
+        assert_eq!(codes(&answers), vec!["42P01"], "{label}: {answers:?}");
+        let error = answers.iter().find(|m| m.tag == b'E').expect("an error");
+        assert!(
+            error.body.windows(3).any(|w| w == b"\"\xa4\""),
+            "{label}: the message keeps its LATIN9 bytes: {:?}",
+            String::from_utf8_lossy(&error.body)
+        );
     }
 }
 

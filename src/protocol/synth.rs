@@ -23,6 +23,10 @@ pub struct ProxyError {
     /// ORMs map errors by them (SQLAlchemy, Django: constraint names).
     /// (A boxed slice: errors travel in `Result`s and stay small.)
     pub extra: Box<[(u8, String)]>,
+    /// The text fields hold a shard's bytes, one per `char` (U+0000–U+00FF):
+    /// it wrote them in a client_encoding that is not UTF-8 (LATIN9, …),
+    /// and they go back to the client as those bytes.
+    pub raw_bytes: bool,
 }
 
 impl ProxyError {
@@ -48,6 +52,7 @@ impl ProxyError {
             detail: None,
             hint: None,
             extra: Box::default(),
+            raw_bytes: false,
         }
     }
 
@@ -58,7 +63,18 @@ impl ProxyError {
         let mut error = ProxyError::error("XX000", String::new());
         let mut context = None;
         let mut extra = Vec::new();
-        for (kind, value) in crate::protocol::messages::error_field_list(body) {
+        use crate::protocol::messages::error_field_bytes;
+        // Text in a client_encoding other than UTF-8: kept byte for byte.
+        let raw = error_field_bytes(body).any(|(_, v)| std::str::from_utf8(v).is_err());
+        error.raw_bytes = raw;
+        let text = |v: &[u8]| -> String {
+            match std::str::from_utf8(v) {
+                Ok(s) if !raw => s.to_string(),
+                _ => v.iter().map(|&b| char::from(b)).collect(),
+            }
+        };
+        for (kind, value) in error_field_bytes(body) {
+            let value = &*text(value);
             match kind {
                 b'S' => {
                     if let Some(severity) = ["ERROR", "FATAL", "PANIC", "WARNING", "NOTICE"]
@@ -124,12 +140,43 @@ impl ProxyError {
 
     /// Appends this as an `ErrorResponse`.
     pub fn encode(&self, out: &mut BytesMut) {
+        if self.raw_bytes {
+            return self.encode_raw(b'E', out);
+        }
         // Encoding into a BytesMut cannot fail for these messages.
         let _ = ErrorResponse::new(self.fields()).encode(out);
     }
 
+    /// See [`ProxyError::raw_bytes`]: each char of a field is one byte
+    /// (a char beyond U+00FF, from text shardgate added, as UTF-8).
+    fn encode_raw(&self, tag: u8, out: &mut BytesMut) {
+        let start = out.len();
+        out.put_u8(tag);
+        out.put_i32(0);
+        for (kind, value) in self.fields() {
+            out.put_u8(kind);
+            for c in value.chars() {
+                match u8::try_from(u32::from(c)) {
+                    Ok(byte) if byte != 0 => out.put_u8(byte),
+                    Ok(_) => {}
+                    Err(_) => {
+                        let mut utf8 = [0u8; 4];
+                        out.put_slice(c.encode_utf8(&mut utf8).as_bytes());
+                    }
+                }
+            }
+            out.put_u8(0);
+        }
+        out.put_u8(0);
+        let length = (out.len() - start - 1) as i32;
+        out[start + 1..start + 5].copy_from_slice(&length.to_be_bytes());
+    }
+
     /// Appends this as a `NoticeResponse` (severity should be WARNING/NOTICE).
     pub fn encode_notice(&self, out: &mut BytesMut) {
+        if self.raw_bytes {
+            return self.encode_raw(b'N', out);
+        }
         let _ = NoticeResponse::new(self.fields()).encode(out);
     }
 }
