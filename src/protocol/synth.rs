@@ -21,13 +21,17 @@ pub struct ProxyError {
     /// Every other field, in order, as a shard sent it (position, context,
     /// schema, table, column, data type, constraint, file, line, routine):
     /// ORMs map errors by them (SQLAlchemy, Django: constraint names).
-    /// (A boxed slice: errors travel in `Result`s and stay small.)
+    /// (A boxed slice: errors travel in `Result`s and stay small.) An
+    /// entry of kind [`RAW_BYTES`] is no field but a mark (see there).
     pub extra: Box<[(u8, String)]>,
-    /// The text fields hold a shard's bytes, one per `char` (U+0000–U+00FF):
-    /// it wrote them in a client_encoding that is not UTF-8 (LATIN9, …),
-    /// and they go back to the client as those bytes.
-    pub raw_bytes: bool,
 }
+
+/// Marks (as an `extra` entry of this kind, which no field has) an error
+/// whose text fields hold a shard's bytes, one per `char` (U+0000–U+00FF):
+/// it wrote them in a client_encoding that is not UTF-8 (LATIN9, …), and
+/// they go back to the client as those bytes. (A mark, not a flag: one
+/// more field would make every `Result<_, ProxyError>` larger.)
+const RAW_BYTES: u8 = 0;
 
 impl ProxyError {
     /// What Postgres answers when a statement's result columns changed
@@ -52,7 +56,6 @@ impl ProxyError {
             detail: None,
             hint: None,
             extra: Box::default(),
-            raw_bytes: false,
         }
     }
 
@@ -66,7 +69,9 @@ impl ProxyError {
         use crate::protocol::messages::error_field_bytes;
         // Text in a client_encoding other than UTF-8: kept byte for byte.
         let raw = error_field_bytes(body).any(|(_, v)| std::str::from_utf8(v).is_err());
-        error.raw_bytes = raw;
+        if raw {
+            extra.push((RAW_BYTES, String::new()));
+        }
         let text = |v: &[u8]| -> String {
             match std::str::from_utf8(v) {
                 Ok(s) if !raw => s.to_string(),
@@ -134,20 +139,25 @@ impl ProxyError {
         if let Some(hint) = &self.hint {
             fields.push((b'H', hint.clone()));
         }
-        fields.extend(self.extra.iter().cloned());
+        fields.extend(self.extra.iter().filter(|(k, _)| *k != RAW_BYTES).cloned());
         fields
+    }
+
+    /// See [`RAW_BYTES`].
+    fn raw_bytes(&self) -> bool {
+        self.extra.iter().any(|(k, _)| *k == RAW_BYTES)
     }
 
     /// Appends this as an `ErrorResponse`.
     pub fn encode(&self, out: &mut BytesMut) {
-        if self.raw_bytes {
+        if self.raw_bytes() {
             return self.encode_raw(b'E', out);
         }
         // Encoding into a BytesMut cannot fail for these messages.
         let _ = ErrorResponse::new(self.fields()).encode(out);
     }
 
-    /// See [`ProxyError::raw_bytes`]: each char of a field is one byte
+    /// See [`RAW_BYTES`]: each char of a field is one byte
     /// (a char beyond U+00FF, from text shardgate added, as UTF-8).
     fn encode_raw(&self, tag: u8, out: &mut BytesMut) {
         let start = out.len();
@@ -174,7 +184,7 @@ impl ProxyError {
 
     /// Appends this as a `NoticeResponse` (severity should be WARNING/NOTICE).
     pub fn encode_notice(&self, out: &mut BytesMut) {
-        if self.raw_bytes {
+        if self.raw_bytes() {
             return self.encode_raw(b'N', out);
         }
         let _ = NoticeResponse::new(self.fields()).encode(out);
