@@ -934,12 +934,21 @@ async fn pg_prepared_statements_lists_the_clients_own_statements() {
             0,
             "{label}: a fresh client has none: {answers:?}"
         );
+        // s_three leaves its parameter's type to the server, and runs on
+        // every shard with routing on (`ck` is replicated): the type
+        // Postgres inferred is listed, as psycopg's `test_untyped_json`
+        // expects.
         for (name, sql) in [
             ("s_one", "SELECT b FROM sp WHERE id = $1"),
             ("s_two", "SELECT 2"),
+            ("s_three", "INSERT INTO ck (id, v) VALUES ($1, 5)"),
         ] {
             let types: &[i32] = if name == "s_one" { &[20] } else { &[] };
-            let params: &[Option<&str>] = if name == "s_one" { &[Some("2")] } else { &[] };
+            let params: &[Option<&str>] = match name {
+                "s_one" => &[Some("2")],
+                "s_three" => &[Some("7")],
+                _ => &[],
+            };
             let answers = c
                 .exchange(&parse_and_run(name, sql, types, params), 1)
                 .await;
@@ -967,7 +976,8 @@ async fn pg_prepared_statements_lists_the_clients_own_statements() {
                 listed,
                 [
                     "s_one|SELECT b FROM sp WHERE id = $1|{bigint}",
-                    "s_two|SELECT 2|{}"
+                    "s_two|SELECT 2|{}",
+                    "s_three|INSERT INTO ck (id, v) VALUES ($1, 5)|{integer}"
                 ],
                 "{label}: {answers:?}"
             );

@@ -38,6 +38,9 @@ struct Statement {
     /// A backend would have planned it with other result columns: as in
     /// Postgres, every Bind of it fails from now on.
     result_changed: bool,
+    /// The parameter types a server inferred for it (a Describe), shown by
+    /// `pg_prepared_statements` where the client declared none.
+    inferred_types: Option<Vec<u32>>,
 }
 
 /// Counts client Parses of named statements, process-wide. Postgres plans
@@ -120,6 +123,7 @@ impl ClientStatements {
             sent: true,
             described: None,
             result_changed: false,
+            inferred_types: None,
         };
         let action = if cache
             .get_prepared_since(hash, statement.parsed_at)
@@ -156,6 +160,7 @@ impl ClientStatements {
                 sent: false,
                 described: None,
                 result_changed: false,
+                inferred_types: None,
             },
         );
         Ok(())
@@ -296,6 +301,24 @@ impl ClientStatements {
         }
     }
 
+    /// Statements whose parameter types `pg_prepared_statements` would
+    /// show as inferred by the server, not learnt yet: (name, text, raw
+    /// parameter-type section as in Parse).
+    pub fn needing_inferred_types(&self) -> Vec<(String, String, Vec<u8>)> {
+        self.named
+            .iter()
+            .filter(|(_, s)| s.inferred_types.is_none() && s.query.contains('$'))
+            .map(|(name, s)| (name.clone(), s.query.clone(), s.param_types.clone()))
+            .collect()
+    }
+
+    /// What a server's ParameterDescription said of `name`'s parameters.
+    pub fn set_inferred_types(&mut self, name: &str, types: Vec<u32>) {
+        if let Some(statement) = self.named.get_mut(name) {
+            statement.inferred_types = Some(types);
+        }
+    }
+
     /// The shardgate-owned name the client's statement `name` has on backends.
     pub fn server_name(&self, name: &str) -> Option<&str> {
         self.named.get(name).map(|s| s.server_name.as_str())
@@ -318,13 +341,14 @@ impl ClientStatements {
                 name,
                 server_name: &s.server_name,
                 query: &s.query,
-                param_types: s
-                    .param_types
-                    .get(2..)
-                    .unwrap_or_default()
-                    .chunks_exact(4)
-                    .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect(),
+                param_types: s.inferred_types.clone().unwrap_or_else(|| {
+                    s.param_types
+                        .get(2..)
+                        .unwrap_or_default()
+                        .chunks_exact(4)
+                        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect()
+                }),
                 prepared_at: s.prepared_at,
             })
             .collect()

@@ -571,6 +571,9 @@ impl Session {
                     self.send_query(frame, sql, effects);
                 } else {
                     let effects = scan_statement(sql);
+                    if effects.reads_prepared_view {
+                        self.learn_inferred_parameter_types().await;
+                    }
                     let rewritten;
                     let (frame, sql) = match self.prepared_view_query(effects, sql) {
                         Some(query) => {
@@ -616,6 +619,9 @@ impl Session {
                     Err(error) => return Err(protocol_violation(error)),
                 };
                 let effects = self.scan_cached(parse.query);
+                if effects.reads_prepared_view {
+                    self.learn_inferred_parameter_types().await;
+                }
                 let rewritten;
                 let replacement = match self.read_prepared_view(effects, parse.query) {
                     Some(text) => Some((text, parse.param_types.to_vec())),

@@ -325,6 +325,26 @@ pub fn result_shape(tag: u8, body: &[u8]) -> Option<u64> {
 /// [`result_shape`] of the RowDescription or NoData among `frames` (a
 /// Describe's answer).
 pub fn result_shape_in(frames: &[u8]) -> Option<u64> {
+    let (tag, body) = find_message(frames, |tag| {
+        matches!(tag, super::tag::ROW_DESCRIPTION | super::tag::NO_DATA)
+    })?;
+    result_shape(tag, body)
+}
+
+/// The parameter type OIDs of the ParameterDescription among `frames` (a
+/// Describe's answer).
+pub fn parameter_types_in(frames: &[u8]) -> Option<Vec<u32>> {
+    let (_, body) = find_message(frames, |tag| tag == super::tag::PARAMETER_DESCRIPTION)?;
+    let mut cursor = Cursor::new(super::tag::PARAMETER_DESCRIPTION, body);
+    let count = cursor.i16().ok()?;
+    (0..count)
+        .map(|_| cursor.i32().ok().map(|oid| oid as u32))
+        .collect()
+}
+
+/// The tag and body of the first whole message among `frames` whose tag
+/// `wanted` accepts.
+pub fn find_message(frames: &[u8], wanted: impl Fn(u8) -> bool) -> Option<(u8, &[u8])> {
     let mut rest = frames;
     while rest.len() >= 5 {
         let length = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
@@ -332,8 +352,8 @@ pub fn result_shape_in(frames: &[u8]) -> Option<u64> {
         if length < 4 || end > rest.len() {
             return None;
         }
-        if matches!(rest[0], super::tag::ROW_DESCRIPTION | super::tag::NO_DATA) {
-            return result_shape(rest[0], &rest[5..end]);
+        if wanted(rest[0]) {
+            return Some((rest[0], &rest[5..end]));
         }
         rest = &rest[end..];
     }

@@ -407,6 +407,7 @@ impl Session {
             None => self.route_memo.effects(sql),
         };
         if found.reads_prepared_view && effects.is_none() {
+            self.learn_inferred_parameter_types().await;
             if let Some((query, text)) = self.prepared_view_query(found, sql) {
                 let mut known = Some(found);
                 let attach = Box::pin(self.attach_query(router, &query, &text, &mut known)).await;
@@ -785,6 +786,39 @@ impl Session {
             Err(error) => self.report(error, true),
         }
         None
+    }
+
+    /// Before the client reads `pg_prepared_statements`: the parameter
+    /// types the server infers for its statements that declared none are
+    /// learnt (once each) from a Describe on the side, on the attached
+    /// backend's shard (or the first). Without it a statement that ran
+    /// only on other shards' backends, or over several shards, showed `-`
+    /// (psycopg's `test_untyped_json`). A shard that cannot describe it
+    /// leaves what the client declared.
+    pub(super) async fn learn_inferred_parameter_types(&mut self) {
+        let needing = self.statements.needing_inferred_types();
+        if needing.is_empty() {
+            return;
+        }
+        let shard = self
+            .backend
+            .as_ref()
+            .map_or(self.session_shard.unwrap_or(0), |a| a.shard);
+        let patience = self.shared.config.pool.query_timeout;
+        for (name, query, param_types) in needing {
+            let types = match self
+                .describe_on(shard, &query, &param_types, patience)
+                .await
+            {
+                Ok(Answer::Described(frames)) => {
+                    crate::protocol::messages::parameter_types_in(&frames)
+                }
+                _ => None,
+            };
+            if let Some(types) = types {
+                self.statements.set_inferred_types(&name, types);
+            }
+        }
     }
 
     /// One attempt of [`Session::describe_aside`] on `shard`, given up after
