@@ -310,8 +310,13 @@ impl ResponseQueue {
         }
     }
 
-    /// Forget everything (the backend is gone).
+    /// Forget everything (the backend is gone). Its failed statements go
+    /// too: they were about that backend's copies, and a FATAL that ended
+    /// it rejected no statement. (Kept, they were applied to the next
+    /// backend: its fresh copy was forgotten and created again, `42P05`.)
     pub fn clear(&mut self) {
+        self.failed_statements.clear();
+        self.rejected_statements.clear();
         self.retractable = None;
         self.locals = 0;
         self.slots.clear();
@@ -324,6 +329,19 @@ impl ResponseQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lost_backend_leaves_no_failed_statements_for_the_next() {
+        let mut queue = ResponseQueue::default();
+        queue.sent(Expect::HiddenParse(7));
+        queue.sent(Expect::Bind);
+        // The backend ends with a FATAL while the Parse is in flight.
+        queue.on_backend(tag::ERROR_RESPONSE);
+        assert_eq!(queue.failed_statements, vec![7]);
+        queue.clear();
+        assert!(queue.failed_statements.is_empty());
+        assert!(queue.rejected_statements.is_empty());
+    }
 
     #[test]
     fn local_answers_wait_for_earlier_backend_answers() {
