@@ -985,6 +985,58 @@ async fn pg_prepared_statements_lists_the_clients_own_statements() {
     }
 }
 
+/// psycopg's `test_untyped_json` runs in a transaction that creates its
+/// table: the parameter type the server infers is listed by
+/// `pg_prepared_statements` there too, and the transaction goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inferred_parameter_types_are_listed_inside_a_transaction() {
+    let targets = targets("cc_untyped_json").await;
+    let listing = "SELECT name, parameter_types::text FROM pg_prepared_statements WHERE name <> ''";
+    for (label, port, db, user) in &targets.list {
+        let mut c = Wire::connect(*port, user, db).await;
+        for sql in ["BEGIN", "CREATE TABLE testjson (data jsonb)"] {
+            let answers = c.exchange(&wire::query(sql), 1).await;
+            assert_eq!(codes(&answers), Vec::<String>::new(), "{label}: {sql}");
+        }
+        let answers = c
+            .exchange(
+                &parse_and_run(
+                    "ins",
+                    "INSERT INTO testjson (data) VALUES ($1)",
+                    &[],
+                    &[Some("{}")],
+                ),
+                1,
+            )
+            .await;
+        assert_eq!(codes(&answers), Vec::<String>::new(), "{label}: insert");
+        let answers = c.exchange(&parse_and_run("", listing, &[], &[]), 1).await;
+        let listed: Vec<String> = answers
+            .iter()
+            .filter(|m| m.tag == b'D')
+            .map(|m| {
+                wire::fields_of_row(&m.body)
+                    .into_iter()
+                    .map(|f| f.unwrap_or_default())
+                    .collect::<Vec<_>>()
+                    .join("|")
+            })
+            .collect();
+        assert_eq!(listed, ["ins|{jsonb}"], "{label}: {answers:?}");
+        let answers = c
+            .exchange(&wire::query("SELECT count(*) FROM testjson"), 1)
+            .await;
+        assert_eq!(
+            codes(&answers),
+            Vec::<String>::new(),
+            "{label}: the transaction goes on"
+        );
+        assert_eq!(status(&answers), b'T', "{label}");
+        let answers = c.exchange(&wire::query("ROLLBACK"), 1).await;
+        assert_eq!(codes(&answers), Vec::<String>::new(), "{label}");
+    }
+}
+
 /// A statement the server described is defined: a second Parse of its
 /// name gets 42P05, as in Postgres — also with routing on, where the
 /// Describe runs on a borrowed backend of any shard (asyncpg's

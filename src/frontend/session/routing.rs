@@ -805,11 +805,18 @@ impl Session {
             .as_ref()
             .map_or(self.session_shard.unwrap_or(0), |a| a.shard);
         let patience = self.shared.config.pool.query_timeout;
+        let in_transaction = self
+            .backend
+            .as_ref()
+            .is_some_and(|a| a.conn.transaction_status() == b'T');
         for (name, query, param_types) in needing {
-            let types = match self
-                .describe_on(shard, &query, &param_types, patience)
-                .await
-            {
+            let answer = if in_transaction {
+                self.describe_in_transaction(&query, &param_types).await
+            } else {
+                self.describe_on(shard, &query, &param_types, patience)
+                    .await
+            };
+            let types = match answer {
                 Ok(Answer::Described(frames)) => {
                     crate::protocol::messages::parameter_types_in(&frames)
                 }
@@ -819,6 +826,69 @@ impl Session {
                 self.statements.set_inferred_types(&name, types);
             }
         }
+    }
+
+    /// A Describe on the backend of the client's open transaction, which
+    /// may name what only that transaction sees (psycopg's tests create
+    /// their table in it), inside a savepoint, so that a failure leaves the
+    /// transaction as it was. It replaces the backend's unnamed statement,
+    /// which is sent again when the client uses its own.
+    async fn describe_in_transaction(
+        &mut self,
+        query: &str,
+        param_types: &[u8],
+    ) -> Result<Answer, ProxyError> {
+        let not_now = || ProxyError::error("55000", "the backend owes earlier answers");
+        if !self.queue.is_empty() || !self.backend_out.is_empty() {
+            return Err(not_now());
+        }
+        let type_oids = self.shared.fanout.type_oids().get();
+        let Some(attached) = self.backend.as_mut() else {
+            return Err(not_now());
+        };
+        let shard = attached.shard;
+        let type_oids = type_oids.filter(|_| shard != 0);
+        let mut savepoint = BytesMut::new();
+        synth::query(&mut savepoint, "SAVEPOINT shardgate_describe");
+        if !matches!(
+            exchange(&mut attached.conn, &savepoint).await?,
+            Answer::Described(_)
+        ) {
+            return Err(not_now());
+        }
+        let mut request = BytesMut::new();
+        Parse {
+            name: "",
+            query,
+            param_types,
+        }
+        .encode_as("", &mut request);
+        if let Some(map) = &type_oids {
+            map.rewrite_parse_frames(shard, &mut request);
+        }
+        request.put_u8(tag::DESCRIBE);
+        request.put_i32(6);
+        request.put_slice(b"S\0");
+        synth::sync(&mut request);
+        let mut answer = exchange(&mut attached.conn, &request).await;
+        self.unnamed_on_backend = false;
+        let undo = match &answer {
+            Ok(Answer::Described(_)) => "RELEASE SAVEPOINT shardgate_describe",
+            _ => "ROLLBACK TO SAVEPOINT shardgate_describe; RELEASE SAVEPOINT shardgate_describe",
+        };
+        let mut release = BytesMut::new();
+        synth::query(&mut release, undo);
+        if !matches!(
+            exchange(&mut attached.conn, &release).await,
+            Ok(Answer::Described(_))
+        ) {
+            // The transaction's state is no longer known: the backend goes.
+            attached.conn.mark_broken();
+        }
+        if let (Some(map), Ok(Answer::Described(frames))) = (&type_oids, &mut answer) {
+            rewrite_description_frames(map, shard, frames);
+        }
+        answer
     }
 
     /// One attempt of [`Session::describe_aside`] on `shard`, given up after
