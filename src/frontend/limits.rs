@@ -281,6 +281,9 @@ pub async fn read_client(
                 memory.settle(input, output);
                 tcp.readable().await?;
             }
+            if input.capacity() == 0 {
+                return read_idle(tcp, input).await;
+            }
         }
         _ => {
             memory.settle(input, output);
@@ -297,6 +300,29 @@ pub async fn read_client(
     match client {
         MaybeTls::Plain(tcp) => tcp.read_buf(input).await,
         other => other.read_buf(input).await,
+    }
+}
+
+/// Waits for a client whose buffers are parked (between transactions)
+/// without taking one, so an idle client holds no read buffer.
+///
+/// Readiness alone is not enough: the startup packet is read with
+/// exact-size reads, which leave tokio's readiness set, so a read started
+/// right away found nothing, kept its 8 KiB buffer and waited on it (8 KiB
+/// of every idle authenticated client, issue #16). A read that finds
+/// nothing clears the readiness and parks the buffer again.
+async fn read_idle(
+    tcp: &mut tokio::net::TcpStream,
+    input: &mut BytesMut,
+) -> std::io::Result<usize> {
+    loop {
+        tcp.readable().await?;
+        buffers::ensure(input);
+        // One poll: a short read or EAGAIN clears readiness (see below).
+        if let Some(read) = tcp.read_buf(input).now_or_never() {
+            return read;
+        }
+        buffers::park(input);
     }
 }
 
