@@ -93,6 +93,21 @@ fn rows(messages: &[Msg]) -> usize {
     messages.iter().filter(|m| m.tag == b'D').count()
 }
 
+/// Each DataRow's fields joined by `|` (NULL as empty).
+fn rows_joined(messages: &[Msg]) -> Vec<String> {
+    messages
+        .iter()
+        .filter(|m| m.tag == b'D')
+        .map(|m| {
+            wire::fields_of_row(&m.body)
+                .into_iter()
+                .map(|f| f.unwrap_or_default())
+                .collect::<Vec<_>>()
+                .join("|")
+        })
+        .collect()
+}
+
 fn status(messages: &[Msg]) -> u8 {
     messages
         .iter()
@@ -961,17 +976,7 @@ async fn pg_prepared_statements_lists_the_clients_own_statements() {
         // Over the extended protocol too (psycopg reads it so).
         for message in [wire::query(listing), parse_and_run("", listing, &[], &[])] {
             let answers = c.exchange(&message, 1).await;
-            let listed: Vec<String> = answers
-                .iter()
-                .filter(|m| m.tag == b'D')
-                .map(|m| {
-                    wire::fields_of_row(&m.body)
-                        .into_iter()
-                        .map(|f| f.unwrap_or_default())
-                        .collect::<Vec<_>>()
-                        .join("|")
-                })
-                .collect();
+            let listed = rows_joined(&answers);
             assert_eq!(
                 listed,
                 [
@@ -1011,17 +1016,7 @@ async fn inferred_parameter_types_are_listed_inside_a_transaction() {
             .await;
         assert_eq!(codes(&answers), Vec::<String>::new(), "{label}: insert");
         let answers = c.exchange(&parse_and_run("", listing, &[], &[]), 1).await;
-        let listed: Vec<String> = answers
-            .iter()
-            .filter(|m| m.tag == b'D')
-            .map(|m| {
-                wire::fields_of_row(&m.body)
-                    .into_iter()
-                    .map(|f| f.unwrap_or_default())
-                    .collect::<Vec<_>>()
-                    .join("|")
-            })
-            .collect();
+        let listed = rows_joined(&answers);
         assert_eq!(listed, ["ins|{jsonb}"], "{label}: {answers:?}");
         let answers = c
             .exchange(&wire::query("SELECT count(*) FROM testjson"), 1)

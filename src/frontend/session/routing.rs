@@ -859,20 +859,7 @@ impl Session {
         ) {
             return Err(not_now());
         }
-        let mut request = BytesMut::new();
-        Parse {
-            name: "",
-            query,
-            param_types,
-        }
-        .encode_as("", &mut request);
-        if let Some(map) = &type_oids {
-            map.rewrite_parse_frames(shard, &mut request);
-        }
-        request.put_u8(tag::DESCRIBE);
-        request.put_i32(6);
-        request.put_slice(b"S\0");
-        synth::sync(&mut request);
+        let request = describe_request(query, param_types, type_oids.as_deref(), shard);
         let mut answer = exchange(&mut attached.conn, &request).await;
         self.unnamed_on_backend = false;
         let undo = match &answer {
@@ -921,20 +908,7 @@ impl Session {
             }
         }
         let type_oids = self.shared.fanout.type_oids().get().filter(|_| shard != 0);
-        let mut request = BytesMut::new();
-        Parse {
-            name: "",
-            query,
-            param_types,
-        }
-        .encode_as("", &mut request);
-        if let Some(map) = &type_oids {
-            map.rewrite_parse_frames(shard, &mut request);
-        }
-        request.put_u8(tag::DESCRIBE);
-        request.put_i32(6);
-        request.put_slice(b"S\0");
-        synth::sync(&mut request);
+        let request = describe_request(query, param_types, type_oids.as_deref(), shard);
         let mut answer = if patience.is_zero() {
             exchange(&mut conn, &request).await
         } else {
@@ -1024,6 +998,31 @@ enum Answer {
     Described(BytesMut),
     /// The shard's ErrorResponse.
     Failed(BytesMut),
+}
+
+/// Parse of `query` as the unnamed statement, its Describe and a Sync,
+/// with declared types in `shard`'s OIDs.
+fn describe_request(
+    query: &str,
+    param_types: &[u8],
+    type_oids: Option<&crate::protocol::type_oids::TypeOids>,
+    shard: usize,
+) -> BytesMut {
+    let mut request = BytesMut::new();
+    Parse {
+        name: "",
+        query,
+        param_types,
+    }
+    .encode_as("", &mut request);
+    if let Some(map) = type_oids {
+        map.rewrite_parse_frames(shard, &mut request);
+    }
+    request.put_u8(tag::DESCRIBE);
+    request.put_i32(6);
+    request.put_slice(b"S\0");
+    synth::sync(&mut request);
+    request
 }
 
 /// Sends `request` (ending in Sync) and collects the describe answer.
