@@ -698,22 +698,3 @@ async fn serve_session(shared: Arc<Shared>, mut client: Box<startup::ClientStart
     // Last: the session has returned its backend to the pool by now.
     drop(lease);
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Size of the future an async fn of two arguments returns.
-    fn future_size<A, B, F>(_: fn(A, B) -> F) -> usize {
-        std::mem::size_of::<F>()
-    }
-
-    /// Every idle client keeps its session's task, so its state must stay
-    /// small: message handling's state (2.5 KB) lived in every idle
-    /// client's task until the message loop was boxed while active (#16).
-    #[test]
-    fn an_idle_sessions_task_is_small() {
-        let size = future_size(serve_session);
-        assert!(size <= 1024, "serve_session's future is {size} bytes");
-    }
-}

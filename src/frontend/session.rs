@@ -95,9 +95,6 @@ enum Exit {
     Client,
     /// Broken protocol or I/O on the client side; the client was told if possible.
     ClientError,
-    /// No backend and nothing to handle: [`Session::run`] waits for the
-    /// client outside the message loop.
-    Idle,
 }
 
 /// What a session's wait is bounded by (see [`Session::deadline`]).
@@ -126,9 +123,8 @@ pub struct Session {
     transaction_replay: Vec<String>,
     /// The statement being attached for may write (for two-phase commit).
     statement_writes: bool,
-    /// A bound portal that runs on several shards at its Execute. Boxed,
-    /// like other rare state: every idle client keeps its `Session` (#16).
-    pending_portal: Option<Box<fanout::PendingPortal>>,
+    /// A bound portal that runs on several shards at its Execute.
+    pending_portal: Option<fanout::PendingPortal>,
     /// Multi-shard portals fetched in parts (see `portal`).
     suspended: Vec<portal::SuspendedPortal>,
     /// Complete client messages were left in `client_in` because enough
@@ -167,7 +163,7 @@ pub struct Session {
     /// The backend of the client's open transaction died between its
     /// statements: the error its next statement gets (see
     /// [`Session::backend_lost`]).
-    lost_transaction: Option<Box<ProxyError>>,
+    lost_transaction: Option<ProxyError>,
     /// shardgate reported an error inside the client's transaction block
     /// while the backend's transaction is still healthy: it must be aborted
     /// too, as Postgres would have (done at the batch's Sync).
@@ -301,42 +297,9 @@ impl Session {
     }
 
     /// Runs until the client leaves; the backend is returned clean afterwards.
-    ///
-    /// The message loop's state (2.5 KB: it is sized by message handling)
-    /// is boxed and exists only while the client is active; the loop
-    /// returns when the session goes idle, and the idle wait runs here, so
-    /// an idle client's task is small (issue #16). One allocation per
-    /// active period (a transaction, in transaction pooling).
     pub async fn run(mut self: Box<Self>) {
-        loop {
-            match Box::pin(self.message_loop()).await {
-                Exit::Idle => {}
-                Exit::Client | Exit::ClientError => break,
-            }
-            if !self.wait_idle().await {
-                break;
-            }
-        }
-        Box::pin(self.detach_on_exit()).await;
-    }
-
-    /// Waits for the idle client's next input, or a stop request (handled
-    /// by the message loop). `false`: the client left.
-    async fn wait_idle(&mut self) -> bool {
-        let max_message = self.shared.config.limits.max_message_size;
-        tokio::select! {
-            read = limits::read_client(
-                &mut self.client,
-                &mut self.client_in,
-                &mut self.backend_out,
-                &mut self.client_memory,
-                max_message,
-            ) => matches!(read, Ok(n) if n > 0),
-            () = self.cancel.stop().wait_beyond(self.stop_seen) => {
-                self.stop_seen = self.cancel.stop().requested();
-                true
-            }
-        }
+        let _exit = self.message_loop().await;
+        self.detach_on_exit().await;
     }
 
     async fn message_loop(&mut self) -> Exit {
@@ -426,8 +389,21 @@ impl Session {
                         }
                     }
                 }
-                // Idle: waited for in `run`, outside this (large) future.
-                None => return Exit::Idle,
+                None => {
+                    tokio::select! {
+                        read = limits::read_client(
+                            &mut self.client,
+                            &mut self.client_in,
+                            &mut self.backend_out,
+                            &mut self.client_memory,
+                            max_message,
+                        ) => client_read = Some(read),
+                        () = self.cancel.stop().wait_beyond(self.stop_seen) => {
+                            self.stop_seen = self.cancel.stop().requested();
+                            continue;
+                        }
+                    }
+                }
             }
             match client_read {
                 Some(Ok(0)) | Some(Err(_)) => return Exit::Client,
@@ -1483,7 +1459,7 @@ impl Session {
                 synth::ready_for_query(&mut self.client_out, self.status);
             }
         } else if in_transaction {
-            self.lost_transaction = Some(Box::new(error));
+            self.lost_transaction = Some(error);
         }
         drop(attached);
     }
@@ -1507,7 +1483,7 @@ impl Session {
         if ends {
             return false;
         }
-        self.report(*error, tag != tag::QUERY);
+        self.report(error, tag != tag::QUERY);
         true
     }
 
@@ -2291,14 +2267,6 @@ fn unknown_statement(name: &str) -> ProxyError {
 
 #[cfg(test)]
 mod tests {
-    /// Every idle client keeps its `Session`: rare state is boxed so that
-    /// it stays small (#16; 1,472 bytes before).
-    #[test]
-    fn a_session_is_small() {
-        let size = std::mem::size_of::<super::Session>();
-        assert!(size <= 1200, "Session is {size} bytes");
-    }
-
     #[test]
     fn executed_names() {
         use super::executed_statement;

@@ -313,7 +313,7 @@ impl Session {
             .statements
             .expected_shape(bind.statement)
             .map(|e| e.shape);
-        self.pending_portal = Some(Box::new(PendingPortal {
+        self.pending_portal = Some(PendingPortal {
             expected_shape,
             name: bind.portal.to_string(),
             route,
@@ -326,7 +326,7 @@ impl Session {
             every_participant: false,
             held: None,
             kept: false,
-        }));
+        });
         let mut out = BytesMut::new();
         synth::bind_complete(&mut out);
         self.queue.local(out, &mut self.client_out);

@@ -330,7 +330,7 @@ impl Session {
             // Answers of earlier batches first.
             return Attach::Wait;
         }
-        self.pending_portal = Some(Box::new(portal));
+        self.pending_portal = Some(portal);
         let mut out = BytesMut::new();
         synth::bind_complete(&mut out);
         self.queue.local(out, &mut self.client_out);

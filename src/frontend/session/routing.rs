@@ -634,10 +634,7 @@ impl Session {
 
     /// Keeps a transaction-control portal for shardgate to answer at Execute.
     fn hold(&mut self, bind: &Bind<'_>, held: super::fanout::Held) -> Attach {
-        self.pending_portal = Some(Box::new(super::fanout::PendingPortal::held(
-            bind.portal,
-            held,
-        )));
+        self.pending_portal = Some(super::fanout::PendingPortal::held(bind.portal, held));
         self.queue
             .local_slice(synth::BIND_COMPLETE, &mut self.client_out);
         Attach::Answered
