@@ -121,6 +121,15 @@ fn batch(parts: &[Vec<u8>]) -> Vec<u8> {
     parts.concat()
 }
 
+/// Bind of statement `name` to the unnamed portal, Execute, Sync.
+fn bind_and_run(name: &str, params: &[Option<&str>]) -> Vec<u8> {
+    batch(&[
+        wire::bind("", name, params),
+        wire::execute("", 0),
+        wire::sync(),
+    ])
+}
+
 /// Parse of `name`, Bind of it to the unnamed portal, Execute, Sync.
 fn parse_and_run(name: &str, sql: &str, types: &[i32], params: &[Option<&str>]) -> Vec<u8> {
     batch(&[
@@ -174,13 +183,7 @@ async fn fresh_parse_after_a_schema_change_gets_a_fresh_plan() {
 async fn a_described_statement_fails_once_its_result_columns_changed() {
     let targets = targets("cc_described").await;
     let select = "SELECT * FROM sp WHERE id = $1";
-    let run = |id: &'static str| {
-        batch(&[
-            wire::bind("", "s", &[Some(id)]),
-            wire::execute("", 0),
-            wire::sync(),
-        ])
-    };
+    let run = |id: &'static str| bind_and_run("s", &[Some(id)]);
     for (label, port, db, user) in &targets.list {
         let mut client = Wire::connect(*port, user, db).await;
         let answers = client
@@ -223,16 +226,7 @@ async fn a_described_statement_fails_once_its_result_columns_changed() {
                 )
                 .await;
             assert_eq!(tags(&answers), "1tTZ", "{label}: {sql}: {answers:?}");
-            let answers = client
-                .exchange(
-                    &batch(&[
-                        wire::bind("", &name, &[]),
-                        wire::execute("", 0),
-                        wire::sync(),
-                    ]),
-                    1,
-                )
-                .await;
+            let answers = client.exchange(&bind_and_run(&name, &[]), 1).await;
             assert_eq!(
                 codes(&answers),
                 Vec::<String>::new(),
@@ -274,16 +268,7 @@ async fn a_described_statement_fails_once_its_result_columns_changed() {
             }
         }
         // Over every shard too.
-        let answers = client
-            .exchange(
-                &batch(&[
-                    wire::bind("", "all", &[]),
-                    wire::execute("", 0),
-                    wire::sync(),
-                ]),
-                1,
-            )
-            .await;
+        let answers = client.exchange(&bind_and_run("all", &[]), 1).await;
         assert_eq!(
             codes(&answers),
             vec!["0A000"],
@@ -335,16 +320,7 @@ async fn protocol_and_sql_statement_names_are_one_namespace() {
             Vec::<String>::new(),
             "{label}: DEALLOCATE s1"
         );
-        let answers = c
-            .exchange(
-                &batch(&[
-                    wire::bind("", "s1", &[Some("1")]),
-                    wire::execute("", 0),
-                    wire::sync(),
-                ]),
-                1,
-            )
-            .await;
+        let answers = c.exchange(&bind_and_run("s1", &[Some("1")]), 1).await;
         assert_eq!(codes(&answers), vec!["26000"], "{label}: s1 is gone");
         // The name is free again, and DEALLOCATE ALL frees every name.
         for round in 0..2 {
@@ -1112,16 +1088,7 @@ async fn deallocate_all_inside_a_transaction_over_several_shards() {
             let done = answers.iter().find(|m| m.tag == b'C').expect("a tag");
             assert_eq!(done.body, b"DEALLOCATE ALL\0", "{label}");
             assert_eq!(status(&answers), b'T', "{label}");
-            let answers = c
-                .exchange(
-                    &batch(&[
-                        wire::bind("", "s1", &[]),
-                        wire::execute("", 0),
-                        wire::sync(),
-                    ]),
-                    1,
-                )
-                .await;
+            let answers = c.exchange(&bind_and_run("s1", &[]), 1).await;
             assert_eq!(
                 codes(&answers),
                 vec!["26000"],

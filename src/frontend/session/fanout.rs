@@ -288,7 +288,7 @@ impl Session {
         // asked for them with a Flush): the fan-out runs on that backend too.
         if !self.queue.is_empty() && self.backend.is_some() {
             if self.queue.batch_open() && !self.batch_flushed {
-                self.backend_out.extend_from_slice(&[b'H', 0, 0, 0, 4]);
+                synth::flush(&mut self.backend_out);
                 self.batch_flushed = true;
             }
             return Attach::Wait;

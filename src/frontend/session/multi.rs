@@ -140,7 +140,7 @@ impl Session {
     fn read_batch_answers(&mut self) -> Option<Attach> {
         if !self.queue.is_empty() {
             if !self.batch_flushed {
-                self.backend_out.extend_from_slice(&[b'H', 0, 0, 0, 4]);
+                synth::flush(&mut self.backend_out);
                 self.batch_flushed = true;
             }
             return Some(Attach::Wait);
@@ -210,7 +210,7 @@ impl Session {
     pub(super) async fn finish_implicit_batch(&mut self) -> super::Step {
         if !self.queue.is_empty() {
             if !self.batch_flushed {
-                self.backend_out.extend_from_slice(&[b'H', 0, 0, 0, 4]);
+                synth::flush(&mut self.backend_out);
                 self.batch_flushed = true;
             }
             return super::Step::Wait;
